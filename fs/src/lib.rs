@@ -1,0 +1,1 @@
+//! FUSE adapter (see DESIGN.md).

@@ -1,0 +1,1 @@
+//! GPU file I/O (see DESIGN.md).

@@ -1,0 +1,230 @@
+//! Chunk directories on a local file system: where a chunk lives and how one is committed.
+//!
+//! Two layouts hold the same chunks:
+//! - a **cache directory** (the disk tier): `<root>/<namespace>/<key[0..2]>/<key>.kvc`, fanned
+//!   out by the first byte of the key so no directory grows past a few thousand entries;
+//! - the **mounted view** (`/kvfs`): `<root>/<namespace>/<key>.kvc`, flat, which is what
+//!   people and engines see.
+//!
+//! A namespace directory is `<slug>-<16 hex>`; the 16 hex digits (a prefix of the namespace
+//! id) are its identity and the slug is for people, so [`find_namespace_dir`] matches by the
+//! suffix. Both the store's disk tier and the loader's `store` commit chunks through
+//! [`commit_file`]: write a temporary file beside the target, optionally fsync it, then
+//! hard-link it into place, which is atomic and never replaces an existing file, so two
+//! writers of one key end with exactly one complete file and a reader never sees a partial
+//! one. Temporary files are named `.tmp-*` and are swept by [`sweep_temporaries`] at start.
+
+use crate::key::ChunkKey;
+use crate::spec::{NamespaceId, validate_namespace_dir};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Prefix of temporary files; no chunk name can start with it.
+pub const TMP_PREFIX: &str = ".tmp-";
+
+/// Which of the two layouts a root directory uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// `<root>/<ns>/<key[0..2]>/<key>.kvc`
+    Cache,
+    /// `<root>/<ns>/<key>.kvc`
+    Flat,
+}
+
+impl Layout {
+    /// Path of a chunk under `root`.
+    pub fn chunk_path(self, root: &Path, ns_dir: &str, key: &ChunkKey) -> PathBuf {
+        match self {
+            Layout::Cache => root
+                .join(ns_dir)
+                .join(&key.to_hex()[..2])
+                .join(key.file_name()),
+            Layout::Flat => root.join(ns_dir).join(key.file_name()),
+        }
+    }
+
+    /// The layout of an existing root: a kvfs mount shows a `.kvfs` status directory.
+    pub fn detect(root: &Path) -> Layout {
+        if root.join(".kvfs").join("stats.json").exists() {
+            Layout::Flat
+        } else {
+            Layout::Cache
+        }
+    }
+}
+
+/// The namespace directory under `root` whose name ends in the first 16 hex digits of `ns`.
+pub fn find_namespace_dir(root: &Path, ns: &NamespaceId) -> io::Result<Option<String>> {
+    let suffix = format!("-{}", &ns.to_hex()[..16]);
+    let entries = match fs::read_dir(root) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let name = entry?.file_name();
+        if let Some(name) = name.to_str()
+            && name.ends_with(&suffix)
+            && validate_namespace_dir(name).is_ok()
+        {
+            return Ok(Some(name.to_string()));
+        }
+    }
+    Ok(None)
+}
+
+/// Outcome of [`commit_file`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Commit {
+    /// This call created the file.
+    Created,
+    /// A file of that name already existed (written by another writer); it was kept.
+    AlreadyExists,
+}
+
+static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
+
+/// A temporary file name unique across processes and threads.
+pub fn temp_path_for(target: &Path) -> PathBuf {
+    let name = target
+        .file_name()
+        .and_then(|n| n.to_str())
+        .unwrap_or("chunk");
+    let seq = TMP_SEQ.fetch_add(1, Ordering::Relaxed);
+    target.with_file_name(format!("{TMP_PREFIX}{name}.{}.{seq}", std::process::id()))
+}
+
+/// Writes `bytes` to `target` atomically and without replacing an existing file.
+///
+/// Creates missing parent directories. With `fsync`, the file and its directory are synced
+/// before this returns, so a committed chunk survives power loss. On any error nothing is
+/// left behind (the temporary file is removed).
+pub fn commit_file(target: &Path, bytes: &[u8], fsync: bool) -> io::Result<Commit> {
+    commit_with(target, fsync, |f| f.write_all(bytes))
+}
+
+/// Like [`commit_file`], with the content produced by `write` into the temporary file.
+pub fn commit_with(
+    target: &Path,
+    fsync: bool,
+    write: impl FnOnce(&mut File) -> io::Result<()>,
+) -> io::Result<Commit> {
+    let parent = target
+        .parent()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "target has no parent"))?;
+    if target.exists() {
+        return Ok(Commit::AlreadyExists);
+    }
+    fs::create_dir_all(parent)?;
+    let tmp = temp_path_for(target);
+    let result = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o644)
+            .open(&tmp)?;
+        write(&mut f)?;
+        if fsync {
+            f.sync_all()?;
+        }
+        drop(f);
+        match fs::hard_link(&tmp, target) {
+            Ok(()) => {
+                if fsync {
+                    File::open(parent)?.sync_all()?;
+                }
+                Ok(Commit::Created)
+            }
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(Commit::AlreadyExists),
+            Err(e) => Err(e),
+        }
+    })();
+    let _ = fs::remove_file(&tmp);
+    result
+}
+
+/// Removes temporary files left by crashed writers under `dir` (recursively, two levels of
+/// fan-out at most). Only files older than `min_age` are removed, so a live writer in another
+/// process keeps its file. Returns how many were removed.
+pub fn sweep_temporaries(dir: &Path, min_age: std::time::Duration) -> io::Result<usize> {
+    let mut removed = 0;
+    let mut stack = vec![(dir.to_path_buf(), 0)];
+    while let Some((d, depth)) = stack.pop() {
+        let entries = match fs::read_dir(&d) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        for entry in entries {
+            let entry = entry?;
+            let ft = entry.file_type()?;
+            let name = entry.file_name();
+            if ft.is_dir() && depth < 3 {
+                stack.push((entry.path(), depth + 1));
+            } else if ft.is_file() && name.to_string_lossy().starts_with(TMP_PREFIX) {
+                let old = entry
+                    .metadata()?
+                    .modified()
+                    .ok()
+                    .and_then(|m| m.elapsed().ok())
+                    .is_none_or(|age| age >= min_age);
+                if old && fs::remove_file(entry.path()).is_ok() {
+                    removed += 1;
+                }
+            }
+        }
+    }
+    Ok(removed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commit_is_create_once() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d
+            .path()
+            .join("ns-0123456789abcdef")
+            .join("ab")
+            .join("x.kvc");
+        assert_eq!(commit_file(&t, b"one", true).unwrap(), Commit::Created);
+        assert_eq!(
+            commit_file(&t, b"two", false).unwrap(),
+            Commit::AlreadyExists
+        );
+        assert_eq!(fs::read(&t).unwrap(), b"one");
+        let leftovers: Vec<_> = fs::read_dir(t.parent().unwrap()).unwrap().collect();
+        assert_eq!(leftovers.len(), 1, "no temporary file may remain");
+    }
+
+    #[test]
+    fn failed_write_leaves_nothing() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path().join("x.kvc");
+        let r = commit_with(&t, false, |f| {
+            f.write_all(b"partial")?;
+            Err(io::Error::other("disk full"))
+        });
+        assert!(r.is_err());
+        assert_eq!(fs::read_dir(d.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn sweep_removes_only_temporaries() {
+        let d = tempfile::tempdir().unwrap();
+        let sub = d.path().join("ns").join("ab");
+        fs::create_dir_all(&sub).unwrap();
+        fs::write(sub.join(".tmp-x.kvc.1.1"), b"junk").unwrap();
+        fs::write(sub.join("k.kvc"), b"keep").unwrap();
+        assert_eq!(
+            sweep_temporaries(d.path(), std::time::Duration::ZERO).unwrap(),
+            1
+        );
+        assert!(sub.join("k.kvc").exists());
+    }
+}

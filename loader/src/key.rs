@@ -1,0 +1,279 @@
+//! Prefix-chained chunk keys.
+//!
+//! A prompt is cut into chunks of `chunk_tokens` tokens. The key of chunk `i` commits to the
+//! namespace, to the key of chunk `i - 1` (so to every earlier token), to an optional tenant
+//! salt and to the tokens of chunk `i`:
+//!
+//! ```text
+//! key_i = blake3_derive_key("kvfs 2026-11 chunk key v1",
+//!           namespace_id[32] || has_parent[1] || parent_key[32 or 0] || salt_tag[32]
+//!           || token_count u32 LE || tokens as u32 LE)
+//! ```
+//!
+//! The same tokens give the same key on every host, process and version; the golden-vector
+//! test below pins that. A salt (like vLLM's `cache_salt`) isolates tenants: it enters the key
+//! as `salt_tag = blake3_derive_key("kvfs 2026-11 salt v1", salt)`, which is also stored in the
+//! chunk header, so any reader can check a key against its tokens without learning the salt
+//! itself. The all-zero tag means "no salt".
+
+use crate::error::FormatError;
+use crate::spec::NamespaceId;
+use std::fmt;
+
+const KEY_CONTEXT: &str = "kvfs 2026-11 chunk key v1";
+const SALT_CONTEXT: &str = "kvfs 2026-11 salt v1";
+
+/// The 32-byte identity of one chunk.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ChunkKey(pub [u8; 32]);
+
+/// Tag of a tenant salt; all zeros when there is none.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Default, Debug)]
+pub struct SaltTag(pub [u8; 32]);
+
+impl SaltTag {
+    pub const NONE: SaltTag = SaltTag([0; 32]);
+
+    /// Tag of `salt`; an empty salt is no salt.
+    pub fn of(salt: &[u8]) -> SaltTag {
+        if salt.is_empty() {
+            return SaltTag::NONE;
+        }
+        let mut h = blake3::Hasher::new_derive_key(SALT_CONTEXT);
+        h.update(salt);
+        SaltTag(*h.finalize().as_bytes())
+    }
+
+    pub fn is_none(&self) -> bool {
+        self.0 == [0; 32]
+    }
+}
+
+pub(crate) fn hex32(b: &[u8; 32]) -> String {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(64);
+    for &x in b {
+        s.push(HEX[(x >> 4) as usize] as char);
+        s.push(HEX[(x & 15) as usize] as char);
+    }
+    s
+}
+
+impl ChunkKey {
+    /// Key of one chunk given its parent's key (None for the first chunk of a prompt).
+    pub fn derive(
+        ns: &NamespaceId,
+        parent: Option<&ChunkKey>,
+        salt: &SaltTag,
+        tokens: &[u32],
+    ) -> ChunkKey {
+        let mut h = blake3::Hasher::new_derive_key(KEY_CONTEXT);
+        h.update(&ns.0);
+        match parent {
+            Some(p) => {
+                h.update(&[1]);
+                h.update(&p.0);
+            }
+            None => {
+                h.update(&[0]);
+            }
+        }
+        h.update(&salt.0);
+        h.update(&(tokens.len() as u32).to_le_bytes());
+        // Tokens as little-endian u32, hashed in stack-sized batches to avoid an allocation.
+        let mut buf = [0u8; 1024];
+        for batch in tokens.chunks(buf.len() / 4) {
+            for (dst, t) in buf.chunks_exact_mut(4).zip(batch) {
+                dst.copy_from_slice(&t.to_le_bytes());
+            }
+            h.update(&buf[..batch.len() * 4]);
+        }
+        ChunkKey(*h.finalize().as_bytes())
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex32(&self.0)
+    }
+
+    /// Parses 64 lowercase hex digits. Uppercase is refused so every key has one spelling
+    /// (one file name).
+    pub fn from_hex(s: &str) -> Result<ChunkKey, FormatError> {
+        let bad = || FormatError::BadKey(s.chars().take(80).collect());
+        if s.len() != 64 {
+            return Err(bad());
+        }
+        let mut out = [0u8; 32];
+        for (i, pair) in s.as_bytes().chunks_exact(2).enumerate() {
+            let nib = |c: u8| match c {
+                b'0'..=b'9' => Some(c - b'0'),
+                b'a'..=b'f' => Some(c - b'a' + 10),
+                _ => None,
+            };
+            out[i] = (nib(pair[0]).ok_or_else(bad)? << 4) | nib(pair[1]).ok_or_else(bad)?;
+        }
+        Ok(ChunkKey(out))
+    }
+
+    /// File name of the chunk: `<64 hex>.kvc`.
+    pub fn file_name(&self) -> String {
+        format!("{}.kvc", self.to_hex())
+    }
+
+    /// Parses a chunk file name (`<64 hex>.kvc`), refusing anything else (including paths).
+    pub fn from_file_name(name: &str) -> Result<ChunkKey, FormatError> {
+        let stem = name
+            .strip_suffix(".kvc")
+            .ok_or_else(|| FormatError::BadName(name.chars().take(80).collect()))?;
+        ChunkKey::from_hex(stem).map_err(|_| FormatError::BadName(name.chars().take(80).collect()))
+    }
+}
+
+impl fmt::Debug for ChunkKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ChunkKey({})", self.to_hex())
+    }
+}
+
+impl fmt::Display for ChunkKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl std::str::FromStr for ChunkKey {
+    type Err = FormatError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        ChunkKey::from_hex(s)
+    }
+}
+
+/// One chunk of a prompt: its key, its parent and the token range it covers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChunkRef {
+    pub key: ChunkKey,
+    pub parent: Option<ChunkKey>,
+    /// Index of the chunk in the prompt.
+    pub index: usize,
+    /// Token range `[start, end)` in the prompt.
+    pub start: usize,
+    pub end: usize,
+}
+
+/// Keys of every *full* chunk of `tokens` (a trailing partial chunk has no key: it is never
+/// stored, since the next request may extend it differently).
+pub fn chunk_keys(
+    ns: &NamespaceId,
+    salt: &SaltTag,
+    chunk_tokens: usize,
+    tokens: &[u32],
+) -> Vec<ChunkRef> {
+    assert!(chunk_tokens > 0, "chunk_tokens must be positive");
+    let mut out = Vec::with_capacity(tokens.len() / chunk_tokens);
+    let mut parent: Option<ChunkKey> = None;
+    for (index, chunk) in tokens.chunks_exact(chunk_tokens).enumerate() {
+        let key = ChunkKey::derive(ns, parent.as_ref(), salt, chunk);
+        out.push(ChunkRef {
+            key,
+            parent,
+            index,
+            start: index * chunk_tokens,
+            end: (index + 1) * chunk_tokens,
+        });
+        parent = Some(key);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::ModelSpec;
+
+    /// Golden vectors: these hex strings must never change without a new key context.
+    /// If this test fails, keys written by earlier versions would no longer be found.
+    #[test]
+    fn golden_keys() {
+        let spec = ModelSpec::preset("llama-3-8b").unwrap();
+        let ns = spec.namespace_id();
+        assert_eq!(ns.to_hex(), GOLDEN_NS);
+        let tokens: Vec<u32> = (0..512u32)
+            .map(|i| i.wrapping_mul(2654435761) % 128256)
+            .collect();
+        let keys = chunk_keys(&ns, &SaltTag::NONE, 256, &tokens);
+        assert_eq!(keys.len(), 2);
+        assert_eq!(keys[0].key.to_hex(), GOLDEN_K0);
+        assert_eq!(keys[1].key.to_hex(), GOLDEN_K1);
+        let salted = chunk_keys(&ns, &SaltTag::of(b"tenant-a"), 256, &tokens);
+        assert_eq!(salted[0].key.to_hex(), GOLDEN_SALTED_K0);
+    }
+
+    const GOLDEN_NS: &str = "3d545a993596386a9cd1c9bc2d4cb97890461572749e7efff7fc99d7fd1bd90b";
+    const GOLDEN_K0: &str = "1a741e19977700235ef6d8c86f0d73d213ed8550005e37bc0b4ce247b5611975";
+    const GOLDEN_K1: &str = "64f636eb6699f89111eaf498a3a80342310f0d2de55e8459c7d6d9de31d1c610";
+    const GOLDEN_SALTED_K0: &str =
+        "70b8a444df1cb4eef04862a12a2e9b2261994ca0d60f67c78b63a41e243a800e";
+
+    #[test]
+    fn keys_chain_over_prefixes() {
+        let ns = ModelSpec::preset("tiny").unwrap().namespace_id();
+        let a: Vec<u32> = (0..1024).collect();
+        let mut b = a.clone();
+        b[300] = 7; // differs in chunk 1
+        let ka = chunk_keys(&ns, &SaltTag::NONE, 256, &a);
+        let kb = chunk_keys(&ns, &SaltTag::NONE, 256, &b);
+        assert_eq!(ka[0], kb[0]);
+        for i in 1..4 {
+            assert_ne!(
+                ka[i].key, kb[i].key,
+                "chunk {i} must differ once any earlier token differs"
+            );
+        }
+        assert_eq!(ka[2].parent, Some(ka[1].key));
+    }
+
+    #[test]
+    fn salt_and_namespace_isolate() {
+        let tokens: Vec<u32> = (0..256).collect();
+        let ns = ModelSpec::preset("tiny").unwrap().namespace_id();
+        let ns2 = ModelSpec::preset("llama-3-8b").unwrap().namespace_id();
+        let k = ChunkKey::derive(&ns, None, &SaltTag::NONE, &tokens);
+        assert_ne!(k, ChunkKey::derive(&ns, None, &SaltTag::of(b"t"), &tokens));
+        assert_ne!(k, ChunkKey::derive(&ns2, None, &SaltTag::NONE, &tokens));
+        assert_eq!(SaltTag::of(b""), SaltTag::NONE);
+    }
+
+    #[test]
+    fn partial_chunk_has_no_key() {
+        let ns = ModelSpec::preset("tiny").unwrap().namespace_id();
+        assert_eq!(chunk_keys(&ns, &SaltTag::NONE, 256, &[1; 511]).len(), 1);
+        assert!(chunk_keys(&ns, &SaltTag::NONE, 256, &[1; 255]).is_empty());
+    }
+
+    #[test]
+    fn hex_round_trip_and_rejects() {
+        let k = ChunkKey([0xab; 32]);
+        assert_eq!(ChunkKey::from_hex(&k.to_hex()).unwrap(), k);
+        assert_eq!(ChunkKey::from_file_name(&k.file_name()).unwrap(), k);
+        for bad in [
+            "",
+            "ab",
+            &"AB".repeat(32),
+            &"g0".repeat(32),
+            &format!("{}0", k.to_hex()),
+        ] {
+            assert!(ChunkKey::from_hex(bad).is_err(), "{bad}");
+        }
+        for bad in [
+            "x.kvc",
+            "../../etc/passwd",
+            &k.to_hex(),
+            &format!("{}.kvc.tmp", k.to_hex()),
+            &format!("../{}", k.file_name()),
+        ] {
+            assert!(
+                matches!(ChunkKey::from_file_name(bad), Err(FormatError::BadName(_))),
+                "{bad}"
+            );
+        }
+    }
+}

@@ -1,0 +1,216 @@
+//! The `.kvc` format: golden bytes, round trips and corruption detection.
+
+use kvfs_loader::format::{self, ALIGN, ChunkHeader, ChunkView, Verify, encode_chunk, synth_fill};
+use kvfs_loader::{ChunkKey, ChunkMeta, Dtype, FormatError, KvKind, ModelSpec, SaltTag};
+use proptest::prelude::*;
+
+fn tiny_meta() -> ChunkMeta {
+    let spec = ModelSpec::preset("tiny").unwrap();
+    let parent = ChunkKey::derive(&spec.namespace_id(), None, &SaltTag::NONE, &[9, 8, 7]);
+    ChunkMeta::for_spec(
+        &spec,
+        Some(parent),
+        SaltTag::of(b"golden"),
+        (100..132).collect(),
+    )
+}
+
+/// Golden bytes: the digest of a fixed chunk and its first header bytes. A change to the
+/// format must bump `format::VERSION` and update docs/FORMAT.md along with these values.
+#[test]
+fn golden_bytes() {
+    let meta = tiny_meta();
+    let bytes = encode_chunk(&meta, |l, p, dst| synth_fill(&meta.key, l, p, dst)).unwrap();
+    assert_eq!(format::VERSION, 1);
+    assert_eq!(
+        bytes.len(),
+        4096 + 2 * 2 * 8192,
+        "tiny chunk: one header page, 4 extents of 32 tokens x 256 bytes"
+    );
+    let head_hex: String = bytes[..48].iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(head_hex, GOLDEN_HEAD);
+    assert_eq!(blake3::hash(&bytes).to_hex().as_str(), GOLDEN_FILE_DIGEST);
+}
+
+const GOLDEN_HEAD: &str = "4b56465343484e4b01000101001000000100000000000000020000000200000040000000200000001000000000000000";
+const GOLDEN_FILE_DIGEST: &str = "36a9fd5a52b02f4819bcd8a7f9a6e2216e5e5ecd89e6621d492c828dfb013b3f";
+
+#[test]
+fn extents_are_aligned_and_token_major() {
+    let spec = ModelSpec::preset("llama-3-8b").unwrap();
+    let meta = ChunkMeta::for_spec(&spec, None, SaltTag::NONE, (0..256).collect());
+    let g = meta.geometry().unwrap();
+    assert_eq!(g.header_len, 4096);
+    assert_eq!(g.extent_len, 256 * 8 * 128 * 2);
+    for l in 0..g.num_layers {
+        for p in 0..2 {
+            assert_eq!(g.extent(l, p).start % ALIGN, 0);
+        }
+    }
+    // one 16-token group is one contiguous, aligned range
+    let r = g.token_range(3, 1, g.group_tokens_range(2));
+    assert_eq!(r.start % ALIGN, 0);
+    assert_eq!(r.end - r.start, 16 * 8 * 128 * 2);
+    assert_eq!(g.file_len, 4096 + 32 * 2 * 512 * 1024);
+}
+
+fn corrupt(bytes: &[u8], at: usize) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    b[at] ^= 0x40;
+    b
+}
+
+#[test]
+fn typed_errors_for_bad_files() {
+    let meta = tiny_meta();
+    let good = encode_chunk(&meta, |l, p, dst| synth_fill(&meta.key, l, p, dst)).unwrap();
+    ChunkView::parse(&good, Verify::Full).unwrap();
+
+    assert!(matches!(
+        ChunkView::parse(&good[..100], Verify::Header),
+        Err(FormatError::Truncated { .. })
+    ));
+    assert!(matches!(
+        ChunkView::parse(&good[..5000], Verify::Header),
+        Err(FormatError::Truncated { .. })
+    ));
+    assert!(matches!(
+        ChunkView::parse(&corrupt(&good, 0), Verify::Header),
+        Err(FormatError::BadMagic { .. })
+    ));
+    let mut v2 = good.clone();
+    v2[8] = 2;
+    assert!(matches!(
+        ChunkView::parse(&v2, Verify::Header),
+        Err(FormatError::UnsupportedVersion { found: 2, .. })
+    ));
+    assert!(matches!(
+        ChunkView::parse(&corrupt(&good, 300), Verify::Header),
+        Err(FormatError::HeaderChecksum)
+    ));
+    // payload corruption passes a header-only check and fails a full one
+    let bad_payload = corrupt(&good, 4096 + 10);
+    ChunkView::parse(&bad_payload, Verify::Header).unwrap();
+    assert!(matches!(
+        ChunkView::parse(&bad_payload, Verify::Full),
+        Err(FormatError::PayloadDigest { layer: 0 })
+    ));
+    let mut longer = good.clone();
+    longer.extend_from_slice(&[0; 4096]);
+    assert!(matches!(
+        ChunkView::parse(&longer, Verify::Header),
+        Err(FormatError::SizeMismatch { .. })
+    ));
+    // non-zero padding after an extent (tiny extents are exactly 4 KiB, so use a larger one)
+    let spec = ModelSpec::new("pad", Dtype::F16, 1, 1, 24);
+    let m = ChunkMeta::for_spec(&spec, None, SaltTag::NONE, vec![1, 2, 3]);
+    let b = encode_chunk(&m, |_, _, d| d.fill(1)).unwrap();
+    let g = m.geometry().unwrap();
+    let padded = corrupt(&b, g.extent(0, 0).end as usize + 1);
+    assert!(matches!(
+        ChunkView::parse(&padded, Verify::Full),
+        Err(FormatError::NonZeroPadding { .. })
+    ));
+}
+
+#[test]
+fn forged_key_is_rejected() {
+    let mut meta = tiny_meta();
+    meta.key = ChunkKey([7; 32]);
+    assert!(matches!(
+        encode_chunk(&meta, |_, _, _| {}),
+        Err(FormatError::KeyMismatch { .. })
+    ));
+}
+
+#[test]
+fn mla_chunks_have_one_plane() {
+    let spec = ModelSpec::preset("deepseek-v2-lite").unwrap();
+    let (meta, bytes) =
+        format::synth_chunk(&spec, None, SaltTag::NONE, (0..256).collect()).unwrap();
+    let v = ChunkView::parse(&bytes, Verify::Full).unwrap();
+    assert_eq!(v.header.geometry.planes, 1);
+    assert_eq!(v.header.meta.kv_kind, KvKind::MlaLatent);
+    assert_eq!(v.plane(26, 0).len(), 256 * 576 * 2);
+    assert_eq!(meta.key, v.header.key());
+}
+
+#[test]
+fn file_reader_reads_header_and_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = ModelSpec::new("big-header", Dtype::F16, 40, 2, 16);
+    // 2000 tokens: the header (8 KB of token ids) spans more than one page
+    let (meta, bytes) =
+        format::synth_chunk(&spec, None, SaltTag::NONE, (0..2000).collect()).unwrap();
+    assert!(meta.geometry().unwrap().header_len > ALIGN);
+    let path = dir.path().join("c.kvc");
+    std::fs::write(&path, &bytes).unwrap();
+    let f = std::fs::File::open(&path).unwrap();
+    let h = ChunkHeader::read_from(&f).unwrap();
+    assert_eq!(h.meta, meta);
+    h.verify_file_payload(&f).unwrap();
+    std::fs::write(&path, &bytes[..bytes.len() - 1]).unwrap();
+    let f = std::fs::File::open(&path).unwrap();
+    assert!(matches!(
+        ChunkHeader::read_from(&f),
+        Err(FormatError::Truncated { .. })
+    ));
+}
+
+fn arb_meta() -> impl Strategy<Value = ChunkMeta> {
+    (
+        prop::sample::select(Dtype::ALL.to_vec()),
+        prop::bool::ANY,
+        1u32..6,
+        1u32..5,
+        1u32..80,
+        1u32..300,
+        1u32..40,
+        prop::option::of(any::<[u8; 32]>()),
+        any::<Vec<u8>>(),
+    )
+        .prop_map(
+            |(dtype, mla, layers, heads, dim, ntok, group, parent, salt)| {
+                let mut spec =
+                    ModelSpec::new("prop", dtype, layers, if mla { 1 } else { heads }, dim);
+                spec.kv_kind = if mla {
+                    KvKind::MlaLatent
+                } else {
+                    KvKind::KeyValue
+                };
+                spec.group_tokens = group;
+                let tokens = (0..ntok).map(|i| i.wrapping_mul(7919) % 50000).collect();
+                ChunkMeta::for_spec(&spec, parent.map(ChunkKey), SaltTag::of(&salt), tokens)
+            },
+        )
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(48))]
+
+    #[test]
+    fn round_trip(meta in arb_meta()) {
+        let bytes = encode_chunk(&meta, |l, p, dst| synth_fill(&meta.key, l, p, dst)).unwrap();
+        prop_assert_eq!(bytes.len() as u64 % ALIGN, 0);
+        let v = ChunkView::parse(&bytes, Verify::Full).unwrap();
+        prop_assert_eq!(&v.header.meta, &meta);
+        let g = v.header.geometry;
+        for l in 0..g.num_layers {
+            for p in 0..g.planes {
+                let mut expect = vec![0u8; g.extent_len as usize];
+                synth_fill(&meta.key, l, p, &mut expect);
+                prop_assert_eq!(v.plane(l, p), &expect[..]);
+            }
+        }
+    }
+
+    /// Any single flipped byte anywhere in the file is caught by a full check.
+    #[test]
+    fn any_flipped_byte_is_caught(meta in arb_meta(), pos in any::<prop::sample::Index>(), bit in 0u8..8) {
+        let bytes = encode_chunk(&meta, |l, p, dst| synth_fill(&meta.key, l, p, dst)).unwrap();
+        let mut b = bytes.clone();
+        let at = pos.index(b.len());
+        b[at] ^= 1 << bit;
+        prop_assert!(ChunkView::parse(&b, Verify::Full).is_err(), "flip at {} not caught", at);
+    }
+}

@@ -1,0 +1,177 @@
+//! The store interface the FUSE adapter needs, and its error type.
+//!
+//! kvfs-fs knows nothing of tiers, eviction or S3: it sees a [`ChunkBackend`], a small
+//! synchronous trait over namespaces and chunks (look up, stat, read, commit a verified file,
+//! remove, list, local backing file, capacity, status JSON). The root crate implements it for
+//! the tiered store; [`crate::testing::MemBackend`] implements it in memory for tests.
+//!
+//! The trait is synchronous on purpose: fuser dispatches each request on one of its worker
+//! threads, so a blocking call costs one worker, and `--threads` sizes the pool for parallel
+//! readers. Implementations must be `Send + Sync` and safe to call from many threads at once.
+//!
+//! Errors are typed ([`BackendError`]) and each maps to exactly one errno
+//! ([`BackendError::errno`]), which is what the application on the other side of the mount
+//! sees.
+
+use kvfs_loader::{ChunkHeader, ChunkKey, FormatError};
+use std::fs::File;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::SystemTime;
+
+/// What the adapter shows for one chunk (`stat`, xattrs).
+#[derive(Debug, Clone)]
+pub struct ChunkInfo {
+    /// True size of the chunk file in bytes.
+    pub len: u64,
+    /// When the chunk was committed (modification time of its local file, when it has one).
+    pub mtime: SystemTime,
+    /// Fastest tier holding it (`memory`, `disk`, `remote`), shown as `user.kvfs.tier`.
+    pub tier: String,
+    /// Absolute path of the chunk file on local disk, when it has one (`user.kvfs.backing`).
+    pub backing: Option<PathBuf>,
+}
+
+/// Capacity of the cache, reported by `statfs` (`df /kvfs`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Capacity {
+    /// Bytes the cache may use (its configured limit, or the file system's size).
+    pub total_bytes: u64,
+    /// Bytes held by chunks.
+    pub used_bytes: u64,
+    /// Bytes still available to new chunks (limit minus use, never more than the free space
+    /// of the file system under the cache).
+    pub free_bytes: u64,
+    /// Number of chunks held.
+    pub chunks: u64,
+}
+
+/// Result of [`ChunkBackend::commit`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Committed {
+    /// The chunk is new.
+    Created,
+    /// Another writer committed the same key first; chunks are content-addressed, so the
+    /// existing one is kept and the commit counts as a success.
+    AlreadyExists,
+}
+
+/// Why a backend call failed. Each variant has one errno ([`BackendError::errno`]).
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("no such chunk or namespace")]
+    NotFound,
+    #[error("already exists")]
+    AlreadyExists,
+    #[error("invalid chunk: {0}")]
+    Invalid(#[from] FormatError),
+    #[error("invalid name `{0}`")]
+    BadName(String),
+    #[error("the cache is full")]
+    NoSpace,
+    #[error("the cache is read-only")]
+    ReadOnly,
+    #[error("I/O error: {0}")]
+    Io(#[from] io::Error),
+    #[error("store error: {0}")]
+    Other(String),
+}
+
+impl BackendError {
+    /// The errno an application sees for this error.
+    pub fn errno(&self) -> i32 {
+        match self {
+            BackendError::NotFound => libc::ENOENT,
+            BackendError::AlreadyExists => libc::EEXIST,
+            BackendError::Invalid(FormatError::Io(e)) | BackendError::Io(e) => {
+                e.raw_os_error().unwrap_or(libc::EIO)
+            }
+            BackendError::Invalid(_) | BackendError::BadName(_) => libc::EINVAL,
+            BackendError::NoSpace => libc::ENOSPC,
+            BackendError::ReadOnly => libc::EROFS,
+            BackendError::Other(_) => libc::EIO,
+        }
+    }
+}
+
+/// The store behind a kvfs mount.
+///
+/// Namespaces are given by their directory name (`<slug>-<16 hex>`, already checked with
+/// `kvfs_loader::spec::validate_namespace_dir` by the adapter).
+pub trait ChunkBackend: Send + Sync + 'static {
+    /// Namespace directory names, in any order.
+    fn namespaces(&self) -> Result<Vec<String>, BackendError>;
+
+    /// Whether a namespace exists.
+    fn namespace_exists(&self, ns: &str) -> Result<bool, BackendError> {
+        Ok(self.namespaces()?.iter().any(|n| n == ns))
+    }
+
+    /// Creates an empty namespace (`mkdir`). Creating an existing one is
+    /// [`BackendError::AlreadyExists`].
+    fn create_namespace(&self, ns: &str) -> Result<(), BackendError>;
+
+    /// Keys and sizes of the chunks of a namespace, in any order.
+    fn chunks(&self, ns: &str) -> Result<Vec<(ChunkKey, u64)>, BackendError>;
+
+    /// The chunk under `key`, or `None` when no tier has it. An implementation may fetch a
+    /// chunk that is only remote here, so that a following open finds it local.
+    fn stat(&self, ns: &str, key: &ChunkKey) -> Result<Option<ChunkInfo>, BackendError>;
+
+    /// The parsed header of a chunk (for the `user.kvfs.*` attributes). The default reads it
+    /// through [`ChunkBackend::read_at`].
+    fn header(&self, ns: &str, key: &ChunkKey) -> Result<ChunkHeader, BackendError> {
+        let mut buf = vec![0u8; kvfs_loader::format::ALIGN as usize];
+        let n = self.read_at(ns, key, 0, &mut buf)?;
+        let header_len = ChunkHeader::peek_header_len(&buf[..n])? as usize;
+        if header_len > n {
+            buf.resize(header_len, 0);
+            let m = self.read_at(ns, key, n as u64, &mut buf[n..])?;
+            buf.truncate(n + m);
+        } else {
+            buf.truncate(n);
+        }
+        Ok(ChunkHeader::parse(&buf)?)
+    }
+
+    /// Reads chunk bytes at `offset`; returns how many were read (0 at end of file).
+    fn read_at(
+        &self,
+        ns: &str,
+        key: &ChunkKey,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<usize, BackendError>;
+
+    /// The chunk's file on local disk, opened read-only, when it has one (used for FUSE
+    /// passthrough and page-cache reads). The default opens [`ChunkInfo::backing`].
+    fn open_local(&self, ns: &str, key: &ChunkKey) -> Result<Option<File>, BackendError> {
+        match self.stat(ns, key)?.and_then(|i| i.backing) {
+            Some(path) => match File::open(&path) {
+                Ok(f) => Ok(Some(f)),
+                // Evicted between stat and open: serve through read_at instead.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(e.into()),
+            },
+            None => Ok(None),
+        }
+    }
+
+    /// Directory for files being written through the mount (on the same file system as the
+    /// cache, so committing one is a link, not a copy). The adapter creates it if missing.
+    fn incoming_dir(&self) -> PathBuf;
+
+    /// Takes in the complete chunk file at `path`, which the adapter has already verified in
+    /// full against `ns` and `key`. The file at `path` belongs to the adapter and is removed by
+    /// it afterwards; the backend copies or links it.
+    fn commit(&self, ns: &str, key: &ChunkKey, path: &Path) -> Result<Committed, BackendError>;
+
+    /// Evicts a chunk from the local tiers (`unlink`). Returns whether it was there.
+    fn remove(&self, ns: &str, key: &ChunkKey) -> Result<bool, BackendError>;
+
+    /// Capacity and use of the cache (`statfs`).
+    fn capacity(&self) -> Result<Capacity, BackendError>;
+
+    /// Store statistics as a JSON document (served as `/.kvfs/stats.json`).
+    fn stats_json(&self) -> Result<String, BackendError>;
+}

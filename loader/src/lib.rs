@@ -2,15 +2,26 @@
 //!
 //! - [`spec`]: model specs and namespaces (which KV bytes are valid to reuse where);
 //! - [`key`]: prefix-chained, content-addressed chunk keys;
-//! - [`format`]: the `.kvc` chunk file, its writer, reader and verification.
+//! - [`format`]: the `.kvc` chunk file, its writer, reader and verification;
+//! - [`layout`]: an engine's paged KV memory as base pointers and strides;
+//! - [`loader`]: lookup, load (layer-wise, selective) and store between chunks and blocks,
+//!   over [`io`] (O_DIRECT, aligned buffers, reader threads) and a [`backend`] (host memory);
+//! - [`selective`]: which token groups of which layer a selective load reads;
+//! - [`ffi`]: the C ABI (`include/kvfs.h`).
 //!
 //! This crate has no async runtime, no S3 client and no FUSE code: an engine that links it
 //! pulls in blake3, libc, thiserror and tracing, nothing more.
 
+pub mod backend;
 pub mod dir;
 pub mod error;
+pub mod ffi;
 pub mod format;
+pub mod io;
 pub mod key;
+pub mod layout;
+pub mod loader;
+pub mod selective;
 pub mod spec;
 
 pub use error::FormatError;
@@ -20,3 +31,12 @@ pub use format::{
 };
 pub use key::{ChunkKey, ChunkRef, SaltTag, chunk_keys};
 pub use spec::{Dtype, KvKind, ModelSpec, NamespaceId};
+
+pub use backend::{Backend, HostMemory};
+pub use io::IoMode;
+pub use layout::{BlockMap, KvLayout, LayoutError, RawRegion};
+pub use loader::{
+    ChunkError, Dest, LoadHandle, LoadRequest, LoadStats, Loader, LoaderError, LoaderOptions,
+    StoreStats,
+};
+pub use selective::Selection;

@@ -1,0 +1,400 @@
+//! The C ABI: open, lookup, load, store and close, for engines that are not written in Rust.
+//!
+//! The header `loader/include/kvfs.h` is generated from this file by cbindgen (configured by
+//! `loader/cbindgen.toml`) and committed; `loader/tests/ffi.rs` regenerates it and fails if it
+//! differs, so it cannot drift. Conventions:
+//!
+//! - every function returns an `int`: [`KVFS_OK`] (0) or a negative `KVFS_ERR_*` code; the
+//!   message of the last error on the calling thread is [`kvfs_last_error`];
+//! - a loader is an opaque `kvfs_loader *`, freed by [`kvfs_close`]; it may be used from several
+//!   threads at once;
+//! - KV memory is given as vLLM flash-attn tensors, one per layer
+//!   (`[2, num_blocks, block_size, num_kv_heads, head_size]`), by base pointer and byte length,
+//!   with a block table. Loads are synchronous here (layer-wise loading is the Rust API's);
+//! - no Rust panic crosses the boundary: one becomes [`KVFS_ERR_PANIC`].
+
+use crate::layout::{BlockMap, KvLayout, RawRegion};
+use crate::loader::{ChunkError, Dest, LoadRequest, Loader, LoaderError};
+use crate::spec::{Dtype, KvKind, ModelSpec};
+use std::cell::RefCell;
+use std::ffi::{CStr, CString, c_char, c_int, c_void};
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::Path;
+
+/// Success.
+pub const KVFS_OK: c_int = 0;
+/// A bad argument: null pointer, unknown preset or dtype, inconsistent sizes.
+pub const KVFS_ERR_INVALID: c_int = -1;
+/// An I/O error (directory missing, write failed).
+pub const KVFS_ERR_IO: c_int = -2;
+/// A chunk is corrupt or does not match the spec; the valid prefix is reported.
+pub const KVFS_ERR_CORRUPT: c_int = -3;
+/// A chunk of the requested range is missing; the valid prefix is reported.
+pub const KVFS_ERR_MISSING: c_int = -4;
+/// The KV memory does not fit the model or the block table.
+pub const KVFS_ERR_LAYOUT: c_int = -5;
+/// A bug: the library panicked.
+pub const KVFS_ERR_PANIC: c_int = -6;
+
+/// A model spec, field by field (see `ModelSpec`). Strings are NUL-terminated UTF-8;
+/// `revision` and `rope_scaling` may be NULL (empty). `dtype` is one of "f16", "bf16", "f32",
+/// "fp8_e4m3", "fp8_e5m2"; `kv_kind` is 1 (K and V) or 2 (MLA latent).
+#[repr(C)]
+pub struct KvfsSpec {
+    pub model: *const c_char,
+    pub revision: *const c_char,
+    pub dtype: *const c_char,
+    pub num_layers: u32,
+    pub num_kv_heads: u32,
+    pub head_dim: u32,
+    pub tp_size: u32,
+    pub tp_rank: u32,
+    pub rope_theta: f64,
+    pub rope_scaling: *const c_char,
+    pub chunk_tokens: u32,
+    pub group_tokens: u32,
+    pub kv_kind: u32,
+}
+
+/// An open loader (opaque to C).
+pub struct KvfsLoader {
+    loader: Loader,
+}
+
+thread_local! {
+    static LAST_ERROR: RefCell<CString> = RefCell::new(CString::default());
+}
+
+fn set_error(msg: String) {
+    let c = CString::new(msg.replace('\0', " ")).unwrap_or_default();
+    LAST_ERROR.with(|e| *e.borrow_mut() = c);
+}
+
+struct Fail(c_int, String);
+
+fn invalid(msg: impl Into<String>) -> Fail {
+    Fail(KVFS_ERR_INVALID, msg.into())
+}
+
+fn code_of(e: &LoaderError) -> c_int {
+    match e {
+        LoaderError::Spec(_) | LoaderError::Invalid(_) => KVFS_ERR_INVALID,
+        LoaderError::Io { .. } | LoaderError::Store { .. } => KVFS_ERR_IO,
+        LoaderError::Layout(_) => KVFS_ERR_LAYOUT,
+        LoaderError::Chunk { source, .. } => match **source {
+            ChunkError::Missing => KVFS_ERR_MISSING,
+            ChunkError::Io(_) => KVFS_ERR_IO,
+            ChunkError::Format(_) | ChunkError::Mismatch(_) => KVFS_ERR_CORRUPT,
+        },
+    }
+}
+
+impl From<LoaderError> for Fail {
+    fn from(e: LoaderError) -> Self {
+        Fail(code_of(&e), e.to_string())
+    }
+}
+
+/// Runs `f`, turning errors and panics into codes and the thread's last error.
+fn guard(f: impl FnOnce() -> Result<(), Fail>) -> c_int {
+    match catch_unwind(AssertUnwindSafe(f)) {
+        Ok(Ok(())) => KVFS_OK,
+        Ok(Err(Fail(code, msg))) => {
+            set_error(msg);
+            code
+        }
+        Err(_) => {
+            set_error("kvfs-loader panicked (a bug; please report)".into());
+            KVFS_ERR_PANIC
+        }
+    }
+}
+
+/// # Safety
+/// `p` is NULL or a NUL-terminated string.
+unsafe fn opt_str<'a>(p: *const c_char, what: &str) -> Result<Option<&'a str>, Fail> {
+    if p.is_null() {
+        return Ok(None);
+    }
+    // SAFETY: non-null and NUL-terminated per the caller's contract.
+    let s = unsafe { CStr::from_ptr(p) };
+    s.to_str()
+        .map(Some)
+        .map_err(|_| invalid(format!("{what} is not UTF-8")))
+}
+
+/// # Safety
+/// `p` is NULL or points to `n` readable elements.
+unsafe fn slice<'a, T>(p: *const T, n: usize, what: &str) -> Result<&'a [T], Fail> {
+    if n == 0 {
+        return Ok(&[]);
+    }
+    if p.is_null() {
+        return Err(invalid(format!("{what} is NULL")));
+    }
+    // SAFETY: non-null and valid for `n` elements per the caller's contract.
+    Ok(unsafe { std::slice::from_raw_parts(p, n) })
+}
+
+/// # Safety
+/// `spec` points to a valid `KvfsSpec` whose strings are NULL or NUL-terminated.
+unsafe fn spec_from_c(spec: &KvfsSpec) -> Result<ModelSpec, Fail> {
+    // SAFETY (all three): forwarded from this function's contract.
+    let model = unsafe { opt_str(spec.model, "model") }?.ok_or_else(|| invalid("model is NULL"))?;
+    let dtype_s =
+        unsafe { opt_str(spec.dtype, "dtype") }?.ok_or_else(|| invalid("dtype is NULL"))?;
+    let dtype =
+        Dtype::parse(dtype_s).ok_or_else(|| invalid(format!("unknown dtype {dtype_s:?}")))?;
+    let kv_kind = KvKind::from_u8(spec.kv_kind.try_into().unwrap_or(0))
+        .ok_or_else(|| invalid(format!("unknown kv_kind {}", spec.kv_kind)))?;
+    let mut s = ModelSpec::new(
+        model,
+        dtype,
+        spec.num_layers,
+        spec.num_kv_heads,
+        spec.head_dim,
+    );
+    // SAFETY: forwarded from this function's contract.
+    s.revision = unsafe { opt_str(spec.revision, "revision") }?
+        .unwrap_or("")
+        .into();
+    // SAFETY: forwarded from this function's contract.
+    s.rope_scaling = unsafe { opt_str(spec.rope_scaling, "rope_scaling") }?
+        .unwrap_or("")
+        .into();
+    s.tp_size = spec.tp_size;
+    s.tp_rank = spec.tp_rank;
+    s.rope_theta = spec.rope_theta;
+    s.chunk_tokens = spec.chunk_tokens;
+    s.group_tokens = spec.group_tokens;
+    s.kv_kind = kv_kind;
+    Ok(s)
+}
+
+/// The message of the last error on this thread ("" if none). Valid until the next kvfs call
+/// on this thread.
+#[unsafe(no_mangle)]
+pub extern "C" fn kvfs_last_error() -> *const c_char {
+    LAST_ERROR.with(|e| e.borrow().as_ptr())
+}
+
+/// Opens a loader on the chunk directory `dir` (a kvfs mount or a cache directory) for the
+/// model named by `preset` (e.g. "llama-3-8b") or described by `spec` (give exactly one; the
+/// other NULL). `salt` (`salt_len` bytes, may be NULL) isolates a tenant. On success `*out`
+/// holds the loader.
+///
+/// # Safety
+/// `dir` and `preset` are NULL or NUL-terminated; `spec` is NULL or valid; `salt` is NULL or
+/// readable for `salt_len` bytes; `out` is writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvfs_open(
+    dir: *const c_char,
+    preset: *const c_char,
+    spec: *const KvfsSpec,
+    salt: *const u8,
+    salt_len: usize,
+    out: *mut *mut KvfsLoader,
+) -> c_int {
+    guard(|| {
+        if out.is_null() {
+            return Err(invalid("out is NULL"));
+        }
+        // SAFETY: forwarded from this function's contract.
+        let dir = unsafe { opt_str(dir, "dir") }?.ok_or_else(|| invalid("dir is NULL"))?;
+        // SAFETY: forwarded from this function's contract.
+        let preset = unsafe { opt_str(preset, "preset") }?;
+        let spec = match (preset, spec.is_null()) {
+            (Some(p), true) => {
+                ModelSpec::preset(p).ok_or_else(|| invalid(format!("unknown preset {p:?}")))?
+            }
+            // SAFETY: non-null, valid per the contract.
+            (None, false) => unsafe { spec_from_c(&*spec) }?,
+            _ => return Err(invalid("give exactly one of preset and spec")),
+        };
+        // SAFETY: forwarded from this function's contract.
+        let salt = unsafe { slice(salt, salt_len, "salt") }?;
+        let loader = Loader::open(Path::new(dir), spec, salt)?;
+        let boxed = Box::into_raw(Box::new(KvfsLoader { loader }));
+        // SAFETY: `out` is non-null and writable per the contract.
+        unsafe { *out = boxed };
+        Ok(())
+    })
+}
+
+/// Frees a loader (NULL is ignored).
+///
+/// # Safety
+/// `loader` is NULL or came from `kvfs_open` and is not used afterwards.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvfs_close(loader: *mut KvfsLoader) {
+    if !loader.is_null() {
+        // SAFETY: created by Box::into_raw in kvfs_open and freed only here.
+        drop(unsafe { Box::from_raw(loader) });
+    }
+}
+
+/// How many leading tokens of `tokens[0..num_tokens]` are cached (full chunks) -> `*hit`.
+///
+/// # Safety
+/// `loader` came from `kvfs_open`; `tokens` is readable for `num_tokens` values; `hit` is
+/// writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvfs_lookup(
+    loader: *const KvfsLoader,
+    tokens: *const u32,
+    num_tokens: usize,
+    hit: *mut usize,
+) -> c_int {
+    guard(|| {
+        if loader.is_null() || hit.is_null() {
+            return Err(invalid("loader or hit is NULL"));
+        }
+        // SAFETY: forwarded from this function's contract.
+        let tokens = unsafe { slice(tokens, num_tokens, "tokens") }?;
+        // SAFETY: valid loader and writable `hit` per the contract.
+        unsafe { *hit = (*loader).loader.lookup(tokens) };
+        Ok(())
+    })
+}
+
+/// vLLM flash-attn KV memory: `num_layers` tensors `[2, num_blocks, block_size, num_kv_heads,
+/// head_size]` of `layer_bytes` bytes each, and a block table of `table_len` block ids.
+#[repr(C)]
+pub struct KvfsBlocks {
+    pub layers: *const *mut c_void,
+    pub num_layers: usize,
+    pub layer_bytes: usize,
+    pub num_blocks: usize,
+    pub block_size: usize,
+    pub block_table: *const u32,
+    pub table_len: usize,
+}
+
+/// # Safety
+/// `b` describes valid memory per `kvfs_load`'s contract.
+unsafe fn layout_of(l: &Loader, b: &KvfsBlocks) -> Result<(KvLayout, Vec<u32>), Fail> {
+    // SAFETY: forwarded.
+    let ptrs = unsafe { slice(b.layers, b.num_layers, "layers") }?;
+    // SAFETY: forwarded.
+    let table = unsafe { slice(b.block_table, b.table_len, "block_table") }?.to_vec();
+    let regions: Vec<RawRegion> = ptrs
+        .iter()
+        .map(|&p| RawRegion::new(p.cast(), b.layer_bytes))
+        .collect();
+    let s = l.spec();
+    // SAFETY: the caller promises the tensors are valid for `layer_bytes` and untouched while
+    // the call runs; the call waits for the load before returning.
+    let layout = unsafe {
+        KvLayout::vllm_flash_attn(
+            &regions,
+            b.num_blocks,
+            b.block_size,
+            s.num_kv_heads,
+            s.head_dim,
+            s.dtype,
+        )
+    }
+    .map_err(|e| Fail(KVFS_ERR_LAYOUT, e.to_string()))?;
+    Ok((layout, table))
+}
+
+/// Loads positions `[start, end)` of the sequence `tokens[0..num_tokens]` from the cache into
+/// `blocks` and waits for it. `*loaded` (may be NULL) receives the end of the valid prefix:
+/// `end` on success, less when a chunk is missing or corrupt (then the code says which).
+///
+/// # Safety
+/// `loader` came from `kvfs_open`; `tokens` is readable for `num_tokens` values; `blocks` is
+/// valid, its layer pointers each writable for `layer_bytes` bytes and not touched by anything
+/// else during the call; `loaded` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvfs_load(
+    loader: *const KvfsLoader,
+    tokens: *const u32,
+    num_tokens: usize,
+    start: usize,
+    end: usize,
+    blocks: *const KvfsBlocks,
+    loaded: *mut usize,
+) -> c_int {
+    guard(|| {
+        if loader.is_null() || blocks.is_null() {
+            return Err(invalid("loader or blocks is NULL"));
+        }
+        // SAFETY: valid per the contract.
+        let l = unsafe { &(*loader).loader };
+        // SAFETY: forwarded.
+        let tokens = unsafe { slice(tokens, num_tokens, "tokens") }?;
+        // SAFETY: forwarded; `blocks` is non-null and valid.
+        let (layout, table) = unsafe { layout_of(l, &*blocks) }?;
+        let set_loaded = |v: usize| {
+            if !loaded.is_null() {
+                // SAFETY: writable per the contract.
+                unsafe { *loaded = v };
+            }
+        };
+        set_loaded(start.min(end));
+        let req = LoadRequest {
+            tokens,
+            range: Some(start..end),
+            ..Default::default()
+        };
+        let dest = Dest::host(&layout, BlockMap::Blocks(&table));
+        match l.load_request(&req, &dest).and_then(|h| h.wait()) {
+            Ok(_) => {
+                set_loaded(end);
+                Ok(())
+            }
+            Err(e) => {
+                if let LoaderError::Chunk { valid_tokens, .. } = &e {
+                    set_loaded(valid_tokens.end);
+                }
+                Err(e.into())
+            }
+        }
+    })
+}
+
+/// Stores the full chunks of `tokens[0..num_tokens]` that are not cached yet, reading their
+/// KV from `blocks`. `*written` (may be NULL) receives the number of chunks written.
+///
+/// # Safety
+/// As `kvfs_load`, with the layer memory readable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvfs_store(
+    loader: *const KvfsLoader,
+    tokens: *const u32,
+    num_tokens: usize,
+    blocks: *const KvfsBlocks,
+    written: *mut usize,
+) -> c_int {
+    guard(|| {
+        if loader.is_null() || blocks.is_null() {
+            return Err(invalid("loader or blocks is NULL"));
+        }
+        // SAFETY: valid per the contract.
+        let l = unsafe { &(*loader).loader };
+        // SAFETY: forwarded.
+        let tokens = unsafe { slice(tokens, num_tokens, "tokens") }?;
+        // SAFETY: forwarded; `blocks` is non-null and valid.
+        let (layout, table) = unsafe { layout_of(l, &*blocks) }?;
+        let stats = l.store(tokens, &Dest::host(&layout, BlockMap::Blocks(&table)))?;
+        if !written.is_null() {
+            // SAFETY: writable per the contract.
+            unsafe { *written = stats.written };
+        }
+        Ok(())
+    })
+}
+
+/// Tokens per chunk of the loader's model (lookups and stores work in these units).
+///
+/// # Safety
+/// `loader` came from `kvfs_open`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvfs_chunk_tokens(loader: *const KvfsLoader) -> usize {
+    if loader.is_null() {
+        return 0;
+    }
+    // SAFETY: valid per the contract.
+    unsafe { (*loader).loader.spec().chunk_tokens as usize }
+}

@@ -1,0 +1,373 @@
+//! File I/O for the loader: O_DIRECT with a logged fallback, aligned buffers, reader threads.
+//!
+//! - [`open_chunk_file`] opens with `O_DIRECT` when asked; a file system that refuses it
+//!   (tmpfs, some FUSE mounts) answers `EINVAL` at open or at the first read, and the file is
+//!   reopened buffered, once, with a log line saying which path and why. Direct reads are
+//!   always issued with offset, length and buffer aligned to [`DIRECT_ALIGN`].
+//! - [`backing_path`] reads the `user.kvfs.backing` extended attribute a kvfs mount sets on a
+//!   chunk: the NVMe file behind it, which can be read with O_DIRECT (FUSE cannot serve that).
+//! - [`AlignedBuf`] is a page-aligned, growable buffer; each reader thread keeps one for its
+//!   whole life, so a load allocates nothing per read.
+//! - [`Pool`] is a handful of std threads fed from one FIFO queue. Positioned reads block, so
+//!   several threads are what keeps several reads in flight (the queue depth); a load
+//!   submits its jobs layer by layer, so the FIFO order is also the layer order that
+//!   layer-wise loading wants. No async runtime, no rayon: an engine links this.
+
+use std::collections::VecDeque;
+use std::ffi::CString;
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::thread::JoinHandle;
+
+/// Alignment of O_DIRECT offsets, lengths and buffers: the logical block size of every NVMe
+/// device and the page size, and the `.kvc` extent alignment, so whole extents and aligned
+/// groups need no widening.
+pub const DIRECT_ALIGN: usize = 4096;
+
+/// Extended attribute a kvfs mount sets to the local file behind a chunk.
+pub const BACKING_XATTR: &str = "user.kvfs.backing";
+
+/// How chunk files are read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum IoMode {
+    /// O_DIRECT where the file system allows, buffered (logged) where it does not.
+    #[default]
+    Direct,
+    /// Through the page cache.
+    Buffered,
+}
+
+/// A page-aligned byte buffer that grows and never shrinks.
+pub struct AlignedBuf {
+    ptr: *mut u8,
+    cap: usize,
+}
+
+// SAFETY: the buffer exclusively owns its allocation; moving it between threads is fine.
+unsafe impl Send for AlignedBuf {}
+
+impl Default for AlignedBuf {
+    fn default() -> Self {
+        AlignedBuf::new()
+    }
+}
+
+impl AlignedBuf {
+    pub fn new() -> AlignedBuf {
+        AlignedBuf {
+            ptr: std::ptr::null_mut(),
+            cap: 0,
+        }
+    }
+
+    /// A slice of `len` bytes (contents unspecified but initialized), growing if needed.
+    pub fn slice(&mut self, len: usize) -> &mut [u8] {
+        if len > self.cap {
+            self.release();
+            let cap = len.next_multiple_of(DIRECT_ALIGN).max(DIRECT_ALIGN);
+            let layout =
+                std::alloc::Layout::from_size_align(cap, DIRECT_ALIGN).expect("buffer layout");
+            // SAFETY: the layout has non-zero size. Zeroed, so every byte is initialized.
+            let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
+            if ptr.is_null() {
+                std::alloc::handle_alloc_error(layout);
+            }
+            self.ptr = ptr;
+            self.cap = cap;
+        }
+        if len == 0 {
+            return &mut [];
+        }
+        // SAFETY: ptr points to `cap >= len` initialized bytes owned by self, borrowed mutably.
+        unsafe { std::slice::from_raw_parts_mut(self.ptr, len) }
+    }
+
+    fn release(&mut self) {
+        if !self.ptr.is_null() {
+            let layout = std::alloc::Layout::from_size_align(self.cap, DIRECT_ALIGN).unwrap();
+            // SAFETY: allocated in `slice` with exactly this layout, and not freed since.
+            unsafe { std::alloc::dealloc(self.ptr, layout) };
+            self.ptr = std::ptr::null_mut();
+            self.cap = 0;
+        }
+    }
+}
+
+impl Drop for AlignedBuf {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// An open chunk file: the O_DIRECT descriptor if there is one, and a buffered one opened on
+/// demand (fallback, or reads that cannot be aligned).
+#[derive(Debug)]
+pub struct ChunkFile {
+    pub path: PathBuf,
+    direct: Option<File>,
+    buffered: OnceLock<io::Result<File>>,
+}
+
+fn is_einval(e: &io::Error) -> bool {
+    e.raw_os_error() == Some(libc::EINVAL)
+}
+
+/// Opens a chunk file for reading in `mode` (see the module docs for the fallback).
+pub fn open_chunk_file(path: &Path, mode: IoMode) -> io::Result<ChunkFile> {
+    let mut f = ChunkFile {
+        path: path.to_path_buf(),
+        direct: None,
+        buffered: OnceLock::new(),
+    };
+    if mode == IoMode::Direct {
+        match OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_DIRECT)
+            .open(path)
+        {
+            Ok(d) => f.direct = Some(d),
+            Err(e) if is_einval(&e) => {
+                tracing::debug!(path = %path.display(), "O_DIRECT refused at open (EINVAL); reading buffered");
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    if f.direct.is_none() {
+        f.buffered.set(File::open(path)).expect("fresh OnceLock");
+        if let Some(Err(e)) = f.buffered.get() {
+            return Err(io::Error::new(e.kind(), e.to_string()));
+        }
+    }
+    Ok(f)
+}
+
+impl ChunkFile {
+    /// Whether reads go around the page cache.
+    pub fn is_direct(&self) -> bool {
+        self.direct.is_some()
+    }
+
+    fn buffered(&self) -> io::Result<&File> {
+        match self.buffered.get_or_init(|| File::open(&self.path)) {
+            Ok(f) => Ok(f),
+            Err(e) => Err(io::Error::new(e.kind(), e.to_string())),
+        }
+    }
+
+    pub fn len(&self) -> io::Result<u64> {
+        match &self.direct {
+            Some(d) => Ok(d.metadata()?.len()),
+            None => Ok(self.buffered()?.metadata()?.len()),
+        }
+    }
+
+    /// Fills `buf` from `offset`. Direct when the file is open direct and offset, length and
+    /// address are aligned; otherwise (or if the direct read answers EINVAL) buffered. A short
+    /// read (end of file) is an `UnexpectedEof` error.
+    pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
+        if let Some(d) = &self.direct
+            && aligned(buf.as_ptr() as usize, buf.len(), offset)
+        {
+            match read_exact_at(d, buf, offset) {
+                Err(e) if is_einval(&e) => {
+                    tracing::warn!(path = %self.path.display(), "O_DIRECT read refused (EINVAL); falling back to buffered reads");
+                }
+                r => return r,
+            }
+        }
+        read_exact_at(self.buffered()?, buf, offset)
+    }
+}
+
+/// Whether an address, length and file offset all meet [`DIRECT_ALIGN`].
+pub fn aligned(addr: usize, len: usize, offset: u64) -> bool {
+    let a = DIRECT_ALIGN;
+    addr % a == 0 && len % a == 0 && offset % a as u64 == 0
+}
+
+fn read_exact_at(f: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
+    while !buf.is_empty() {
+        match f.read_at(buf, offset) {
+            Ok(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("end of file at offset {offset}"),
+                ));
+            }
+            Ok(n) => {
+                buf = &mut buf[n..];
+                offset += n as u64;
+            }
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
+/// The local file behind a chunk on a kvfs mount (`user.kvfs.backing`), if the file system
+/// names one that exists. Any failure (no attribute, not a mount, unreadable) is `None`.
+pub fn backing_path(path: &Path) -> Option<PathBuf> {
+    let c_path = CString::new(path.as_os_str().as_bytes()).ok()?;
+    let c_name = CString::new(BACKING_XATTR).expect("no NUL");
+    let mut buf = vec![0u8; 4096];
+    // SAFETY: both strings are NUL-terminated and live across the call; `buf` is writable for
+    // `buf.len()` bytes, which is the size we pass.
+    let n = unsafe {
+        libc::getxattr(
+            c_path.as_ptr(),
+            c_name.as_ptr(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+        )
+    };
+    if n <= 0 {
+        return None;
+    }
+    buf.truncate(n as usize);
+    while buf.last() == Some(&0) {
+        buf.pop();
+    }
+    let p = PathBuf::from(std::ffi::OsStr::from_bytes(&buf));
+    (p.is_absolute() && p.is_file()).then_some(p)
+}
+
+/// A unit of work for a reader thread, given the thread's buffer.
+pub type Job = Box<dyn FnOnce(&mut AlignedBuf) + Send>;
+
+struct Queue {
+    jobs: Mutex<(VecDeque<Job>, bool)>,
+    ready: Condvar,
+}
+
+/// A fixed set of reader threads taking jobs from one FIFO queue. Each thread owns one
+/// [`AlignedBuf`] that every job it runs reuses. Dropping the pool finishes queued jobs and
+/// joins the threads.
+pub struct Pool {
+    queue: Arc<Queue>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Pool {
+    pub fn new(threads: usize) -> io::Result<Pool> {
+        let queue = Arc::new(Queue {
+            jobs: Mutex::new((VecDeque::new(), false)),
+            ready: Condvar::new(),
+        });
+        let mut handles = Vec::new();
+        for i in 0..threads.max(1) {
+            let q = queue.clone();
+            handles.push(
+                std::thread::Builder::new()
+                    .name(format!("kvfs-read-{i}"))
+                    .spawn(move || worker(&q))?,
+            );
+        }
+        Ok(Pool {
+            queue,
+            threads: handles,
+        })
+    }
+
+    pub fn threads(&self) -> usize {
+        self.threads.len()
+    }
+
+    /// Queues jobs, in order.
+    pub fn submit_all(&self, jobs: impl IntoIterator<Item = Job>) {
+        let mut q = self.queue.jobs.lock().unwrap();
+        q.0.extend(jobs);
+        drop(q);
+        self.queue.ready.notify_all();
+    }
+}
+
+fn worker(q: &Queue) {
+    let mut buf = AlignedBuf::new();
+    loop {
+        let job = {
+            let mut g = q.jobs.lock().unwrap();
+            loop {
+                if let Some(j) = g.0.pop_front() {
+                    break j;
+                }
+                if g.1 {
+                    return;
+                }
+                g = q.ready.wait(g).unwrap();
+            }
+        };
+        job(&mut buf);
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.queue.jobs.lock().unwrap().1 = true;
+        self.queue.ready.notify_all();
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn aligned_buf_is_page_aligned_and_grows() {
+        let mut b = AlignedBuf::new();
+        assert_eq!(b.slice(10).as_ptr() as usize % DIRECT_ALIGN, 0);
+        let s = b.slice(3 * DIRECT_ALIGN + 1);
+        s[3 * DIRECT_ALIGN] = 7;
+        assert_eq!(s.as_ptr() as usize % DIRECT_ALIGN, 0);
+        assert!(b.slice(0).is_empty());
+    }
+
+    #[test]
+    fn reads_whole_ranges_and_reports_eof() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        let data: Vec<u8> = (0..3 * DIRECT_ALIGN).map(|i| (i % 251) as u8).collect();
+        std::fs::write(&p, &data).unwrap();
+        let f = open_chunk_file(&p, IoMode::Direct).unwrap();
+        let mut b = AlignedBuf::new();
+        let s = b.slice(DIRECT_ALIGN);
+        f.read_exact_at(s, DIRECT_ALIGN as u64).unwrap();
+        assert_eq!(s, &data[DIRECT_ALIGN..2 * DIRECT_ALIGN]);
+        // unaligned: served buffered
+        let mut small = [0u8; 10];
+        f.read_exact_at(&mut small, 5).unwrap();
+        assert_eq!(small, data[5..15]);
+        let e = f
+            .read_exact_at(b.slice(DIRECT_ALIGN), 3 * DIRECT_ALIGN as u64)
+            .unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn no_backing_attribute_is_none() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        std::fs::write(&p, b"x").unwrap();
+        assert_eq!(backing_path(&p), None);
+        assert_eq!(backing_path(&d.path().join("missing")), None);
+    }
+
+    #[test]
+    fn pool_runs_jobs_in_order_per_thread() {
+        let pool = Pool::new(1).unwrap();
+        let out = Arc::new(Mutex::new(Vec::new()));
+        pool.submit_all((0..10).map(|i| {
+            let out = out.clone();
+            Box::new(move |_: &mut AlignedBuf| out.lock().unwrap().push(i)) as Job
+        }));
+        drop(pool);
+        assert_eq!(*out.lock().unwrap(), (0..10).collect::<Vec<_>>());
+    }
+}

@@ -1,1 +1,35 @@
-//! GPU file I/O (see DESIGN.md).
+//! GPU file I/O for kvfs: move byte extents of files into (and out of) device memory.
+//!
+//! kvfs-gds is format-agnostic: it knows nothing of `.kvc` chunks. The loader computes which
+//! file extents hold the bytes it wants and where each byte must land (a [`ScatterPlan`]),
+//! and this crate moves them:
+//!
+//! - **GDS**: cuFile reads whole aligned extents straight into a registered device staging
+//!   buffer, then a scatter kernel places them into paged KV blocks ([`cuda`]).
+//! - **Staging**: O_DIRECT reads into a ring of pinned host buffers, each copied to the device
+//!   while the next is read, then the same scatter ([`ring`], [`cuda`]).
+//! - **Host only**: the same ring with a host sink ([`HostSink`]); this is also the oracle
+//!   the GPU paths are compared with byte for byte.
+//!
+//! Nothing CUDA is linked: cudarc loads `libcuda`/`libnvrtc` at run time and cuFile is bound
+//! by dlsym ([`cufile`]). [`probe()`] decides the path before any CUDA call, with reasons,
+//! so a machine without CUDA gets [`GpuPath::HostOnly`] and never a panic.
+//!
+//! Module map: [`align`] (alignment, aligned buffers), [`plan`] (extents -> aligned fills),
+//! [`scatter`] (scatter plans, block tables), [`direct`] (O_DIRECT with fall back),
+//! [`ring`] (the staging ring and the [`Sink`] trait), [`probe`] (path selection),
+//! [`cufile`] (cuFile bindings), [`cuda`] (device sinks, kernel, [`GpuLoader`]).
+
+pub mod align;
+pub mod cufile;
+pub mod direct;
+pub mod error;
+pub mod plan;
+pub mod ring;
+pub mod scatter;
+
+pub use align::{AlignedBuf, DIRECT_ALIGN};
+pub use error::{GdsError, Result};
+pub use plan::{Fill, Piece, ReadExtent, WriteExtent, plan_fills};
+pub use ring::{HostSink, IoStats, Ring, Sink};
+pub use scatter::{PagedLayout, ScatterPlan, ScatterRun, Segment};

@@ -1,0 +1,749 @@
+//! The loader against real chunk files: loads match a plain reference copy for every layout,
+//! block size, dtype and range; selective loads touch only the chosen groups; corrupt and
+//! missing chunks give typed errors that say what is valid; stores round-trip.
+
+use kvfs_loader::dir::{self, Layout};
+use kvfs_loader::format::{ChunkView, Verify, synth_chunk};
+use kvfs_loader::layout::{BlockMap, KvLayout, RawRegion};
+use kvfs_loader::loader::{ChunkError, Dest, LoadRequest, Loader, LoaderError, LoaderOptions};
+use kvfs_loader::{Dtype, FormatError, IoMode, KvKind, ModelSpec, SaltTag, Selection};
+use proptest::prelude::*;
+use std::path::{Path, PathBuf};
+
+const SENTINEL: u8 = 0xA5;
+
+fn spec(dtype: Dtype, kind: KvKind, chunk: u32, group: u32) -> ModelSpec {
+    let (heads, dim) = match kind {
+        KvKind::KeyValue => (2, 32),
+        KvKind::MlaLatent => (1, 48),
+    };
+    let mut s = ModelSpec::new("kvfs/loader-test", dtype, 3, heads, dim);
+    s.kv_kind = kind;
+    s.chunk_tokens = chunk;
+    s.group_tokens = group;
+    s
+}
+
+fn tokens(n: usize, seed: u32) -> Vec<u32> {
+    (0..n as u32)
+        .map(|i| i.wrapping_mul(2654435761).wrapping_add(seed) % 50000)
+        .collect()
+}
+
+/// Writes synthetic chunks for the full chunks of `toks` into a cache directory and returns
+/// the chunk files' bytes.
+fn write_chunks(root: &Path, spec: &ModelSpec, salt: &[u8], toks: &[u32]) -> Vec<Vec<u8>> {
+    let ct = spec.chunk_tokens as usize;
+    let mut parent = None;
+    let mut out = Vec::new();
+    for c in toks.chunks_exact(ct) {
+        let (meta, bytes) = synth_chunk(spec, parent, SaltTag::of(salt), c.to_vec()).unwrap();
+        let path = Layout::Cache.chunk_path(root, &spec.namespace_dir(), &meta.key);
+        dir::commit_file(&path, &bytes, false).unwrap();
+        parent = Some(meta.key);
+        out.push(bytes);
+    }
+    out
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    FlashAttn,
+    FlashInfer,
+    Mla,
+    Pool,
+}
+
+/// Engine memory owned by the test, and the layout over it.
+struct Mem {
+    bufs: Vec<Vec<u8>>,
+    layout: KvLayout,
+}
+
+fn alloc(spec: &ModelSpec, kind: Kind, num_blocks: usize, block_size: usize) -> Mem {
+    let row = spec.num_kv_heads as usize * spec.head_dim as usize * spec.dtype.size();
+    let layers = spec.num_layers as usize;
+    let (h, d, dt) = (spec.num_kv_heads, spec.head_dim, spec.dtype);
+    let mut bufs: Vec<Vec<u8>> = Vec::new();
+    let layout = match kind {
+        Kind::FlashAttn | Kind::FlashInfer => {
+            for _ in 0..layers {
+                bufs.push(vec![SENTINEL; 2 * num_blocks * block_size * row]);
+            }
+            let regions: Vec<_> = bufs.iter_mut().map(|b| RawRegion::of(b)).collect();
+            // SAFETY: the buffers live in the returned Mem alongside the layout; the tests
+            // only read them after loads finish.
+            unsafe {
+                if kind == Kind::FlashAttn {
+                    KvLayout::vllm_flash_attn(&regions, num_blocks, block_size, h, d, dt)
+                } else {
+                    KvLayout::vllm_flashinfer(&regions, num_blocks, block_size, h, d, dt)
+                }
+            }
+        }
+        Kind::Mla => {
+            for _ in 0..layers {
+                bufs.push(vec![SENTINEL; num_blocks * block_size * row]);
+            }
+            let regions: Vec<_> = bufs.iter_mut().map(|b| RawRegion::of(b)).collect();
+            // SAFETY: as above.
+            unsafe { KvLayout::mla(&regions, num_blocks, block_size, d, dt) }
+        }
+        Kind::Pool => {
+            let planes = spec.kv_kind.planes();
+            for _ in 0..layers * planes {
+                bufs.push(vec![SENTINEL; num_blocks * block_size * row]);
+            }
+            let regions: Vec<_> = bufs.iter_mut().map(|b| RawRegion::of(b)).collect();
+            let (k, v): (Vec<_>, Vec<_>) = if planes == 2 {
+                (
+                    regions.iter().step_by(2).copied().collect(),
+                    regions.iter().skip(1).step_by(2).copied().collect(),
+                )
+            } else {
+                (regions, Vec::new())
+            };
+            // SAFETY: as above.
+            unsafe { KvLayout::token_pool(&k, &v, num_blocks * block_size, h, d, dt) }
+        }
+    }
+    .unwrap();
+    Mem { bufs: bufs, layout }
+}
+
+fn slot(map: &BlockMap<'_>, bs: usize, p: usize) -> Option<usize> {
+    match map {
+        BlockMap::Blocks(t) => Some(t[p / bs] as usize * bs + p % bs),
+        BlockMap::Slots(s) => (s[p] >= 0).then_some(s[p] as usize),
+    }
+}
+
+fn row_at(mem: &Mem, layer: usize, plane: usize, slot: usize) -> &[u8] {
+    let addr = mem.layout.slot_addr(layer, plane, slot);
+    // SAFETY: the address lies inside one of mem's buffers (the layout checked the shape) and
+    // no load is running.
+    unsafe { std::slice::from_raw_parts(addr as *const u8, mem.layout.row_bytes()) }
+}
+
+/// Checks every slot: positions in `loaded(layer, p)` equal the reference row, all other
+/// slots still hold the sentinel.
+fn check(
+    mem: &Mem,
+    map: &BlockMap<'_>,
+    spec: &ModelSpec,
+    files: &[Vec<u8>],
+    positions: usize,
+    loaded: impl Fn(usize, usize) -> bool,
+) {
+    let ct = spec.chunk_tokens as usize;
+    let bs = mem.layout.block_size();
+    let row = mem.layout.row_bytes();
+    let views: Vec<_> = files
+        .iter()
+        .map(|b| ChunkView::parse(b, Verify::Full).unwrap())
+        .collect();
+    let mut touched = std::collections::HashSet::new();
+    for layer in 0..spec.num_layers as usize {
+        for plane in 0..mem.layout.planes() {
+            for p in 0..positions {
+                let Some(s) = slot(map, bs, p) else { continue };
+                if !loaded(layer, p) {
+                    continue;
+                }
+                touched.insert((layer, plane, s));
+                let t = p % ct;
+                let want = &views[p / ct].plane(layer as u32, plane as u32)[t * row..(t + 1) * row];
+                assert_eq!(
+                    row_at(mem, layer, plane, s),
+                    want,
+                    "layer {layer} plane {plane} position {p} slot {s}"
+                );
+            }
+            for s in 0..mem.layout.num_blocks() * bs {
+                if !touched.contains(&(layer, plane, s)) {
+                    assert!(
+                        row_at(mem, layer, plane, s).iter().all(|&b| b == SENTINEL),
+                        "layer {layer} plane {plane} slot {s} was written but not requested"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn shuffled_blocks(n: usize, total: usize, seed: u64) -> Vec<u32> {
+    let mut v: Vec<u32> = (0..total as u32).collect();
+    let mut x = seed | 1;
+    for i in (1..v.len()).rev() {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        v.swap(i, (x % (i as u64 + 1)) as usize);
+    }
+    v.truncate(n);
+    v
+}
+
+fn opts(io: IoMode) -> LoaderOptions {
+    LoaderOptions {
+        io,
+        threads: 3,
+        ..Default::default()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 48, .. ProptestConfig::default() })]
+
+    /// Loads equal the reference copy, for every layout, dtype, block size, range, and both
+    /// I/O modes; slots outside the range stay untouched.
+    #[test]
+    fn loads_match_reference(
+        kind in prop_oneof![Just(Kind::FlashAttn), Just(Kind::FlashInfer), Just(Kind::Mla), Just(Kind::Pool)],
+        dtype in prop::sample::select(Dtype::ALL.to_vec()),
+        block_size in prop::sample::select(vec![1usize, 3, 8, 16, 32]),
+        chunk in prop::sample::select(vec![16u32, 32, 48]),
+        chunks in 1usize..4,
+        start_frac in 0.0f64..1.0,
+        end_frac in 0.0f64..1.0,
+        direct in any::<bool>(),
+        run_min in prop::sample::select(vec![0usize, 64 * 1024]),
+        seed in any::<u64>(),
+    ) {
+        let kv = if kind == Kind::Mla { KvKind::MlaLatent } else if kind == Kind::Pool && seed % 2 == 0 { KvKind::MlaLatent } else { KvKind::KeyValue };
+        let spec = spec(dtype, kv, chunk, 8);
+        let d = tempfile::tempdir().unwrap();
+        let toks = tokens(chunks * chunk as usize + 5, seed as u32);
+        let files = write_chunks(d.path(), &spec, b"", &toks);
+        let full = chunks * chunk as usize;
+        let end = ((full as f64 * end_frac) as usize).max(1);
+        let start = (end as f64 * start_frac) as usize;
+        let io = if direct { IoMode::Direct } else { IoMode::Buffered };
+        let o = LoaderOptions { direct_run_min: run_min, ..opts(io) };
+        let loader = Loader::open_with(d.path(), spec.clone(), b"", o).unwrap();
+        prop_assert_eq!(loader.lookup(&toks), full);
+
+        let (mem, owned_blocks, owned_slots);
+        let map = if kind == Kind::Pool {
+            let n = full.div_ceil(block_size) * block_size + 7;
+            mem = alloc(&spec, kind, n, 1);
+            let perm = shuffled_blocks(full, n, seed);
+            owned_slots = perm.iter().map(|&s| if s % 11 == 3 { -1 } else { s as i64 }).collect::<Vec<_>>();
+            BlockMap::Slots(&owned_slots)
+        } else {
+            let nb = full.div_ceil(block_size);
+            mem = alloc(&spec, kind, nb + 2, block_size);
+            owned_blocks = shuffled_blocks(nb, nb + 2, seed);
+            BlockMap::Blocks(&owned_blocks)
+        };
+        let req = LoadRequest { tokens: &toks, range: Some(start..end), ..Default::default() };
+        let h = loader.load_request(&req, &Dest::host(&mem.layout, map)).unwrap();
+        for l in 0..spec.num_layers as usize {
+            h.wait_layer(l).unwrap();
+        }
+        let stats = h.wait().unwrap();
+        prop_assert_eq!(stats.tokens, end - start);
+        prop_assert!(stats.bytes_read >= stats.bytes_needed);
+        check(&mem, &map, &spec, &files, full, |_, p| (start..end).contains(&p));
+    }
+
+    /// Selective loads equal the reference on the chosen groups and leave the others untouched;
+    /// with 4096-byte groups nothing more than needed is read.
+    #[test]
+    fn selective_loads_read_only_chosen_groups(
+        picks in prop::collection::vec(prop::collection::vec(0u32..12, 0..8), 3),
+        direct in any::<bool>(),
+        seed in any::<u32>(),
+    ) {
+        // 2 heads x 32 dims x f32 = 256 bytes per row; 16-token groups are 4096 bytes.
+        let spec = spec(Dtype::F32, KvKind::KeyValue, 64, 16);
+        let d = tempfile::tempdir().unwrap();
+        let toks = tokens(3 * 64, seed);
+        let files = write_chunks(d.path(), &spec, b"", &toks);
+        let io = if direct { IoMode::Direct } else { IoMode::Buffered };
+        let loader = Loader::open_with(d.path(), spec.clone(), b"", opts(io)).unwrap();
+        let mem = alloc(&spec, Kind::FlashAttn, 12, 16);
+        let table: Vec<u32> = (0..12).rev().collect();
+        let map = BlockMap::Blocks(&table);
+        let sel = Selection::new(picks.clone());
+        let req = LoadRequest { tokens: &toks, selection: Some(&sel), ..Default::default() };
+        let stats = loader.load_request(&req, &Dest::host(&mem.layout, map)).unwrap().wait().unwrap();
+        let chosen = |layer: usize, p: usize| sel.groups(layer).contains(&((p / 16) as u32));
+        check(&mem, &map, &spec, &files, 3 * 64, chosen);
+        let groups: usize = (0..3).map(|l| sel.groups(l).len()).sum();
+        prop_assert_eq!(stats.bytes_needed, (groups * 2 * 4096) as u64);
+        prop_assert_eq!(stats.read_amplification(), 1.0);
+    }
+}
+
+#[test]
+fn store_then_load_round_trips_and_is_create_once() {
+    let spec = spec(Dtype::Bf16, KvKind::KeyValue, 32, 16);
+    let d = tempfile::tempdir().unwrap();
+    let loader = Loader::open(d.path(), spec.clone(), b"tenant").unwrap();
+    let toks = tokens(100, 7); // 3 full chunks + 4 tokens
+    let mut src = alloc(&spec, Kind::FlashInfer, 8, 16);
+    // fill the source blocks with a pattern (the heap buffers do not move)
+    let mut pattern = 0u8;
+    for b in src.bufs.iter_mut() {
+        for x in b.iter_mut() {
+            pattern = pattern.wrapping_mul(31).wrapping_add(7);
+            *x = pattern;
+        }
+    }
+    let table = [5u32, 2, 7, 0, 1, 3, 4];
+    let map = BlockMap::Blocks(&table);
+    let st = loader.store(&toks, &Dest::host(&src.layout, map)).unwrap();
+    assert_eq!((st.written, st.present), (3, 0));
+    let ns_json = d.path().join(spec.namespace_dir()).join("namespace.json");
+    assert!(
+        std::fs::read_to_string(ns_json)
+            .unwrap()
+            .contains("loader-test")
+    );
+    assert_eq!(loader.lookup(&toks), 96);
+    // a second store writes nothing
+    let st = loader.store(&toks, &Dest::host(&src.layout, map)).unwrap();
+    assert_eq!((st.written, st.present), (0, 3));
+    // the salt isolates: another tenant sees nothing
+    let other = Loader::open(d.path(), spec.clone(), b"other").unwrap();
+    assert_eq!(other.lookup(&toks), 0);
+
+    // load into a different layout and compare row by row with the source
+    let dst = alloc(&spec, Kind::FlashAttn, 6, 16);
+    let t2 = [1u32, 0, 4, 5, 2, 3];
+    let m2 = BlockMap::Blocks(&t2);
+    let stats = loader
+        .load_request(
+            &LoadRequest {
+                tokens: &toks,
+                verify: Some(Verify::Full),
+                ..Default::default()
+            },
+            &Dest::host(&dst.layout, m2),
+        )
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(stats.chunks, 3);
+    for l in 0..3 {
+        for p in 0..2 {
+            for pos in 0..96 {
+                assert_eq!(
+                    row_at(&dst, l, p, slot(&m2, 16, pos).unwrap()),
+                    row_at(&src, l, p, slot(&map, 16, pos).unwrap()),
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn final_partial_block_and_prefix_inside_a_block() {
+    // 300 cached tokens (3 chunks of 100), block size 16: the last block holds 12 tokens.
+    let spec = spec(Dtype::F16, KvKind::KeyValue, 100, 20);
+    let d = tempfile::tempdir().unwrap();
+    let toks = tokens(300, 1);
+    let files = write_chunks(d.path(), &spec, b"", &toks);
+    let loader = Loader::open(d.path(), spec.clone(), b"").unwrap();
+    assert_eq!(loader.lookup(&toks), 300);
+    let table: Vec<u32> = (0..19).collect();
+    let map = BlockMap::Blocks(&table);
+    let mem = alloc(&spec, Kind::FlashAttn, 19, 16);
+    loader
+        .load(&toks, &Dest::host(&mem.layout, map))
+        .unwrap()
+        .wait()
+        .unwrap();
+    check(&mem, &map, &spec, &files, 300, |_, p| p < 300);
+
+    // a prefix ending inside block 15 (positions 240..256) fills only 240..250
+    let mem = alloc(&spec, Kind::FlashAttn, 19, 16);
+    let req = LoadRequest {
+        tokens: &toks,
+        range: Some(0..250),
+        ..Default::default()
+    };
+    let s = loader
+        .load_request(&req, &Dest::host(&mem.layout, map))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(s.tokens, 250);
+    check(&mem, &map, &spec, &files, 300, |_, p| p < 250);
+}
+
+fn flip(path: &Path, at: u64) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+        .unwrap();
+    let mut b = [0u8];
+    f.read_exact_at(&mut b, at).unwrap();
+    b[0] ^= 0x10;
+    f.write_all_at(&b, at).unwrap();
+}
+
+fn chunk_path(root: &Path, spec: &ModelSpec, toks: &[u32], i: usize) -> PathBuf {
+    let keys = kvfs_loader::chunk_keys(
+        &spec.namespace_id(),
+        &SaltTag::NONE,
+        spec.chunk_tokens as usize,
+        toks,
+    );
+    Layout::Cache.chunk_path(root, &spec.namespace_dir(), &keys[i].key)
+}
+
+#[test]
+fn corrupt_payload_fails_with_the_valid_prefix() {
+    let spec = spec(Dtype::F16, KvKind::KeyValue, 32, 16);
+    let d = tempfile::tempdir().unwrap();
+    let toks = tokens(4 * 32, 3);
+    let files = write_chunks(d.path(), &spec, b"", &toks);
+    // layer 0, plane 0 of chunk 2
+    flip(&chunk_path(d.path(), &spec, &toks, 2), 4096 + 100);
+    let loader = Loader::open(d.path(), spec.clone(), b"").unwrap();
+    let table: Vec<u32> = (0..16).map(|i| 15 - i).collect();
+    let map = BlockMap::Blocks(&table);
+    let mem = alloc(&spec, Kind::FlashAttn, 16, 8);
+    let req = LoadRequest {
+        tokens: &toks,
+        range: Some(4..128),
+        verify: Some(Verify::Full),
+        ..Default::default()
+    };
+    let h = loader
+        .load_request(&req, &Dest::host(&mem.layout, map))
+        .unwrap();
+    let e = h.wait_layer(0).unwrap_err();
+    let LoaderError::Chunk {
+        chunk,
+        valid_tokens,
+        valid_blocks,
+        source,
+        ..
+    } = e
+    else {
+        panic!("{e}")
+    };
+    assert_eq!(chunk, 2);
+    assert_eq!(valid_tokens, 4..64);
+    // blocks 0..8 cover positions 0..64; block 0 is only partly requested (4..8) but all of
+    // its requested slots are valid
+    assert_eq!(valid_blocks, table[..8].to_vec());
+    assert!(
+        matches!(
+            &*source,
+            ChunkError::Format(FormatError::PayloadDigest { .. })
+        ),
+        "{source}"
+    );
+    drop(h);
+    // the valid prefix really is valid
+    let v: Vec<_> = files
+        .iter()
+        .map(|b| ChunkView::parse(b, Verify::Header).unwrap())
+        .collect();
+    for p in 4..64 {
+        let s = slot(&map, 8, p).unwrap();
+        let t = p % 32;
+        assert_eq!(
+            row_at(&mem, 1, 1, s),
+            &v[p / 32].plane(1, 1)[t * 128..(t + 1) * 128]
+        );
+    }
+
+    // a corrupt header fails even with header-only verification
+    flip(&chunk_path(d.path(), &spec, &toks, 1), 60);
+    let mem = alloc(&spec, Kind::FlashAttn, 16, 8);
+    let e = loader
+        .load(&toks, &Dest::host(&mem.layout, map))
+        .unwrap()
+        .wait()
+        .unwrap_err();
+    assert!(
+        matches!(&e, LoaderError::Chunk { chunk: 1, source, valid_tokens, .. }
+            if matches!(**source, ChunkError::Format(FormatError::HeaderChecksum)) && *valid_tokens == (0..32)),
+        "{e}"
+    );
+}
+
+#[test]
+fn missing_chunk_in_the_middle_ends_the_hit() {
+    let spec = spec(Dtype::F32, KvKind::KeyValue, 16, 8);
+    let d = tempfile::tempdir().unwrap();
+    let toks = tokens(5 * 16, 9);
+    write_chunks(d.path(), &spec, b"", &toks);
+    std::fs::remove_file(chunk_path(d.path(), &spec, &toks, 2)).unwrap();
+    let loader = Loader::open(d.path(), spec.clone(), b"").unwrap();
+    assert_eq!(loader.lookup(&toks), 32);
+    assert_eq!(loader.lookup(&toks[..20]), 16);
+    let table: Vec<u32> = (0..10).collect();
+    let mem = alloc(&spec, Kind::FlashAttn, 10, 8);
+    let e = loader
+        .load(&toks, &Dest::host(&mem.layout, BlockMap::Blocks(&table)))
+        .unwrap()
+        .wait()
+        .unwrap_err();
+    assert!(
+        matches!(&e, LoaderError::Chunk { chunk: 2, source, valid_tokens, valid_blocks, .. }
+            if matches!(**source, ChunkError::Missing) && *valid_tokens == (0..32) && *valid_blocks == [0, 1, 2, 3]),
+        "{e}"
+    );
+}
+
+#[test]
+fn bad_requests_are_refused_before_any_read() {
+    let spec = spec(Dtype::F16, KvKind::KeyValue, 16, 8);
+    let d = tempfile::tempdir().unwrap();
+    let toks = tokens(40, 2);
+    write_chunks(d.path(), &spec, b"", &toks);
+    let loader = Loader::open(d.path(), spec.clone(), b"").unwrap();
+    let mem = alloc(&spec, Kind::FlashAttn, 4, 8);
+    let table = [0u32, 1, 2, 3];
+    let dest = Dest::host(&mem.layout, BlockMap::Blocks(&table));
+    // beyond the full chunks
+    let req = LoadRequest {
+        tokens: &toks,
+        range: Some(0..40),
+        ..Default::default()
+    };
+    assert!(matches!(
+        loader.load_request(&req, &dest),
+        Err(LoaderError::Invalid(_))
+    ));
+    // block table too short / block out of range
+    let short = [0u32, 1];
+    assert!(matches!(
+        loader.load(&toks, &Dest::host(&mem.layout, BlockMap::Blocks(&short))),
+        Err(LoaderError::Layout(_))
+    ));
+    let bad = [0u32, 1, 9, 2];
+    assert!(matches!(
+        loader.load(&toks, &Dest::host(&mem.layout, BlockMap::Blocks(&bad))),
+        Err(LoaderError::Layout(_))
+    ));
+    // a layout of another shape
+    let other = spec_with_heads(&spec, 4);
+    let mem2 = alloc(&other, Kind::FlashAttn, 4, 8);
+    assert!(matches!(
+        loader.load(&toks, &Dest::host(&mem2.layout, BlockMap::Blocks(&table))),
+        Err(LoaderError::Layout(_))
+    ));
+    // full verification of a selective load
+    let sel = Selection::same_for_all(3, vec![0]);
+    let req = LoadRequest {
+        tokens: &toks,
+        selection: Some(&sel),
+        verify: Some(Verify::Full),
+        ..Default::default()
+    };
+    assert!(matches!(
+        loader.load_request(&req, &dest),
+        Err(LoaderError::Invalid(_))
+    ));
+    // a selection with the wrong number of layers
+    let sel = Selection::same_for_all(2, vec![0]);
+    let req = LoadRequest {
+        tokens: &toks,
+        selection: Some(&sel),
+        ..Default::default()
+    };
+    assert!(matches!(
+        loader.load_request(&req, &dest),
+        Err(LoaderError::Invalid(_))
+    ));
+    // a store from a slot mapping with padding
+    let pool = alloc(&spec, Kind::Pool, 40, 1);
+    let slots: Vec<i64> = (0..32).map(|i| if i == 5 { -1 } else { i }).collect();
+    assert!(matches!(
+        loader.store(&toks, &Dest::host(&pool.layout, BlockMap::Slots(&slots))),
+        Err(LoaderError::Invalid(_))
+    ));
+    // nothing was touched
+    check(&mem, &BlockMap::Blocks(&table), &spec, &[], 0, |_, _| false);
+    // a missing directory and an invalid spec
+    assert!(matches!(
+        Loader::open(&d.path().join("nope"), spec.clone(), b""),
+        Err(LoaderError::Io { .. })
+    ));
+    let mut bad_spec = spec.clone();
+    bad_spec.num_layers = 0;
+    assert!(matches!(
+        Loader::open(d.path(), bad_spec, b""),
+        Err(LoaderError::Spec(_))
+    ));
+}
+
+fn spec_with_heads(s: &ModelSpec, heads: u32) -> ModelSpec {
+    let mut s = s.clone();
+    s.num_kv_heads = heads;
+    s
+}
+
+#[test]
+fn a_chunk_of_another_model_under_the_right_name_is_refused() {
+    let spec = spec(Dtype::F16, KvKind::KeyValue, 16, 8);
+    let d = tempfile::tempdir().unwrap();
+    let toks = tokens(16, 4);
+    write_chunks(d.path(), &spec, b"", &toks);
+    // overwrite the chunk with one of another namespace (same tokens)
+    let other = spec_with_heads(&spec, 1);
+    let (_, bytes) = synth_chunk(&other, None, SaltTag::NONE, toks.clone()).unwrap();
+    std::fs::write(chunk_path(d.path(), &spec, &toks, 0), bytes).unwrap();
+    let loader = Loader::open(d.path(), spec.clone(), b"").unwrap();
+    let mem = alloc(&spec, Kind::FlashAttn, 2, 8);
+    let e = loader
+        .load(&toks, &Dest::host(&mem.layout, BlockMap::Blocks(&[0, 1])))
+        .unwrap()
+        .wait()
+        .unwrap_err();
+    assert!(
+        matches!(&e, LoaderError::Chunk { source, .. }
+            if matches!(**source, ChunkError::Format(FormatError::NamespaceMismatch { .. }))),
+        "{e}"
+    );
+}
+
+#[test]
+fn layer_wise_wait_and_drop_mid_load() {
+    let spec = spec(Dtype::F32, KvKind::KeyValue, 64, 16);
+    let d = tempfile::tempdir().unwrap();
+    let toks = tokens(8 * 64, 5);
+    let files = write_chunks(d.path(), &spec, b"", &toks);
+    let loader = Loader::open(d.path(), spec.clone(), b"").unwrap();
+    let table: Vec<u32> = (0..32).collect();
+    let map = BlockMap::Blocks(&table);
+    let mem = alloc(&spec, Kind::FlashAttn, 32, 16);
+    let h = loader.load(&toks, &Dest::host(&mem.layout, map)).unwrap();
+    h.wait_layer(0).unwrap();
+    // layer 0 is complete now, whatever the state of the others
+    let v = ChunkView::parse(&files[7], Verify::Header).unwrap();
+    let s = slot(&map, 16, 7 * 64 + 63).unwrap();
+    assert_eq!(row_at(&mem, 0, 1, s), &v.plane(0, 1)[63 * 256..64 * 256]);
+    h.wait_layer(2).unwrap();
+    assert!(h.wait_layer(3).is_err(), "out-of-range layer");
+    let stats = h.wait().unwrap();
+    assert!(stats.layer_ready[0] <= stats.elapsed);
+    assert_eq!(stats.layer_ready.len(), 3);
+    // dropping a handle waits for in-flight reads (no write after drop)
+    let mem2 = alloc(&spec, Kind::FlashAttn, 32, 16);
+    drop(loader.load(&toks, &Dest::host(&mem2.layout, map)).unwrap());
+}
+
+#[test]
+fn o_direct_is_used_where_the_file_system_allows() {
+    let spec = spec(Dtype::F16, KvKind::KeyValue, 64, 16);
+    let toks = tokens(128, 6);
+    let table: Vec<u32> = (0..8).collect();
+    // /work and /tmp are ext4 here: O_DIRECT works
+    let d = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let files = write_chunks(d.path(), &spec, b"", &toks);
+    let loader = Loader::open(d.path(), spec.clone(), b"").unwrap();
+    let mem = alloc(&spec, Kind::FlashAttn, 8, 16);
+    let stats = loader
+        .load(&toks, &Dest::host(&mem.layout, BlockMap::Blocks(&table)))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!((stats.direct_files, stats.buffered_files), (2, 0));
+    check(
+        &mem,
+        &BlockMap::Blocks(&table),
+        &spec,
+        &files,
+        128,
+        |_, p| p < 128,
+    );
+
+    // tmpfs refuses O_DIRECT: the loader falls back to buffered reads
+    let shm = Path::new("/dev/shm");
+    if !shm.is_dir() {
+        eprintln!("skipping the tmpfs fallback half: /dev/shm is missing");
+        return;
+    }
+    let d = tempfile::tempdir_in(shm).unwrap();
+    let files = write_chunks(d.path(), &spec, b"", &toks);
+    let loader = Loader::open(d.path(), spec.clone(), b"").unwrap();
+    let mem = alloc(&spec, Kind::FlashAttn, 8, 16);
+    let stats = loader
+        .load(&toks, &Dest::host(&mem.layout, BlockMap::Blocks(&table)))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(stats.direct_files + stats.buffered_files, 2);
+    check(
+        &mem,
+        &BlockMap::Blocks(&table),
+        &spec,
+        &files,
+        128,
+        |_, p| p < 128,
+    );
+}
+
+/// A directory that looks like a kvfs mount (flat layout, `.kvfs/stats.json`): chunks are
+/// read from the file named by `user.kvfs.backing` when it is set, and stored by create,
+/// write, close.
+#[test]
+fn flat_layout_reads_backing_files_and_stores_through_the_mount() {
+    let spec = spec(Dtype::F16, KvKind::KeyValue, 32, 16);
+    let cache = tempfile::tempdir().unwrap();
+    let mount = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(mount.path().join(".kvfs")).unwrap();
+    std::fs::write(mount.path().join(".kvfs/stats.json"), b"{}").unwrap();
+    let toks = tokens(64, 8);
+    let files = write_chunks(cache.path(), &spec, b"", &toks);
+    let keys = kvfs_loader::chunk_keys(&spec.namespace_id(), &SaltTag::NONE, 32, &toks);
+    let ns = spec.namespace_dir();
+    for (i, k) in keys.iter().enumerate() {
+        let flat = Layout::Flat.chunk_path(mount.path(), &ns, &k.key);
+        std::fs::create_dir_all(flat.parent().unwrap()).unwrap();
+        std::fs::write(&flat, &files[i]).unwrap();
+        let backing = Layout::Cache.chunk_path(cache.path(), &ns, &k.key);
+        let set = std::process::Command::new("setfattr")
+            .args(["-n", "user.kvfs.backing", "-v"])
+            .arg(&backing)
+            .arg(&flat)
+            .status();
+        if !matches!(set, Ok(s) if s.success()) {
+            eprintln!("skipping: setfattr (package attr) is unavailable or xattrs unsupported");
+            return;
+        }
+    }
+    let loader = Loader::open(mount.path(), spec.clone(), b"").unwrap();
+    assert_eq!(loader.dir_layout(), Layout::Flat);
+    assert_eq!(loader.lookup(&toks), 64);
+    let table = [3u32, 2, 1, 0];
+    let mem = alloc(&spec, Kind::FlashAttn, 4, 16);
+    let stats = loader
+        .load(&toks, &Dest::host(&mem.layout, BlockMap::Blocks(&table)))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(stats.backing_files, 2);
+    check(
+        &mem,
+        &BlockMap::Blocks(&table),
+        &spec,
+        &files,
+        64,
+        |_, p| p < 64,
+    );
+
+    // store a longer sequence through the "mount": only the new chunk is written, flat
+    let more = tokens(96, 8);
+    assert_eq!(&more[..64], &toks[..]);
+    let src = alloc(&spec, Kind::FlashAttn, 6, 16);
+    let t6 = [0u32, 1, 2, 3, 4, 5];
+    let st = loader
+        .store(&more, &Dest::host(&src.layout, BlockMap::Blocks(&t6)))
+        .unwrap();
+    assert_eq!((st.written, st.present), (1, 2));
+    let k2 = kvfs_loader::chunk_keys(&spec.namespace_id(), &SaltTag::NONE, 32, &more)[2].key;
+    let written = std::fs::read(Layout::Flat.chunk_path(mount.path(), &ns, &k2)).unwrap();
+    ChunkView::parse(&written, Verify::Full).unwrap();
+    assert!(mount.path().join(&ns).join("namespace.json").exists());
+}

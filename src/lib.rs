@@ -1,1 +1,19 @@
-//! kvfs
+//! kvfs: a content-addressed KV-cache chunk store for LLM serving.
+//!
+//! - [`store`]: the tiered store (memory over local disk, with a seam for a remote tier);
+//! - [`config`]: settings from a TOML file, the environment and flags;
+//! - [`synth`]: deterministic synthetic prompts and chunks;
+//! - [`cli`]: the `kvfs` command line (`src/main.rs` only calls [`cli::main`]).
+//!
+//! Chunk identity, the `.kvc` format and atomic commits live in `kvfs-loader`.
+
+pub mod cli;
+pub mod config;
+pub mod store;
+pub mod synth;
+
+pub use config::Config;
+pub use store::{
+    BadChunk, CapacityInfo, ChunkStat, FsyncPolicy, GcReport, NamespaceInfo, PutOutcome,
+    RemoteTier, Store, StoreConfig, StoreError, StoreStats, Tier, VerifyReport,
+};

@@ -1,0 +1,242 @@
+//! Commands on one chunk: `put`, `get`, `stat`, `rm`.
+//!
+//! `put` verifies the whole chunk before anything becomes visible and picks the namespace
+//! directory from `--namespace`, from `--model` (creating the directory and its
+//! `namespace.json`), or by the chunk's namespace id among existing directories. `get` reads
+//! and checks the whole chunk, payload digest included, before it writes a byte, so a
+//! consumer never receives a prefix of a bad chunk.
+
+use super::{ChunkArg, CliError, Ctx, resolve_chunk};
+use crate::config::human_bytes;
+use crate::store::StoreError;
+use bytes::Bytes;
+use clap::Args;
+use kvfs_loader::dir::find_namespace_dir;
+use kvfs_loader::format::{ChunkHeader, Verify};
+use kvfs_loader::spec::validate_namespace_dir;
+use kvfs_loader::{ModelSpec, key::ChunkKey};
+use std::io::{Read, Write};
+use std::path::PathBuf;
+
+#[derive(Debug, Args)]
+pub struct PutArgs {
+    /// The .kvc chunk file; `-` or nothing reads it from stdin.
+    #[arg(value_name = "FILE")]
+    pub file: Option<PathBuf>,
+    /// Namespace directory to store into (`<slug>-<16 hex>`). Default: the existing
+    /// directory whose suffix matches the chunk's namespace id.
+    #[arg(long, value_name = "DIR")]
+    pub namespace: Option<String>,
+    /// Model preset the chunk belongs to: creates its namespace directory and namespace.json
+    /// if needed. One of: llama-3-8b, llama-3-70b-tp8, qwen2.5-7b, smollm2-135m,
+    /// deepseek-v2-lite, tiny.
+    #[arg(long, value_name = "PRESET", conflicts_with = "namespace")]
+    pub model: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct GetArgs {
+    /// Chunk key (64 hex digits, optionally `.kvc`), or `NS/KEY`.
+    #[arg(value_name = "KEY")]
+    pub key: String,
+    /// Write to this file instead of stdout.
+    #[arg(short, long, value_name = "FILE")]
+    pub output: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct StatArgs {
+    /// Chunk key (64 hex digits, optionally `.kvc`), or `NS/KEY`.
+    #[arg(value_name = "KEY")]
+    pub key: String,
+    /// Print JSON instead of text.
+    #[arg(long)]
+    pub json: bool,
+}
+
+#[derive(Debug, Args)]
+pub struct RmArgs {
+    /// Chunk key (64 hex digits, optionally `.kvc`), or `NS/KEY`.
+    #[arg(value_name = "KEY")]
+    pub key: String,
+}
+
+/// Looks up a preset by name, or explains which exist.
+pub fn preset(name: &str) -> Result<ModelSpec, CliError> {
+    ModelSpec::preset(name).ok_or_else(|| {
+        CliError::Usage(format!(
+            "unknown model preset `{name}` (known: {})",
+            ModelSpec::PRESETS.join(", ")
+        ))
+    })
+}
+
+pub fn put(ctx: &Ctx, a: PutArgs) -> Result<i32, CliError> {
+    let (bytes, origin) = match a.file.as_deref() {
+        None => (read_stdin()?, None),
+        Some(p) if p.as_os_str() == "-" => (read_stdin()?, None),
+        Some(p) => (
+            std::fs::read(p).map_err(|e| StoreError::Io {
+                path: p.to_path_buf(),
+                source: e,
+            })?,
+            Some(p.to_path_buf()),
+        ),
+    };
+    let with_origin = |e: StoreError| match e {
+        StoreError::Format { path: None, source } => StoreError::Format {
+            path: origin.clone(),
+            source,
+        },
+        e => e,
+    };
+    let header = ChunkHeader::parse(&bytes).map_err(|e| with_origin(e.into()))?;
+    let store = ctx.open_store()?;
+    let ns_dir = if let Some(ns) = a.namespace {
+        validate_namespace_dir(&ns).map_err(|e| CliError::Usage(e.to_string()))?;
+        ns
+    } else if let Some(model) = a.model {
+        let spec = preset(&model)?;
+        let ns = spec.namespace_dir();
+        store.create_namespace(&ns, Some(&spec))?;
+        ns
+    } else {
+        find_namespace_dir(store.root(), &header.meta.namespace)
+            .map_err(|e| StoreError::Io {
+                path: store.root().to_path_buf(),
+                source: e,
+            })?
+            .ok_or_else(|| {
+                CliError::Failed(format!(
+                    "no namespace directory for namespace id {} under {}; pass --namespace DIR or --model PRESET",
+                    &header.meta.namespace.to_hex()[..16],
+                    store.root().display()
+                ))
+            })?
+    };
+    let out = store
+        .put_bytes(&ns_dir, Bytes::from(bytes))
+        .map_err(with_origin)?;
+    println!(
+        "{} {}/{} ({})",
+        if out.created {
+            "stored"
+        } else {
+            "already present"
+        },
+        ns_dir,
+        out.key,
+        human_bytes(out.len)
+    );
+    Ok(0)
+}
+
+fn read_stdin() -> Result<Vec<u8>, CliError> {
+    let mut v = Vec::new();
+    std::io::stdin()
+        .lock()
+        .read_to_end(&mut v)
+        .map_err(|e| StoreError::Io {
+            path: "<stdin>".into(),
+            source: e,
+        })?;
+    Ok(v)
+}
+
+pub fn get(ctx: &Ctx, a: GetArgs) -> Result<i32, CliError> {
+    let store = ctx.open_store()?;
+    let ChunkArg { ns_dir, key } = resolve_chunk(&store, &a.key)?;
+    let bytes = store.get_with(&ns_dir, &key, Verify::Full)?;
+    match a.output {
+        Some(p) => std::fs::write(&p, &bytes).map_err(|e| StoreError::Io { path: p, source: e })?,
+        None => {
+            let mut out = std::io::stdout().lock();
+            out.write_all(&bytes)
+                .and_then(|()| out.flush())
+                .map_err(|e| StoreError::Io {
+                    path: "<stdout>".into(),
+                    source: e,
+                })?;
+        }
+    }
+    Ok(0)
+}
+
+fn hex(b: &[u8; 32]) -> String {
+    ChunkKey(*b).to_hex()
+}
+
+pub fn stat(ctx: &Ctx, a: StatArgs) -> Result<i32, CliError> {
+    let store = ctx.open_store()?;
+    let ChunkArg { ns_dir, key } = resolve_chunk(&store, &a.key)?;
+    let st = store.stat(&ns_dir, &key)?;
+    let m = &st.header.meta;
+    let g = &st.header.geometry;
+    let parent = m.parent.map_or("none".to_string(), |p| p.to_hex());
+    let salt = if m.salt.is_none() {
+        "none".to_string()
+    } else {
+        hex(&m.salt.0)
+    };
+    let mtime = st
+        .mtime
+        .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+        .map(|d| d.as_secs());
+    if a.json {
+        let v = serde_json::json!({
+            "key": key.to_hex(),
+            "namespace_dir": ns_dir,
+            "namespace_id": m.namespace.to_hex(),
+            "parent": m.parent.map(|p| p.to_hex()),
+            "salt_tag": (!m.salt.is_none()).then(|| hex(&m.salt.0)),
+            "tokens": g.token_count,
+            "dtype": m.dtype.to_string(),
+            "kv_kind": m.kv_kind.name(),
+            "layers": m.num_layers,
+            "heads": m.num_heads,
+            "head_dim": m.head_dim,
+            "group_tokens": m.group_tokens,
+            "header_len": g.header_len,
+            "size": st.len,
+            "payload_digest": hex(&st.header.payload_digest),
+            "tier": st.tier,
+            "priority": st.priority,
+            "path": st.path,
+            "mtime": mtime,
+        });
+        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        return Ok(0);
+    }
+    println!("key:            {}", key);
+    println!("namespace:      {} (id {})", ns_dir, m.namespace.to_hex());
+    println!("parent:         {parent}");
+    println!("salt tag:       {salt}");
+    println!("tokens:         {}", g.token_count);
+    println!("dtype:          {}", m.dtype);
+    println!("kv kind:        {}", m.kv_kind.name());
+    println!(
+        "shape:          {} layers x {} heads x {} head dim, groups of {} tokens",
+        m.num_layers, m.num_heads, m.head_dim, m.group_tokens
+    );
+    println!("header length:  {}", g.header_len);
+    println!("size:           {} ({} bytes)", human_bytes(st.len), st.len);
+    println!("payload digest: {}", hex(&st.header.payload_digest));
+    println!("tier:           {}", st.tier);
+    println!("priority:       {}", st.priority);
+    println!("path:           {}", st.path.display());
+    if let Some(t) = mtime {
+        println!("mtime:          {t} (unix seconds)");
+    }
+    Ok(0)
+}
+
+pub fn rm(ctx: &Ctx, a: RmArgs) -> Result<i32, CliError> {
+    let store = ctx.open_store()?;
+    let ChunkArg { ns_dir, key } = resolve_chunk(&store, &a.key)?;
+    if store.remove(&ns_dir, &key)? {
+        println!("removed {ns_dir}/{key}");
+        Ok(0)
+    } else {
+        Err(StoreError::NotFound { ns_dir, key }.into())
+    }
+}

@@ -1,0 +1,76 @@
+//! `kvfs synth`: deterministic synthetic chunks for a model shape and a token count.
+//!
+//! Prints the namespace directory, the chunk count, the bytes and the recipe of the token ids
+//! ([`crate::synth::prompt_tokens`]), so a loader or a test can recompute every key.
+
+use super::chunks::preset;
+use super::{CliError, Ctx};
+use crate::config::human_bytes;
+use clap::Args;
+
+#[derive(Debug, Args)]
+pub struct SynthArgs {
+    /// Model preset: llama-3-8b, llama-3-70b-tp8, qwen2.5-7b, smollm2-135m, deepseek-v2-lite,
+    /// tiny.
+    #[arg(long, value_name = "PRESET")]
+    pub model: String,
+    /// Prompt length in tokens; only full chunks (256 tokens by default) are written.
+    #[arg(long, value_name = "N")]
+    pub tokens: usize,
+    /// Seed of the token ids (kvfs::synth::prompt_tokens(seed, n)).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub seed: u64,
+    /// Tenant salt mixed into every key (empty: none).
+    #[arg(long, default_value = "", value_name = "S")]
+    pub salt: String,
+}
+
+pub fn synth(ctx: &Ctx, a: SynthArgs) -> Result<i32, CliError> {
+    let spec = preset(&a.model)?;
+    if a.tokens < spec.chunk_tokens as usize {
+        return Err(CliError::Usage(format!(
+            "--tokens {} is less than one chunk ({} tokens)",
+            a.tokens, spec.chunk_tokens
+        )));
+    }
+    let store = ctx.open_store()?;
+    let bar = indicatif::ProgressBar::new((a.tokens / spec.chunk_tokens as usize) as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} chunks {elapsed}")
+            .expect("static template"),
+    );
+    let r = crate::synth::synth_into(&store, &spec, a.tokens, a.seed, &a.salt, &|done, _| {
+        bar.set_position(done)
+    })?;
+    bar.finish_and_clear();
+    println!("namespace: {}", store.root().join(&r.ns_dir).display());
+    println!("chunks: {} ({} new)", r.chunks, r.created);
+    println!("bytes: {} ({})", r.bytes, human_bytes(r.bytes));
+    println!(
+        "tokens: kvfs::synth::prompt_tokens(seed={}, n={}) = first {} SplitMix64 outputs of seed {} mod {}",
+        a.seed,
+        a.tokens,
+        a.tokens,
+        a.seed,
+        crate::synth::VOCAB
+    );
+    println!(
+        "salt: {}",
+        if a.salt.is_empty() {
+            "none".to_string()
+        } else {
+            format!("{:?}", a.salt)
+        }
+    );
+    if r.leftover_tokens > 0 {
+        println!(
+            "note: the last {} tokens do not fill a chunk and were not stored",
+            r.leftover_tokens
+        );
+    }
+    if let (Some(first), Some(last)) = (r.keys.first(), r.keys.last()) {
+        println!("first key: {first}");
+        println!("last key: {last}");
+    }
+    Ok(0)
+}

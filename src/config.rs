@@ -1,0 +1,518 @@
+//! Configuration: a TOML file, environment variables and command-line flags, in that order of
+//! increasing precedence (a flag overrides the environment, which overrides the file).
+//!
+//! | key (TOML)     | environment          | flag             | default                              |
+//! |----------------|----------------------|------------------|--------------------------------------|
+//! | `cache_dir`    | `KVFS_CACHE_DIR`     | `--cache-dir`    | `$XDG_CACHE_HOME/kvfs`, else `~/.cache/kvfs` |
+//! | `capacity`     | `KVFS_CAPACITY`      | `--capacity`     | `80%` of the cache file system       |
+//! | `memory`       | `KVFS_MEMORY`        | `--memory`       | `1GiB` (`0` disables the memory tier)|
+//! | `min_free`     | `KVFS_MIN_FREE`      | `--min-free`     | `5%` of the cache file system        |
+//! | `fsync`        | `KVFS_FSYNC`         | `--fsync`        | `always` (`always` or `never`)       |
+//! | `verify_reads` | `KVFS_VERIFY_READS`  | `--verify-reads` | `false`                              |
+//!
+//! The file itself is `--config FILE`, else `$KVFS_CONFIG`, else
+//! `$XDG_CONFIG_HOME/kvfs/config.toml` (or `~/.config/kvfs/config.toml`) when that exists. A
+//! file named explicitly must exist; the default one is optional.
+//!
+//! Sizes are a byte count (`1048576`, as a TOML integer or string) or a number with a unit:
+//! `B`, binary `KiB MiB GiB TiB` (also `K M G T`) and decimal `KB MB GB TB`, for example
+//! `64GiB`, `512MiB`, `1.5GB`. `capacity` and `min_free` also accept a percentage of the
+//! cache file system's size (`10%`), resolved when the store opens.
+//!
+//! Unknown keys are rejected (`deny_unknown_fields`), so a typo fails loudly instead of being
+//! ignored. Every field has a default (`#[serde(default)]`): another part of kvfs adds its own
+//! settings (an `[s3]` table, say) by adding one field to [`Config`] with a default.
+//!
+//! The default cache directory needs no root. `/var/cache/kvfs` is used only when set
+//! explicitly.
+
+use crate::store::{FsyncPolicy, StoreConfig};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// A configuration value or file is wrong; says which and why.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("{origin}: invalid value `{value}`: {reason}")]
+    Invalid {
+        /// Where the value came from: an environment variable, a flag or a key.
+        origin: String,
+        value: String,
+        reason: String,
+    },
+    #[error("no cache directory: set --cache-dir, KVFS_CACHE_DIR, or HOME")]
+    NoCacheDir,
+}
+
+const KIB: u64 = 1 << 10;
+const MIB: u64 = 1 << 20;
+const GIB: u64 = 1 << 30;
+const TIB: u64 = 1 << 40;
+
+/// A byte count parsed from `64GiB`, `512MiB`, `1.5GB` or `1048576`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Size(pub u64);
+
+impl FromStr for Size {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Size, String> {
+        let s = s.trim();
+        let split = s
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(s.len());
+        let (num, unit) = (&s[..split], s[split..].trim());
+        if num.is_empty() {
+            return Err("expected a number, optionally with a unit (64GiB, 512MiB)".into());
+        }
+        let mult = match unit {
+            "" | "B" | "b" => 1,
+            "K" | "k" | "KiB" | "kiB" => KIB,
+            "M" | "MiB" => MIB,
+            "G" | "GiB" => GIB,
+            "T" | "TiB" => TIB,
+            "KB" | "kB" => 1000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            _ => {
+                return Err(format!(
+                    "unknown unit `{unit}` (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
+                ));
+            }
+        };
+        if let Ok(n) = num.parse::<u64>() {
+            return n
+                .checked_mul(mult)
+                .map(Size)
+                .ok_or_else(|| "size overflows 64 bits".to_string());
+        }
+        let f: f64 = num
+            .parse()
+            .map_err(|_| format!("`{num}` is not a number"))?;
+        let v = f * mult as f64;
+        if !v.is_finite() || v >= u64::MAX as f64 {
+            return Err("size overflows 64 bits".into());
+        }
+        Ok(Size(v as u64))
+    }
+}
+
+impl fmt::Display for Size {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&human_bytes(self.0))
+    }
+}
+
+/// `n` bytes for people: `512 B`, `1.5 GiB`; exact binary multiples print without decimals
+/// (`64GiB`) so the output parses back as a [`Size`].
+pub fn human_bytes(n: u64) -> String {
+    for (unit, m) in [("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
+        if n >= m {
+            return if n % m == 0 {
+                format!("{}{unit}", n / m)
+            } else {
+                format!("{:.2}{unit}", n as f64 / m as f64)
+            };
+        }
+    }
+    format!("{n}B")
+}
+
+/// A bound given either in bytes or as a percentage of the cache file system's size.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Limit {
+    Bytes(u64),
+    /// Percent (0..=100) of the file system holding the cache directory.
+    Percent(f64),
+}
+
+impl Limit {
+    /// Bytes this limit means on a file system of `fs_total` bytes.
+    pub fn resolve(self, fs_total: u64) -> u64 {
+        match self {
+            Limit::Bytes(b) => b,
+            Limit::Percent(p) => ((fs_total as f64) * p / 100.0) as u64,
+        }
+    }
+}
+
+impl FromStr for Limit {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Limit, String> {
+        let t = s.trim();
+        if let Some(p) = t.strip_suffix('%') {
+            let p: f64 = p
+                .trim()
+                .parse()
+                .map_err(|_| format!("`{t}` is not a percentage"))?;
+            if !(0.0..=100.0).contains(&p) {
+                return Err("a percentage must be within 0%..=100%".into());
+            }
+            return Ok(Limit::Percent(p));
+        }
+        Ok(Limit::Bytes(t.parse::<Size>()?.0))
+    }
+}
+
+impl fmt::Display for Limit {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Limit::Bytes(b) => f.write_str(&human_bytes(*b)),
+            Limit::Percent(p) => write!(f, "{p}%"),
+        }
+    }
+}
+
+/// TOML sizes may be integers (bytes) or strings (`"64GiB"`, `"10%"`).
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum RawSize {
+    Int(u64),
+    Str(String),
+}
+
+impl<'de> Deserialize<'de> for Size {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
+        match RawSize::deserialize(d)? {
+            RawSize::Int(n) => Ok(Size(n)),
+            RawSize::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for Size {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl<'de> Deserialize<'de> for Limit {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Limit, D::Error> {
+        match RawSize::deserialize(d)? {
+            RawSize::Int(n) => Ok(Limit::Bytes(n)),
+            RawSize::Str(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+impl Serialize for Limit {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_string())
+    }
+}
+
+impl FromStr for FsyncPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<FsyncPolicy, String> {
+        match s.trim() {
+            "always" => Ok(FsyncPolicy::Always),
+            "never" => Ok(FsyncPolicy::Never),
+            other => Err(format!("`{other}` is not a fsync policy (always, never)")),
+        }
+    }
+}
+
+/// Settings of one kvfs process. See the module docs for keys, sources and defaults.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Root of the disk tier. `None`: the per-user default ([`default_cache_dir`]).
+    pub cache_dir: Option<PathBuf>,
+    /// Disk tier bound on chunk bytes.
+    pub capacity: Limit,
+    /// Memory tier bound in bytes; 0 disables the memory tier.
+    pub memory: Size,
+    /// Free space the disk tier leaves on its file system; 0 leaves it to the file system
+    /// (a full disk then surfaces as `NoSpace` from the write itself).
+    pub min_free: Limit,
+    /// Whether a committed chunk is fsynced (file and directory) before `put` returns.
+    pub fsync: FsyncPolicy,
+    /// Check the payload digest on every read from disk, not only when bytes enter a tier.
+    pub verify_reads: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            cache_dir: None,
+            capacity: Limit::Percent(80.0),
+            memory: Size(GIB),
+            min_free: Limit::Percent(5.0),
+            fsync: FsyncPolicy::Always,
+            verify_reads: false,
+        }
+    }
+}
+
+/// Values given on the command line or in the environment; `None` = not given.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Overrides {
+    pub cache_dir: Option<PathBuf>,
+    pub capacity: Option<Limit>,
+    pub memory: Option<Size>,
+    pub min_free: Option<Limit>,
+    pub fsync: Option<FsyncPolicy>,
+    pub verify_reads: Option<bool>,
+}
+
+fn parse_bool(s: &str) -> Result<bool, String> {
+    match s.trim().to_ascii_lowercase().as_str() {
+        "1" | "true" | "yes" | "on" => Ok(true),
+        "0" | "false" | "no" | "off" | "" => Ok(false),
+        other => Err(format!("`{other}` is not a boolean (true/false, 1/0)")),
+    }
+}
+
+impl Overrides {
+    /// Reads `KVFS_*` variables through `get` (`std::env::var` in the CLI; a map in tests).
+    pub fn from_env(get: &dyn Fn(&str) -> Option<String>) -> Result<Overrides, ConfigError> {
+        fn field<T>(
+            get: &dyn Fn(&str) -> Option<String>,
+            var: &str,
+            parse: impl Fn(&str) -> Result<T, String>,
+        ) -> Result<Option<T>, ConfigError> {
+            match get(var) {
+                None => Ok(None),
+                Some(v) => parse(&v).map(Some).map_err(|reason| ConfigError::Invalid {
+                    origin: format!("environment variable {var}"),
+                    value: v,
+                    reason,
+                }),
+            }
+        }
+        Ok(Overrides {
+            cache_dir: get("KVFS_CACHE_DIR")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from),
+            capacity: field(get, "KVFS_CAPACITY", str::parse)?,
+            memory: field(get, "KVFS_MEMORY", str::parse)?,
+            min_free: field(get, "KVFS_MIN_FREE", str::parse)?,
+            fsync: field(get, "KVFS_FSYNC", str::parse)?,
+            verify_reads: field(get, "KVFS_VERIFY_READS", parse_bool)?,
+        })
+    }
+
+    fn apply(&self, c: &mut Config) {
+        if let Some(v) = &self.cache_dir {
+            c.cache_dir = Some(v.clone());
+        }
+        if let Some(v) = self.capacity {
+            c.capacity = v;
+        }
+        if let Some(v) = self.memory {
+            c.memory = v;
+        }
+        if let Some(v) = self.min_free {
+            c.min_free = v;
+        }
+        if let Some(v) = self.fsync {
+            c.fsync = v;
+        }
+        if let Some(v) = self.verify_reads {
+            c.verify_reads = v;
+        }
+    }
+}
+
+impl Config {
+    /// Parses a TOML document; `origin` names it in errors.
+    pub fn from_toml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
+        toml::from_str(text).map_err(|e| ConfigError::Parse {
+            path: origin.to_path_buf(),
+            message: e.message().to_string(),
+        })
+    }
+
+    /// Reads a TOML file.
+    pub fn from_file(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        Config::from_toml(&text, path)
+    }
+
+    /// The layered configuration: the file (`config_flag`, else `KVFS_CONFIG`, else the
+    /// optional default file), then the environment, then `flags`.
+    pub fn load(
+        config_flag: Option<&Path>,
+        flags: &Overrides,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
+        let explicit = config_flag.map(Path::to_path_buf).or_else(|| {
+            env("KVFS_CONFIG")
+                .filter(|s| !s.is_empty())
+                .map(PathBuf::from)
+        });
+        let mut cfg = match explicit {
+            Some(p) => Config::from_file(&p)?,
+            None => match default_config_file(env) {
+                Some(p) if p.is_file() => Config::from_file(&p)?,
+                _ => Config::default(),
+            },
+        };
+        Overrides::from_env(env)?.apply(&mut cfg);
+        flags.apply(&mut cfg);
+        Ok(cfg)
+    }
+
+    /// The cache directory: the configured one or the per-user default.
+    pub fn cache_dir(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<PathBuf, ConfigError> {
+        match &self.cache_dir {
+            Some(p) => Ok(p.clone()),
+            None => default_cache_dir(env).ok_or(ConfigError::NoCacheDir),
+        }
+    }
+
+    /// The store settings this configuration describes.
+    pub fn store_config(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<StoreConfig, ConfigError> {
+        let mut sc = StoreConfig::new(self.cache_dir(env)?);
+        sc.capacity = self.capacity;
+        sc.memory_bytes = self.memory.0;
+        sc.min_free = self.min_free;
+        sc.fsync = self.fsync;
+        sc.verify_reads = self.verify_reads;
+        Ok(sc)
+    }
+}
+
+fn non_empty(env: &dyn Fn(&str) -> Option<String>, var: &str) -> Option<PathBuf> {
+    env(var).filter(|s| !s.is_empty()).map(PathBuf::from)
+}
+
+/// `$XDG_CACHE_HOME/kvfs`, else `$HOME/.cache/kvfs`: writable without root.
+pub fn default_cache_dir(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    non_empty(env, "XDG_CACHE_HOME")
+        .or_else(|| non_empty(env, "HOME").map(|h| h.join(".cache")))
+        .map(|d| d.join("kvfs"))
+}
+
+/// `$XDG_CONFIG_HOME/kvfs/config.toml`, else `$HOME/.config/kvfs/config.toml`.
+pub fn default_config_file(env: &dyn Fn(&str) -> Option<String>) -> Option<PathBuf> {
+    non_empty(env, "XDG_CONFIG_HOME")
+        .or_else(|| non_empty(env, "HOME").map(|h| h.join(".config")))
+        .map(|d| d.join("kvfs").join("config.toml"))
+}
+
+/// The process environment, for [`Config::load`].
+pub fn process_env(var: &str) -> Option<String> {
+    std::env::var(var).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn env_of(pairs: &[(&str, &str)]) -> impl Fn(&str) -> Option<String> + use<> {
+        let m: HashMap<String, String> = pairs
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        move |k| m.get(k).cloned()
+    }
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!("64GiB".parse::<Size>().unwrap(), Size(64 << 30));
+        assert_eq!("512MiB".parse::<Size>().unwrap(), Size(512 << 20));
+        assert_eq!("512M".parse::<Size>().unwrap(), Size(512 << 20));
+        assert_eq!("1.5GB".parse::<Size>().unwrap(), Size(1_500_000_000));
+        assert_eq!("4096".parse::<Size>().unwrap(), Size(4096));
+        assert_eq!(" 2 KiB ".parse::<Size>().unwrap(), Size(2048));
+        for bad in ["", "GiB", "12 parsecs", "-5", "1e3", "99999999999TiB"] {
+            assert!(bad.parse::<Size>().is_err(), "{bad}");
+        }
+        assert_eq!("10%".parse::<Limit>().unwrap(), Limit::Percent(10.0));
+        assert_eq!("64GiB".parse::<Limit>().unwrap(), Limit::Bytes(64 << 30));
+        assert!("101%".parse::<Limit>().is_err());
+        assert!("x%".parse::<Limit>().is_err());
+        assert_eq!(Limit::Percent(10.0).resolve(1000), 100);
+        assert_eq!(human_bytes(64 << 30), "64GiB");
+        assert_eq!(
+            human_bytes(64 << 30).parse::<Size>().unwrap(),
+            Size(64 << 30)
+        );
+    }
+
+    #[test]
+    fn toml_file_with_defaults_and_unknown_keys_rejected() {
+        let c = Config::from_toml(
+            "capacity = \"10%\"\nmemory = 1048576\nfsync = \"never\"\n",
+            Path::new("t.toml"),
+        )
+        .unwrap();
+        assert_eq!(c.capacity, Limit::Percent(10.0));
+        assert_eq!(c.memory, Size(1 << 20));
+        assert_eq!(c.fsync, FsyncPolicy::Never);
+        assert_eq!(c.min_free, Config::default().min_free);
+        let e = Config::from_toml("capacty = \"1GiB\"\n", Path::new("t.toml")).unwrap_err();
+        assert!(e.to_string().contains("capacty"), "{e}");
+        let e = Config::from_toml("memory = \"10%\"\n", Path::new("t.toml")).unwrap_err();
+        assert!(matches!(e, ConfigError::Parse { .. }), "{e}");
+    }
+
+    #[test]
+    fn flags_override_env_override_file() {
+        let d = tempfile::tempdir().unwrap();
+        let f = d.path().join("c.toml");
+        std::fs::write(
+            &f,
+            "cache_dir = \"/from/file\"\ncapacity = \"1GiB\"\nmemory = \"1MiB\"\n",
+        )
+        .unwrap();
+        let fs = f.to_str().unwrap();
+        let env = env_of(&[
+            ("KVFS_CONFIG", fs),
+            ("KVFS_CAPACITY", "2GiB"),
+            ("KVFS_CACHE_DIR", "/from/env"),
+        ]);
+        let flags = Overrides {
+            cache_dir: Some("/from/flag".into()),
+            ..Default::default()
+        };
+        let c = Config::load(None, &flags, &env).unwrap();
+        assert_eq!(c.cache_dir, Some(PathBuf::from("/from/flag")));
+        assert_eq!(c.capacity, Limit::Bytes(2 << 30));
+        assert_eq!(c.memory, Size(1 << 20));
+        let e = Config::load(
+            None,
+            &Overrides::default(),
+            &env_of(&[("KVFS_MEMORY", "lots")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("KVFS_MEMORY"), "{e}");
+        let e = Config::load(
+            Some(Path::new("/nonexistent/kvfs.toml")),
+            &Overrides::default(),
+            &env_of(&[]),
+        )
+        .unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }));
+    }
+
+    #[test]
+    fn default_cache_dir_needs_no_root() {
+        assert_eq!(
+            default_cache_dir(&env_of(&[("HOME", "/home/u")])),
+            Some(PathBuf::from("/home/u/.cache/kvfs"))
+        );
+        assert_eq!(
+            default_cache_dir(&env_of(&[("HOME", "/home/u"), ("XDG_CACHE_HOME", "/x")])),
+            Some(PathBuf::from("/x/kvfs"))
+        );
+        assert_eq!(default_cache_dir(&env_of(&[])), None);
+    }
+}

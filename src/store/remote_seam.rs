@@ -1,0 +1,26 @@
+//! The seam where a remote tier (S3) plugs into the store, without the store knowing S3.
+//!
+//! The store holds an optional `Arc<dyn RemoteTier>` given at open
+//! ([`StoreConfig::remote`](super::StoreConfig::remote)). It is consulted after a miss in
+//! memory and on disk ([`RemoteTier::fetch`]); fetched bytes are verified in full, committed
+//! to the disk tier and promoted to memory exactly as a `put` would, so a remote tier can never
+//! serve bytes the store has not checked. After this process commits a chunk to disk the store
+//! calls [`RemoteTier::committed`], which is where write-behind uploads are queued.
+//!
+//! Implementations must be cheap to call from any thread; `fetch` may block (the store's
+//! callers are synchronous: the FUSE threads and the CLI).
+
+use super::StoreError;
+use kvfs_loader::ChunkKey;
+use std::path::Path;
+
+/// A slower tier behind the local disk.
+pub trait RemoteTier: Send + Sync + std::fmt::Debug {
+    /// The whole chunk file stored under `ns_dir/key`, or `None` if the remote has no such
+    /// chunk. The store verifies what it gets; return the bytes as stored.
+    fn fetch(&self, ns_dir: &str, key: &ChunkKey) -> Result<Option<Vec<u8>>, StoreError>;
+
+    /// A chunk was committed to the disk tier at `path` by this process (by `put`, not by a
+    /// fetch from this remote). Called after the file is visible; must not fail the put.
+    fn committed(&self, ns_dir: &str, key: &ChunkKey, path: &Path);
+}

@@ -1,0 +1,312 @@
+//! Bulk transfer between a cache directory and the bucket: `kvfs sync push|pull`.
+//!
+//! Both directions are idempotent and therefore resumable: `push` lists the bucket once per
+//! namespace and uploads (put-if-absent) only the chunks it lacks; `pull` downloads only the
+//! chunks the cache lacks, verifies each one fully, and commits it with
+//! [`kvfs_loader::dir::commit_file`] (temporary file + link), so an interrupted pull leaves
+//! complete chunks or nothing, and the next run continues where it stopped. Transfers run
+//! `upload_concurrency` / `download_concurrency` at a time on the tier's runtime; progress is
+//! reported through a callback so the CLI can draw bars without this crate knowing about them.
+//!
+//! Pulled chunks are written without fsync (like `cp` or `s5cmd`): a crash can lose a pulled
+//! chunk, never corrupt one, and the next pull fetches it again.
+
+use crate::Remote;
+use crate::client::{NAMESPACE_JSON, verify_object};
+use crate::error::RemoteError;
+use bytes::Bytes;
+use futures::StreamExt;
+use kvfs_loader::dir::{Layout, commit_file};
+use kvfs_loader::spec::validate_namespace_dir;
+use kvfs_loader::{ChunkKey, ChunkView, Verify};
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// Progress of a sync, reported as it happens.
+#[derive(Debug, Clone)]
+pub enum SyncEvent {
+    /// The work is known: chunks and bytes to transfer (after skipping what is there).
+    Planned {
+        chunks: u64,
+        bytes: u64,
+        skipped: u64,
+    },
+    /// One chunk transferred.
+    Transferred {
+        ns_dir: String,
+        key: ChunkKey,
+        bytes: u64,
+    },
+    /// One chunk failed (the sync goes on; run it again to retry).
+    Failed {
+        ns_dir: String,
+        key: ChunkKey,
+        error: String,
+    },
+}
+
+/// Totals of a sync.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    pub namespaces: u64,
+    pub transferred: u64,
+    pub bytes: u64,
+    /// Already present on the other side.
+    pub skipped: u64,
+    pub failed: u64,
+}
+
+/// Local chunks of one namespace in a cache directory (`Layout::Cache`).
+pub fn local_chunks(root: &Path, ns_dir: &str) -> std::io::Result<Vec<(ChunkKey, PathBuf)>> {
+    let mut out = Vec::new();
+    let ns = root.join(ns_dir);
+    let fans = match std::fs::read_dir(&ns) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for fan in fans {
+        let fan = fan?;
+        if !fan.file_type()?.is_dir() {
+            continue;
+        }
+        for f in std::fs::read_dir(fan.path())? {
+            let f = f?;
+            if let Some(key) = f
+                .file_name()
+                .to_str()
+                .and_then(|n| ChunkKey::from_file_name(n).ok())
+            {
+                out.push((key, f.path()));
+            }
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+/// Namespace directories in a cache directory.
+pub fn local_namespaces(root: &Path) -> std::io::Result<Vec<String>> {
+    let mut out = Vec::new();
+    let rd = match std::fs::read_dir(root) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for e in rd {
+        let e = e?;
+        if let Some(n) = e.file_name().to_str()
+            && e.file_type()?.is_dir()
+            && validate_namespace_dir(n).is_ok()
+        {
+            out.push(n.to_string());
+        }
+    }
+    out.sort();
+    Ok(out)
+}
+
+impl Remote {
+    /// Uploads every local chunk (of `namespace`, or of all namespaces) the bucket lacks.
+    pub fn push(
+        &self,
+        cache_root: &Path,
+        namespace: Option<&str>,
+        progress: &(dyn Fn(SyncEvent) + Sync),
+    ) -> Result<SyncReport, RemoteError> {
+        let namespaces = match namespace {
+            Some(ns) => vec![ns.to_string()],
+            None => local_namespaces(cache_root).map_err(|e| RemoteError::io(cache_root, e))?,
+        };
+        let mut plan: Vec<(String, ChunkKey, PathBuf, u64)> = Vec::new();
+        let mut report = SyncReport {
+            namespaces: namespaces.len() as u64,
+            ..Default::default()
+        };
+        for ns in &namespaces {
+            validate_namespace_dir(ns).map_err(RemoteError::Name)?;
+            let remote: HashSet<ChunkKey> =
+                self.list_chunks(ns)?.into_iter().map(|(k, _)| k).collect();
+            for (key, path) in
+                local_chunks(cache_root, ns).map_err(|e| RemoteError::io(cache_root, e))?
+            {
+                if remote.contains(&key) {
+                    report.skipped += 1;
+                } else {
+                    let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                    plan.push((ns.clone(), key, path, len));
+                }
+            }
+        }
+        progress(SyncEvent::Planned {
+            chunks: plan.len() as u64,
+            bytes: plan.iter().map(|p| p.3).sum(),
+            skipped: report.skipped,
+        });
+        let bucket = self.bucket().clone();
+        let totals = Mutex::new(report);
+        let conc = bucket.cfg.upload_concurrency.max(1);
+        self.block_on(
+            futures::stream::iter(plan)
+                .map(|(ns, key, path, _)| {
+                    let bucket = &bucket;
+                    let totals = &totals;
+                    async move {
+                        let r: Result<u64, RemoteError> = async {
+                            let p = path.clone();
+                            let bytes = tokio::task::spawn_blocking(move || {
+                                let b = std::fs::read(&p).map_err(|e| RemoteError::io(&p, e))?;
+                                let v = ChunkView::parse(&b, Verify::Full).map_err(|source| {
+                                    RemoteError::LocalChunk {
+                                        path: p.clone(),
+                                        source,
+                                    }
+                                })?;
+                                let json = std::fs::read(
+                                    p.parent()
+                                        .and_then(Path::parent)
+                                        .unwrap_or(&p)
+                                        .join(NAMESPACE_JSON),
+                                )
+                                .ok()
+                                .unwrap_or_else(|| v.header.meta.namespace.to_hex().into_bytes());
+                                Ok::<_, RemoteError>((Bytes::from(b), Bytes::from(json)))
+                            })
+                            .await
+                            .expect("read task panicked")?;
+                            let (bytes, json) = bytes;
+                            if json.first() == Some(&b'{') {
+                                bucket.ensure_namespace_json(&ns, json).await?;
+                            }
+                            let len = bytes.len() as u64;
+                            bucket
+                                .put_if_absent(&bucket.chunk_path(&ns, &key), bytes)
+                                .await?;
+                            Ok(len)
+                        }
+                        .await;
+                        let mut t = totals.lock().unwrap();
+                        match r {
+                            Ok(len) => {
+                                t.transferred += 1;
+                                t.bytes += len;
+                                progress(SyncEvent::Transferred {
+                                    ns_dir: ns,
+                                    key,
+                                    bytes: len,
+                                });
+                            }
+                            Err(e) => {
+                                t.failed += 1;
+                                progress(SyncEvent::Failed {
+                                    ns_dir: ns,
+                                    key,
+                                    error: e.to_string(),
+                                });
+                            }
+                        }
+                    }
+                })
+                .buffer_unordered(conc)
+                .collect::<Vec<()>>(),
+        )?;
+        Ok(totals.into_inner().unwrap())
+    }
+
+    /// Downloads every remote chunk (of `namespace`, or of all namespaces) the cache lacks,
+    /// verifying each before it is committed.
+    pub fn pull(
+        &self,
+        cache_root: &Path,
+        namespace: Option<&str>,
+        progress: &(dyn Fn(SyncEvent) + Sync),
+    ) -> Result<SyncReport, RemoteError> {
+        let namespaces = match namespace {
+            Some(ns) => vec![ns.to_string()],
+            None => self.list_namespaces()?,
+        };
+        let mut plan: Vec<(String, ChunkKey, PathBuf, u64)> = Vec::new();
+        let mut report = SyncReport {
+            namespaces: namespaces.len() as u64,
+            ..Default::default()
+        };
+        for ns in &namespaces {
+            let chunks = self.list_chunks(ns)?;
+            let json_path = cache_root.join(ns).join(NAMESPACE_JSON);
+            if !json_path.exists()
+                && let Some(json) = self.namespace_json(ns)?
+            {
+                commit_file(&json_path, &json, false)
+                    .map_err(|e| RemoteError::io(&json_path, e))?;
+            }
+            for (key, size) in chunks {
+                let path = Layout::Cache.chunk_path(cache_root, ns, &key);
+                if path.exists() {
+                    report.skipped += 1;
+                } else {
+                    plan.push((ns.clone(), key, path, size));
+                }
+            }
+        }
+        progress(SyncEvent::Planned {
+            chunks: plan.len() as u64,
+            bytes: plan.iter().map(|p| p.3).sum(),
+            skipped: report.skipped,
+        });
+        let bucket = self.bucket().clone();
+        let totals = Mutex::new(report);
+        let conc = bucket.cfg.download_concurrency.max(1);
+        self.block_on(
+            futures::stream::iter(plan)
+                .map(|(ns, key, path, _)| {
+                    let bucket = &bucket;
+                    let totals = &totals;
+                    async move {
+                        let r: Result<u64, RemoteError> = async {
+                            use object_store::ObjectStoreExt;
+                            let opath = bucket.chunk_path(&ns, &key);
+                            let bytes = bucket.store.get(&opath).await?.bytes().await?;
+                            client_bump_fetched(bucket, bytes.len() as u64);
+                            let (nsc, p) = (ns.clone(), path.clone());
+                            tokio::task::spawn_blocking(move || {
+                                verify_object(&bytes, &nsc, &key).map_err(|source| RemoteError::Corrupt {
+                                    path: opath.to_string(),
+                                    source,
+                                })?;
+                                commit_file(&p, &bytes, false).map_err(|e| RemoteError::io(&p, e))?;
+                                Ok(bytes.len() as u64)
+                            })
+                            .await
+                            .expect("commit task panicked")
+                        }
+                        .await;
+                        let mut t = totals.lock().unwrap();
+                        match r {
+                            Ok(len) => {
+                                t.transferred += 1;
+                                t.bytes += len;
+                                progress(SyncEvent::Transferred { ns_dir: ns, key, bytes: len });
+                            }
+                            Err(e) => {
+                                if matches!(e, RemoteError::Corrupt { .. }) {
+                                    crate::client::bump(&bucket.counters.corrupt, 1);
+                                }
+                                tracing::warn!(ns_dir = ns, %key, error = %e, "pull of a chunk failed");
+                                t.failed += 1;
+                                progress(SyncEvent::Failed { ns_dir: ns, key, error: e.to_string() });
+                            }
+                        }
+                    }
+                })
+                .buffer_unordered(conc)
+                .collect::<Vec<()>>(),
+        )?;
+        Ok(totals.into_inner().unwrap())
+    }
+}
+
+fn client_bump_fetched(bucket: &crate::client::Bucket, n: u64) {
+    crate::client::bump(&bucket.counters.fetches, 1);
+    crate::client::bump(&bucket.counters.bytes_fetched, n);
+}

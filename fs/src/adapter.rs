@@ -898,8 +898,10 @@ impl Filesystem for KvFs {
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
         const BSIZE: u64 = 4096;
         match self.backend.capacity() {
+            // Size is what the cache can hold now: its limit, or less when the file system
+            // under it has less room; so `df` shows the cache's own use as Used.
             Ok(c) => reply.statfs(
-                c.total_bytes / BSIZE,
+                c.total_bytes.min(c.used_bytes + c.free_bytes) / BSIZE,
                 c.free_bytes / BSIZE,
                 c.free_bytes / BSIZE,
                 c.chunks,
@@ -974,6 +976,21 @@ impl Filesystem for KvFs {
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
         reply.error(self.modifiable().err().unwrap_or(Errno::EPERM));
+    }
+
+    fn ioctl(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _flags: fuser::IoctlFlags,
+        _cmd: u32,
+        _in_data: &[u8],
+        _out_size: u32,
+        reply: fuser::ReplyIoctl,
+    ) {
+        // Chunks are plain files: no ioctls (Python probes TCGETS on every open).
+        reply.error(Errno::ENOTTY);
     }
 
     fn create(

@@ -9,6 +9,7 @@
 
 pub mod cli;
 pub mod config;
+pub mod mount;
 pub mod store;
 pub mod synth;
 

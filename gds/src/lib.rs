@@ -21,15 +21,19 @@
 //! [`cufile`] (cuFile bindings), [`cuda`] (device sinks, kernel, [`GpuLoader`]).
 
 pub mod align;
+pub mod cuda;
 pub mod cufile;
 pub mod direct;
 pub mod error;
 pub mod plan;
+pub mod probe;
 pub mod ring;
 pub mod scatter;
 
 pub use align::{AlignedBuf, DIRECT_ALIGN};
+pub use cuda::{GpuLoader, GpuOptions};
 pub use error::{GdsError, Result};
 pub use plan::{Fill, Piece, ReadExtent, WriteExtent, plan_fills};
+pub use probe::{DeviceInfo, GpuPath, Probe, ProbeOptions, probe, select};
 pub use ring::{HostSink, IoStats, Ring, Sink};
 pub use scatter::{PagedLayout, ScatterPlan, ScatterRun, Segment};

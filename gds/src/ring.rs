@@ -185,15 +185,7 @@ impl<S: Sink> Ring<S> {
                 extents_len: total,
             });
         }
-        // File sizes before, to trim the zero padding afterwards.
-        let mut ends: Vec<(RawFd, u64, u64)> = Vec::new(); // fd, size before, data end
-        for e in extents.iter().filter(|e| e.len > 0) {
-            let end = e.offset + e.len;
-            match ends.iter_mut().find(|(fd, _, _)| *fd == e.file) {
-                Some(x) => x.2 = x.2.max(end),
-                None => ends.push((e.file, file_size(e.file)?, end)),
-            }
-        }
+        let ends = file_ends(extents)?;
         let fills = plan_fills(extents, self.buf_size)?;
         self.sink.begin(plan)?;
         let mut stats = IoStats::default();
@@ -215,19 +207,7 @@ impl<S: Sink> Ring<S> {
             }
             stats.fills += 1;
         }
-        for (fd, before, end) in ends {
-            let want = before.max(end);
-            if file_size(fd)? > want {
-                // SAFETY: ftruncate on a descriptor the caller owns and keeps open.
-                if unsafe { libc::ftruncate(fd, want as libc::off_t) } != 0 {
-                    return Err(GdsError::io(
-                        "ftruncate",
-                        want,
-                        std::io::Error::last_os_error(),
-                    ));
-                }
-            }
-        }
+        trim_files(&ends)?;
         Ok(stats)
     }
 
@@ -235,6 +215,38 @@ impl<S: Sink> Ring<S> {
     pub fn into_sink(self) -> S {
         self.sink
     }
+}
+
+/// For each file of `extents`: its size now and the end of the data to be written.
+pub(crate) fn file_ends(extents: &[WriteExtent]) -> Result<Vec<(RawFd, u64, u64)>> {
+    let mut ends: Vec<(RawFd, u64, u64)> = Vec::new();
+    for e in extents.iter().filter(|e| e.len > 0) {
+        let end = e.offset + e.len;
+        match ends.iter_mut().find(|(fd, _, _)| *fd == e.file) {
+            Some(x) => x.2 = x.2.max(end),
+            None => ends.push((e.file, file_size(e.file)?, end)),
+        }
+    }
+    Ok(ends)
+}
+
+/// Trims files that grew past their data because of block padding back to
+/// `max(size before, data end)`.
+pub(crate) fn trim_files(ends: &[(RawFd, u64, u64)]) -> Result<()> {
+    for &(fd, before, end) in ends {
+        let want = before.max(end);
+        if file_size(fd)? > want {
+            // SAFETY: ftruncate on a descriptor the caller owns and keeps open.
+            if unsafe { libc::ftruncate(fd, want as libc::off_t) } != 0 {
+                return Err(GdsError::io(
+                    "ftruncate",
+                    want,
+                    std::io::Error::last_os_error(),
+                ));
+            }
+        }
+    }
+    Ok(())
 }
 
 fn file_size(fd: RawFd) -> Result<u64> {

@@ -1,114 +1,14 @@
 //! The staging ring with host sinks on real files: loads and stores over random layouts are
 //! compared byte for byte with the reference scatter, and bad input gets typed errors.
 
-use std::fs::File;
 use std::os::fd::AsRawFd;
 
 use kvfs_gds::direct::{open_read, open_write};
 use kvfs_gds::plan::Fill;
-use kvfs_gds::{
-    AlignedBuf, GdsError, HostSink, PagedLayout, ReadExtent, Result, Ring, ScatterPlan, Segment,
-    Sink,
-};
+use kvfs_gds::{AlignedBuf, GdsError, HostSink, ReadExtent, Result, Ring, ScatterPlan, Sink};
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// A random paged layout, block table and segment list, plus extents over `files`.
-struct Case {
-    plan: ScatterPlan,
-    extents: Vec<ReadExtent>,
-    dst_len: usize,
-}
-
-fn random_case(rng: &mut Rng, files: &[(File, Vec<u8>)]) -> Case {
-    let row_bytes = 16 * (1 + rng.below(40));
-    let block_size = 1 + rng.below(8);
-    let slot_stride = row_bytes + 16 * rng.below(2);
-    let block_stride = block_size * slot_stride + 16 * rng.below(3);
-    let layers = 1 + rng.below(4);
-    let first_token = rng.below(20);
-    let n_tokens = 1 + rng.below(60);
-    let blocks = (first_token + n_tokens).div_ceil(block_size) as usize;
-    // A random permutation of blocks, so destination runs jump around.
-    let mut table: Vec<u32> = (0..blocks as u32).collect();
-    for i in (1..table.len()).rev() {
-        let j = rng.below(i as u64 + 1) as usize;
-        table.swap(i, j);
-    }
-    let tensor = blocks as u64 * block_stride;
-    let mut segments = Vec::new();
-    let mut src = 0;
-    for l in 0..layers {
-        for kv in 0..2 {
-            segments.push(Segment {
-                layer: l as u32,
-                src_offset: src,
-                dst_base: (l * 2 + kv) * tensor,
-                first_token,
-                n_tokens,
-            });
-            src += n_tokens * row_bytes;
-        }
-    }
-    let layout = PagedLayout {
-        block_size,
-        block_stride,
-        slot_stride,
-        row_bytes,
-    };
-    let plan = ScatterPlan::from_block_table(&layout, &table, &segments).unwrap();
-    // Extents: random slices of random files adding up to exactly `src` bytes.
-    let mut extents = Vec::new();
-    let mut left = src;
-    while left > 0 {
-        let (f, data) = &files[rng.below(files.len() as u64) as usize];
-        let len = (1 + rng.below(9000)).min(left).min(data.len() as u64);
-        let offset = rng.below(data.len() as u64 - len + 1);
-        extents.push(ReadExtent {
-            file: f.as_raw_fd(),
-            offset,
-            len,
-        });
-        left -= len;
-    }
-    Case {
-        plan,
-        extents,
-        dst_len: (layers * 2 * tensor) as usize,
-    }
-}
-
-fn stream_of(extents: &[ReadExtent], files: &[(File, Vec<u8>)]) -> Vec<u8> {
-    let mut s = Vec::new();
-    for e in extents {
-        let (_, data) = files.iter().find(|(f, _)| f.as_raw_fd() == e.file).unwrap();
-        s.extend_from_slice(&data[e.offset as usize..(e.offset + e.len) as usize]);
-    }
-    s
-}
-
-fn make_files(dir: &std::path::Path, rng: &mut Rng) -> Vec<(File, Vec<u8>)> {
-    (0..3)
-        .map(|i| {
-            let len = 20_000 + rng.below(50_000) as usize;
-            let data: Vec<u8> = (0..len).map(|_| rng.next() as u8).collect();
-            let p = dir.join(format!("f{i}"));
-            std::fs::write(&p, &data).unwrap();
-            (open_read(&p).unwrap().file, data)
-        })
-        .collect()
-}
+mod common;
+use common::{Rng, make_files, random_case, stream_of};
 
 #[test]
 fn random_layouts_load_like_the_reference_scatter() {

@@ -158,7 +158,8 @@ impl ChunkFile {
         }
     }
 
-    pub fn len(&self) -> io::Result<u64> {
+    /// Size of the file in bytes.
+    pub fn size(&self) -> io::Result<u64> {
         match &self.direct {
             Some(d) => Ok(d.metadata()?.len()),
             None => Ok(self.buffered()?.metadata()?.len()),

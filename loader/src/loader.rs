@@ -900,7 +900,7 @@ impl From<ReadError> for ChunkError {
 
 /// Reads and parses a chunk header with aligned reads (fit for O_DIRECT).
 fn read_header(f: &ChunkFile, buf: &mut AlignedBuf) -> Result<ChunkHeader, ChunkError> {
-    let len = f.len()?;
+    let len = f.size()?;
     let first = len.min(DIRECT_ALIGN as u64) as usize;
     let s = buf.slice(first);
     f.read_exact_at(s, 0)?;

@@ -430,6 +430,7 @@ mod tests {
     fn every_field_changes_the_namespace() {
         let base = ModelSpec::preset("llama-3-8b").unwrap();
         let id = base.namespace_id();
+        #[allow(clippy::type_complexity)]
         let variants: Vec<Box<dyn Fn(&mut ModelSpec)>> = vec![
             Box::new(|s| s.model.push('x')),
             Box::new(|s| s.revision.push('x')),

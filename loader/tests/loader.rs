@@ -108,7 +108,7 @@ fn alloc(spec: &ModelSpec, kind: Kind, num_blocks: usize, block_size: usize) -> 
         }
     }
     .unwrap();
-    Mem { bufs: bufs, layout }
+    Mem { bufs, layout }
 }
 
 fn slot(map: &BlockMap<'_>, bs: usize, p: usize) -> Option<usize> {
@@ -210,7 +210,8 @@ proptest! {
         run_min in prop::sample::select(vec![0usize, 64 * 1024]),
         seed in any::<u64>(),
     ) {
-        let kv = if kind == Kind::Mla { KvKind::MlaLatent } else if kind == Kind::Pool && seed % 2 == 0 { KvKind::MlaLatent } else { KvKind::KeyValue };
+        let mla = kind == Kind::Mla || (kind == Kind::Pool && seed % 2 == 0);
+        let kv = if mla { KvKind::MlaLatent } else { KvKind::KeyValue };
         let spec = spec(dtype, kv, chunk, 8);
         let d = tempfile::tempdir().unwrap();
         let toks = tokens(chunks * chunk as usize + 5, seed as u32);

@@ -1,0 +1,223 @@
+//! The C ABI: the committed header matches what cbindgen generates from `src/ffi.rs`, and the
+//! C example compiles against it and runs against the cdylib.
+//!
+//! Which library the C program links: the `libkvfs_loader.so` that cargo built for this very
+//! test run. kvfs-loader is `crate-type = ["rlib", "cdylib"]`, so building this test builds
+//! the cdylib too, into `target/<profile>/deps/`, the directory that holds this test's
+//! executable. The program is linked with `-L` and `-rpath` to that directory, so it never
+//! picks up an installed or stale copy.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn crate_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn generate_header() -> String {
+    let dir = crate_dir();
+    let config = cbindgen::Config::from_file(dir.join("cbindgen.toml")).unwrap();
+    let bindings = cbindgen::Builder::new()
+        .with_config(config)
+        .with_src(dir.join("src/ffi.rs"))
+        .generate()
+        .expect("cbindgen failed on src/ffi.rs");
+    let mut out = Vec::new();
+    bindings.write(&mut out);
+    String::from_utf8(out).unwrap()
+}
+
+/// Fails when `include/kvfs.h` is not what cbindgen makes of `src/ffi.rs`. Regenerate with
+/// `KVFS_BLESS=1 cargo test -p kvfs-loader --test ffi`.
+#[test]
+fn header_is_up_to_date() {
+    let path = crate_dir().join("include/kvfs.h");
+    let fresh = generate_header();
+    if std::env::var_os("KVFS_BLESS").is_some() {
+        std::fs::write(&path, &fresh).unwrap();
+    }
+    let committed = std::fs::read_to_string(&path).unwrap_or_default();
+    assert!(
+        committed == fresh,
+        "loader/include/kvfs.h is out of date with src/ffi.rs; regenerate it with \
+         `KVFS_BLESS=1 cargo test -p kvfs-loader --test ffi` and commit it"
+    );
+}
+
+fn cdylib_dir() -> PathBuf {
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf()
+}
+
+#[test]
+fn c_example_runs_against_the_cdylib() {
+    let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
+    if Command::new(&cc).arg("--version").output().is_err() {
+        eprintln!("skipping: no C compiler ({cc}) on this machine");
+        return;
+    }
+    let libdir = cdylib_dir();
+    let so = libdir.join("libkvfs_loader.so");
+    assert!(
+        so.exists(),
+        "{} is missing: cargo builds it with this test (crate-type cdylib)",
+        so.display()
+    );
+    let work = tempfile::tempdir().unwrap();
+    let exe = work.path().join("kvfs_example");
+    let root = crate_dir().join("..");
+    let out = Command::new(&cc)
+        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-I"])
+        .arg(crate_dir().join("include"))
+        .arg(root.join("examples/c/kvfs_example.c"))
+        .arg("-L")
+        .arg(&libdir)
+        .arg(format!("-Wl,-rpath,{}", libdir.display()))
+        .arg("-lkvfs_loader")
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "compiling the C example failed:\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let cache = work.path().join("cache");
+    std::fs::create_dir(&cache).unwrap();
+    let run = |dir: &Path| Command::new(&exe).arg(dir).output().unwrap();
+    let out = run(&cache);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "C example failed: {stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("stored 2 chunks"), "{stdout}");
+    // a second run finds the chunks already there and still loads them
+    let out = run(&cache);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{stdout}");
+    assert!(
+        stdout.contains("stored 0 chunks, hit 512 tokens"),
+        "{stdout}"
+    );
+}
+
+/// The spec-by-fields path of `kvfs_open`, and its refusals, called as C would.
+#[test]
+fn open_with_spec_fields_and_bad_arguments() {
+    use kvfs_loader::ffi::*;
+    use std::ffi::{CStr, CString};
+    let d = tempfile::tempdir().unwrap();
+    let dir = CString::new(d.path().to_str().unwrap()).unwrap();
+    let model = CString::new("acme/model").unwrap();
+    let dtype = CString::new("bf16").unwrap();
+    let mut spec = KvfsSpec {
+        model: model.as_ptr(),
+        revision: std::ptr::null(),
+        dtype: dtype.as_ptr(),
+        num_layers: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        tp_size: 1,
+        tp_rank: 0,
+        rope_theta: 10000.0,
+        rope_scaling: std::ptr::null(),
+        chunk_tokens: 32,
+        group_tokens: 16,
+        kv_kind: 1,
+    };
+    let mut l: *mut KvfsLoader = std::ptr::null_mut();
+    // SAFETY: every pointer is valid or NULL as the contract allows.
+    let rc = unsafe {
+        kvfs_open(
+            dir.as_ptr(),
+            std::ptr::null(),
+            &spec,
+            std::ptr::null(),
+            0,
+            &mut l,
+        )
+    };
+    assert_eq!(rc, KVFS_OK);
+    // SAFETY: `l` came from kvfs_open.
+    assert_eq!(unsafe { kvfs_chunk_tokens(l) }, 32);
+    let tokens: Vec<u32> = (0..100).collect();
+    let mut hit = 99;
+    // SAFETY: valid loader, tokens and out pointer.
+    assert_eq!(
+        unsafe { kvfs_lookup(l, tokens.as_ptr(), tokens.len(), &mut hit) },
+        KVFS_OK
+    );
+    assert_eq!(hit, 0);
+    // SAFETY: `l` came from kvfs_open and is not used afterwards.
+    unsafe { kvfs_close(l) };
+
+    let bad = CString::new("int4").unwrap();
+    spec.dtype = bad.as_ptr();
+    let mut l2: *mut KvfsLoader = std::ptr::null_mut();
+    // SAFETY: as above.
+    let rc = unsafe {
+        kvfs_open(
+            dir.as_ptr(),
+            std::ptr::null(),
+            &spec,
+            std::ptr::null(),
+            0,
+            &mut l2,
+        )
+    };
+    assert_eq!(rc, KVFS_ERR_INVALID);
+    assert!(l2.is_null());
+    // SAFETY: kvfs_last_error returns a NUL-terminated string valid until the next call.
+    let msg = unsafe { CStr::from_ptr(kvfs_last_error()) }
+        .to_str()
+        .unwrap()
+        .to_owned();
+    assert!(msg.contains("int4"), "{msg}");
+    // both preset and spec, and a NULL out pointer
+    let preset = CString::new("tiny").unwrap();
+    spec.dtype = dtype.as_ptr();
+    // SAFETY: as above.
+    let rc = unsafe {
+        kvfs_open(
+            dir.as_ptr(),
+            preset.as_ptr(),
+            &spec,
+            std::ptr::null(),
+            0,
+            &mut l2,
+        )
+    };
+    assert_eq!(rc, KVFS_ERR_INVALID);
+    // SAFETY: a NULL out pointer is refused, not written.
+    let rc = unsafe {
+        kvfs_open(
+            dir.as_ptr(),
+            preset.as_ptr(),
+            std::ptr::null(),
+            std::ptr::null(),
+            0,
+            std::ptr::null_mut(),
+        )
+    };
+    assert_eq!(rc, KVFS_ERR_INVALID);
+    // a missing directory is an I/O error
+    let missing = CString::new(d.path().join("missing").to_str().unwrap()).unwrap();
+    // SAFETY: as above.
+    let rc = unsafe {
+        kvfs_open(
+            missing.as_ptr(),
+            preset.as_ptr(),
+            std::ptr::null(),
+            std::ptr::null(),
+            0,
+            &mut l2,
+        )
+    };
+    assert_eq!(rc, KVFS_ERR_IO);
+}

@@ -238,6 +238,11 @@ impl ChunkBackend for StoreBackend {
         self.incoming.clone()
     }
 
+    /// `Store::put_file` verifies every payload digest before anything is kept.
+    fn verifies_commits(&self) -> bool {
+        true
+    }
+
     fn commit(&self, ns: &str, _key: &ChunkKey, path: &Path) -> Result<Committed, BackendError> {
         let outcome = self.store.put_file(ns, path).map_err(to_backend)?;
         Ok(if outcome.created {

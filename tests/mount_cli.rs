@@ -284,6 +284,23 @@ fn coreutils_python_and_xattrs() {
         .unwrap();
     assert!(!cp.status.success(), "garbage was accepted");
     assert!(!nsdir.join(&other_name).exists());
+    // A whole chunk with one payload byte flipped: only the digest check catches it.
+    let mut corrupt = bytes.clone();
+    let at = corrupt.len() - 4096 - 100;
+    corrupt[at] ^= 0x40;
+    fs::write(&bad, &corrupt).unwrap();
+    let cp = Command::new("cp")
+        .arg(&bad)
+        .arg(nsdir.join(&other_name))
+        .output()
+        .unwrap();
+    assert!(!cp.status.success(), "a corrupt payload was accepted");
+    assert!(
+        String::from_utf8_lossy(&cp.stderr).contains("Invalid argument"),
+        "{}",
+        String::from_utf8_lossy(&cp.stderr)
+    );
+    assert!(!nsdir.join(&other_name).exists());
     assert!(
         fs::read_dir(e.cache.join(".incoming"))
             .map(|d| d.count())

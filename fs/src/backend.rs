@@ -161,9 +161,18 @@ pub trait ChunkBackend: Send + Sync + 'static {
     /// cache, so committing one is a link, not a copy). The adapter creates it if missing.
     fn incoming_dir(&self) -> PathBuf;
 
-    /// Takes in the complete chunk file at `path`, which the adapter has already verified in
-    /// full against `ns` and `key`. The file at `path` belongs to the adapter and is removed by
-    /// it afterwards; the backend copies or links it.
+    /// Whether [`ChunkBackend::commit`] checks every payload digest itself (rejecting a bad
+    /// file with [`BackendError::Invalid`] and keeping nothing). When it does, the adapter
+    /// checks only the header, the name and the namespace before committing, so the payload
+    /// is hashed once, not twice. The default (`false`) makes the adapter verify in full.
+    fn verifies_commits(&self) -> bool {
+        false
+    }
+
+    /// Takes in the complete chunk file at `path`, which the adapter has already checked
+    /// against `ns` and `key` (in full unless [`ChunkBackend::verifies_commits`]). The file
+    /// at `path` belongs to the adapter and is removed by it afterwards; the backend copies or
+    /// links it.
     fn commit(&self, ns: &str, key: &ChunkKey, path: &Path) -> Result<Committed, BackendError>;
 
     /// Evicts a chunk from the local tiers (`unlink`). Returns whether it was there.

@@ -9,7 +9,8 @@
 //! error) the file is checked in full: it must parse as a chunk (`ChunkHeader::read_from`,
 //! which also checks the size), its header key must equal the key in its name, its namespace
 //! id must end in the 16 hex digits of the directory's name, and every payload digest must
-//! match. A valid file is handed to the backend's `commit` (atomic, create-once); anything else
+//! match (checked here, or by the backend's commit when it says it verifies, so the payload
+//! is hashed once). A valid file is handed to the backend's `commit` (atomic, create-once); anything else
 //! fails the `close()` with **EINVAL** and the temporary file is removed at once, so nothing is
 //! left. Later flushes (of `dup`ed descriptors) repeat the first outcome; `release` removes
 //! the temporary file if it still exists.
@@ -124,7 +125,7 @@ impl Incoming {
         f: &File,
         backend: &dyn ChunkBackend,
     ) -> Result<Committed, BackendError> {
-        check_chunk_file(f, &self.ns, &self.key)?;
+        check_chunk_file(f, &self.ns, &self.key, !backend.verifies_commits())?;
         backend.commit(&self.ns, &self.key, &self.path)
     }
 
@@ -145,9 +146,15 @@ impl Drop for Incoming {
     }
 }
 
-/// Checks that `f` holds a complete, valid chunk that may be stored as `key` in the
-/// namespace directory `ns`. Errors are `FormatError`s (mapped to EINVAL).
-pub fn check_chunk_file(f: &File, ns: &str, key: &ChunkKey) -> Result<ChunkHeader, FormatError> {
+/// Checks that `f` holds a complete chunk that may be stored as `key` in the namespace
+/// directory `ns`: header, size, key and namespace, and with `payload` every payload digest.
+/// Errors are `FormatError`s (mapped to EINVAL).
+pub fn check_chunk_file(
+    f: &File,
+    ns: &str,
+    key: &ChunkKey,
+    payload: bool,
+) -> Result<ChunkHeader, FormatError> {
     let header = ChunkHeader::read_from(f)?;
     if header.key() != *key {
         return Err(FormatError::NameMismatch {
@@ -163,6 +170,8 @@ pub fn check_chunk_file(f: &File, ns: &str, key: &ChunkKey) -> Result<ChunkHeade
             found: ns_hex,
         });
     }
-    header.verify_file_payload(f)?;
+    if payload {
+        header.verify_file_payload(f)?;
+    }
     Ok(header)
 }

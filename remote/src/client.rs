@@ -9,12 +9,14 @@
 //!   its name claims (key == name, namespace id suffix == the namespace dir). Anything else is
 //!   counted in [`RemoteStats::corrupt`], logged, and reported as a miss: a damaged object is
 //!   never served, and a transfer damaged in flight is simply fetched again on a later miss.
-//! - **Writes** ([`Bucket::put_if_absent`]) use `PutMode::Create` (`If-None-Match: *`). An
-//!   existing object (two hosts writing one key) is success after a HEAD shows its size is the
-//!   chunk's size; a different size (a truncated object left by a broken server) is
-//!   overwritten, logged. A server answering 501 to the conditional put is remembered and from
-//!   then on gets HEAD-then-PUT (racy only between two writers of identical bytes, which is
-//!   harmless since keys are content addresses).
+//! - **Writes** ([`Bucket::put_if_absent`]) HEAD first (an object another host uploaded is
+//!   not sent again), then put with `PutMode::Create` (`If-None-Match: *`). An existing object
+//!   (two hosts writing one key) is success when its size is the chunk's size; a different
+//!   size (a truncated object left by a broken server) is overwritten, logged. A server
+//!   answering 501 to the conditional put is remembered and from then on gets HEAD-then-PUT
+//!   (racy only between two writers of identical bytes, which is harmless since keys are
+//!   content addresses). Garage 2.x ignores If-None-Match (it overwrites); the HEAD keeps
+//!   that harmless too.
 
 use crate::config::S3Config;
 use crate::error::RemoteError;
@@ -274,6 +276,12 @@ impl Bucket {
         bytes: Bytes,
     ) -> Result<PutOutcome, RemoteError> {
         let len = bytes.len() as u64;
+        // HEAD first: when another host already uploaded the chunk (the common case for a
+        // shared prefix) no payload is sent at all, and servers that ignore If-None-Match
+        // (Garage 2.x) still report an existing object as such.
+        if self.head(path).await?.is_some() {
+            return self.check_existing(path, bytes, len).await;
+        }
         if self.conditional.load(Ordering::Relaxed) {
             let opts = PutOptions {
                 mode: PutMode::Create,
@@ -297,13 +305,8 @@ impl Bucket {
             }
         }
         bump(&self.counters.conditional_fallbacks, 1);
-        match self.head(path).await? {
-            Some(_) => self.check_existing(path, bytes, len).await,
-            None => {
-                self.store.put(path, PutPayload::from(bytes)).await?;
-                Ok(PutOutcome::Created)
-            }
-        }
+        self.store.put(path, PutPayload::from(bytes)).await?;
+        Ok(PutOutcome::Created)
     }
 
     /// An object exists at `path`: fine when its size is right, replaced otherwise.

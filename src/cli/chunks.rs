@@ -72,6 +72,11 @@ pub fn preset(name: &str) -> Result<ModelSpec, CliError> {
 }
 
 pub fn put(ctx: &Ctx, a: PutArgs) -> Result<i32, CliError> {
+    // Argument errors first, before reading (possibly a lot of) input.
+    if let Some(ns) = &a.namespace {
+        validate_namespace_dir(ns).map_err(|e| CliError::Usage(e.to_string()))?;
+    }
+    let spec = a.model.as_deref().map(preset).transpose()?;
     let (bytes, origin) = match a.file.as_deref() {
         None => (read_stdin()?, None),
         Some(p) if p.as_os_str() == "-" => (read_stdin()?, None),
@@ -93,10 +98,8 @@ pub fn put(ctx: &Ctx, a: PutArgs) -> Result<i32, CliError> {
     let header = ChunkHeader::parse(&bytes).map_err(|e| with_origin(e.into()))?;
     let store = ctx.open_store()?;
     let ns_dir = if let Some(ns) = a.namespace {
-        validate_namespace_dir(&ns).map_err(|e| CliError::Usage(e.to_string()))?;
         ns
-    } else if let Some(model) = a.model {
-        let spec = preset(&model)?;
+    } else if let Some(spec) = spec {
         let ns = spec.namespace_dir();
         store.create_namespace(&ns, Some(&spec))?;
         ns

@@ -244,6 +244,18 @@ impl Device {
         self.ctx.new_event(None).map_err(cuda_err("cuEventCreate"))
     }
 
+    /// An event with timing enabled (layer events, so benchmarks can time them).
+    pub fn timing_event(&self) -> Result<CudaEvent> {
+        self.ctx
+            .new_event(Some(sys::CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(cuda_err("cuEventCreate"))
+    }
+
+    /// Records `ev` on the loader's stream (e.g. a start mark for timing).
+    pub fn record(&self, ev: &CudaEvent) -> Result<()> {
+        ev.record(&self.stream).map_err(cuda_err("cuEventRecord"))
+    }
+
     /// Scatters (or gathers, `gather = true`) the runs `first..first+count` clipped to the
     /// window at device address `win`.
     fn launch_window(
@@ -413,7 +425,7 @@ struct LayerEvents {
 impl LayerEvents {
     fn record(&mut self, dev: &Device, layer: usize) -> Result<()> {
         while self.events.len() <= layer {
-            self.events.push(dev.event()?);
+            self.events.push(dev.timing_event()?);
         }
         self.events[layer]
             .record(&dev.stream)

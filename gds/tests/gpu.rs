@@ -24,7 +24,11 @@ fn loader() -> Option<GpuLoader> {
             eprintln!("{}", l.probe());
             Some(l)
         }
-        Err(e @ GdsError::PathUnavailable { .. }) => {
+        // cuFile or nvidia-fs missing on a GPU machine is a normal configuration: skip.
+        // No CUDA at all, or staging unavailable, means these tests cannot run: fail.
+        Err(e @ GdsError::PathUnavailable { wanted, .. })
+            if wanted != "staging" && kvfs_gds::probe::cuda_library().is_ok() =>
+        {
             eprintln!("skipping: {e}");
             None
         }

@@ -726,7 +726,20 @@ impl LoadJob {
         let mut read = 0u64;
         let l = layer as u32;
 
-        if self.verify == Verify::Full || (whole && !host) {
+        // A whole layer that cannot be read straight into its runs is one read of the layer
+        // span (K and V together) rather than one per plane.
+        let span_read = whole && {
+            self.layout.runs(
+                &map,
+                layer,
+                0,
+                pc.start..pc.start + g.token_count as usize,
+                &mut runs,
+            );
+            let first = g.token_range(l, 0, 0..g.token_count).start;
+            !(host && self.read_direct_ok(&o.file, &runs, first, pc.start, tb))
+        };
+        if self.verify == Verify::Full || span_read {
             // One read of the whole layer span; verify; copy the wanted rows out.
             let span = g.layer_span(l);
             let s = buf.slice((span.end - span.start) as usize);
@@ -794,6 +807,9 @@ impl LoadJob {
 
     /// Whether reading each run straight into host memory beats one staged read.
     fn read_direct_ok(&self, f: &ChunkFile, runs: &[Run], off0: u64, p0: usize, tb: usize) -> bool {
+        if runs.is_empty() {
+            return false;
+        }
         let total: usize = runs.iter().map(|r| r.tokens * tb).sum();
         if total / runs.len() < self.opts.direct_run_min {
             return false;

@@ -3,12 +3,14 @@
 //! - [`store`]: the tiered store (memory over local disk, with a seam for a remote tier);
 //! - [`config`]: settings from a TOML file, the environment and flags;
 //! - [`synth`]: deterministic synthetic prompts and chunks;
+//! - [`doctor`]: `kvfs doctor`, the GPU path probe and O_DIRECT check;
 //! - [`cli`]: the `kvfs` command line (`src/main.rs` only calls [`cli::main`]).
 //!
 //! Chunk identity, the `.kvc` format and atomic commits live in `kvfs-loader`.
 
 pub mod cli;
 pub mod config;
+pub mod doctor;
 pub mod mount;
 pub mod store;
 pub mod synth;

@@ -85,6 +85,9 @@ pub enum Command {
     Mount(crate::mount::MountArgs),
     /// Unmount a kvfs mount (the daemon serving it exits).
     Umount(crate::mount::UmountArgs),
+    /// Report the GPU path loads would take (GDS, staging, host) and why, and whether the
+    /// cache directory takes O_DIRECT. KVFS_GPU_PATH forces a path.
+    Doctor(crate::doctor::DoctorArgs),
 }
 
 /// A command's failure; decides the exit code.
@@ -170,6 +173,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Synth(a) => synth::synth(&ctx, a),
         Command::Mount(a) => crate::mount::mount(&ctx, a),
         Command::Umount(a) => crate::mount::umount(&ctx, a),
+        Command::Doctor(a) => crate::doctor::doctor(&ctx, a),
     }
 }
 

@@ -9,6 +9,7 @@
 //! | `min_free`     | `KVFS_MIN_FREE`      | `--min-free`     | `5%` of the cache file system        |
 //! | `fsync`        | `KVFS_FSYNC`         | `--fsync`        | `always` (`always` or `never`)       |
 //! | `verify_reads` | `KVFS_VERIFY_READS`  | `--verify-reads` | `false`                              |
+//! | `[s3]` `url`   | `KVFS_S3`            | `--s3`           | none (no remote tier); see docs/S3.md |
 //!
 //! The file itself is `--config FILE`, else `$KVFS_CONFIG`, else
 //! `$XDG_CONFIG_HOME/kvfs/config.toml` (or `~/.config/kvfs/config.toml`) when that exists. A
@@ -238,6 +239,8 @@ pub struct Config {
     pub fsync: FsyncPolicy,
     /// Check the payload digest on every read from disk, not only when bytes enter a tier.
     pub verify_reads: bool,
+    /// The S3 remote tier (`[s3]` table); none: local tiers only.
+    pub s3: Option<crate::remote_tier::S3Settings>,
 }
 
 impl Default for Config {
@@ -249,6 +252,7 @@ impl Default for Config {
             min_free: Limit::Percent(5.0),
             fsync: FsyncPolicy::Always,
             verify_reads: false,
+            s3: None,
         }
     }
 }
@@ -262,6 +266,8 @@ pub struct Overrides {
     pub min_free: Option<Limit>,
     pub fsync: Option<FsyncPolicy>,
     pub verify_reads: Option<bool>,
+    /// `s3://bucket/prefix` of the remote tier.
+    pub s3: Option<String>,
 }
 
 fn parse_bool(s: &str) -> Result<bool, String> {
@@ -298,6 +304,7 @@ impl Overrides {
             min_free: field(get, "KVFS_MIN_FREE", str::parse)?,
             fsync: field(get, "KVFS_FSYNC", str::parse)?,
             verify_reads: field(get, "KVFS_VERIFY_READS", parse_bool)?,
+            s3: get("KVFS_S3").filter(|s| !s.is_empty()),
         })
     }
 
@@ -319,6 +326,9 @@ impl Overrides {
         }
         if let Some(v) = self.verify_reads {
             c.verify_reads = v;
+        }
+        if let Some(v) = &self.s3 {
+            c.s3.get_or_insert_with(Default::default).url = v.clone();
         }
     }
 }
@@ -384,6 +394,7 @@ impl Config {
         sc.min_free = self.min_free;
         sc.fsync = self.fsync;
         sc.verify_reads = self.verify_reads;
+        sc.remote = crate::remote_tier::attach(self.s3.as_ref(), &sc.root)?;
         Ok(sc)
     }
 }

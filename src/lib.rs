@@ -2,6 +2,8 @@
 //!
 //! - [`store`]: the tiered store (memory over local disk, with a seam for a remote tier);
 //! - [`config`]: settings from a TOML file, the environment and flags;
+//! - [`remote_tier`]: the S3 remote tier behind the store's seam, its `[s3]` settings and
+//!   the `sync` command;
 //! - [`synth`]: deterministic synthetic prompts and chunks;
 //! - [`doctor`]: `kvfs doctor`, the GPU path probe and O_DIRECT check;
 //! - [`cli`]: the `kvfs` command line (`src/main.rs` only calls [`cli::main`]).
@@ -12,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod doctor;
 pub mod mount;
+pub mod remote_tier;
 pub mod store;
 pub mod synth;
 

@@ -14,6 +14,9 @@ pub struct LsArgs {
     /// A namespace directory: list its chunks (key and size) instead of the namespaces.
     #[arg(value_name = "NS")]
     pub namespace: Option<String>,
+    /// List the S3 bucket (--s3 / [s3]) instead of the local cache.
+    #[arg(long)]
+    pub remote: bool,
 }
 
 #[derive(Debug, Args)]
@@ -30,6 +33,9 @@ pub struct InfoArgs {
 }
 
 pub fn ls(ctx: &Ctx, a: LsArgs) -> Result<i32, CliError> {
+    if a.remote {
+        return crate::remote_tier::ls_remote(ctx, a.namespace.as_deref());
+    }
     let store = ctx.open_store()?;
     match a.namespace {
         None => {

@@ -185,6 +185,7 @@ pub fn stat(ctx: &Ctx, a: StatArgs) -> Result<i32, CliError> {
         .mtime
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_secs());
+    let remote = crate::remote_tier::remote_presence(ctx, &ns_dir, &key);
     if a.json {
         let v = serde_json::json!({
             "key": key.to_hex(),
@@ -206,6 +207,7 @@ pub fn stat(ctx: &Ctx, a: StatArgs) -> Result<i32, CliError> {
             "priority": st.priority,
             "path": st.path,
             "mtime": mtime,
+            "remote": remote,
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return Ok(0);
@@ -229,6 +231,9 @@ pub fn stat(ctx: &Ctx, a: StatArgs) -> Result<i32, CliError> {
     println!("path:           {}", st.path.display());
     if let Some(t) = mtime {
         println!("mtime:          {t} (unix seconds)");
+    }
+    if let Some(r) = remote {
+        println!("remote:         {r}");
     }
     Ok(0)
 }

@@ -53,6 +53,9 @@ pub struct Cli {
     /// KVFS_VERIFY_READS.
     #[arg(long, global = true)]
     pub verify_reads: bool,
+    /// S3 remote tier: s3://bucket/prefix (env KVFS_S3; or the [s3] table). See docs/S3.md.
+    #[arg(long, global = true, value_name = "URL")]
+    pub s3: Option<String>,
     #[command(subcommand)]
     pub command: Command,
 }
@@ -88,6 +91,8 @@ pub enum Command {
     /// Report the GPU path loads would take (GDS, staging, host) and why, and whether the
     /// cache directory takes O_DIRECT. KVFS_GPU_PATH forces a path.
     Doctor(crate::doctor::DoctorArgs),
+    /// Copy chunks between the cache and the S3 bucket (push or pull); resumable.
+    Sync(crate::remote_tier::SyncArgs),
 }
 
 /// A command's failure; decides the exit code.
@@ -174,6 +179,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Mount(a) => crate::mount::mount(&ctx, a),
         Command::Umount(a) => crate::mount::umount(&ctx, a),
         Command::Doctor(a) => crate::doctor::doctor(&ctx, a),
+        Command::Sync(a) => crate::remote_tier::sync(&ctx, a),
     }
 }
 
@@ -192,6 +198,7 @@ impl Ctx {
             min_free: cli.min_free,
             fsync: cli.fsync,
             verify_reads: cli.verify_reads.then_some(true),
+            s3: cli.s3.clone(),
         };
         let config = Config::load(cli.config.as_deref(), &flags, &config::process_env)?;
         let cache_dir = config.cache_dir(&config::process_env)?;

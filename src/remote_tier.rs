@@ -1,0 +1,431 @@
+//! The S3 remote tier plugged into the store, its configuration and its commands.
+//!
+//! The store knows nothing of S3: it holds an `Arc<dyn RemoteTier>` (see
+//! [`crate::store::remote_seam`]). [`S3Tier`] implements that seam with
+//! [`kvfs_remote::Remote`]:
+//! - `fetch` (a local miss) is a verified, single-flight, negatively cached GET; an
+//!   unreachable bucket is a [`StoreError::Remote`] (the read fails, it is not reported as
+//!   "absent"), a damaged object is a miss;
+//! - `committed` (a local commit) queues a write-behind upload as a marker file under
+//!   `<cache dir>/.uploads/` (or uploads at once with `write_through`); a failure is logged,
+//!   never fails the put, and the upload stays queued.
+//!
+//! When the tier is dropped (a CLI command ends, a mount is unmounted) after this process
+//! queued uploads, it waits up to `drain_on_exit_s` for the queue to drain; what is left stays
+//! queued on disk and the next process with the tier (or `kvfs sync push`) uploads it.
+//!
+//! [`S3Settings`] is the `[s3]` table of the config file; `--s3 s3://bucket/prefix` (env
+//! `KVFS_S3`) sets or overrides its `url`. Credentials come from the standard AWS environment
+//! and credential chain; `secret_access_key` in the file works but is discouraged, and is
+//! never printed (`Debug` redacts it).
+//!
+//! The commands `kvfs sync push|pull`, `kvfs ls --remote` and the remote line of `kvfs stat`
+//! live here too, so the S3 parts of the CLI are in one place.
+
+use crate::cli::{CliError, Ctx};
+use crate::config::{ConfigError, human_bytes};
+use crate::store::{RemoteTier, StoreError};
+use clap::{Args, Subcommand};
+use kvfs_loader::ChunkKey;
+use kvfs_loader::spec::validate_namespace_dir;
+use kvfs_remote::{Backpressure, Remote, RemoteError, S3Config, Secret, SyncEvent};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+/// The `[s3]` table of the config file. Only `url` is required.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Settings {
+    /// `s3://bucket/prefix`.
+    pub url: String,
+    /// Endpoint of an S3-compatible server (`http://127.0.0.1:3900`); else AWS or
+    /// `AWS_ENDPOINT_URL`.
+    pub endpoint: Option<String>,
+    /// Region (else `AWS_REGION`, else `us-east-1`).
+    pub region: Option<String>,
+    /// Allow plain HTTP (implied by an `http://` endpoint).
+    pub allow_http: bool,
+    /// Virtual-hosted-style requests (default: path-style).
+    pub virtual_hosted: bool,
+    /// Access key id (else `AWS_ACCESS_KEY_ID` and the credential chain).
+    pub access_key_id: Option<String>,
+    /// Secret key (prefer `AWS_SECRET_ACCESS_KEY`); never printed.
+    pub secret_access_key: Option<String>,
+    /// How long a remote miss is remembered, in milliseconds.
+    pub negative_ttl_ms: u64,
+    /// Upload within the put instead of write-behind.
+    pub write_through: bool,
+    /// Bound of the upload queue.
+    pub max_queued: usize,
+    /// `block` (wait up to `block_timeout_s`, then fail) or `fail` when the queue is full.
+    pub when_full: String,
+    pub block_timeout_s: u64,
+    pub upload_concurrency: usize,
+    pub download_concurrency: usize,
+    pub connect_timeout_s: u64,
+    pub request_timeout_s: u64,
+    pub max_retries: usize,
+    /// Try `If-None-Match` puts (servers answering 501 are detected either way).
+    pub conditional_put: bool,
+    /// How long a process that queued uploads waits for them when it ends.
+    pub drain_on_exit_s: u64,
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        let d = S3Config::from_url("s3://default").expect("static url");
+        S3Settings {
+            url: String::new(),
+            endpoint: None,
+            region: None,
+            allow_http: false,
+            virtual_hosted: false,
+            access_key_id: None,
+            secret_access_key: None,
+            negative_ttl_ms: d.negative_ttl.as_millis() as u64,
+            write_through: d.write_through,
+            max_queued: d.max_queued,
+            when_full: "block".into(),
+            block_timeout_s: d.block_timeout.as_secs(),
+            upload_concurrency: d.upload_concurrency,
+            download_concurrency: d.download_concurrency,
+            connect_timeout_s: d.connect_timeout.as_secs(),
+            request_timeout_s: d.request_timeout.as_secs(),
+            max_retries: d.max_retries,
+            conditional_put: d.conditional_put,
+            drain_on_exit_s: 30,
+        }
+    }
+}
+
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("url", &self.url)
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "***"),
+            )
+            .field("write_through", &self.write_through)
+            .field("max_queued", &self.max_queued)
+            .field("when_full", &self.when_full)
+            .finish_non_exhaustive()
+    }
+}
+
+impl S3Settings {
+    /// The remote tier's configuration these settings describe.
+    pub fn to_config(&self) -> Result<S3Config, RemoteError> {
+        let mut c = S3Config::from_url(&self.url)?;
+        if let Some(e) = &self.endpoint {
+            c = c.with_endpoint(e);
+        }
+        c.allow_http |= self.allow_http;
+        c.region = self.region.clone();
+        c.virtual_hosted = self.virtual_hosted;
+        c.access_key_id = self.access_key_id.clone();
+        c.secret_access_key = self.secret_access_key.clone().map(Secret::new);
+        c.negative_ttl = Duration::from_millis(self.negative_ttl_ms);
+        c.write_through = self.write_through;
+        c.max_queued = self.max_queued.max(1);
+        c.when_full = match self.when_full.as_str() {
+            "block" => Backpressure::Block,
+            "fail" => Backpressure::Fail,
+            _ => {
+                return Err(RemoteError::Config(format!(
+                    "when_full `{}` is neither `block` nor `fail`",
+                    self.when_full
+                )));
+            }
+        };
+        c.block_timeout = Duration::from_secs(self.block_timeout_s);
+        c.upload_concurrency = self.upload_concurrency.max(1);
+        c.download_concurrency = self.download_concurrency.max(1);
+        c.connect_timeout = Duration::from_secs(self.connect_timeout_s.max(1));
+        c.request_timeout = Duration::from_secs(self.request_timeout_s.max(1));
+        c.max_retries = self.max_retries;
+        c.conditional_put = self.conditional_put;
+        Ok(c)
+    }
+
+    /// Opens the remote tier (with the upload queue under `cache_dir` when given).
+    pub fn open(&self, cache_dir: Option<&Path>) -> Result<Remote, RemoteError> {
+        Remote::open(self.to_config()?, cache_dir)
+    }
+}
+
+/// The store's remote tier, backed by S3.
+pub struct S3Tier {
+    remote: Arc<Remote>,
+    drain: Duration,
+    queued_here: AtomicBool,
+}
+
+impl std::fmt::Debug for S3Tier {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Tier")
+            .field("remote", &self.remote)
+            .finish()
+    }
+}
+
+impl S3Tier {
+    pub fn new(remote: Arc<Remote>, drain: Duration) -> S3Tier {
+        S3Tier {
+            remote,
+            drain,
+            queued_here: AtomicBool::new(false),
+        }
+    }
+
+    pub fn remote(&self) -> &Arc<Remote> {
+        &self.remote
+    }
+}
+
+impl RemoteTier for S3Tier {
+    fn fetch(&self, ns_dir: &str, key: &ChunkKey) -> Result<Option<Vec<u8>>, StoreError> {
+        self.remote.fetch(ns_dir, key).map_err(|e| {
+            tracing::warn!(ns_dir, %key, error = %e, "remote tier fetch failed");
+            StoreError::Remote(e.to_string())
+        })
+    }
+
+    fn committed(&self, ns_dir: &str, key: &ChunkKey, path: &Path) {
+        self.queued_here.store(true, Ordering::Relaxed);
+        if let Err(e) = self.remote.committed(ns_dir, key, path) {
+            tracing::warn!(ns_dir, %key, error = %e,
+                "chunk committed locally but its upload is not done; `kvfs sync push` uploads it");
+        }
+    }
+}
+
+impl Drop for S3Tier {
+    fn drop(&mut self) {
+        if !self.queued_here.load(Ordering::Relaxed) || self.remote.pending_uploads() == 0 {
+            return;
+        }
+        tracing::info!(
+            pending = self.remote.pending_uploads(),
+            "waiting for queued uploads"
+        );
+        if !self.remote.wait_uploaded(self.drain) {
+            tracing::warn!(
+                pending = self.remote.pending_uploads(),
+                "uploads still queued at exit; the next kvfs process with S3 (or `kvfs sync push`) resumes them"
+            );
+        }
+    }
+}
+
+fn config_error(s: &S3Settings, e: RemoteError) -> ConfigError {
+    ConfigError::Invalid {
+        origin: "s3".into(),
+        value: s.url.clone(),
+        reason: e.to_string(),
+    }
+}
+
+/// The remote tier for a store rooted at `cache_dir`, when `[s3]` (or `--s3`) is set.
+pub fn attach(
+    settings: Option<&S3Settings>,
+    cache_dir: &Path,
+) -> Result<Option<Arc<dyn RemoteTier>>, ConfigError> {
+    let Some(s) = settings.filter(|s| !s.url.is_empty()) else {
+        return Ok(None);
+    };
+    let remote = s.open(Some(cache_dir)).map_err(|e| config_error(s, e))?;
+    Ok(Some(Arc::new(S3Tier::new(
+        Arc::new(remote),
+        Duration::from_secs(s.drain_on_exit_s),
+    ))))
+}
+
+fn settings(ctx: &Ctx) -> Result<&S3Settings, CliError> {
+    ctx.config
+        .s3
+        .as_ref()
+        .filter(|s| !s.url.is_empty())
+        .ok_or_else(|| {
+            CliError::Usage(
+                "no S3 bucket: give --s3 s3://bucket/prefix, KVFS_S3 or [s3] url".into(),
+            )
+        })
+}
+
+fn remote_failed(e: RemoteError) -> CliError {
+    CliError::Failed(e.to_string())
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    #[command(subcommand)]
+    pub direction: SyncDirection,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SyncDirection {
+    /// Upload local chunks the bucket lacks (and finish uploads queued by earlier runs).
+    Push(SyncScope),
+    /// Download chunks the cache lacks, each verified before it is committed.
+    Pull(SyncScope),
+}
+
+#[derive(Debug, Args)]
+pub struct SyncScope {
+    /// Only this namespace directory.
+    #[arg(long, value_name = "NS")]
+    pub namespace: Option<String>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `kvfs sync push|pull [--namespace NS]`: resumable (re-running skips what is done).
+pub fn sync(ctx: &Ctx, a: SyncArgs) -> Result<i32, CliError> {
+    let s = settings(ctx)?;
+    let (push, scope) = match a.direction {
+        SyncDirection::Push(s) => (true, s),
+        SyncDirection::Pull(s) => (false, s),
+    };
+    if let Some(ns) = &scope.namespace {
+        validate_namespace_dir(ns).map_err(|e| CliError::Usage(e.to_string()))?;
+    }
+    std::fs::create_dir_all(&ctx.cache_dir).map_err(|e| {
+        CliError::Store(StoreError::Io {
+            path: ctx.cache_dir.clone(),
+            source: e,
+        })
+    })?;
+    // Push also drains the persistent upload queue; pull needs no queue.
+    let remote = s
+        .open(push.then_some(ctx.cache_dir.as_path()))
+        .map_err(remote_failed)?;
+    let bar = if scope.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(0)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg} {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} {eta}",
+        )
+        .expect("static template"),
+    );
+    bar.set_message(if push { "push" } else { "pull" });
+    let failures = std::sync::Mutex::new(Vec::new());
+    let on_event = |e: SyncEvent| match e {
+        SyncEvent::Planned { bytes, .. } => bar.set_length(bytes),
+        SyncEvent::Transferred { bytes, .. } => bar.inc(bytes),
+        SyncEvent::Failed { ns_dir, key, error } => {
+            failures
+                .lock()
+                .unwrap()
+                .push(format!("{ns_dir}/{key}: {error}"));
+        }
+    };
+    let ns = scope.namespace.as_deref();
+    let report = if push {
+        remote.push(&ctx.cache_dir, ns, &on_event)
+    } else {
+        remote.pull(&ctx.cache_dir, ns, &on_event)
+    }
+    .map_err(remote_failed)?;
+    let mut queued_left = 0;
+    if push && remote.pending_uploads() > 0 {
+        bar.set_message(format!("queued uploads: {}", remote.pending_uploads()));
+        if !remote.wait_uploaded(Duration::from_secs(s.drain_on_exit_s.max(60))) {
+            queued_left = remote.pending_uploads();
+        }
+    }
+    bar.finish_and_clear();
+    for f in failures.lock().unwrap().iter() {
+        eprintln!("kvfs: failed: {f}");
+    }
+    println!(
+        "{}: {} chunks ({}) transferred, {} already there, {} failed{}",
+        if push { "push" } else { "pull" },
+        report.transferred,
+        human_bytes(report.bytes),
+        report.skipped,
+        report.failed,
+        if queued_left > 0 {
+            format!(", {queued_left} queued uploads left (run again)")
+        } else {
+            String::new()
+        }
+    );
+    Ok(if report.failed > 0 || queued_left > 0 {
+        1
+    } else {
+        0
+    })
+}
+
+/// `kvfs ls --remote [NS]`: namespaces in the bucket, or the chunks of one.
+pub fn ls_remote(ctx: &Ctx, namespace: Option<&str>) -> Result<i32, CliError> {
+    let remote = settings(ctx)?.open(None).map_err(remote_failed)?;
+    match namespace {
+        None => {
+            for ns in remote.list_namespaces().map_err(remote_failed)? {
+                let chunks = remote.list_chunks(&ns).map_err(remote_failed)?;
+                let bytes: u64 = chunks.iter().map(|c| c.1).sum();
+                println!("{ns}\t{} chunks\t{}", chunks.len(), human_bytes(bytes));
+            }
+        }
+        Some(ns) => {
+            let ns = ns.trim_end_matches('/');
+            validate_namespace_dir(ns).map_err(|e| CliError::Usage(e.to_string()))?;
+            for (key, len) in remote.list_chunks(ns).map_err(remote_failed)? {
+                println!("{key}\t{len}");
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// Remote presence of a chunk for `kvfs stat`: `None` without S3, else a short text
+/// (`present (N bytes)`, `absent`, `unknown (error)`).
+pub fn remote_presence(ctx: &Ctx, ns_dir: &str, key: &ChunkKey) -> Option<String> {
+    let s = ctx.config.s3.as_ref().filter(|s| !s.url.is_empty())?;
+    let r = s
+        .open(None)
+        .and_then(|r| r.object_size(ns_dir, key))
+        .map(|size| match size {
+            Some(n) => format!("present ({n} bytes)"),
+            None => "absent".to_string(),
+        });
+    Some(r.unwrap_or_else(|e| format!("unknown ({e})")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_parse_and_redact() {
+        let s: S3Settings = toml::from_str(
+            "url = \"s3://b/p\"\nendpoint = \"http://127.0.0.1:3900\"\nsecret_access_key = \"hunter2-secret\"\nwhen_full = \"fail\"\n",
+        )
+        .unwrap();
+        let c = s.to_config().unwrap();
+        assert_eq!((c.bucket.as_str(), c.prefix.as_str()), ("b", "p"));
+        assert!(c.allow_http);
+        assert_eq!(c.when_full, Backpressure::Fail);
+        assert!(!format!("{s:?}").contains("hunter2"));
+        assert!(!format!("{c:?}").contains("hunter2"));
+        let bad = S3Settings {
+            url: "s3://b".into(),
+            when_full: "sometimes".into(),
+            ..Default::default()
+        };
+        assert!(matches!(bad.to_config(), Err(RemoteError::Config(_))));
+        assert!(toml::from_str::<S3Settings>("urll = \"s3://b\"").is_err());
+    }
+}

@@ -14,8 +14,12 @@
 //! detached and mounted again; a live mount point or a non-empty directory is refused.
 //!
 //! Files written through the mount are buffered in `<cache-dir>/.incoming/` (same file
-//! system as the disk tier), checked in full at close by kvfs-fs, then stored with
-//! [`Store::put_file`], which checks them again and enforces capacity.
+//! system as the disk tier) and checked in full at close by kvfs-fs; a valid one is then
+//! hard-linked into the disk tier (`kvfs_loader::dir::commit_link`: create-once, fsync per
+//! policy), never copied, indexed like a chunk another process committed, handed to the
+//! remote tier's write-behind queue, and the disk bounds are enforced (`Store::gc`) if it
+//! took the tier over them. Such commits are counted in `/.kvfs/mount.json` (`commits`), not
+//! in the store's `puts`.
 //!
 //! Reads served by passthrough never reach this process, so they are not counted in
 //! `stats.json`; reads that do (no passthrough, or chunks that are not local) are counted by
@@ -23,10 +27,11 @@
 
 use crate::cli::{CliError, Ctx};
 use crate::config;
-use crate::store::{Store, StoreError, Tier};
+use crate::store::{FsyncPolicy, Store, StoreError, Tier};
 use kvfs_fs::{
     BackendError, Capacity, ChunkBackend, ChunkInfo, Committed, MountError, MountOptions,
 };
+use kvfs_loader::dir::Commit;
 use kvfs_loader::{ChunkHeader, ChunkKey, FormatError};
 use std::fs::File;
 use std::io;
@@ -238,17 +243,35 @@ impl ChunkBackend for StoreBackend {
         self.incoming.clone()
     }
 
-    /// `Store::put_file` verifies every payload digest before anything is kept.
-    fn verifies_commits(&self) -> bool {
-        true
-    }
-
-    fn commit(&self, ns: &str, _key: &ChunkKey, path: &Path) -> Result<Committed, BackendError> {
-        let outcome = self.store.put_file(ns, path).map_err(to_backend)?;
-        Ok(if outcome.created {
-            Committed::Created
-        } else {
-            Committed::AlreadyExists
+    /// The adapter has verified the file in full (one pass over bytes still in the page
+    /// cache); it is linked into the disk tier, not copied.
+    fn commit(&self, ns: &str, key: &ChunkKey, path: &Path) -> Result<Committed, BackendError> {
+        let target = self.store.backing_path(ns, key);
+        let fsync = self.store.config().fsync == FsyncPolicy::Always;
+        let outcome = kvfs_loader::dir::commit_link(path, &target, fsync).map_err(|e| {
+            if e.raw_os_error() == Some(libc::ENOSPC) {
+                BackendError::NoSpace
+            } else {
+                BackendError::Io(e)
+            }
+        })?;
+        // Index it as a chunk committed by another writer, queue its upload, and evict if
+        // it took the disk tier over its bounds (the new chunk is the most recent: it stays).
+        self.store.contains(ns, key);
+        if outcome == Commit::Created {
+            if let Some(remote) = &self.store.config().remote {
+                remote.committed(ns, key, &target);
+            }
+            let c = self.store.capacity();
+            if c.used_bytes > c.limit_bytes || c.fs_free_bytes < c.min_free_bytes {
+                if let Err(e) = self.store.gc() {
+                    tracing::warn!(error = %e, "eviction after a commit through the mount failed");
+                }
+            }
+        }
+        Ok(match outcome {
+            Commit::Created => Committed::Created,
+            Commit::AlreadyExists => Committed::AlreadyExists,
         })
     }
 

@@ -146,6 +146,33 @@ pub fn commit_with(
     result
 }
 
+/// Like [`commit_file`], for content already complete in the file `src` on the same file
+/// system (a chunk written through the mount): `src` is hard-linked to `target`, never copied,
+/// and left in place for the caller to remove. With `fsync`, `src` is synced before the link
+/// and the directory after it.
+pub fn commit_link(src: &Path, target: &Path, fsync: bool) -> io::Result<Commit> {
+    let parent = target
+        .parent()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "target has no parent"))?;
+    if target.exists() {
+        return Ok(Commit::AlreadyExists);
+    }
+    fs::create_dir_all(parent)?;
+    if fsync {
+        File::open(src)?.sync_all()?;
+    }
+    match fs::hard_link(src, target) {
+        Ok(()) => {
+            if fsync {
+                File::open(parent)?.sync_all()?;
+            }
+            Ok(Commit::Created)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(Commit::AlreadyExists),
+        Err(e) => Err(e),
+    }
+}
+
 /// Removes temporary files left by crashed writers under `dir` (recursively, two levels of
 /// fan-out at most). Only files older than `min_age` are removed, so a live writer in another
 /// process keeps its file. Returns how many were removed.
@@ -200,6 +227,21 @@ mod tests {
         assert_eq!(fs::read(&t).unwrap(), b"one");
         let leftovers: Vec<_> = fs::read_dir(t.parent().unwrap()).unwrap().collect();
         assert_eq!(leftovers.len(), 1, "no temporary file may remain");
+    }
+
+    #[test]
+    fn commit_link_is_create_once() {
+        let d = tempfile::tempdir().unwrap();
+        let src = d.path().join("incoming");
+        fs::write(&src, b"one").unwrap();
+        let t = d.path().join("ns-0123456789abcdef").join("ab").join("x.kvc");
+        assert_eq!(commit_link(&src, &t, true).unwrap(), Commit::Created);
+        fs::write(d.path().join("other"), b"two").unwrap();
+        assert_eq!(
+            commit_link(&d.path().join("other"), &t, false).unwrap(),
+            Commit::AlreadyExists
+        );
+        assert_eq!(fs::read(&t).unwrap(), b"one");
     }
 
     #[test]

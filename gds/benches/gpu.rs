@@ -27,7 +27,10 @@ use std::time::Instant;
 
 use cudarc::driver::result as cu;
 use kvfs_gds::direct::open_read;
-use kvfs_gds::{GdsError, GpuLoader, GpuPath, PagedLayout, ReadExtent, ScatterPlan, Segment};
+use kvfs_gds::{
+    GdsError, GpuLoader, GpuOptions, GpuPath, PagedLayout, ProbeOptions, ReadExtent, ScatterPlan,
+    Segment,
+};
 
 const LAYERS: u64 = 32;
 const KV_HEADS: u64 = 8;
@@ -46,7 +49,24 @@ fn env_u64(k: &str, d: u64) -> u64 {
 }
 
 fn main() {
-    let mut gl = match GpuLoader::from_env() {
+    let dir = std::env::var_os("KVFS_BENCH_DIR")
+        .map_or_else(|| PathBuf::from("target/kvfs-gpu-bench"), PathBuf::from);
+    std::fs::create_dir_all(&dir).expect("bench dir");
+    // Probe cuFile where the files are: GDS support depends on the file system.
+    let opts = match ProbeOptions::from_env() {
+        Ok(mut p) => {
+            p.probe_dir = dir.clone();
+            GpuOptions {
+                probe: p,
+                ..Default::default()
+            }
+        }
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let mut gl = match GpuLoader::new(&opts) {
         Ok(l) if l.path() == GpuPath::HostOnly => {
             println!("no CUDA device: skipped");
             print!("{}", l.probe());
@@ -70,8 +90,6 @@ fn main() {
     let dev = gl.device().expect("device path").clone();
     let tokens = env_u64("KVFS_BENCH_TOKENS", 32_768) / CHUNK * CHUNK;
     let runs = env_u64("KVFS_BENCH_RUNS", 3).max(1);
-    let dir = std::env::var_os("KVFS_BENCH_DIR")
-        .map_or_else(|| PathBuf::from("target/kvfs-gpu-bench"), PathBuf::from);
     let chunks = tokens / CHUNK;
     let kv_bytes = CHUNK * ROW; // one chunk's K (or V) of one layer
     let file_len = HEADER + LAYERS * 2 * kv_bytes;

@@ -105,6 +105,8 @@ pub type RawStream = *mut c_void;
 
 /// Fills of at least this many pieces use cuFile's batch API.
 pub const BATCH_MIN_PIECES: usize = 4;
+/// Requests per cuFile batch (cuFile's default `max_batch_io_size` is 128).
+pub const BATCH_MAX: usize = 128;
 
 fn cuda_err(op: &'static str) -> impl FnOnce(DriverError) -> GdsError {
     move |e| GdsError::Cuda {
@@ -654,12 +656,16 @@ impl GdsEngine {
                     cookie: std::ptr::null_mut(),
                 });
             }
-            let b = lib.batch_setup(params.len() as u32)?;
-            // SAFETY: base is registered device memory of buf_size >= every piece's end;
-            // the handles are live (cached).
-            let res = unsafe { lib.batch_run(&b, &mut params) };
-            lib.batch_destroy(b);
-            for (p, n) in fill.pieces.iter().zip(res?) {
+            let mut got = Vec::with_capacity(params.len());
+            for part in params.chunks_mut(BATCH_MAX) {
+                let b = lib.batch_setup(part.len() as u32)?;
+                // SAFETY: base is registered device memory of buf_size >= every piece's end;
+                // the handles are live (cached).
+                let res = unsafe { lib.batch_run(&b, part) };
+                lib.batch_destroy(b);
+                got.extend(res?);
+            }
+            for (p, n) in fill.pieces.iter().zip(got) {
                 check_read(p.file_offset, p.skip, p.len, n as u64)?;
             }
         } else {
@@ -698,8 +704,8 @@ impl GdsEngine {
             if let Some(e) = &self.slot_events[slot] {
                 e.synchronize().map_err(cuda_err("cuEventSynchronize"))?;
             }
-            self.read_fill(slot, fill, &mut stats)?;
             self.dev.bind()?;
+            self.read_fill(slot, fill, &mut stats)?;
             let base = self.slots[slot].ptr;
             for p in &fill.pieces {
                 self.dev.launch_window(

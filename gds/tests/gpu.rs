@@ -10,13 +10,22 @@ use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 
 use kvfs_gds::direct::open_write;
-use kvfs_gds::{GdsError, GpuLoader, GpuPath, HostSink, ReadExtent, Ring};
+use kvfs_gds::{
+    GdsError, GpuLoader, GpuOptions, GpuPath, HostSink, ProbeOptions, ReadExtent, Ring,
+};
 
 mod common;
 use common::{Rng, make_files, random_case, stream_of};
 
-fn loader() -> Option<GpuLoader> {
-    match GpuLoader::from_env() {
+/// The loader for the path `KVFS_GPU_PATH` forces, probing cuFile in `dir` (GDS support
+/// depends on the file system, and /tmp may be tmpfs).
+fn loader(dir: &std::path::Path) -> Option<GpuLoader> {
+    let mut opts = GpuOptions {
+        probe: ProbeOptions::from_env().unwrap(),
+        ..Default::default()
+    };
+    opts.probe.probe_dir = dir.to_path_buf();
+    match GpuLoader::new(&opts) {
         Ok(l) if l.path() == GpuPath::HostOnly => {
             panic!("no CUDA device: these tests need one\n{}", l.probe())
         }
@@ -47,9 +56,11 @@ fn test_dir() -> tempfile::TempDir {
 #[test]
 #[ignore = "needs a CUDA GPU: run scripts/gpu-check"]
 fn device_load_and_store_match_the_host_path() {
-    let Some(mut gl) = loader() else { return };
-    let dev = gl.device().unwrap().clone();
     let dir = test_dir();
+    let Some(mut gl) = loader(dir.path()) else {
+        return;
+    };
+    let dev = gl.device().unwrap().clone();
     let mut rng = Rng(0xc0ff_ee00_1234_5678);
     let files = make_files(dir.path(), &mut rng);
     for round in 0..40 {
@@ -123,9 +134,11 @@ fn device_load_and_store_match_the_host_path() {
 #[test]
 #[ignore = "needs a CUDA GPU: run scripts/gpu-check"]
 fn engine_stream_waits_for_each_layer() {
-    let Some(mut gl) = loader() else { return };
-    let dev = gl.device().unwrap().clone();
     let dir = test_dir();
+    let Some(mut gl) = loader(dir.path()) else {
+        return;
+    };
+    let dev = gl.device().unwrap().clone();
     let mut rng = Rng(42);
     let files = make_files(dir.path(), &mut rng);
     let case = loop {

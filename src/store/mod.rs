@@ -345,14 +345,24 @@ fn is_no_space(e: &io::Error) -> bool {
     ) || e.kind() == io::ErrorKind::StorageFull
 }
 
+fn cores() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get())
+}
+
 /// Checks a whole chunk's payload, splitting the layers across the machine's cores.
 pub fn verify_payload_parallel(header: &ChunkHeader, bytes: &[u8]) -> Result<(), FormatError> {
+    verify_payload_threads(header, bytes, cores())
+}
+
+/// Checks a whole chunk's payload on up to `threads` threads (the caller's included).
+pub fn verify_payload_threads(
+    header: &ChunkHeader,
+    bytes: &[u8],
+    threads: usize,
+) -> Result<(), FormatError> {
     header.check_len(bytes.len() as u64)?;
     let layers = header.geometry.num_layers;
-    let threads = std::thread::available_parallelism()
-        .map_or(1, |n| n.get())
-        .min(layers as usize)
-        .min(16);
+    let threads = threads.min(layers as usize).min(16);
     if threads <= 1 || bytes.len() < PARALLEL_VERIFY_MIN {
         return header.verify_payload(bytes);
     }
@@ -501,7 +511,10 @@ impl Store {
             evicted += self.forget_victims(&victims);
             let r = dir::commit_with(&path, fsync, |f| {
                 std::thread::scope(|s| {
-                    let verifier = s.spawn(|| verify_payload_parallel(&header, bytes));
+                    // The writer keeps one core busy; verification gets the others.
+                    let verifier = s.spawn(|| {
+                        verify_payload_threads(&header, bytes, cores().saturating_sub(1).max(1))
+                    });
                     let written = f.write_all(bytes);
                     let verified = verifier
                         .join()

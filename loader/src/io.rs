@@ -116,6 +116,17 @@ fn is_einval(e: &io::Error) -> bool {
     e.raw_os_error() == Some(libc::EINVAL)
 }
 
+/// Logs an O_DIRECT fallback: once per process at `warn` (the file system cannot do direct
+/// I/O, so every file on it will fall back), then per file at `debug`.
+fn log_fallback(path: &Path, when: &str) {
+    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+        tracing::warn!(path = %path.display(), "O_DIRECT refused {when} (EINVAL); reading buffered through the page cache");
+    } else {
+        tracing::debug!(path = %path.display(), "O_DIRECT refused {when} (EINVAL); reading buffered");
+    }
+}
+
 /// Opens a chunk file for reading in `mode` (see the module docs for the fallback).
 pub fn open_chunk_file(path: &Path, mode: IoMode) -> io::Result<ChunkFile> {
     let mut f = ChunkFile {
@@ -130,9 +141,7 @@ pub fn open_chunk_file(path: &Path, mode: IoMode) -> io::Result<ChunkFile> {
             .open(path)
         {
             Ok(d) => f.direct = Some(d),
-            Err(e) if is_einval(&e) => {
-                tracing::debug!(path = %path.display(), "O_DIRECT refused at open (EINVAL); reading buffered");
-            }
+            Err(e) if is_einval(&e) => log_fallback(path, "at open"),
             Err(e) => return Err(e),
         }
     }
@@ -174,9 +183,7 @@ impl ChunkFile {
             && aligned(buf.as_ptr() as usize, buf.len(), offset)
         {
             match read_exact_at(d, buf, offset) {
-                Err(e) if is_einval(&e) => {
-                    tracing::warn!(path = %self.path.display(), "O_DIRECT read refused (EINVAL); falling back to buffered reads");
-                }
+                Err(e) if is_einval(&e) => log_fallback(&self.path, "at read"),
                 r => return r,
             }
         }

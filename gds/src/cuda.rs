@@ -843,6 +843,8 @@ pub struct GpuOptions {
     pub slots: usize,
     /// Bytes per staging buffer (multiple of 4096).
     pub buf_size: usize,
+    /// Threads reading each fill on the staging path.
+    pub readers: usize,
 }
 
 impl Default for GpuOptions {
@@ -851,6 +853,7 @@ impl Default for GpuOptions {
             probe: ProbeOptions::default(),
             slots: 3,
             buf_size: 16 << 20,
+            readers: std::thread::available_parallelism().map_or(4, |n| n.get().min(8)),
         }
     }
 }
@@ -878,7 +881,8 @@ impl GpuLoader {
             GpuPath::HostOnly => (None, Engine::Host),
             GpuPath::Staging => {
                 let dev = Device::open(probe.device)?;
-                let ring = Ring::new(CudaSink::new(dev.clone()), opts.slots, opts.buf_size)?;
+                let mut ring = Ring::new(CudaSink::new(dev.clone()), opts.slots, opts.buf_size)?;
+                ring.set_readers(opts.readers);
                 (Some(dev), Engine::Staging(Box::new(ring)))
             }
             GpuPath::Gds | GpuPath::Compat => {

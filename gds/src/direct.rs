@@ -130,6 +130,8 @@ fn borrow_file(fd: RawFd) -> std::mem::ManuallyDrop<File> {
 /// is cleared and the read goes on buffered.
 pub fn read_at_least(fd: RawFd, buf: &mut [u8], offset: u64, need: u64) -> Result<u64> {
     let f = borrow_file(fd);
+    let direct_at_start = is_direct(fd);
+    let mut fell_back = false;
     let mut done = 0usize;
     while (done as u64) < need {
         let at = offset + done as u64;
@@ -143,7 +145,14 @@ pub fn read_at_least(fd: RawFd, buf: &mut [u8], offset: u64, need: u64) -> Resul
             }
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && drop_direct(fd, "read", at, &e) => {
+            // Refused under O_DIRECT: clear the flag (or see that a concurrent reader of the
+            // same descriptor already did) and retry once, buffered.
+            Err(e)
+                if e.raw_os_error() == Some(libc::EINVAL)
+                    && !fell_back
+                    && (drop_direct(fd, "read", at, &e) || (direct_at_start && !is_direct(fd))) =>
+            {
+                fell_back = true;
             }
             Err(e) => return Err(GdsError::io("pread", at, e)),
         }
@@ -154,6 +163,8 @@ pub fn read_at_least(fd: RawFd, buf: &mut [u8], offset: u64, need: u64) -> Resul
 /// Writes all of `buf` at `offset`, with the same O_DIRECT fall back as [`read_at_least`].
 pub fn write_all_at(fd: RawFd, buf: &[u8], offset: u64) -> Result<()> {
     let f = borrow_file(fd);
+    let direct_at_start = is_direct(fd);
+    let mut fell_back = false;
     let mut done = 0usize;
     while done < buf.len() {
         let at = offset + done as u64;
@@ -168,7 +179,13 @@ pub fn write_all_at(fd: RawFd, buf: &[u8], offset: u64) -> Result<()> {
             Ok(n) => done += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e)
-                if e.raw_os_error() == Some(libc::EINVAL) && drop_direct(fd, "write", at, &e) => {}
+                if e.raw_os_error() == Some(libc::EINVAL)
+                    && !fell_back
+                    && (drop_direct(fd, "write", at, &e)
+                        || (direct_at_start && !is_direct(fd))) =>
+            {
+                fell_back = true;
+            }
             Err(e) => return Err(GdsError::io("pwrite", at, e)),
         }
     }

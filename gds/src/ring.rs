@@ -82,6 +82,7 @@ pub struct Ring<S: Sink> {
     sink: S,
     bufs: Vec<S::Buffer>,
     buf_size: u64,
+    readers: usize,
 }
 
 impl<S: Sink> Ring<S> {
@@ -100,7 +101,20 @@ impl<S: Sink> Ring<S> {
             sink,
             bufs,
             buf_size: buf_size as u64,
+            readers: 1,
         })
+    }
+
+    /// Reads each fill with `n` threads (1 = on the calling thread). One thread reading the
+    /// page cache copies at roughly memcpy speed, below what PCIe 5 takes, so the device
+    /// paths use several.
+    pub fn set_readers(&mut self, n: usize) {
+        self.readers = n.max(1);
+    }
+
+    /// Reader threads per fill.
+    pub fn readers(&self) -> usize {
+        self.readers
     }
 
     /// The sink.
@@ -140,7 +154,7 @@ impl<S: Sink> Ring<S> {
         for (i, fill) in fills.iter().enumerate() {
             let slot = i % n;
             self.sink.wait_slot(slot)?;
-            read_fill(self.bufs[slot].as_mut(), fill, &mut stats)?;
+            read_fill_parallel(self.bufs[slot].as_mut(), fill, self.readers, &mut stats)?;
             self.sink.submit(slot, &self.bufs[slot], fill, plan)?;
             stats.fills += 1;
             let now = plan.layers_complete_at(fill.stream_end());
@@ -261,17 +275,85 @@ fn file_size(fd: RawFd) -> Result<u64> {
 
 /// Reads every piece of `fill` into `buf` (aligned O_DIRECT transfers).
 pub fn read_fill(buf: &mut [u8], fill: &Fill, stats: &mut IoStats) -> Result<()> {
-    for p in &fill.pieces {
-        let region = &mut buf[p.buf_offset as usize..(p.buf_offset + p.io_len) as usize];
-        read_at_least(p.file, region, p.file_offset, p.needed()).map_err(|e| match e {
+    read_fill_parallel(buf, fill, 1, stats)
+}
+
+/// Bytes per read task when a fill is read by several threads (aligned).
+pub const READ_TASK: u64 = 1 << 20;
+
+/// One aligned transfer of a piece: `(piece index, offset in the piece, buffer region)`.
+struct Task<'b> {
+    piece: usize,
+    at: u64,
+    buf: &'b mut [u8],
+}
+
+/// Reads `fill` into `buf` with up to `threads` threads: pieces are cut into aligned tasks of
+/// [`READ_TASK`] bytes, dealt round robin; each task fills its own region of the buffer.
+/// Parts of a piece past its wanted bytes (block padding at end of file) are not read.
+pub fn read_fill_parallel(
+    buf: &mut [u8],
+    fill: &Fill,
+    threads: usize,
+    stats: &mut IoStats,
+) -> Result<()> {
+    // Cut the buffer into disjoint task regions, in buffer order (pieces are in buffer order).
+    let mut tasks: Vec<Task<'_>> = Vec::new();
+    let mut rest: &mut [u8] = buf;
+    let mut consumed = 0u64;
+    for (i, p) in fill.pieces.iter().enumerate() {
+        let (_, tail) = std::mem::take(&mut rest).split_at_mut((p.buf_offset - consumed) as usize);
+        rest = tail;
+        consumed = p.buf_offset;
+        let mut at = 0;
+        while at < p.needed() {
+            let len = READ_TASK.min(p.io_len - at);
+            let (head, tail) = std::mem::take(&mut rest).split_at_mut(len as usize);
+            rest = tail;
+            consumed += len;
+            tasks.push(Task {
+                piece: i,
+                at,
+                buf: head,
+            });
+            at += len;
+        }
+    }
+    let run = |t: &mut Task<'_>| -> Result<()> {
+        let p = &fill.pieces[t.piece];
+        let need = (p.needed() - t.at).min(t.buf.len() as u64);
+        read_at_least(p.file, t.buf, p.file_offset + t.at, need).map_err(|e| match e {
             GdsError::ShortRead { got, .. } => GdsError::ShortRead {
                 offset: p.file_offset + p.skip,
                 wanted: p.len,
-                got: got.saturating_sub(p.skip),
+                got: (t.at + got).saturating_sub(p.skip),
             },
             e => e,
         })?;
-        stats.transfers += 1;
+        Ok(())
+    };
+    let n_tasks = tasks.len() as u64;
+    let threads = threads.clamp(1, tasks.len().max(1));
+    if threads == 1 {
+        tasks.iter_mut().try_for_each(run)?;
+    } else {
+        let mut lanes: Vec<Vec<Task<'_>>> = (0..threads).map(|_| Vec::new()).collect();
+        for (k, t) in tasks.into_iter().enumerate() {
+            lanes[k % threads].push(t);
+        }
+        std::thread::scope(|s| {
+            let handles: Vec<_> = lanes
+                .into_iter()
+                .map(|mut lane| s.spawn(move || lane.iter_mut().try_for_each(run)))
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().expect("reader thread panicked"))
+                .collect::<Result<Vec<()>>>()
+        })?;
+    }
+    stats.transfers += n_tasks;
+    for p in &fill.pieces {
         stats.io_bytes += p.io_len;
         stats.data_bytes += p.len;
     }

@@ -24,6 +24,7 @@ fn random_layouts_load_like_the_reference_scatter() {
         let buf = 4096 * (2 + rng.below(5) as usize);
         let mut got = vec![0xeeu8; case.dst_len];
         let mut ring = Ring::new(HostSink::new(&mut got), slots, buf).unwrap();
+        ring.set_readers(1 + round % 3);
         let stats = ring.load_extents(&case.extents, &case.plan).unwrap();
         assert_eq!(stats.data_bytes, stream.len() as u64);
         let layers = case.plan.layers();
@@ -106,6 +107,59 @@ fn random_layouts_store_and_load_back() {
             .unwrap();
         assert!(back == want_back, "round {round}: load after store differs");
     }
+}
+
+#[test]
+fn large_fills_are_read_by_several_threads() {
+    // Pieces of several MiB are cut into 1 MiB tasks; readers share them.
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("big");
+    let data: Vec<u8> = (0..9_000_000u32)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    std::fs::write(&p, &data).unwrap();
+    let f = open_read(&p).unwrap().file;
+    let ext = [
+        ReadExtent {
+            file: f.as_raw_fd(),
+            offset: 777,
+            len: 7_000_000,
+        },
+        ReadExtent {
+            file: f.as_raw_fd(),
+            offset: 8_000_000,
+            len: 1_000_000,
+        },
+    ];
+    let plan = ScatterPlan::contiguous(0, 8_000_000).unwrap();
+    for readers in [1, 2, 5] {
+        let mut got = vec![0u8; 8_000_000];
+        let mut ring = Ring::new(HostSink::new(&mut got), 2, 4 << 20).unwrap();
+        ring.set_readers(readers);
+        let stats = ring.load_extents(&ext, &plan).unwrap();
+        drop(ring);
+        assert!(stats.transfers >= 8, "{stats:?}");
+        assert!(
+            got[..7_000_000] == data[777..7_000_777],
+            "readers {readers}"
+        );
+        assert!(
+            got[7_000_000..] == data[8_000_000..9_000_000],
+            "readers {readers}"
+        );
+    }
+    // A short file read by several threads is still a typed short read.
+    let past = [ReadExtent {
+        file: f.as_raw_fd(),
+        offset: 4_000_000,
+        len: 5_500_000,
+    }];
+    let mut got = vec![0u8; 8_000_000];
+    let mut ring = Ring::new(HostSink::new(&mut got), 2, 4 << 20).unwrap();
+    ring.set_readers(4);
+    let plan = ScatterPlan::contiguous(0, 5_500_000).unwrap();
+    let err = ring.load_extents(&past, &plan).unwrap_err();
+    assert!(matches!(err, GdsError::ShortRead { .. }), "{err}");
 }
 
 /// Records the order of sink calls and checks layer readiness against the reference.

@@ -481,6 +481,24 @@ impl DiskTier {
     }
 }
 
+/// Whether process `pid` exists and is not a zombie (a killed writer whose parent has not
+/// reaped it yet is dead for our purposes).
+fn process_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 sends nothing; it only checks whether `pid` exists.
+    let exists = unsafe { libc::kill(pid, 0) } == 0
+        || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+    if !exists {
+        return false;
+    }
+    // `/proc/<pid>/stat` is `pid (comm) S ...`; the state follows the last `)`.
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
 /// Removes temporary files (`.tmp-<name>.<pid>.<seq>`) whose writer process is gone, so a
 /// writer killed mid-put leaves nothing behind once any process reopens the store. Files of
 /// live processes are kept; a file whose pid cannot be read is left to the age-based sweep.
@@ -510,10 +528,7 @@ pub(crate) fn sweep_dead_writers(root: &Path) -> io::Result<usize> {
             let Some(pid) = pid.and_then(|p| p.parse::<i32>().ok()).filter(|p| *p > 0) else {
                 continue;
             };
-            // SAFETY: kill with signal 0 sends nothing; it only checks whether `pid` exists.
-            let alive = unsafe { libc::kill(pid, 0) } == 0
-                || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
-            if !alive && fs::remove_file(entry.path()).is_ok() {
+            if !process_alive(pid) && fs::remove_file(entry.path()).is_ok() {
                 removed += 1;
             }
         }

@@ -211,11 +211,19 @@ impl Device {
         })
     }
 
-    /// Synchronous host-to-device copy (tests, benchmarks).
+    /// Synchronous host-to-device copy (tests, benchmarks), complete on return.
     pub fn htod(&self, dst: u64, src: &[u8]) -> Result<()> {
         self.bind()?;
+        self.synchronize()?;
         // SAFETY: the caller passes a device address with src.len() bytes.
-        unsafe { cu::memcpy_htod_sync(dst, src) }.map_err(cuda_err("cuMemcpyHtoD"))
+        unsafe { cu::memcpy_htod_sync(dst, src) }.map_err(cuda_err("cuMemcpyHtoD"))?;
+        // From pageable memory the call may return before the DMA is done.
+        self.ctx_synchronize()
+    }
+
+    /// Waits for all work in the context (every stream, including the legacy one).
+    pub fn ctx_synchronize(&self) -> Result<()> {
+        self.ctx.synchronize().map_err(cuda_err("cuCtxSynchronize"))
     }
 
     /// Synchronous device-to-host copy (tests, benchmarks).
@@ -413,6 +421,9 @@ impl RunTable {
             // SAFETY: the table has room for `bytes`; ScatterRun is repr(C) {u64; 3}, the
             // layout of the kernel's Run.
             unsafe { cu::memcpy_htod_sync(ptr, runs) }.map_err(cuda_err("cuMemcpyHtoD"))?;
+            // A copy from pageable memory may return before its DMA is done, and the loader's
+            // stream is non-blocking (no implicit order with the legacy stream): wait for it.
+            dev.ctx_synchronize()?;
         }
         Ok(ptr)
     }

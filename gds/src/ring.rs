@@ -202,6 +202,8 @@ impl<S: Sink> Ring<S> {
         let ends = file_ends(extents)?;
         let fills = plan_fills(extents, self.buf_size)?;
         self.sink.begin(plan)?;
+        // Slot 0's buffer may still feed an asynchronous copy of an earlier load.
+        self.sink.wait_slot(0)?;
         let mut stats = IoStats::default();
         for fill in &fills {
             let buf = &mut self.bufs[0];

@@ -139,7 +139,12 @@ impl Device {
             })?
             .map_err(cuda_err("cuDevicePrimaryCtxRetain"))?;
         let stream = ctx.new_stream().map_err(cuda_err("cuStreamCreate"))?;
-        let kernels = match Self::compile(&ctx) {
+        // Check NVRTC with a plain dlopen first: cudarc's loader panics when it is missing.
+        let nvrtc = cufile::dlopen_first(crate::probe::NVRTC_NAMES);
+        let kernels = match nvrtc
+            .map_err(GdsError::Nvrtc)
+            .and_then(|_| Self::compile(&ctx))
+        {
             Ok(k) => Some(k),
             Err(e) => {
                 warn!("scatter kernel unavailable, using async copies: {e}");

@@ -978,6 +978,18 @@ impl Filesystem for KvFs {
         reply.error(self.modifiable().err().unwrap_or(Errno::EPERM));
     }
 
+    fn access(&self, _req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        // Without `default_permissions` the kernel asks: existence, and no writing on a
+        // read-only mount. (With it, the kernel checks the modes itself.)
+        if self.inodes.get(ino.0).is_none() {
+            return reply.error(Errno::ENOENT);
+        }
+        if self.opts.read_only && mask.contains(fuser::AccessFlags::W_OK) {
+            return reply.error(Errno::EROFS);
+        }
+        reply.ok();
+    }
+
     fn ioctl(
         &self,
         _req: &Request,

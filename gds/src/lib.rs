@@ -17,7 +17,7 @@
 //!
 //! Module map: [`align`] (alignment, aligned buffers), [`plan`] (extents -> aligned fills),
 //! [`scatter`] (scatter plans, block tables), [`direct`] (O_DIRECT with fall back),
-//! [`ring`] (the staging ring and the [`Sink`] trait), [`probe`] (path selection),
+//! [`ring`] (the staging ring and the [`Sink`] trait), [`probe`](mod@probe) (path selection),
 //! [`cufile`] (cuFile bindings), [`cuda`] (device sinks, kernel, [`GpuLoader`]).
 
 pub mod align;

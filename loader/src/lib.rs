@@ -36,7 +36,7 @@ pub use backend::{Backend, HostMemory};
 pub use io::IoMode;
 pub use layout::{BlockMap, KvLayout, LayoutError, RawRegion};
 pub use loader::{
-    ChunkError, Dest, LoadHandle, LoadRequest, LoadStats, Loader, LoaderError, LoaderOptions,
-    StoreStats,
+    ChunkError, Dest, LoadHandle, LoadOrder, LoadRequest, LoadStats, Loader, LoaderError,
+    LoaderOptions, StoreStats,
 };
 pub use selective::Selection;

@@ -124,6 +124,20 @@ pub struct LoaderOptions {
     /// Reads straight into host destination memory when runs average at least this many
     /// bytes; smaller runs are staged through one larger read.
     pub direct_run_min: usize,
+    /// In which order (layer, chunk) reads are queued.
+    pub order: LoadOrder,
+}
+
+/// The order in which a load queues its reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LoadOrder {
+    /// Layer 0 of every chunk, then layer 1, ...: layers become ready one after the other, so
+    /// an engine computes layer `i` while later layers load (`wait_layer`).
+    #[default]
+    LayerMajor,
+    /// Chunk 0 whole, then chunk 1, ...: each file is read front to back, which some devices
+    /// serve faster; no layer is ready before the last chunk's reads start.
+    ChunkMajor,
 }
 
 impl Default for LoaderOptions {
@@ -135,6 +149,7 @@ impl Default for LoaderOptions {
             fsync: false,
             use_backing: true,
             direct_run_min: 64 * 1024,
+            order: LoadOrder::LayerMajor,
         }
     }
 }
@@ -415,14 +430,18 @@ impl Loader {
             p.layer_ready = vec![Some(Duration::ZERO); layers];
             p.elapsed = Some(Duration::ZERO);
         } else {
-            let jobs = (0..layers).flat_map(|l| {
+            let order: Vec<(usize, usize)> = match self.opts.order {
+                LoadOrder::LayerMajor => (0..layers)
+                    .flat_map(|l| (0..n).map(move |c| (c, l)))
+                    .collect(),
+                LoadOrder::ChunkMajor => (0..n)
+                    .flat_map(|c| (0..layers).map(move |l| (c, l)))
+                    .collect(),
+            };
+            self.pool.submit_all(order.into_iter().map(|(c, l)| {
                 let job = job.clone();
-                (0..n).map(move |c| {
-                    let job = job.clone();
-                    Box::new(move |buf: &mut AlignedBuf| job.run(c, l, buf)) as io::Job
-                })
-            });
-            self.pool.submit_all(jobs);
+                Box::new(move |buf: &mut AlignedBuf| job.run(c, l, buf)) as io::Job
+            }));
         }
         Ok(LoadHandle { job })
     }

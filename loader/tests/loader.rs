@@ -5,7 +5,9 @@
 use kvfs_loader::dir::{self, Layout};
 use kvfs_loader::format::{ChunkView, Verify, synth_chunk};
 use kvfs_loader::layout::{BlockMap, KvLayout, RawRegion};
-use kvfs_loader::loader::{ChunkError, Dest, LoadRequest, Loader, LoaderError, LoaderOptions};
+use kvfs_loader::loader::{
+    ChunkError, Dest, LoadOrder, LoadRequest, Loader, LoaderError, LoaderOptions,
+};
 use kvfs_loader::{Dtype, FormatError, IoMode, KvKind, ModelSpec, SaltTag, Selection};
 use proptest::prelude::*;
 use std::path::{Path, PathBuf};
@@ -208,6 +210,7 @@ proptest! {
         end_frac in 0.0f64..1.0,
         direct in any::<bool>(),
         run_min in prop::sample::select(vec![0usize, 64 * 1024]),
+        chunk_major in any::<bool>(),
         seed in any::<u64>(),
     ) {
         let mla = kind == Kind::Mla || (kind == Kind::Pool && seed % 2 == 0);
@@ -220,7 +223,8 @@ proptest! {
         let end = ((full as f64 * end_frac) as usize).max(1);
         let start = (end as f64 * start_frac) as usize;
         let io = if direct { IoMode::Direct } else { IoMode::Buffered };
-        let o = LoaderOptions { direct_run_min: run_min, ..opts(io) };
+        let order = if chunk_major { LoadOrder::ChunkMajor } else { LoadOrder::LayerMajor };
+        let o = LoaderOptions { direct_run_min: run_min, order, ..opts(io) };
         let loader = Loader::open_with(d.path(), spec.clone(), b"", o).unwrap();
         prop_assert_eq!(loader.lookup(&toks), full);
 

@@ -320,8 +320,19 @@ fn gc_enforces_a_smaller_capacity() {
     let cs = chunks(5, 10);
     let len = cs[0].1.len() as u64;
     let store = Store::open(cfg(d.path())).unwrap();
-    for (_, b) in &cs {
+    for (i, (k, b)) in cs.iter().enumerate() {
         store.put(&ns, b).unwrap();
+        // File times are the recency a new process starts from; kernel timestamps are
+        // coarse (a few ms), so give each file a distinct one, oldest first.
+        let t = std::time::SystemTime::UNIX_EPOCH
+            + std::time::Duration::from_secs(1 << 30)
+            + std::time::Duration::from_secs(i as u64);
+        fs::File::options()
+            .write(true)
+            .open(store.backing_path(&ns, k))
+            .unwrap()
+            .set_times(fs::FileTimes::new().set_accessed(t).set_modified(t))
+            .unwrap();
     }
     let small = bounded(d.path(), 2, len);
     let r = small.gc().unwrap();

@@ -23,7 +23,7 @@ use crate::error::RemoteError;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use kvfs_loader::spec::validate_namespace_dir;
-use kvfs_loader::{ChunkKey, ChunkView, FormatError, Verify};
+use kvfs_loader::{ChunkHeader, ChunkKey, ChunkView, FormatError, Verify};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use std::collections::HashSet;
@@ -400,7 +400,16 @@ impl Bucket {
 /// Checks that `bytes` is a whole, valid chunk named `key` in namespace dir `ns_dir`.
 pub fn verify_object(bytes: &[u8], ns_dir: &str, key: &ChunkKey) -> Result<(), FormatError> {
     let view = ChunkView::parse(bytes, Verify::Full)?;
-    let meta = &view.header.meta;
+    check_identity(&view.header, ns_dir, key)
+}
+
+/// Checks that a (valid) header is the chunk named `key` in namespace dir `ns_dir`.
+pub(crate) fn check_identity(
+    header: &ChunkHeader,
+    ns_dir: &str,
+    key: &ChunkKey,
+) -> Result<(), FormatError> {
+    let meta = &header.meta;
     if meta.key != *key {
         return Err(FormatError::NameMismatch {
             name: key.file_name(),

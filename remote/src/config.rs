@@ -128,7 +128,7 @@ impl S3Config {
             when_full: Backpressure::Block,
             block_timeout: Duration::from_secs(30),
             upload_concurrency: 8,
-            download_concurrency: 8,
+            download_concurrency: 16,
             lookup_parallelism: 128,
         })
     }

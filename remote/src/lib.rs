@@ -26,6 +26,7 @@ pub mod config;
 pub mod error;
 pub mod lookup;
 pub mod queue;
+mod stream;
 pub mod sync;
 
 pub use client::{PutOutcome, RemoteStats, verify_object};

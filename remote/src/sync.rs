@@ -2,9 +2,11 @@
 //!
 //! Both directions are idempotent and therefore resumable: `push` lists the bucket once per
 //! namespace and uploads (put-if-absent) only the chunks it lacks; `pull` downloads only the
-//! chunks the cache lacks, verifies each one fully, and commits it with
-//! [`kvfs_loader::dir::commit_file`] (temporary file + link), so an interrupted pull leaves
-//! complete chunks or nothing, and the next run continues where it stopped. Transfers run
+//! chunks the cache lacks, streaming each body into a temporary file while verifying it layer
+//! by layer (see [`crate::stream`]: the same checks as `Verify::Full`, without holding the
+//! object in memory), and commits it with [`kvfs_loader::dir::commit_with`] (temporary file +
+//! link), so an interrupted or damaged pull leaves complete chunks or nothing, and the next
+//! run continues where it stopped. Transfers run
 //! `upload_concurrency` / `download_concurrency` at a time on the tier's runtime; progress is
 //! reported through a callback so the CLI can draw bars without this crate knowing about them.
 //!
@@ -12,13 +14,14 @@
 //! chunk, never corrupt one, and the next pull fetches it again.
 
 use crate::Remote;
-use crate::client::{NAMESPACE_JSON, verify_object};
+use crate::client::NAMESPACE_JSON;
 use crate::error::RemoteError;
+use crate::stream::StreamingChunk;
 use bytes::Bytes;
 use futures::StreamExt;
-use kvfs_loader::dir::{Layout, commit_file};
+use kvfs_loader::dir::{Layout, commit_file, commit_with};
 use kvfs_loader::spec::validate_namespace_dir;
-use kvfs_loader::{ChunkKey, ChunkView, Verify};
+use kvfs_loader::{ChunkKey, ChunkView, FormatError, Verify};
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -266,21 +269,20 @@ impl Remote {
                         let r: Result<u64, RemoteError> = async {
                             use object_store::ObjectStoreExt;
                             let opath = bucket.chunk_path(&ns, &key);
-                            let bytes = bucket.store.get(&opath).await?.bytes().await?;
-                            client_bump_fetched(bucket, bytes.len() as u64);
+                            let body = bucket.store.get(&opath).await?.into_stream();
+                            crate::client::bump(&bucket.counters.fetches, 1);
                             let (nsc, p) = (ns.clone(), path.clone());
+                            let handle = tokio::runtime::Handle::current();
                             tokio::task::spawn_blocking(move || {
-                                verify_object(&bytes, &nsc, &key).map_err(|source| RemoteError::Corrupt {
-                                    path: opath.to_string(),
-                                    source,
-                                })?;
-                                commit_file(&p, &bytes, false).map_err(|e| RemoteError::io(&p, e))?;
-                                Ok(bytes.len() as u64)
+                                download_into(handle, body, &nsc, key, &p, opath.to_string())
                             })
                             .await
-                            .expect("commit task panicked")
+                            .expect("download task panicked")
                         }
                         .await;
+                        if let Ok(n) = r {
+                            crate::client::bump(&bucket.counters.bytes_fetched, n);
+                        }
                         let mut t = totals.lock().unwrap();
                         match r {
                             Ok(len) => {
@@ -306,7 +308,47 @@ impl Remote {
     }
 }
 
-fn client_bump_fetched(bucket: &crate::client::Bucket, n: u64) {
-    crate::client::bump(&bucket.counters.fetches, 1);
-    crate::client::bump(&bucket.counters.bytes_fetched, n);
+/// Streams one object into `target` (verified as it arrives; see [`crate::stream`]) on a
+/// blocking thread, pulling body frames from the runtime. Returns the chunk's length.
+fn download_into(
+    handle: tokio::runtime::Handle,
+    mut body: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    ns_dir: &str,
+    key: ChunkKey,
+    target: &Path,
+    object: String,
+) -> Result<u64, RemoteError> {
+    let mut invalid: Option<FormatError> = None;
+    let mut network: Option<object_store::Error> = None;
+    let mut len = 0;
+    let r = commit_with(target, false, |f| {
+        let mut chunk = StreamingChunk::new(ns_dir, key);
+        while let Some(frame) = handle.block_on(body.next()) {
+            let frame = frame.map_err(|e| {
+                network = Some(e);
+                std::io::Error::other("download failed")
+            })?;
+            chunk.feed(&frame, f).map_err(|e| match e {
+                FormatError::Io(e) => e,
+                e => {
+                    invalid = Some(e);
+                    std::io::Error::other("invalid chunk")
+                }
+            })?;
+        }
+        len = chunk.finish().map_err(|e| {
+            invalid = Some(e);
+            std::io::Error::other("invalid chunk")
+        })?;
+        Ok(())
+    });
+    match (r, invalid, network) {
+        (_, Some(source), _) => Err(RemoteError::Corrupt {
+            path: object,
+            source,
+        }),
+        (_, None, Some(e)) => Err(RemoteError::Store(e)),
+        (Ok(_), None, None) => Ok(len),
+        (Err(e), None, None) => Err(RemoteError::io(target, e)),
+    }
 }

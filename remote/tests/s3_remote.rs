@@ -570,3 +570,42 @@ fn called_inside_a_runtime_is_refused() {
     let res = rt.block_on(async { r.fetch(&ns(), &ChunkKey([1; 32])) });
     assert!(matches!(res, Err(RemoteError::InsideRuntime)));
 }
+
+#[test]
+fn pull_never_commits_a_damaged_download_and_resumes() {
+    let t = S3Target::new();
+    let proxy = FaultProxy::start(&t.endpoint);
+    let c = chain(6, 15);
+    let clean = Remote::open(t.config(), None).unwrap();
+    for (k, b) in &c {
+        clean.upload(&ns(), k, b.clone()).unwrap();
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = t.config_via(&proxy.endpoint);
+    cfg.download_concurrency = 1;
+    let r = Remote::open(cfg, None).unwrap();
+    // One fault per GET (more than the client's retries for the first two).
+    for f in [Fault::Corrupt, Fault::ShortBody, Fault::CutBody] {
+        proxy.arm(Some(Method::GET), f, 3);
+    }
+    let first = r.pull(dir.path(), Some(&ns()), &|_| {}).unwrap();
+    assert!(first.failed >= 2, "{first:?}");
+    for (k, b) in &c {
+        let p = Layout::Cache.chunk_path(dir.path(), &ns(), k);
+        if let Ok(got) = std::fs::read(&p) {
+            assert_eq!(&got, b, "a damaged download was committed");
+        }
+    }
+    proxy.clear();
+    let second = r.pull(dir.path(), Some(&ns()), &|_| {}).unwrap();
+    assert_eq!(second.failed, 0);
+    assert_eq!(first.transferred + second.transferred, 6);
+    for (k, b) in &c {
+        assert_eq!(
+            &std::fs::read(Layout::Cache.chunk_path(dir.path(), &ns(), k)).unwrap(),
+            b
+        );
+    }
+    let leftovers = kvfs_loader::dir::sweep_temporaries(dir.path(), Duration::ZERO).unwrap();
+    assert_eq!(leftovers, 0, "no temporary file may remain");
+}

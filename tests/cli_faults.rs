@@ -338,3 +338,30 @@ fn kill_9_during_put_from_stdin_leaves_nothing() {
     assert_eq!(code(&run(c)), 0);
     assert!(temporaries(d.path()).is_empty());
 }
+
+#[test]
+fn a_key_in_two_namespaces_needs_ns_slash_key() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = d.path();
+    let (ns, keys) = synth_tiny(cache, 1);
+    // The same chunk copied under another directory with the same namespace suffix.
+    let suffix = ns.rsplit_once('-').unwrap().1;
+    let other = format!("copy-{suffix}");
+    let src = path_of(cache, &ns, &keys[0]);
+    let dst = path_of(cache, &other, &keys[0]);
+    fs::create_dir_all(dst.parent().unwrap()).unwrap();
+    fs::copy(&src, &dst).unwrap();
+    let mut c = kvfs(cache);
+    c.args(["get", &keys[0].to_hex()]);
+    let o = run(c);
+    assert_eq!(code(&o), 2);
+    assert!(stderr(&o).contains("NS/KEY"), "{}", stderr(&o));
+    assert!(o.stdout.is_empty());
+    for n in [&ns, &other] {
+        let mut c = kvfs(cache);
+        c.args(["get", &format!("{n}/{}", keys[0])]);
+        let o = run(c);
+        assert_eq!(code(&o), 0, "{}", stderr(&o));
+        assert_eq!(o.stdout, fs::read(&src).unwrap());
+    }
+}

@@ -16,7 +16,7 @@
 //!
 //! Without a CUDA device it prints "no CUDA device: skipped" and exits 0.
 //! Environment: `KVFS_BENCH_TOKENS` (default 32768), `KVFS_BENCH_DIR` (default
-//! `target/kvfs-gpu-bench`), `KVFS_BENCH_RUNS` (default 3).
+//! `target/kvfs-gpu-bench` in the workspace), `KVFS_BENCH_RUNS` (default 3).
 
 use std::fs::File;
 use std::io::Write;
@@ -49,8 +49,10 @@ fn env_u64(k: &str, d: u64) -> u64 {
 }
 
 fn main() {
-    let dir = std::env::var_os("KVFS_BENCH_DIR")
-        .map_or_else(|| PathBuf::from("target/kvfs-gpu-bench"), PathBuf::from);
+    let dir = std::env::var_os("KVFS_BENCH_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/kvfs-gpu-bench"),
+        PathBuf::from,
+    );
     std::fs::create_dir_all(&dir).expect("bench dir");
     // Probe cuFile where the files are: GDS support depends on the file system.
     let opts = match ProbeOptions::from_env() {

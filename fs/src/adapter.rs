@@ -458,6 +458,9 @@ impl Filesystem for KvFs {
         let _ = config.set_congestion_threshold(48);
         // Optional capabilities, each taken only if the kernel offers it.
         for flag in [
+            // Always READDIRPLUS (not AUTO, whose heuristic falls back to plain READDIR and
+            // one LOOKUP per chunk for `find`/`ls -l` on large namespaces).
+            InitFlags::FUSE_DO_READDIRPLUS,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_ATOMIC_O_TRUNC,
             InitFlags::FUSE_ASYNC_DIO,
@@ -510,8 +513,15 @@ impl Filesystem for KvFs {
             },
             Some(Node::Namespace(ns)) => match Self::chunk_name(name) {
                 // A file being written is not visible under its name until committed.
+                // One backend stat per lookup: the reply's attributes come from it.
                 Some(key) => match self.backend.stat(&ns, &key) {
-                    Ok(Some(_)) => Ok((self.inodes.chunk(&ns, &key), TTL)),
+                    Ok(Some(info)) => {
+                        let ino = self.inodes.chunk(&ns, &key);
+                        if self.pending_len(ino).is_none() {
+                            return reply.entry(&TTL, &self.chunk_attr(ino, &info), Generation(0));
+                        }
+                        Ok((ino, TTL))
+                    }
                     Ok(None) => Err(Errno::ENOENT),
                     Err(e) => Err(backend_errno(&e)),
                 },
@@ -877,6 +887,41 @@ impl Filesystem for KvFs {
         };
         for (i, (ino, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(*ino), i as u64 + 1, *kind, name) {
+                break;
+            }
+        }
+        reply.ok()
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: fuser::ReplyDirectoryPlus,
+    ) {
+        // Names with attributes: `ls -l`, `find -printf %s` and friends then need no LOOKUP
+        // round trip per entry.
+        let Some(h) = self.handle(fh) else {
+            return reply.error(Errno::EBADF);
+        };
+        let Handle::Dir(entries) = &*h else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        for (i, (ino, _, name)) in entries.iter().enumerate().skip(offset as usize) {
+            // An entry gone since the opendir (evicted) is skipped.
+            let Ok((attr, ttl)) = self.getattr_node(*ino) else {
+                continue;
+            };
+            if reply.add(
+                INodeNo(*ino),
+                i as u64 + 1,
+                name,
+                &ttl,
+                &attr,
+                Generation(0),
+            ) {
                 break;
             }
         }

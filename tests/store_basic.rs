@@ -487,3 +487,22 @@ fn remote_seam_fills_local_tiers_and_is_verified() {
     assert!(store.get(&ns, &cs[2].0).is_err());
     assert!(!store.backing_path(&ns, &cs[2].0).exists());
 }
+
+#[test]
+fn remote_chunk_without_room_on_disk_is_served_uncached() {
+    let d = tempfile::tempdir().unwrap();
+    let ns = ns();
+    let (k, b) = chunks(1, 13).remove(0);
+    let remote = Arc::new(MapRemote::default());
+    remote
+        .objects
+        .lock()
+        .unwrap()
+        .insert((ns.clone(), k), b.clone());
+    let mut c = cfg(d.path());
+    c.capacity = Limit::Bytes(b.len() as u64 - 1);
+    c.remote = Some(remote);
+    let store = Store::open(c).unwrap();
+    assert_eq!(&store.get(&ns, &k).unwrap()[..], &b[..]);
+    assert!(!store.backing_path(&ns, &k).exists());
+}

@@ -151,7 +151,7 @@ pub fn get(ctx: &Ctx, a: GetArgs) -> Result<i32, CliError> {
     let ChunkArg { ns_dir, key } = resolve_chunk(&store, &a.key)?;
     let bytes = store.get_with(&ns_dir, &key, Verify::Full)?;
     match a.output {
-        Some(p) => std::fs::write(&p, &bytes).map_err(|e| StoreError::Io { path: p, source: e })?,
+        Some(p) => write_whole(&p, &bytes)?,
         None => {
             let mut out = std::io::stdout().lock();
             out.write_all(&bytes)
@@ -163,6 +163,25 @@ pub fn get(ctx: &Ctx, a: GetArgs) -> Result<i32, CliError> {
         }
     }
     Ok(0)
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename, so a failed write (a full
+/// disk) leaves no partial output behind.
+fn write_whole(path: &std::path::Path, bytes: &[u8]) -> Result<(), CliError> {
+    let name = path
+        .file_name()
+        .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
+    let tmp = path.with_file_name(format!(".{name}.kvfs-tmp.{}", std::process::id()));
+    let r = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = r {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(StoreError::Io {
+            path: path.to_path_buf(),
+            source: e,
+        }
+        .into());
+    }
+    Ok(())
 }
 
 fn hex(b: &[u8; 32]) -> String {

@@ -698,7 +698,25 @@ impl Store {
             }));
         }
         // Verifies in full, commits to disk and fills memory; not echoed back to the remote.
-        self.put_inner(ns_dir, &bytes, Some(&bytes), false)?;
+        match self.put_inner(ns_dir, &bytes, Some(&bytes), false) {
+            Ok(_) => {}
+            // No room on disk: still serve the (verified) bytes, uncached.
+            Err(StoreError::NoSpace { needed, available }) => {
+                verify_payload_parallel(&header, &bytes).map_err(|e| {
+                    bump(&inner.counters.verify_failures, 1);
+                    StoreError::from(e)
+                })?;
+                check_chunk_ns(ns_dir, &header)?;
+                tracing::warn!(
+                    ns_dir,
+                    key = %key,
+                    needed,
+                    available,
+                    "no room on disk for a fetched chunk; serving it uncached"
+                );
+            }
+            Err(e) => return Err(e),
+        }
         bump(&inner.counters.remote_hits, 1);
         bump(&inner.counters.read_bytes, bytes.len() as u64);
         Ok(bytes)

@@ -1,6 +1,7 @@
 /*
  * kvfs-loader from C: open a chunk directory, store KV blocks as chunks, look the prefix up,
- * load it into other blocks (another block table) and check every byte; then the error path.
+ * load it into other blocks (another block table) layer by layer and check every byte; then
+ * the error path.
  *
  * Build and run (the test loader/tests/ffi.rs does this against the cdylib cargo built):
  *   cc -I loader/include examples/c/kvfs_example.c -L target/debug/deps -lkvfs_loader \
@@ -69,11 +70,18 @@ int main(int argc, char **argv) {
         return 1;
     }
 
-    /* load a prefix that ends inside a block: 500 tokens */
+    /* load a prefix that ends inside a block (500 tokens), layer by layer */
     kvfs_blocks d = {(void *const *)dst, LAYERS, layer_bytes, NBLOCKS, BLOCK, dst_table, NBLOCKS};
+    kvfs_load_handle *h = NULL;
+    rc = kvfs_load_start(loader, tokens, TOKENS, 0, 500, &d, &h);
+    if (rc != KVFS_OK) return fail("kvfs_load_start", rc);
+    for (size_t l = 0; l < LAYERS; l++) {
+        rc = kvfs_load_wait_layer(h, l); /* an engine would run layer l's attention now */
+        if (rc != KVFS_OK) return fail("kvfs_load_wait_layer", rc);
+    }
     size_t loaded = 0;
-    rc = kvfs_load(loader, tokens, TOKENS, 0, 500, &d, &loaded);
-    if (rc != KVFS_OK) return fail("kvfs_load", rc);
+    rc = kvfs_load_finish(h, &loaded);
+    if (rc != KVFS_OK) return fail("kvfs_load_finish", rc);
     if (loaded != 500) {
         fprintf(stderr, "load: %zu tokens valid, expected 500\n", loaded);
         return 1;
@@ -95,6 +103,10 @@ int main(int argc, char **argv) {
                         }
                 }
             }
+
+    /* the synchronous form gives the same bytes */
+    rc = kvfs_load(loader, tokens, TOKENS, 0, 500, &d, &loaded);
+    if (rc != KVFS_OK || loaded != 500) return fail("kvfs_load", rc);
 
     /* errors: a range past the cached chunks, then an unknown preset */
     rc = kvfs_load(loader, tokens, TOKENS, 0, TOKENS, &d, &loaded);

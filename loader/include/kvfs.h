@@ -33,6 +33,9 @@
 // A bug: the library panicked.
 #define KVFS_ERR_PANIC -6
 
+// A load in progress (opaque to C): from `kvfs_load_start` until `kvfs_load_finish`.
+typedef struct kvfs_load_handle kvfs_load_handle;
+
 // An open loader (opaque to C).
 typedef struct kvfs_loader kvfs_loader;
 
@@ -106,14 +109,45 @@ int kvfs_lookup(const struct kvfs_loader *loader,
                 size_t num_tokens,
                 size_t *hit);
 
-// Loads positions `[start, end)` of the sequence `tokens[0..num_tokens]` from the cache into
-// `blocks` and waits for it. `*loaded` (may be NULL) receives the end of the valid prefix:
-// `end` on success, less when a chunk is missing or corrupt (then the code says which).
+// Starts loading positions `[start, end)` of the sequence `tokens[0..num_tokens]` into
+// `blocks` and returns at once with `*out`; layers arrive in order, layer 0 first. Then call
+// `kvfs_load_wait_layer` per layer (optional) and always `kvfs_load_finish`.
 //
 // # Safety
 // `loader` came from `kvfs_open`; `tokens` is readable for `num_tokens` values; `blocks` is
-// valid, its layer pointers each writable for `layer_bytes` bytes and not touched by anything
-// else during the call; `loaded` is NULL or writable.
+// valid and its layer pointers each writable for `layer_bytes` bytes and not touched by
+// anything else until `kvfs_load_finish` returns; `out` is writable.
+int kvfs_load_start(const struct kvfs_loader *loader,
+                    const uint32_t *tokens,
+                    size_t num_tokens,
+                    size_t start,
+                    size_t end,
+                    const struct kvfs_blocks *blocks,
+                    struct kvfs_load_handle **out);
+
+// Waits until layer `layer` is in place for every chunk (later layers may still be loading).
+// On a failure it waits for the whole load and returns its code; `kvfs_load_finish` then
+// reports the valid prefix.
+//
+// # Safety
+// `load` came from `kvfs_load_start` and was not finished.
+int kvfs_load_wait_layer(const struct kvfs_load_handle *load, size_t layer);
+
+// Waits for the whole load and frees it. `*loaded` (may be NULL) receives the end of the
+// valid prefix: `end` on success, less when a chunk is missing or corrupt (the code says
+// which).
+//
+// # Safety
+// `load` came from `kvfs_load_start`, is not used afterwards; `loaded` is NULL or writable.
+int kvfs_load_finish(struct kvfs_load_handle *load, size_t *loaded);
+
+// Loads positions `[start, end)` of the sequence `tokens[0..num_tokens]` from the cache into
+// `blocks` and waits for it (`kvfs_load_start` + `kvfs_load_finish`). `*loaded` (may be NULL)
+// receives the end of the valid prefix: `end` on success, less when a chunk is missing or
+// corrupt (then the code says which).
+//
+// # Safety
+// As `kvfs_load_start`, with `loaded` NULL or writable.
 int kvfs_load(const struct kvfs_loader *loader,
               const uint32_t *tokens,
               size_t num_tokens,

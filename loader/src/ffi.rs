@@ -10,11 +10,12 @@
 //!   threads at once;
 //! - KV memory is given as vLLM flash-attn tensors, one per layer
 //!   (`[2, num_blocks, block_size, num_kv_heads, head_size]`), by base pointer and byte length,
-//!   with a block table. Loads are synchronous here (layer-wise loading is the Rust API's);
+//!   with a block table. `kvfs_load` is synchronous; `kvfs_load_start`,
+//!   `kvfs_load_wait_layer` and `kvfs_load_finish` are the layer-wise form;
 //! - no Rust panic crosses the boundary: one becomes [`KVFS_ERR_PANIC`].
 
 use crate::layout::{BlockMap, KvLayout, RawRegion};
-use crate::loader::{ChunkError, Dest, LoadRequest, Loader, LoaderError};
+use crate::loader::{ChunkError, Dest, LoadHandle, LoadRequest, Loader, LoaderError};
 use crate::spec::{Dtype, KvKind, ModelSpec};
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
@@ -298,14 +299,117 @@ unsafe fn layout_of(l: &Loader, b: &KvfsBlocks) -> Result<(KvLayout, Vec<u32>), 
     Ok((layout, table))
 }
 
-/// Loads positions `[start, end)` of the sequence `tokens[0..num_tokens]` from the cache into
-/// `blocks` and waits for it. `*loaded` (may be NULL) receives the end of the valid prefix:
-/// `end` on success, less when a chunk is missing or corrupt (then the code says which).
+/// A load in progress (opaque to C): from `kvfs_load_start` until `kvfs_load_finish`.
+pub struct KvfsLoad {
+    handle: LoadHandle,
+    start: usize,
+    end: usize,
+}
+
+/// Starts loading positions `[start, end)` of the sequence `tokens[0..num_tokens]` into
+/// `blocks` and returns at once with `*out`; layers arrive in order, layer 0 first. Then call
+/// `kvfs_load_wait_layer` per layer (optional) and always `kvfs_load_finish`.
 ///
 /// # Safety
 /// `loader` came from `kvfs_open`; `tokens` is readable for `num_tokens` values; `blocks` is
-/// valid, its layer pointers each writable for `layer_bytes` bytes and not touched by anything
-/// else during the call; `loaded` is NULL or writable.
+/// valid and its layer pointers each writable for `layer_bytes` bytes and not touched by
+/// anything else until `kvfs_load_finish` returns; `out` is writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvfs_load_start(
+    loader: *const KvfsLoader,
+    tokens: *const u32,
+    num_tokens: usize,
+    start: usize,
+    end: usize,
+    blocks: *const KvfsBlocks,
+    out: *mut *mut KvfsLoad,
+) -> c_int {
+    guard(|| {
+        if loader.is_null() || blocks.is_null() || out.is_null() {
+            return Err(invalid("loader, blocks or out is NULL"));
+        }
+        // SAFETY: valid per the contract.
+        let l = unsafe { &(*loader).loader };
+        // SAFETY: forwarded.
+        let tokens = unsafe { slice(tokens, num_tokens, "tokens") }?;
+        // SAFETY: forwarded; `blocks` is non-null and valid.
+        let (layout, table) = unsafe { layout_of(l, &*blocks) }?;
+        let req = LoadRequest {
+            tokens,
+            range: Some(start..end),
+            ..Default::default()
+        };
+        // The load keeps its own copies of the layout and the block table.
+        let handle = l.load_request(&req, &Dest::host(&layout, BlockMap::Blocks(&table)))?;
+        let boxed = Box::into_raw(Box::new(KvfsLoad { handle, start, end }));
+        // SAFETY: `out` is non-null and writable per the contract.
+        unsafe { *out = boxed };
+        Ok(())
+    })
+}
+
+/// Waits until layer `layer` is in place for every chunk (later layers may still be loading).
+/// On a failure it waits for the whole load and returns its code; `kvfs_load_finish` then
+/// reports the valid prefix.
+///
+/// # Safety
+/// `load` came from `kvfs_load_start` and was not finished.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvfs_load_wait_layer(load: *const KvfsLoad, layer: usize) -> c_int {
+    guard(|| {
+        if load.is_null() {
+            return Err(invalid("load is NULL"));
+        }
+        // SAFETY: valid per the contract.
+        unsafe { &(*load).handle }.wait_layer(layer)?;
+        Ok(())
+    })
+}
+
+/// Waits for the whole load and frees it. `*loaded` (may be NULL) receives the end of the
+/// valid prefix: `end` on success, less when a chunk is missing or corrupt (the code says
+/// which).
+///
+/// # Safety
+/// `load` came from `kvfs_load_start`, is not used afterwards; `loaded` is NULL or writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvfs_load_finish(load: *mut KvfsLoad, loaded: *mut usize) -> c_int {
+    guard(|| {
+        if load.is_null() {
+            return Err(invalid("load is NULL"));
+        }
+        // SAFETY: created by Box::into_raw in kvfs_load_start and freed only here.
+        let load = unsafe { Box::from_raw(load) };
+        let (start, end) = (load.start, load.end);
+        let set_loaded = |v: usize| {
+            if !loaded.is_null() {
+                // SAFETY: writable per the contract.
+                unsafe { *loaded = v };
+            }
+        };
+        match load.handle.wait() {
+            Ok(_) => {
+                set_loaded(end);
+                Ok(())
+            }
+            Err(e) => {
+                set_loaded(match &e {
+                    LoaderError::Chunk { valid_tokens, .. } => valid_tokens.end,
+                    _ => start,
+                });
+                Err(e.into())
+            }
+        }
+    })
+}
+
+/// Loads positions `[start, end)` of the sequence `tokens[0..num_tokens]` from the cache into
+/// `blocks` and waits for it (`kvfs_load_start` + `kvfs_load_finish`). `*loaded` (may be NULL)
+/// receives the end of the valid prefix: `end` on success, less when a chunk is missing or
+/// corrupt (then the code says which).
+///
+/// # Safety
+/// As `kvfs_load_start`, with `loaded` NULL or writable.
 #[unsafe(no_mangle)]
 pub unsafe extern "C" fn kvfs_load(
     loader: *const KvfsLoader,
@@ -316,42 +420,18 @@ pub unsafe extern "C" fn kvfs_load(
     blocks: *const KvfsBlocks,
     loaded: *mut usize,
 ) -> c_int {
-    guard(|| {
-        if loader.is_null() || blocks.is_null() {
-            return Err(invalid("loader or blocks is NULL"));
-        }
-        // SAFETY: valid per the contract.
-        let l = unsafe { &(*loader).loader };
-        // SAFETY: forwarded.
-        let tokens = unsafe { slice(tokens, num_tokens, "tokens") }?;
-        // SAFETY: forwarded; `blocks` is non-null and valid.
-        let (layout, table) = unsafe { layout_of(l, &*blocks) }?;
-        let set_loaded = |v: usize| {
-            if !loaded.is_null() {
-                // SAFETY: writable per the contract.
-                unsafe { *loaded = v };
-            }
-        };
-        set_loaded(start.min(end));
-        let req = LoadRequest {
-            tokens,
-            range: Some(start..end),
-            ..Default::default()
-        };
-        let dest = Dest::host(&layout, BlockMap::Blocks(&table));
-        match l.load_request(&req, &dest).and_then(|h| h.wait()) {
-            Ok(_) => {
-                set_loaded(end);
-                Ok(())
-            }
-            Err(e) => {
-                if let LoaderError::Chunk { valid_tokens, .. } = &e {
-                    set_loaded(valid_tokens.end);
-                }
-                Err(e.into())
-            }
-        }
-    })
+    if !loaded.is_null() {
+        // SAFETY: writable per the contract.
+        unsafe { *loaded = start.min(end) };
+    }
+    let mut load: *mut KvfsLoad = std::ptr::null_mut();
+    // SAFETY: forwarded from this function's contract; `load` is a writable local.
+    let rc = unsafe { kvfs_load_start(loader, tokens, num_tokens, start, end, blocks, &mut load) };
+    if rc != KVFS_OK {
+        return rc;
+    }
+    // SAFETY: `load` came from kvfs_load_start just now and is finished exactly once.
+    unsafe { kvfs_load_finish(load, loaded) }
 }
 
 /// Stores the full chunks of `tokens[0..num_tokens]` that are not cached yet, reading their

@@ -221,3 +221,93 @@ fn open_with_spec_fields_and_bad_arguments() {
     };
     assert_eq!(rc, KVFS_ERR_IO);
 }
+
+/// Missing and corrupt chunks through `kvfs_load`: the code says which, `*loaded` says how far
+/// the valid prefix goes.
+#[test]
+fn load_errors_report_the_valid_prefix() {
+    use kvfs_loader::dir::{Layout, commit_file};
+    use kvfs_loader::ffi::*;
+    use std::ffi::CString;
+    let spec = kvfs_loader::ModelSpec::preset("tiny").unwrap();
+    let d = tempfile::tempdir().unwrap();
+    let tokens: Vec<u32> = (0..768).collect();
+    let mut parent = None;
+    let mut paths = Vec::new();
+    for c in tokens.chunks(256) {
+        let (meta, bytes) =
+            kvfs_loader::synth_chunk(&spec, parent, kvfs_loader::SaltTag::NONE, c.to_vec())
+                .unwrap();
+        let p = Layout::Cache.chunk_path(d.path(), &spec.namespace_dir(), &meta.key);
+        commit_file(&p, &bytes, false).unwrap();
+        parent = Some(meta.key);
+        paths.push(p);
+    }
+    let dir = CString::new(d.path().to_str().unwrap()).unwrap();
+    let preset = CString::new("tiny").unwrap();
+    let mut l: *mut KvfsLoader = std::ptr::null_mut();
+    // SAFETY: valid strings and out pointer.
+    let rc = unsafe {
+        kvfs_open(
+            dir.as_ptr(),
+            preset.as_ptr(),
+            std::ptr::null(),
+            std::ptr::null(),
+            0,
+            &mut l,
+        )
+    };
+    assert_eq!(rc, KVFS_OK);
+    // tiny: 2 layers, rows of 256 bytes; 48 blocks of 16 tokens
+    let layer_bytes = 2 * 48 * 16 * 256;
+    let mut mem: Vec<Vec<u8>> = vec![vec![0u8; layer_bytes]; 2];
+    let ptrs: Vec<*mut std::ffi::c_void> = mem.iter_mut().map(|m| m.as_mut_ptr().cast()).collect();
+    let table: Vec<u32> = (0..48).collect();
+    let blocks = KvfsBlocks {
+        layers: ptrs.as_ptr(),
+        num_layers: 2,
+        layer_bytes,
+        num_blocks: 48,
+        block_size: 16,
+        block_table: table.as_ptr(),
+        table_len: table.len(),
+    };
+    let load = |loaded: &mut usize| {
+        // SAFETY: `l` is open; tokens, blocks and `loaded` are valid; `mem` outlives the call.
+        unsafe { kvfs_load(l, tokens.as_ptr(), tokens.len(), 0, 768, &blocks, loaded) }
+    };
+    let mut loaded = 0;
+    assert_eq!(load(&mut loaded), KVFS_OK);
+    assert_eq!(loaded, 768);
+
+    std::fs::remove_file(&paths[1]).unwrap();
+    assert_eq!(load(&mut loaded), KVFS_ERR_MISSING);
+    assert_eq!(loaded, 256);
+
+    let mut bytes = std::fs::read(&paths[0]).unwrap();
+    bytes[100] ^= 1; // header: checksum mismatch
+    std::fs::remove_file(&paths[0]).unwrap();
+    std::fs::write(&paths[0], &bytes).unwrap();
+    assert_eq!(load(&mut loaded), KVFS_ERR_CORRUPT);
+    assert_eq!(loaded, 0);
+    // a block table too short for the range is a layout error
+    let short = KvfsBlocks {
+        table_len: 4,
+        ..blocks
+    };
+    // SAFETY: as above.
+    let rc = unsafe {
+        kvfs_load(
+            l,
+            tokens.as_ptr(),
+            tokens.len(),
+            0,
+            256,
+            &short,
+            &mut loaded,
+        )
+    };
+    assert_eq!(rc, KVFS_ERR_LAYOUT);
+    // SAFETY: `l` came from kvfs_open and is not used afterwards.
+    unsafe { kvfs_close(l) };
+}

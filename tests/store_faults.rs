@@ -290,6 +290,28 @@ fn corruption_on_disk_is_caught_by_reads() {
         &f.good.0,
         kvfs_loader::Verify::Full
     )));
+    // A ranged read with verify_reads checks the layers it touches, and only those.
+    let ranged = open(0, true);
+    assert!(matches!(
+        ranged.read_at(&f.ns, &f.good.0, 4000, &mut [0u8; 2000]),
+        Err(StoreError::Format {
+            source: FormatError::PayloadDigest { layer: 0 },
+            ..
+        })
+    ));
+    let layer1 = 4096 + 2 * 65536;
+    let mut buf = vec![0u8; 4096];
+    assert_eq!(
+        ranged.read_at(&f.ns, &f.good.0, layer1, &mut buf).unwrap(),
+        4096
+    );
+    assert_eq!(buf, f.good.1[layer1 as usize..layer1 as usize + 4096]);
+    // Without verify_reads a ranged read checks the header only.
+    assert!(
+        open(0, false)
+            .read_at(&f.ns, &f.good.0, 4000, &mut [0u8; 2000])
+            .is_ok()
+    );
     // Header checks happen on every read.
     fs::remove_file(&p).unwrap();
     fs::write(&p, flip(&f.good.1, 250)).unwrap();

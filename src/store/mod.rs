@@ -723,8 +723,9 @@ impl Store {
     }
 
     /// Reads up to `buf.len()` bytes of the chunk file at `offset` without loading the whole
-    /// chunk (unless `verify_reads` asks for a payload check, or it has to come from the
-    /// remote tier). Returns the bytes read; 0 at or past the end.
+    /// chunk (unless it has to come from the remote tier). The header is checked on every
+    /// call; with `verify_reads`, so are the digests of the layers the range touches.
+    /// Returns the bytes read; 0 at or past the end.
     pub fn read_at(
         &self,
         ns_dir: &str,
@@ -740,10 +741,6 @@ impl Store {
             buf[..n].copy_from_slice(&b[start..start + n]);
             n
         };
-        if inner.cfg.verify_reads {
-            let b = self.get(ns_dir, key)?;
-            return Ok(copy(&b, buf));
-        }
         if let Some(b) = inner.memory.get(ns_dir, key) {
             bump(&inner.counters.memory_hits, 1);
             return Ok(copy(&b, buf));
@@ -772,11 +769,52 @@ impl Store {
             ));
         }
         check_chunk_ns(ns_dir, &header)?;
+        if inner.cfg.verify_reads {
+            self.verify_range(&header, &f, &path, offset, buf.len() as u64)?;
+        }
         let n = read_full_at(&f, buf, offset).map_err(|e| StoreError::io(&path, e))?;
         bump(&inner.counters.disk_hits, 1);
         bump(&inner.counters.read_bytes, n as u64);
         inner.disk.index().touch(ns_dir, key);
         Ok(n)
+    }
+
+    /// Verifies the payload digests of every layer that `[offset, offset + len)` touches (the
+    /// header was checked already): a ranged read with `verify_reads` costs the layers it
+    /// reads, not the whole chunk.
+    fn verify_range(
+        &self,
+        header: &ChunkHeader,
+        f: &File,
+        path: &Path,
+        offset: u64,
+        len: u64,
+    ) -> Result<(), StoreError> {
+        let g = &header.geometry;
+        let end = offset.saturating_add(len).min(g.file_len);
+        let mut span_buf = Vec::new();
+        for layer in 0..g.num_layers {
+            let span = g.layer_span(layer);
+            if span.end <= offset || span.start >= end {
+                continue;
+            }
+            span_buf.resize((span.end - span.start) as usize, 0);
+            let n =
+                read_full_at(f, &mut span_buf, span.start).map_err(|e| StoreError::io(path, e))?;
+            let r = if n < span_buf.len() {
+                Err(FormatError::Truncated {
+                    needed: span.end,
+                    have: span.start + n as u64,
+                })
+            } else {
+                header.verify_layer(layer, &span_buf)
+            };
+            r.map_err(|e| {
+                bump(&self.inner.counters.verify_failures, 1);
+                StoreError::format(path, e)
+            })?;
+        }
+        Ok(())
     }
 
     /// Header, size, tier and backing file of a chunk.

@@ -27,7 +27,7 @@
 //! refuses block ids and slots outside the layout before any byte moves.
 //!
 //! The addresses may also be device addresses: the layout only does arithmetic on them. Which
-//! back end moves the bytes (host memcpy now, CUDA later) is [`crate::loader::Backend`].
+//! back end moves the bytes (host memcpy now, CUDA later) is [`crate::backend::Backend`].
 
 use crate::spec::{Dtype, KvKind, ModelSpec};
 use std::ops::Range;

@@ -2,7 +2,7 @@
 //!
 //! - [`spec`]: model specs and namespaces (which KV bytes are valid to reuse where);
 //! - [`key`]: prefix-chained, content-addressed chunk keys;
-//! - [`format`]: the `.kvc` chunk file, its writer, reader and verification;
+//! - [`format`](mod@format): the `.kvc` chunk file, its writer, reader and verification;
 //! - [`layout`]: an engine's paged KV memory as base pointers and strides;
 //! - [`loader`]: lookup, load (layer-wise, selective) and store between chunks and blocks,
 //!   over [`io`] (O_DIRECT, aligned buffers, reader threads) and a [`backend`] (host memory);

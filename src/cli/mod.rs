@@ -32,29 +32,64 @@ use std::path::PathBuf;
 #[command(name = "kvfs", version, propagate_version = true)]
 pub struct Cli {
     /// Cache directory (env KVFS_CACHE_DIR; default $XDG_CACHE_HOME/kvfs or ~/.cache/kvfs).
-    #[arg(long, global = true, value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        value_name = "DIR"
+    )]
     pub cache_dir: Option<PathBuf>,
     /// Config file (env KVFS_CONFIG; default ~/.config/kvfs/config.toml if present).
-    #[arg(long, global = true, value_name = "FILE")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        value_name = "FILE"
+    )]
     pub config: Option<PathBuf>,
     /// Disk tier capacity: bytes (64GiB) or a share of the file system (10%). Env KVFS_CAPACITY.
-    #[arg(long, global = true, value_name = "SIZE")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        value_name = "SIZE"
+    )]
     pub capacity: Option<Limit>,
     /// Memory tier size (1GiB; 0 disables it). Env KVFS_MEMORY.
-    #[arg(long, global = true, value_name = "SIZE")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        value_name = "SIZE"
+    )]
     pub memory: Option<Size>,
     /// Free space to leave on the file system (5%, 10GiB; 0 = none). Env KVFS_MIN_FREE.
-    #[arg(long, global = true, value_name = "SIZE")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        value_name = "SIZE"
+    )]
     pub min_free: Option<Limit>,
     /// fsync policy for committed chunks: always or never. Env KVFS_FSYNC.
-    #[arg(long, global = true, value_name = "POLICY")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        value_name = "POLICY"
+    )]
     pub fsync: Option<FsyncPolicy>,
     /// Check payload digests on every read, not only when bytes enter a tier. Env
     /// KVFS_VERIFY_READS.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, help_heading = "Global options")]
     pub verify_reads: bool,
     /// S3 remote tier: s3://bucket/prefix (env KVFS_S3; or the [s3] table). See docs/S3.md.
-    #[arg(long, global = true, value_name = "URL")]
+    #[arg(
+        long,
+        global = true,
+        help_heading = "Global options",
+        value_name = "URL"
+    )]
     pub s3: Option<String>,
     #[command(subcommand)]
     pub command: Command,

@@ -1,0 +1,343 @@
+//! SmolLM2 (llama architecture) on candle CPU ops, with the KV cache in [`PagedKv`].
+//!
+//! Weights come from a GGUF file through candle's reader and are dequantized to f32 once at
+//! load (135M parameters: ~540 MB), so the forward pass is plain f32 matmuls. The shape is
+//! read from the metadata (`llama.block_count`, `llama.attention.head_count{,_kv}`,
+//! `llama.embedding_length`, `llama.rope.freq_base`, ...), never assumed.
+//!
+//! llama.cpp's converter permutes the Q and K projections so RoPE rotates adjacent pairs
+//! (`x[2i], x[2i+1]`, "interleaved"); the forward pass does the same. Grouped-query attention
+//! maps query head `h` to KV head `h / (heads / kv_heads)`. A prefill runs in windows of
+//! [`PREFILL_WINDOW`] tokens (chunked prefill), each attending to everything before it through
+//! the paged cache, which bounds the attention scores' memory for long prompts.
+
+use crate::ModelError;
+use crate::paged::PagedKv;
+use candle_core::quantized::gguf_file;
+use candle_core::{D, DType, Device, Tensor};
+use std::path::Path;
+
+/// Tokens per prefill window.
+pub const PREFILL_WINDOW: usize = 512;
+
+/// Model shape from the GGUF metadata.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Config {
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub hidden: usize,
+    pub ffn: usize,
+    pub vocab: usize,
+    pub context: usize,
+    pub rope_theta: f32,
+    pub rms_eps: f64,
+}
+
+struct Layer {
+    attn_norm: Tensor,
+    wq: Tensor,
+    wk: Tensor,
+    wv: Tensor,
+    wo: Tensor,
+    ffn_norm: Tensor,
+    gate: Tensor,
+    up: Tensor,
+    down: Tensor,
+}
+
+/// A loaded model: f32 weights on the CPU.
+pub struct Model {
+    pub cfg: Config,
+    embed: Tensor,
+    layers: Vec<Layer>,
+    norm: Tensor,
+    lm_head: Tensor,
+    /// Per-pair inverse frequencies `theta^(-2i/d)`.
+    inv_freq: Vec<f32>,
+}
+
+fn md<'a>(c: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value, ModelError> {
+    c.metadata
+        .get(key)
+        .ok_or_else(|| ModelError::Format(format!("GGUF metadata lacks {key}")))
+}
+
+fn md_u(c: &gguf_file::Content, key: &str) -> Result<usize, ModelError> {
+    let v = md(c, key)?;
+    Ok(v.to_u32()
+        .map(|x| x as usize)
+        .or_else(|_| v.to_u64().map(|x| x as usize))?)
+}
+
+impl Model {
+    /// Reads `path`: metadata, tokenizer and dequantized weights.
+    pub fn load(path: &Path) -> Result<(Model, crate::Tokenizer), ModelError> {
+        let mut f = std::fs::File::open(path).map_err(|e| ModelError::Io {
+            path: path.into(),
+            source: e,
+        })?;
+        let c = gguf_file::Content::read(&mut f)
+            .map_err(|e| ModelError::Format(format!("{}: {e}", path.display())))?;
+        let arch = md(&c, "general.architecture")?.to_string()?.clone();
+        if arch != "llama" {
+            return Err(ModelError::Format(format!(
+                "architecture {arch}, expected llama"
+            )));
+        }
+        let num_heads = md_u(&c, "llama.attention.head_count")?;
+        let hidden = md_u(&c, "llama.embedding_length")?;
+        let tokens: Vec<String> = md(&c, "tokenizer.ggml.tokens")?
+            .to_vec()?
+            .iter()
+            .map(|v| v.to_string().cloned())
+            .collect::<Result<_, _>>()?;
+        let cfg = Config {
+            num_layers: md_u(&c, "llama.block_count")?,
+            num_heads,
+            num_kv_heads: md_u(&c, "llama.attention.head_count_kv")?,
+            head_dim: hidden / num_heads,
+            hidden,
+            ffn: md_u(&c, "llama.feed_forward_length")?,
+            vocab: tokens.len(),
+            context: md_u(&c, "llama.context_length")?,
+            rope_theta: md(&c, "llama.rope.freq_base")?.to_f32()?,
+            rms_eps: md(&c, "llama.attention.layer_norm_rms_epsilon")?.to_f32()? as f64,
+        };
+        if cfg.num_heads % cfg.num_kv_heads != 0 || hidden % num_heads != 0 {
+            return Err(ModelError::Format(format!(
+                "inconsistent attention shape {cfg:?}"
+            )));
+        }
+        let merges: Vec<String> = md(&c, "tokenizer.ggml.merges")?
+            .to_vec()?
+            .iter()
+            .map(|v| v.to_string().cloned())
+            .collect::<Result<_, _>>()?;
+        let types = c
+            .metadata
+            .get("tokenizer.ggml.token_type")
+            .and_then(|v| v.to_vec().ok())
+            .map(|v| v.iter().map(|x| x.to_i32().unwrap_or(1)).collect());
+        let id = |k: &str| c.metadata.get(k).and_then(|v| v.to_u32().ok());
+        let tok = crate::Tokenizer::new(
+            tokens,
+            &merges,
+            types,
+            id("tokenizer.ggml.bos_token_id"),
+            id("tokenizer.ggml.eos_token_id"),
+        )?;
+
+        let dev = Device::Cpu;
+        let mut get = |name: &str| -> Result<Tensor, ModelError> {
+            let q = c
+                .tensor(&mut f, name, &dev)
+                .map_err(|e| ModelError::Format(format!("tensor {name}: {e}")))?;
+            Ok(q.dequantize(&dev)?.to_dtype(DType::F32)?)
+        };
+        let embed = get("token_embd.weight")?;
+        let mut layers = Vec::with_capacity(cfg.num_layers);
+        for i in 0..cfg.num_layers {
+            let p = format!("blk.{i}");
+            layers.push(Layer {
+                attn_norm: get(&format!("{p}.attn_norm.weight"))?,
+                wq: get(&format!("{p}.attn_q.weight"))?,
+                wk: get(&format!("{p}.attn_k.weight"))?,
+                wv: get(&format!("{p}.attn_v.weight"))?,
+                wo: get(&format!("{p}.attn_output.weight"))?,
+                ffn_norm: get(&format!("{p}.ffn_norm.weight"))?,
+                gate: get(&format!("{p}.ffn_gate.weight"))?,
+                up: get(&format!("{p}.ffn_up.weight"))?,
+                down: get(&format!("{p}.ffn_down.weight"))?,
+            });
+        }
+        let norm = get("output_norm.weight")?;
+        let lm_head = if c.tensor_infos.contains_key("output.weight") {
+            get("output.weight")?
+        } else {
+            embed.clone() // tied embeddings
+        };
+        let half = cfg.head_dim / 2;
+        let inv_freq = (0..half)
+            .map(|i| 1.0 / cfg.rope_theta.powf(2.0 * i as f32 / cfg.head_dim as f32))
+            .collect();
+        Ok((
+            Model {
+                cfg,
+                embed,
+                layers,
+                norm,
+                lm_head,
+                inv_freq,
+            },
+            tok,
+        ))
+    }
+
+    /// A paged cache shaped for this model.
+    pub fn new_cache(&self, block_size: usize, max_tokens: usize) -> PagedKv {
+        PagedKv::new(
+            self.cfg.num_layers,
+            self.cfg.num_kv_heads,
+            self.cfg.head_dim,
+            block_size,
+            max_tokens,
+        )
+    }
+
+    /// Runs `tokens` at positions `start..` (positions `0..start` must already be in `kv`)
+    /// and returns the logits of the last token.
+    pub fn forward(
+        &self,
+        kv: &mut PagedKv,
+        tokens: &[u32],
+        start: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        if tokens.is_empty() {
+            return Err(ModelError::Invalid("no tokens to run".into()));
+        }
+        if start + tokens.len() > kv.capacity() {
+            return Err(ModelError::Invalid(format!(
+                "{} positions exceed the cache's {}",
+                start + tokens.len(),
+                kv.capacity()
+            )));
+        }
+        if let Some(bad) = tokens.iter().find(|&&t| t as usize >= self.cfg.vocab) {
+            return Err(ModelError::Invalid(format!(
+                "token id {bad} outside the vocabulary"
+            )));
+        }
+        let mut logits = Vec::new();
+        let mut pos = start;
+        for window in tokens.chunks(PREFILL_WINDOW) {
+            logits = self.forward_window(kv, window, pos)?;
+            pos += window.len();
+        }
+        Ok(logits)
+    }
+
+    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor, ModelError> {
+        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+        Ok(x.broadcast_div(&(ms + self.cfg.rms_eps)?.sqrt()?)?
+            .broadcast_mul(w)?)
+    }
+
+    /// Interleaved RoPE on `x: [n, heads, head_dim]` for positions `start..start + n`.
+    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, ModelError> {
+        let (n, h, d) = x.dims3()?;
+        let x = x.reshape((n, h, d / 2, 2))?;
+        let x0 = x.narrow(3, 0, 1)?;
+        let x1 = x.narrow(3, 1, 1)?;
+        let r0 = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
+        let r1 = (x0.broadcast_mul(sin)? + x1.broadcast_mul(cos)?)?;
+        Ok(Tensor::cat(&[r0, r1], 3)?.reshape((n, h, d))?)
+    }
+
+    fn forward_window(
+        &self,
+        kv: &mut PagedKv,
+        tokens: &[u32],
+        start: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        let cfg = &self.cfg;
+        let dev = Device::Cpu;
+        let n = tokens.len();
+        let total = start + n;
+        let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
+        let group = nh / nkv;
+
+        let half = hd / 2;
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for p in start..total {
+            for f in &self.inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        let cos = Tensor::from_vec(cos, (n, 1, half, 1), &dev)?;
+        let sin = Tensor::from_vec(sin, (n, 1, half, 1), &dev)?;
+        // Causal mask over the whole sequence: query i (position start + i) sees j <= start + i.
+        let mask: Vec<f32> = (0..n)
+            .flat_map(|i| {
+                (0..total).map(move |j| {
+                    if j <= start + i {
+                        0.0
+                    } else {
+                        f32::NEG_INFINITY
+                    }
+                })
+            })
+            .collect();
+        let mask = Tensor::from_vec(mask, (n, total), &dev)?;
+        let scale = 1.0 / (hd as f64).sqrt();
+
+        let ids = Tensor::new(tokens, &dev)?;
+        let mut x = self.embed.index_select(&ids, 0)?;
+        for (li, l) in self.layers.iter().enumerate() {
+            let h = self.rms_norm(&x, &l.attn_norm)?;
+            let q = h.matmul(&l.wq.t()?)?.reshape((n, nh, hd))?;
+            let k = h.matmul(&l.wk.t()?)?.reshape((n, nkv, hd))?;
+            let v = h.matmul(&l.wv.t()?)?.reshape((n, nkv, hd))?;
+            let q = self.rope(&q, &cos, &sin)?;
+            let k = self.rope(&k, &cos, &sin)?;
+            kv.write(
+                li,
+                start,
+                &k.flatten_all()?.to_vec1::<f32>()?,
+                &v.flatten_all()?.to_vec1::<f32>()?,
+            );
+            let (kc, vc) = kv.gather(li, total);
+            let kc = Tensor::from_vec(kc, (total, nkv, hd), &dev)?
+                .transpose(0, 1)?
+                .contiguous()?;
+            let vc = Tensor::from_vec(vc, (total, nkv, hd), &dev)?
+                .transpose(0, 1)?
+                .contiguous()?;
+            // [nh, n, hd] -> [nkv, group * n, hd]: query heads of one KV head side by side.
+            let q = q
+                .transpose(0, 1)?
+                .contiguous()?
+                .reshape((nkv, group * n, hd))?;
+            let att = (q.matmul(&kc.t()?)? * scale)?.reshape((nkv, group, n, total))?;
+            let att = att.broadcast_add(&mask)?;
+            let att = softmax_last(&att)?.reshape((nkv, group * n, total))?;
+            let o = att
+                .matmul(&vc)?
+                .reshape((nh, n, hd))?
+                .transpose(0, 1)?
+                .reshape((n, nh * hd))?;
+            x = (x + o.matmul(&l.wo.t()?)?)?;
+            let h = self.rms_norm(&x, &l.ffn_norm)?;
+            let g = h.matmul(&l.gate.t()?)?.silu()?;
+            let u = h.matmul(&l.up.t()?)?;
+            x = (x + (g * u)?.matmul(&l.down.t()?)?)?;
+        }
+        let last = x.narrow(0, n - 1, 1)?;
+        let last = self.rms_norm(&last, &self.norm)?;
+        Ok(last
+            .matmul(&self.lm_head.t()?)?
+            .flatten_all()?
+            .to_vec1::<f32>()?)
+    }
+}
+
+fn softmax_last(x: &Tensor) -> Result<Tensor, ModelError> {
+    let m = x.max_keepdim(D::Minus1)?;
+    let e = x.broadcast_sub(&m)?.exp()?;
+    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
+}
+
+/// Index of the largest logit (the first on ties).
+pub fn argmax(logits: &[f32]) -> u32 {
+    let mut best = 0;
+    for (i, &v) in logits.iter().enumerate() {
+        if v > logits[best] {
+            best = i;
+        }
+    }
+    best as u32
+}

@@ -174,9 +174,11 @@ impl ChunkBackend for StoreBackend {
     }
 
     fn namespace_exists(&self, ns: &str) -> Result<bool, BackendError> {
-        // One stat, not a rescan of the whole cache (this runs on every lookup).
+        // One stat, not a rescan of the whole cache (this runs on every lookup). With a remote
+        // tier, a namespace this host has never seen may hold chunks in the bucket: it must
+        // resolve so that a lookup of `<ns>/<key>.kvc` under it can fetch (a fresh host).
         Ok(kvfs_loader::spec::validate_namespace_dir(ns).is_ok()
-            && self.store.root().join(ns).is_dir())
+            && (self.has_remote() || self.store.root().join(ns).is_dir()))
     }
 
     fn create_namespace(&self, ns: &str) -> Result<(), BackendError> {

@@ -586,7 +586,7 @@ fn pull_never_commits_a_damaged_download_and_resumes() {
     let r = Remote::open(cfg, None).unwrap();
     // One fault per GET (more than the client's retries for the first two).
     for f in [Fault::Corrupt, Fault::ShortBody, Fault::CutBody] {
-        proxy.arm(Some(Method::GET), f, 3);
+        proxy.arm_path(Some(Method::GET), ".kvc", f, 3);
     }
     let first = r.pull(dir.path(), Some(&ns()), &|_| {}).unwrap();
     assert!(first.failed >= 2, "{first:?}");

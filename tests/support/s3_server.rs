@@ -206,6 +206,8 @@ pub enum Fault {
 
 struct Rule {
     method: Option<Method>,
+    /// Only requests whose path contains this.
+    path: Option<String>,
     fault: Fault,
     remaining: usize,
 }
@@ -296,6 +298,18 @@ impl FaultProxy {
     pub fn arm(&self, method: Option<Method>, fault: Fault, count: usize) {
         self.plan.lock().unwrap().rules.push(Rule {
             method,
+            path: None,
+            fault,
+            remaining: count,
+        });
+    }
+
+    /// Like [`FaultProxy::arm`], only for requests whose path contains `path` (`.kvc`: chunk
+    /// objects, not listings).
+    pub fn arm_path(&self, method: Option<Method>, path: &str, fault: Fault, count: usize) {
+        self.plan.lock().unwrap().rules.push(Rule {
+            method,
+            path: Some(path.to_string()),
             fault,
             remaining: count,
         });
@@ -332,7 +346,12 @@ fn pick(plan: &Mutex<Plan>, req: &Request<Incoming>) -> Option<Fault> {
         return (f != Fault::NoConditionalPut || conditional_put).then_some(f);
     }
     for r in p.rules.iter_mut() {
-        if r.remaining > 0 && r.method.as_ref().is_none_or(|m| m == req.method()) {
+        if r.remaining > 0
+            && r.method.as_ref().is_none_or(|m| m == req.method())
+            && r.path
+                .as_ref()
+                .is_none_or(|p| req.uri().path().contains(p.as_str()))
+        {
             if r.fault == Fault::NoConditionalPut && !conditional_put {
                 continue;
             }

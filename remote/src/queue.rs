@@ -151,12 +151,14 @@ impl Queue {
         Ok(name)
     }
 
-    /// Blocks until nothing is pending or `timeout` passes; true when drained.
+    /// Blocks until no marker is left (by this process or another sharing the cache
+    /// directory) or `timeout` passes; true when drained. The directory is the authority, the
+    /// counter only a hint.
     pub fn wait_drained(&self, timeout: Duration) -> bool {
         let deadline = Instant::now() + timeout;
         let (m, cv) = &self.drained;
         let mut g = m.lock().unwrap();
-        while self.pending() > 0 {
+        while self.pending() > 0 || !self.scan().map(|v| v.is_empty()).unwrap_or(true) {
             let now = Instant::now();
             if now >= deadline {
                 return false;
@@ -274,6 +276,9 @@ impl Queue {
                     Vec::new()
                 }
             };
+            // Resynchronize the counter with the directory (another process sharing the cache
+            // directory may have uploaded some of our markers, or queued its own).
+            self.pending.store(names.len(), Ordering::SeqCst);
             if names.is_empty() {
                 tokio::select! {
                     _ = self.wake.notified() => {}

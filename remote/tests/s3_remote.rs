@@ -609,3 +609,23 @@ fn pull_never_commits_a_damaged_download_and_resumes() {
     let leftovers = kvfs_loader::dir::sweep_temporaries(dir.path(), Duration::ZERO).unwrap();
     assert_eq!(leftovers, 0, "no temporary file may remain");
 }
+
+#[test]
+fn two_processes_sharing_a_cache_dir_share_its_queue() {
+    let dir = tempfile::tempdir().unwrap();
+    let t = S3Target::new();
+    // A cannot reach the bucket; B, on the same cache directory, can.
+    let a = Remote::open(t.config_via(&closed_port_endpoint()), Some(dir.path())).unwrap();
+    let c = chain(10, 16);
+    for ((k, _), p) in c.iter().zip(commit_local(dir.path(), &c)) {
+        a.committed(&ns(), k, &p).unwrap();
+    }
+    assert_eq!(a.pending_uploads(), 10);
+    let b = Remote::open(t.config(), Some(dir.path())).unwrap();
+    assert!(b.wait_uploaded(Duration::from_secs(60)));
+    // A sees the queue drained too (the marker directory is the authority).
+    assert!(a.wait_uploaded(Duration::from_secs(5)));
+    for (k, bytes) in &c {
+        assert_eq!(b.fetch(&ns(), k).unwrap().as_deref(), Some(&bytes[..]));
+    }
+}

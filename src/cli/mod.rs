@@ -13,6 +13,7 @@
 
 pub mod cache;
 pub mod chunks;
+pub mod demo;
 pub mod synth;
 
 use crate::config::{self, Config, Limit, Overrides, Size};
@@ -98,6 +99,9 @@ pub struct Cli {
 /// The commands. Keep one variant per command.
 #[derive(Debug, Subcommand)]
 pub enum Command {
+    /// Run the main job end to end on the local cache: one request stores a long prefix's KV
+    /// blocks as chunks, a second loads them into fresh paged blocks and checks every byte.
+    Demo(demo::DemoArgs),
     /// Store a .kvc chunk file (or one read from stdin) after verifying it in full.
     Put(chunks::PutArgs),
     /// Write a chunk to a file or stdout; its payload digest is checked before any byte is
@@ -202,6 +206,7 @@ fn init_logging() {
 pub fn run(cli: Cli) -> Result<i32, CliError> {
     let ctx = Ctx::new(&cli)?;
     match cli.command {
+        Command::Demo(a) => demo::demo(&ctx, a),
         Command::Put(a) => chunks::put(&ctx, a),
         Command::Get(a) => chunks::get(&ctx, a),
         Command::Ls(a) => cache::ls(&ctx, a),

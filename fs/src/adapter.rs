@@ -27,9 +27,10 @@
 //!   `validate_namespace_dir` refuses: **EINVAL**;
 //! - anything that modifies a `--read-only` mount: **EROFS**.
 //!
-//! Attribute and entry TTLs are short (1 s) because chunks appear (another process writes the
-//! cache directory) and disappear (eviction) behind the mount's back; a chunk's bytes never
-//! change, so data caching is unlimited.
+//! Directory TTLs are short (1 s): namespaces and listings change behind the mount's back.
+//! Chunk entries and attributes live 60 s: a chunk's bytes and size never change, new chunks
+//! are never negatively cached, and an evicted one still fails `open` with ENOENT; data
+//! caching is unlimited.
 
 use crate::backend::{BackendError, ChunkBackend, ChunkInfo};
 use crate::incoming::{Incoming, WriteState};
@@ -53,8 +54,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-/// How long the kernel may cache names and attributes.
+/// How long the kernel may cache directory names and attributes (namespaces come and go).
 const TTL: Duration = Duration::from_secs(1);
+/// How long the kernel may cache a chunk's name and attributes. A chunk never changes; only
+/// eviction by another process can make a cached entry stale, and then `open` still answers
+/// ENOENT. Long enough that `find`/`ls -l` over 100,000 chunks (which reads the whole
+/// directory before it stats) finds every entry still cached from READDIRPLUS.
+const CHUNK_TTL: Duration = Duration::from_secs(60);
 /// No caching (status files, files being written).
 const NO_TTL: Duration = Duration::ZERO;
 /// `st_blksize` of chunks: `cp` and friends size their buffers by it, and big requests are
@@ -274,7 +280,7 @@ impl KvFs {
                     return Ok((attr, NO_TTL));
                 }
                 match self.backend.stat(&ns, &key) {
-                    Ok(Some(info)) => Ok((self.chunk_attr(ino, &info), TTL)),
+                    Ok(Some(info)) => Ok((self.chunk_attr(ino, &info), CHUNK_TTL)),
                     Ok(None) => Err(Errno::ENOENT),
                     Err(e) => Err(backend_errno(&e)),
                 }
@@ -337,7 +343,11 @@ impl KvFs {
                 let d = header(self)?.payload_digest;
                 d.iter().map(|b| format!("{b:02x}")).collect()
             }
-            XATTR_TIER => info(self)?.tier,
+            XATTR_TIER => match self.backend.tier(ns, key) {
+                Ok(Some(t)) => t,
+                Ok(None) => return Err(Errno::ENOENT),
+                Err(e) => return Err(backend_errno(&e)),
+            },
             XATTR_BACKING => match info(self)?.backing {
                 Some(p) => p.to_string_lossy().into_owned(),
                 None => return Err(Errno::NO_XATTR),
@@ -518,9 +528,10 @@ impl Filesystem for KvFs {
                     Ok(Some(info)) => {
                         let ino = self.inodes.chunk(&ns, &key);
                         if self.pending_len(ino).is_none() {
-                            return reply.entry(&TTL, &self.chunk_attr(ino, &info), Generation(0));
+                            let attr = self.chunk_attr(ino, &info);
+                            return reply.entry(&CHUNK_TTL, &attr, Generation(0));
                         }
-                        Ok((ino, TTL))
+                        Ok((ino, NO_TTL))
                     }
                     Ok(None) => Err(Errno::ENOENT),
                     Err(e) => Err(backend_errno(&e)),

@@ -118,6 +118,12 @@ pub trait ChunkBackend: Send + Sync + 'static {
     /// chunk that is only remote here, so that a following open finds it local.
     fn stat(&self, ns: &str, key: &ChunkKey) -> Result<Option<ChunkInfo>, BackendError>;
 
+    /// The fastest tier holding a chunk, exactly (`user.kvfs.tier`); `stat` may answer
+    /// with a cheaper approximation. The default is [`ChunkInfo::tier`] from `stat`.
+    fn tier(&self, ns: &str, key: &ChunkKey) -> Result<Option<String>, BackendError> {
+        Ok(self.stat(ns, key)?.map(|i| i.tier))
+    }
+
     /// The parsed header of a chunk (for the `user.kvfs.*` attributes). The default reads it
     /// through [`ChunkBackend::read_at`].
     fn header(&self, ns: &str, key: &ChunkKey) -> Result<ChunkHeader, BackendError> {

@@ -234,7 +234,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let src = d.path().join("incoming");
         fs::write(&src, b"one").unwrap();
-        let t = d.path().join("ns-0123456789abcdef").join("ab").join("x.kvc");
+        let t = d
+            .path()
+            .join("ns-0123456789abcdef")
+            .join("ab")
+            .join("x.kvc");
         assert_eq!(commit_link(&src, &t, true).unwrap(), Commit::Created);
         fs::write(d.path().join("other"), b"two").unwrap();
         assert_eq!(

@@ -173,9 +173,38 @@ pub fn commit_link(src: &Path, target: &Path, fsync: bool) -> io::Result<Commit>
     }
 }
 
-/// Removes temporary files left by crashed writers under `dir` (recursively, two levels of
-/// fan-out at most). Only files older than `min_age` are removed, so a live writer in another
-/// process keeps its file. Returns how many were removed.
+/// Pid of the process that created the temporary file `name` (see [`temp_path_for`]:
+/// `.tmp-<target name>.<pid>.<seq>`), if the name has that form.
+pub fn temp_writer_pid(name: &str) -> Option<i32> {
+    let rest = name.strip_prefix(TMP_PREFIX)?;
+    let mut parts = rest.rsplitn(3, '.');
+    let (_seq, pid) = (parts.next()?, parts.next()?);
+    pid.parse::<i32>().ok().filter(|p| *p > 0)
+}
+
+/// Whether process `pid` exists and is not a zombie (a killed writer whose parent has not
+/// reaped it yet is dead for our purposes).
+pub fn process_alive(pid: i32) -> bool {
+    // SAFETY: kill with signal 0 sends nothing; it only checks whether `pid` exists.
+    let exists = unsafe { libc::kill(pid, 0) } == 0
+        || io::Error::last_os_error().raw_os_error() != Some(libc::ESRCH);
+    if !exists {
+        return false;
+    }
+    // `/proc/<pid>/stat` is `pid (comm) S ...`; the state follows the last `)`.
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
+        Err(_) => true,
+    }
+}
+
+/// Removes temporary files left by interrupted writers under `dir` (recursively, three levels
+/// at most): those whose writer process is gone (so a writer killed mid-put leaves nothing
+/// behind once any process looks), and those older than `min_age` whatever their name says
+/// (a pid may have been reused). A live writer's file younger than `min_age` is kept.
+/// Returns how many were removed.
 pub fn sweep_temporaries(dir: &Path, min_age: std::time::Duration) -> io::Result<usize> {
     let mut removed = 0;
     let mut stack = vec![(dir.to_path_buf(), 0)];
@@ -188,19 +217,26 @@ pub fn sweep_temporaries(dir: &Path, min_age: std::time::Duration) -> io::Result
         for entry in entries {
             let entry = entry?;
             let ft = entry.file_type()?;
-            let name = entry.file_name();
             if ft.is_dir() && depth < 3 {
                 stack.push((entry.path(), depth + 1));
-            } else if ft.is_file() && name.to_string_lossy().starts_with(TMP_PREFIX) {
-                let old = entry
-                    .metadata()?
-                    .modified()
+                continue;
+            }
+            let name = entry.file_name();
+            let Some(name) = name.to_str() else { continue };
+            if !ft.is_file() || !name.starts_with(TMP_PREFIX) {
+                continue;
+            }
+            let writer_gone = temp_writer_pid(name).is_some_and(|pid| !process_alive(pid));
+            let old = || {
+                entry
+                    .metadata()
                     .ok()
+                    .and_then(|m| m.modified().ok())
                     .and_then(|m| m.elapsed().ok())
-                    .is_none_or(|age| age >= min_age);
-                if old && fs::remove_file(entry.path()).is_ok() {
-                    removed += 1;
-                }
+                    .is_none_or(|age| age >= min_age)
+            };
+            if (writer_gone || old()) && fs::remove_file(entry.path()).is_ok() {
+                removed += 1;
             }
         }
     }
@@ -258,6 +294,23 @@ mod tests {
         });
         assert!(r.is_err());
         assert_eq!(fs::read_dir(d.path()).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn sweep_removes_dead_writers_files_at_once() {
+        let d = tempfile::tempdir().unwrap();
+        let t = d.path().join("k.kvc");
+        let mine = temp_path_for(&t);
+        fs::write(&mine, b"live writer").unwrap();
+        // pid 0x7fff_fff0 does not exist (above any pid_max)
+        let dead = d.path().join(".tmp-k.kvc.2147483632.0");
+        fs::write(&dead, b"killed writer").unwrap();
+        assert_eq!(temp_writer_pid(".tmp-k.kvc.2147483632.0"), Some(2147483632));
+        assert_eq!(
+            sweep_temporaries(d.path(), std::time::Duration::from_secs(3600)).unwrap(),
+            1
+        );
+        assert!(mine.exists() && !dead.exists());
     }
 
     #[test]

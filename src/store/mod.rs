@@ -409,8 +409,8 @@ impl Store {
     pub fn open(cfg: StoreConfig) -> Result<Store, StoreError> {
         let root = cfg.root.clone();
         fs::create_dir_all(&root).map_err(|e| StoreError::io(&root, e))?;
-        let swept = disk::sweep_dead_writers(&root).map_err(|e| StoreError::io(&root, e))?
-            + dir::sweep_temporaries(&root, STALE_TMP_AGE).map_err(|e| StoreError::io(&root, e))?;
+        let swept =
+            dir::sweep_temporaries(&root, STALE_TMP_AGE).map_err(|e| StoreError::io(&root, e))?;
         if swept > 0 {
             tracing::info!(root = %root.display(), swept, "removed temporary files of interrupted writers");
         }

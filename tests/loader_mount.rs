@@ -9,12 +9,13 @@ use kvfs_loader::dir::Layout;
 use kvfs_loader::layout::{BlockMap, KvLayout, RawRegion};
 use kvfs_loader::loader::{Dest, Loader};
 use kvfs_loader::{ModelSpec, Verify};
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::path::Path;
 
-const KVFS: &str = env!("CARGO_BIN_EXE_kvfs");
+mod support {
+    pub mod mount;
+}
+
+use support::mount::Mount;
 
 fn fuse_available() -> bool {
     // SAFETY: geteuid has no preconditions.
@@ -24,60 +25,6 @@ fn fuse_available() -> bool {
         return false;
     }
     true
-}
-
-/// A running `kvfs mount`; unmounts and reaps on drop.
-struct Mount {
-    child: Option<Child>,
-    dir: PathBuf,
-}
-
-impl Mount {
-    fn start(cache: &Path, dir: &Path) -> Mount {
-        let child = Command::new(KVFS)
-            .arg("--cache-dir")
-            .arg(cache)
-            .arg("mount")
-            .arg(dir)
-            .env("KVFS_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn kvfs mount");
-        let mut m = Mount {
-            child: Some(child),
-            dir: dir.to_path_buf(),
-        };
-        let ready = dir.join(".kvfs").join("mount.json");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !ready.exists() {
-            if let Some(status) = m.child.as_mut().unwrap().try_wait().unwrap() {
-                let mut err = String::new();
-                let _ = m
-                    .child
-                    .as_mut()
-                    .unwrap()
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err);
-                panic!("kvfs mount exited early ({status}): {err}");
-            }
-            assert!(Instant::now() < deadline, "mount did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        m
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = kvfs_fs::unmount(&self.dir, true);
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 /// Host blocks in vLLM flash-attn layout for the `tiny` preset (2 layers, 2 heads, dim 64,
@@ -127,7 +74,7 @@ fn store_lookup_and_load_through_a_real_mount() {
     let mnt = tmp.path().join("mnt");
     std::fs::create_dir_all(&cache).unwrap();
     std::fs::create_dir_all(&mnt).unwrap();
-    let _mount = Mount::start(&cache, &mnt);
+    let _mount = Mount::start(&cache, &mnt, &[]);
 
     let spec = ModelSpec::preset("tiny").unwrap();
     let loader = Loader::open(&mnt, spec.clone(), b"").unwrap();

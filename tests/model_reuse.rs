@@ -21,6 +21,7 @@
 //! is set.
 
 mod support {
+    pub mod mount;
     pub mod s3_server;
 }
 
@@ -28,8 +29,9 @@ use kvfs_loader::Loader;
 use kvfs_model::{Engine, ModelError, max_abs_diff};
 use serde_json::{Value, json};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
+use support::mount::Mount;
 use support::s3_server::S3Target;
 
 const KVFS: &str = env!("CARGO_BIN_EXE_kvfs");
@@ -183,69 +185,26 @@ fn kvfs(config: &Path) -> Command {
     c
 }
 
-/// A `kvfs mount`; `finish` unmounts cleanly (uploads drain), drop detaches and reaps.
-struct Mount {
-    child: Option<Child>,
-    dir: PathBuf,
-    config: PathBuf,
+/// `kvfs --config CONFIG mount DIR`, the host's daemon.
+fn mount(config: &Path, dir: &Path) -> Mount {
+    std::fs::create_dir_all(dir).unwrap();
+    let mut cmd = kvfs(config);
+    cmd.arg("mount").arg(dir);
+    Mount::spawn(cmd, dir)
 }
 
-impl Mount {
-    fn start(config: &Path, dir: &Path) -> Mount {
-        std::fs::create_dir_all(dir).unwrap();
-        let child = kvfs(config)
-            .arg("mount")
-            .arg(dir)
-            .stdout(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut m = Mount {
-            child: Some(child),
-            dir: dir.into(),
-            config: config.into(),
-        };
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !dir.join(".kvfs/mount.json").exists() {
-            if let Some(s) = m.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("kvfs mount exited early: {s}");
-            }
-            assert!(Instant::now() < deadline, "mount did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        m
-    }
-
-    fn finish(mut self) {
-        let out = kvfs(&self.config)
-            .arg("umount")
-            .arg(&self.dir)
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let mut c = self.child.take().unwrap();
-        let deadline = Instant::now() + Duration::from_secs(120);
-        while c.try_wait().unwrap().is_none() {
-            assert!(
-                Instant::now() < deadline,
-                "daemon did not exit (uploads not drained?)"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = kvfs_fs::unmount(&self.dir, true);
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
+/// `kvfs umount`, then wait for the daemon to exit: it drains the queued uploads first.
+fn unmount_draining(config: &Path, mut m: Mount) {
+    let out = kvfs(config).arg("umount").arg(m.dir()).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        m.wait_exit(Duration::from_secs(120)),
+        "daemon failed while draining uploads"
+    );
 }
 
 fn check_against(name: &str, got: &Value, reference: &Value) {
@@ -279,8 +238,10 @@ fn smollm2_prefix_reuse_through_kvfs_and_s3() {
     let out = |n: &str| tmp.path().join(format!("{n}.json"));
 
     // Host A: process 1 stores, process 2 reuses.
-    let mount_a = fuse.then(|| Mount::start(&cfg_a, &tmp.path().join("mnt-a")));
-    let dir_a = mount_a.as_ref().map_or(cache_a.clone(), |m| m.dir.clone());
+    let mount_a = fuse.then(|| mount(&cfg_a, &tmp.path().join("mnt-a")));
+    let dir_a = mount_a
+        .as_ref()
+        .map_or(cache_a.clone(), |m| m.dir().to_path_buf());
     let reference = run_child("store", &dir_a, &out("store"));
     assert_eq!(reference["written"], 2, "two full chunks of 517 tokens");
     let short = run_child(&format!("reuse:{SHORT}:{SHORT}"), &dir_a, &out("short"));
@@ -306,7 +267,7 @@ fn smollm2_prefix_reuse_through_kvfs_and_s3() {
         );
     }
     match mount_a {
-        Some(m) => m.finish(), // unmount: the queued uploads drain before the daemon exits
+        Some(m) => unmount_draining(&cfg_a, m), // unmount: the queued uploads drain before the daemon exits
         None => {
             let o = kvfs(&cfg_a)
                 .args(["sync", "push", "--quiet"])
@@ -317,7 +278,7 @@ fn smollm2_prefix_reuse_through_kvfs_and_s3() {
     }
 
     // Host B: empty cache, same bucket.
-    let mount_b = fuse.then(|| Mount::start(&cfg_b, &tmp.path().join("mnt-b")));
+    let mount_b = fuse.then(|| mount(&cfg_b, &tmp.path().join("mnt-b")));
     if mount_b.is_none() {
         let o = kvfs(&cfg_b)
             .args(["sync", "pull", "--quiet"])
@@ -325,7 +286,9 @@ fn smollm2_prefix_reuse_through_kvfs_and_s3() {
             .unwrap();
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     }
-    let dir_b = mount_b.as_ref().map_or(cache_b.clone(), |m| m.dir.clone());
+    let dir_b = mount_b
+        .as_ref()
+        .map_or(cache_b.clone(), |m| m.dir().to_path_buf());
     let other = run_child(&format!("reuse:{LONG}:{LONG}"), &dir_b, &out("host-b"));
     assert_eq!(
         (other["reused"].as_u64(), other["computed"].as_u64()),

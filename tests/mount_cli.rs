@@ -6,11 +6,17 @@
 //! guard always unmounts (lazily) and reaps the daemon, even when an assertion fails.
 
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
+
+mod support {
+    pub mod mount;
+}
+
+use support::mount::Mount;
 
 const KVFS: &str = env!("CARGO_BIN_EXE_kvfs");
 
@@ -54,86 +60,6 @@ fn ok(out: Output) -> String {
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8(out.stdout).unwrap()
-}
-
-/// A running `kvfs mount`; unmounts and reaps on drop.
-struct Mount {
-    child: Option<Child>,
-    dir: PathBuf,
-}
-
-impl Mount {
-    fn start(cache: &Path, dir: &Path, extra: &[&str]) -> Mount {
-        let child = Command::new(KVFS)
-            .arg("--cache-dir")
-            .arg(cache)
-            .arg("mount")
-            .arg(dir)
-            .args(extra)
-            .env("KVFS_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn kvfs mount");
-        let mut m = Mount {
-            child: Some(child),
-            dir: dir.to_path_buf(),
-        };
-        m.wait_ready();
-        m
-    }
-
-    fn wait_ready(&mut self) {
-        let ready = self.dir.join(".kvfs").join("mount.json");
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !ready.exists() {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                let mut err = String::new();
-                let _ = self
-                    .child
-                    .as_mut()
-                    .unwrap()
-                    .stderr
-                    .take()
-                    .unwrap()
-                    .read_to_string(&mut err);
-                panic!("kvfs mount exited early ({status}): {err}");
-            }
-            assert!(Instant::now() < deadline, "mount did not come up");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn pid(&self) -> u32 {
-        self.child.as_ref().unwrap().id()
-    }
-
-    /// Waits for the daemon to exit by itself; returns whether it exited successfully.
-    fn wait_exit(&mut self) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Some(s) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                self.child = None;
-                return s.success();
-            }
-            assert!(Instant::now() < deadline, "daemon did not exit");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn info(&self) -> String {
-        fs::read_to_string(self.dir.join(".kvfs/mount.json")).unwrap()
-    }
-}
-
-impl Drop for Mount {
-    fn drop(&mut self) {
-        let _ = kvfs_fs::unmount(&self.dir, true);
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
 }
 
 struct Env {
@@ -458,9 +384,7 @@ fn kill_9_then_remount_serves_everything() {
     let mut m = Mount::start(&e.cache, &e.mnt, &[]);
     let nsdir = e.mnt.join(tiny_ns());
     assert_eq!(fs::read_dir(&nsdir).unwrap().count(), 10);
-    // SAFETY: kill has no memory effects; the pid is our child's.
-    assert_eq!(unsafe { libc::kill(m.pid() as i32, libc::SIGKILL) }, 0);
-    m.child.take().unwrap().wait().unwrap();
+    m.crash();
     assert_eq!(
         errno_of(fs::metadata(&e.mnt)),
         libc::ENOTCONN,
@@ -502,7 +426,10 @@ fn refuses_busy_directories_and_stops_cleanly() {
     // SIGTERM unmounts and exits 0.
     // SAFETY: kill has no memory effects; the pid is our child's.
     assert_eq!(unsafe { libc::kill(m.pid() as i32, libc::SIGTERM) }, 0);
-    assert!(m.wait_exit(), "daemon failed on SIGTERM");
+    assert!(
+        m.wait_exit(Duration::from_secs(20)),
+        "daemon failed on SIGTERM"
+    );
     let canonical = e.mnt.canonicalize().unwrap();
     assert!(!kvfs_fs::is_mount_point(&canonical).unwrap());
 

@@ -40,7 +40,6 @@ use cudarc::driver::{
 };
 use tracing::{debug, info, warn};
 
-use crate::align::DIRECT_ALIGN;
 use crate::cufile::{self, CuFile, CuFileIoParams, FileHandle};
 use crate::error::{GdsError, Result};
 use crate::plan::{Fill, ReadExtent, WriteExtent, plan_fills, stream_len};
@@ -760,22 +759,7 @@ impl GdsEngine {
         extents: &[WriteExtent],
         plan: &ScatterPlan,
     ) -> Result<IoStats> {
-        for e in extents {
-            if e.offset % DIRECT_ALIGN != 0 {
-                return Err(GdsError::Misaligned {
-                    what: "write extent offset",
-                    value: e.offset,
-                    align: DIRECT_ALIGN,
-                });
-            }
-        }
-        let total = stream_len(extents);
-        if plan.src_len() > total {
-            return Err(GdsError::PlanExceedsExtents {
-                plan_len: plan.src_len(),
-                extents_len: total,
-            });
-        }
+        crate::ring::check_store_request(extents, plan)?;
         let ends = crate::ring::file_ends(extents)?;
         let fills = plan_fills(extents, self.buf_size)?;
         let runs_ptr = self.runs.upload(&self.dev, plan)?;

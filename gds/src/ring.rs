@@ -183,22 +183,7 @@ impl<S: Sink> Ring<S> {
         extents: &[WriteExtent],
         plan: &ScatterPlan,
     ) -> Result<IoStats> {
-        for e in extents {
-            if e.offset % DIRECT_ALIGN != 0 {
-                return Err(GdsError::Misaligned {
-                    what: "write extent offset",
-                    value: e.offset,
-                    align: DIRECT_ALIGN,
-                });
-            }
-        }
-        let total = stream_len(extents);
-        if plan.src_len() > total {
-            return Err(GdsError::PlanExceedsExtents {
-                plan_len: plan.src_len(),
-                extents_len: total,
-            });
-        }
+        check_store_request(extents, plan)?;
         let ends = file_ends(extents)?;
         let fills = plan_fills(extents, self.buf_size)?;
         self.sink.begin(plan)?;
@@ -457,4 +442,27 @@ impl Sink for HostSink<'_> {
     fn finish(&mut self) -> Result<()> {
         Ok(())
     }
+}
+
+/// Checks a store request before any byte moves: every write extent starts on a 4096-byte
+/// boundary (O_DIRECT cannot start a write mid-block) and the plan gathers no more bytes than
+/// the extents hold.
+pub(crate) fn check_store_request(extents: &[WriteExtent], plan: &ScatterPlan) -> Result<()> {
+    for e in extents {
+        if e.offset % DIRECT_ALIGN != 0 {
+            return Err(GdsError::Misaligned {
+                what: "write extent offset",
+                value: e.offset,
+                align: DIRECT_ALIGN,
+            });
+        }
+    }
+    let total = stream_len(extents);
+    if plan.src_len() > total {
+        return Err(GdsError::PlanExceedsExtents {
+            plan_len: plan.src_len(),
+            extents_len: total,
+        });
+    }
+    Ok(())
 }

@@ -204,6 +204,10 @@ impl RemoteTier for S3Tier {
                 "chunk committed locally but its upload is not done; `kvfs sync push` uploads it");
         }
     }
+
+    fn upload_pending(&self, ns_dir: &str, key: &ChunkKey) -> bool {
+        self.remote.upload_pending(ns_dir, key)
+    }
 }
 
 impl Drop for S3Tier {

@@ -42,8 +42,17 @@ fn chain(n: usize, seed: u32) -> Vec<(ChunkKey, Vec<u8>)> {
 
 /// A store on `root` with the remote tier of `cfg` (a "host").
 fn host(root: &Path, cfg: kvfs_remote::S3Config) -> (Store, Arc<Remote>) {
+    host_with(root, cfg, |_| {})
+}
+
+fn host_with(
+    root: &Path,
+    cfg: kvfs_remote::S3Config,
+    tune: impl FnOnce(&mut StoreConfig),
+) -> (Store, Arc<Remote>) {
     let remote = Arc::new(Remote::open(cfg, Some(root)).unwrap());
     let mut sc = StoreConfig::new(root);
+    tune(&mut sc);
     sc.remote = Some(Arc::new(S3Tier::new(
         remote.clone(),
         Duration::from_secs(30),
@@ -154,6 +163,48 @@ fn unreachable_bucket_keeps_local_work_going_and_uploads_resume() {
         .join(ns());
     for (k, _) in &c {
         assert!(objects.join(k.file_name()).exists());
+    }
+}
+
+/// A chunk whose upload is still queued is the only copy: the disk tier must not evict it to
+/// make room, even when that means refusing a put; once uploaded it is evictable again.
+#[test]
+fn chunks_waiting_for_upload_are_never_evicted() {
+    if std::env::var("KVFS_TEST_S3_ENDPOINT").is_ok() {
+        eprintln!("skipping: needs the in-process server (it starts it on a closed port)");
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let endpoint = closed_port_endpoint();
+    let t = S3Target::new();
+    let c = chain(4, 7);
+    let chunk_len = c[0].1.len() as u64;
+    let (store, remote) = host_with(dir.path(), t.config_via(&endpoint), |sc| {
+        sc.capacity = kvfs::config::Limit::Bytes(3 * chunk_len);
+        sc.min_free = kvfs::config::Limit::Bytes(0);
+    });
+    for (_, bytes) in &c[..3] {
+        store.put(&ns(), bytes).unwrap();
+    }
+    assert_eq!(remote.pending_uploads(), 3);
+    // Full, and every resident chunk is pinned by its queued upload: the put is refused.
+    assert!(matches!(
+        store.put(&ns(), &c[3].1),
+        Err(StoreError::NoSpace { .. })
+    ));
+    for (k, bytes) in &c[..3] {
+        assert_eq!(
+            &store.get(&ns(), k).unwrap()[..],
+            &bytes[..],
+            "pinned chunk lost"
+        );
+    }
+    // The bucket comes up, the uploads land, and the same put now evicts an uploaded chunk.
+    let _server = InProcessS3::start_at(endpoint.trim_start_matches("http://"));
+    assert!(remote.wait_uploaded(Duration::from_secs(60)));
+    store.put(&ns(), &c[3].1).unwrap();
+    for (k, bytes) in &c {
+        assert_eq!(&store.get(&ns(), k).unwrap()[..], &bytes[..]);
     }
 }
 

@@ -295,6 +295,14 @@ impl Remote {
         self.block_on(lookup::prefix_lookup(&self.bucket, ns_dir, keys))?
     }
 
+    /// Whether `ns_dir/key` is queued for upload and not yet in the bucket: the local copy is
+    /// then the only one, and the disk tier must not evict it.
+    pub fn upload_pending(&self, ns_dir: &str, key: &ChunkKey) -> bool {
+        self.queue
+            .as_ref()
+            .is_some_and(|q| q.is_pending(ns_dir, key))
+    }
+
     /// Uploads waiting in the persistent queue.
     pub fn pending_uploads(&self) -> usize {
         self.queue.as_ref().map_or(0, |q| q.pending())

@@ -88,6 +88,11 @@ impl Queue {
         Ok(q)
     }
 
+    /// Whether a marker for `ns_dir/key` is in the queue (one `stat`).
+    pub fn is_pending(&self, ns_dir: &str, key: &ChunkKey) -> bool {
+        self.dir.join(marker_name(ns_dir, key)).exists()
+    }
+
     pub fn pending(&self) -> usize {
         self.pending.load(Ordering::SeqCst)
     }

@@ -18,6 +18,7 @@
 //! [`Layout::Cache`]: kvfs_loader::dir::Layout::Cache
 
 use super::StoreError;
+use super::remote_seam::RemoteTier;
 use crate::config::Limit;
 use kvfs_loader::ChunkKey;
 use kvfs_loader::dir::{Layout, TMP_PREFIX};
@@ -26,7 +27,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Bookkeeping of one chunk file.
@@ -234,6 +235,8 @@ pub(crate) struct DiskTier {
     pub root: PathBuf,
     pub capacity: Limit,
     pub min_free: Limit,
+    /// Asked which chunks still wait for their upload (never evicted).
+    remote: Option<Arc<dyn RemoteTier>>,
     index: Mutex<DiskIndex>,
 }
 
@@ -258,11 +261,19 @@ pub(crate) struct Victim {
 }
 
 impl DiskTier {
-    pub fn new(root: PathBuf, capacity: Limit, min_free: Limit) -> DiskTier {
+    /// `remote`, when given, pins chunks whose upload is still queued (see
+    /// [`RemoteTier::upload_pending`]): eviction passes over them.
+    pub fn new(
+        root: PathBuf,
+        capacity: Limit,
+        min_free: Limit,
+        remote: Option<Arc<dyn RemoteTier>>,
+    ) -> DiskTier {
         DiskTier {
             root,
             capacity,
             min_free,
+            remote,
             index: Mutex::new(DiskIndex::default()),
         }
     }
@@ -375,11 +386,25 @@ impl DiskTier {
             if freed >= want {
                 break;
             }
+            if self
+                .remote
+                .as_ref()
+                .is_some_and(|r| r.upload_pending(ns, &key))
+            {
+                continue; // its only copy until the upload lands
+            }
             freed += len;
             victims.push(Victim {
                 ns: ns.to_string(),
                 key,
                 len,
+            });
+        }
+        if freed < want {
+            // Pinned chunks (uploads still queued) make up the difference: nothing is evicted.
+            return Err(StoreError::NoSpace {
+                needed,
+                available: freed,
             });
         }
         for v in &victims {

@@ -414,7 +414,7 @@ impl Store {
         if swept > 0 {
             tracing::info!(root = %root.display(), swept, "removed temporary files of interrupted writers");
         }
-        let disk = DiskTier::new(root, cfg.capacity, cfg.min_free);
+        let disk = DiskTier::new(root, cfg.capacity, cfg.min_free, cfg.remote.clone());
         disk.rescan()?;
         let memory = MemoryTier::new(cfg.memory_bytes);
         Ok(Store {

@@ -23,4 +23,11 @@ pub trait RemoteTier: Send + Sync + std::fmt::Debug {
     /// A chunk was committed to the disk tier at `path` by this process (by `put`, not by a
     /// fetch from this remote). Called after the file is visible; must not fail the put.
     fn committed(&self, ns_dir: &str, key: &ChunkKey, path: &Path);
+
+    /// Whether the chunk still waits for its upload, so the local file is its only copy. The
+    /// disk tier never evicts such a chunk (eviction would lose an acknowledged write). Called
+    /// under the disk index lock for eviction candidates only; must be cheap.
+    fn upload_pending(&self, _ns_dir: &str, _key: &ChunkKey) -> bool {
+        false
+    }
 }

@@ -9,6 +9,7 @@
 //! | `min_free`     | `KVFS_MIN_FREE`      | `--min-free`     | `5%` of the cache file system        |
 //! | `fsync`        | `KVFS_FSYNC`         | `--fsync`        | `always` (`always` or `never`)       |
 //! | `verify_reads` | `KVFS_VERIFY_READS`  | `--verify-reads` | `false`                              |
+//! | `group_access` | `KVFS_GROUP_ACCESS`  |                  | `false`: cache `0700`, chunks `0600` |
 //! | `[s3]` `url`   | `KVFS_S3`            | `--s3`           | none (no remote tier); see docs/S3.md |
 //!
 //! The file itself is `--config FILE`, else `$KVFS_CONFIG`, else
@@ -173,20 +174,56 @@ impl fmt::Display for Limit {
     }
 }
 
-/// TOML sizes may be integers (bytes) or strings (`"64GiB"`, `"10%"`).
-#[derive(Deserialize)]
-#[serde(untagged)]
-enum RawSize {
-    Int(u64),
-    Str(String),
+/// TOML sizes may be integers (bytes) or strings (`"64GiB"`, `"10%"`). A visitor rather than an
+/// untagged enum, so a wrong value says what was expected instead of "did not match any
+/// variant of untagged enum".
+fn deserialize_size_text<'de, D, T>(d: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: FromStr<Err = String> + From<u64>,
+{
+    struct V<T>(std::marker::PhantomData<T>);
+    impl<T: FromStr<Err = String> + From<u64>> serde::de::Visitor<'_> for V<T> {
+        type Value = T;
+        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("a size: a byte count (1048576) or a string such as \"64GiB\" or \"10%\"")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<T, E> {
+            Ok(T::from(v))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<T, E> {
+            u64::try_from(v)
+                .map(T::from)
+                .map_err(|_| E::custom(format!("a size cannot be negative (got {v})")))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<T, E> {
+            Err(E::custom(format!(
+                "a size in bytes must be a whole number (got {v}); write \"1.5GiB\" as a string"
+            )))
+        }
+        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
+            v.parse()
+                .map_err(|e: String| E::custom(format!("`{v}`: {e}")))
+        }
+    }
+    d.deserialize_any(V(std::marker::PhantomData))
+}
+
+impl From<u64> for Size {
+    fn from(v: u64) -> Size {
+        Size(v)
+    }
+}
+
+impl From<u64> for Limit {
+    fn from(v: u64) -> Limit {
+        Limit::Bytes(v)
+    }
 }
 
 impl<'de> Deserialize<'de> for Size {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
-        match RawSize::deserialize(d)? {
-            RawSize::Int(n) => Ok(Size(n)),
-            RawSize::Str(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        deserialize_size_text(d)
     }
 }
 
@@ -198,10 +235,7 @@ impl Serialize for Size {
 
 impl<'de> Deserialize<'de> for Limit {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Limit, D::Error> {
-        match RawSize::deserialize(d)? {
-            RawSize::Int(n) => Ok(Limit::Bytes(n)),
-            RawSize::Str(s) => s.parse().map_err(serde::de::Error::custom),
-        }
+        deserialize_size_text(d)
     }
 }
 
@@ -239,6 +273,9 @@ pub struct Config {
     pub fsync: FsyncPolicy,
     /// Check the payload digest on every read from disk, not only when bytes enter a tier.
     pub verify_reads: bool,
+    /// Let the cache directory's group read (and store) chunks: root `2770`, chunks `0640`.
+    /// Off: private to the owner (`0700`, `0600`), since chunk headers hold prompts' tokens.
+    pub group_access: bool,
     /// The S3 remote tier (`[s3]` table); none: local tiers only.
     pub s3: Option<crate::remote_tier::S3Settings>,
 }
@@ -252,7 +289,19 @@ impl Default for Config {
             min_free: Limit::Percent(5.0),
             fsync: FsyncPolicy::Always,
             verify_reads: false,
+            group_access: false,
             s3: None,
+        }
+    }
+}
+
+impl Config {
+    /// Who may read the cache directory, as [`Config::group_access`] says.
+    pub fn access(&self) -> kvfs_loader::dir::Access {
+        if self.group_access {
+            kvfs_loader::dir::Access::Group
+        } else {
+            kvfs_loader::dir::Access::Private
         }
     }
 }
@@ -266,6 +315,7 @@ pub struct Overrides {
     pub min_free: Option<Limit>,
     pub fsync: Option<FsyncPolicy>,
     pub verify_reads: Option<bool>,
+    pub group_access: Option<bool>,
     /// `s3://bucket/prefix` of the remote tier.
     pub s3: Option<String>,
 }
@@ -296,14 +346,20 @@ impl Overrides {
             }
         }
         Ok(Overrides {
-            cache_dir: get("KVFS_CACHE_DIR")
-                .filter(|s| !s.is_empty())
-                .map(PathBuf::from),
+            // Set but empty is a mistake (an unset shell variable, say), not "the default".
+            cache_dir: field(get, "KVFS_CACHE_DIR", |v| {
+                if v.is_empty() {
+                    Err("the cache directory is empty; unset the variable for the default".into())
+                } else {
+                    Ok(PathBuf::from(v))
+                }
+            })?,
             capacity: field(get, "KVFS_CAPACITY", str::parse)?,
             memory: field(get, "KVFS_MEMORY", str::parse)?,
             min_free: field(get, "KVFS_MIN_FREE", str::parse)?,
             fsync: field(get, "KVFS_FSYNC", str::parse)?,
             verify_reads: field(get, "KVFS_VERIFY_READS", parse_bool)?,
+            group_access: field(get, "KVFS_GROUP_ACCESS", parse_bool)?,
             s3: get("KVFS_S3").filter(|s| !s.is_empty()),
         })
     }
@@ -327,6 +383,9 @@ impl Overrides {
         if let Some(v) = self.verify_reads {
             c.verify_reads = v;
         }
+        if let Some(v) = self.group_access {
+            c.group_access = v;
+        }
         if let Some(v) = &self.s3 {
             c.s3.get_or_insert_with(Default::default).url = v.clone();
         }
@@ -338,7 +397,15 @@ impl Config {
     pub fn from_toml(text: &str, origin: &Path) -> Result<Config, ConfigError> {
         toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: origin.to_path_buf(),
-            message: e.message().to_string(),
+            message: match e.span() {
+                Some(span) => {
+                    let before = &text[..span.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+                    format!("line {line}, column {column}: {}", e.message())
+                }
+                None => e.message().to_string(),
+            },
         })
     }
 
@@ -372,7 +439,24 @@ impl Config {
         };
         Overrides::from_env(env)?.apply(&mut cfg);
         flags.apply(&mut cfg);
+        cfg.validate()?;
         Ok(cfg)
+    }
+
+    /// Checks values that parse but make no sense together with what they control.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let zero = match self.capacity {
+            Limit::Bytes(b) => b == 0,
+            Limit::Percent(p) => p <= 0.0,
+        };
+        if zero {
+            return Err(ConfigError::Invalid {
+                origin: "capacity".into(),
+                value: self.capacity.to_string(),
+                reason: "a capacity of 0 would evict every chunk; give a size (64GiB) or a share of the file system (80%)".into(),
+            });
+        }
+        Ok(())
     }
 
     /// The cache directory: the configured one or the per-user default.
@@ -394,6 +478,7 @@ impl Config {
         sc.min_free = self.min_free;
         sc.fsync = self.fsync;
         sc.verify_reads = self.verify_reads;
+        sc.access = self.access();
         sc.remote = crate::remote_tier::attach(self.s3.as_ref(), &sc.root)?;
         Ok(sc)
     }
@@ -525,5 +610,70 @@ mod tests {
             Some(PathBuf::from("/x/kvfs"))
         );
         assert_eq!(default_cache_dir(&env_of(&[])), None);
+    }
+
+    #[test]
+    fn a_zero_capacity_is_refused_from_every_source() {
+        for v in ["0", "0B", "0%", "0.0%"] {
+            let e = Config::load(
+                None,
+                &Overrides::default(),
+                &env_of(&[("KVFS_CAPACITY", v)]),
+            )
+            .unwrap_err();
+            assert!(e.to_string().contains("capacity of 0"), "{v}: {e}");
+            let flags = Overrides {
+                capacity: Some(v.parse().unwrap()),
+                ..Overrides::default()
+            };
+            assert!(Config::load(None, &flags, &env_of(&[])).is_err(), "{v}");
+        }
+        let e = Config::from_toml("capacity = 0", Path::new("c.toml"))
+            .and_then(|c| c.validate().map(|()| c))
+            .unwrap_err();
+        assert!(e.to_string().contains("capacity of 0"), "{e}");
+        // min_free may be 0: it means "leave no free space".
+        let c = Config::load(
+            None,
+            &Overrides::default(),
+            &env_of(&[("KVFS_MIN_FREE", "0")]),
+        );
+        assert!(c.is_ok());
+    }
+
+    #[test]
+    fn bad_sizes_in_toml_say_what_was_expected() {
+        let e = Config::from_toml("capacity = -5", Path::new("c.toml")).unwrap_err();
+        let msg = e.to_string();
+        assert!(msg.contains("cannot be negative"), "{msg}");
+        assert!(!msg.contains("untagged"), "{msg}");
+        let e = Config::from_toml("memory = 1.5", Path::new("c.toml")).unwrap_err();
+        assert!(e.to_string().contains("whole number"), "{e}");
+        let e = Config::from_toml("memory = \"12 parsecs\"", Path::new("c.toml")).unwrap_err();
+        assert!(e.to_string().contains("unknown unit"), "{e}");
+        let c =
+            Config::from_toml("memory = 1024\ncapacity = \"10%\"", Path::new("c.toml")).unwrap();
+        assert_eq!(c.memory, Size(1024));
+        assert_eq!(c.capacity, Limit::Percent(10.0));
+    }
+
+    #[test]
+    fn toml_errors_name_the_line() {
+        let text = "fsync = \"always\"\n\nfoo\n";
+        let e = Config::from_toml(text, Path::new("c.toml")).unwrap_err();
+        assert!(e.to_string().contains("line 3, column 4"), "{e}");
+        let e = Config::from_toml("memory = 1\nbogus = 2", Path::new("c.toml")).unwrap_err();
+        assert!(e.to_string().contains("line 2"), "{e}");
+    }
+
+    #[test]
+    fn an_empty_cache_dir_variable_is_an_error_not_the_default() {
+        let e = Config::load(
+            None,
+            &Overrides::default(),
+            &env_of(&[("KVFS_CACHE_DIR", "")]),
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("KVFS_CACHE_DIR"), "{e}");
     }
 }

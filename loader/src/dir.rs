@@ -13,12 +13,21 @@
 //! hard-link it into place, which is atomic and never replaces an existing file, so two
 //! writers of one key end with exactly one complete file and a reader never sees a partial
 //! one. Temporary files are named `.tmp-*` and are swept by [`sweep_temporaries`] at start.
+//!
+//! **Permissions follow the cache root.** Chunk headers hold a prompt's token ids, so a cache
+//! is private by default: [`prepare_root`] makes the root `0700` ([`Access::Private`]) or
+//! `2770`, set-group-id, for a cache shared by one group ([`Access::Group`]), and tightens an
+//! existing root that grants more. Everything created beneath takes its bits from the
+//! directory it is created in ([`create_dirs`], [`file_mode_in`]): directories copy their
+//! parent's mode, files get `0600` plus the read bits the directory grants its group and
+//! others. So one decision, at the root, covers chunks, namespaces, the upload queue and the
+//! quarantine, whoever writes them (the daemon, `kvfs put`, or an engine's loader).
 
 use crate::key::ChunkKey;
 use crate::spec::{NamespaceId, validate_namespace_dir};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -85,6 +94,85 @@ pub enum Commit {
     AlreadyExists,
 }
 
+/// Who may read a cache directory besides its owner.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Access {
+    /// Only the owner (root `0700`, files `0600`): the default.
+    #[default]
+    Private,
+    /// The owner and the root directory's group (root `2770`, set-group-id so everything
+    /// beneath keeps the group; files `0640`): engines running as other users of that group
+    /// read and store chunks in the cache directory directly.
+    Group,
+}
+
+impl Access {
+    /// Mode of the cache root.
+    pub fn root_mode(self) -> u32 {
+        match self {
+            Access::Private => 0o700,
+            Access::Group => 0o2770,
+        }
+    }
+}
+
+/// Creates `root` if needed with the mode `access` asks for, and tightens an existing root
+/// that grants more (a cache made before kvfs was private by default, or made by hand).
+/// Returns the old mode when it changed one, so the caller can log it. A root that grants
+/// less than asked (`0700` when `Group` is configured) is widened only to what `access` says.
+pub fn prepare_root(root: &Path, access: Access) -> io::Result<Option<u32>> {
+    let want = access.root_mode();
+    match fs::DirBuilder::new()
+        .recursive(true)
+        .mode(want & 0o777)
+        .create(root)
+    {
+        Ok(()) => {}
+        Err(e) => return Err(e),
+    }
+    let have = fs::metadata(root)?.permissions().mode() & 0o7777;
+    if have == want {
+        return Ok(None);
+    }
+    fs::set_permissions(root, fs::Permissions::from_mode(want))?;
+    Ok(Some(have))
+}
+
+/// Mode of a file created in `dir`: read-write for the owner, plus the read bits `dir`
+/// grants its group and others (so `0600` in a private cache, `0640` in a group one).
+pub fn file_mode_in(dir: &Path) -> u32 {
+    let dir_mode = fs::metadata(dir).map_or(0, |m| m.permissions().mode());
+    0o600 | (dir_mode & 0o044)
+}
+
+/// `create_dir_all` whose new directories copy the mode of the nearest existing ancestor
+/// exactly (see the module docs), whatever the process umask says.
+pub fn create_dirs(dir: &Path) -> io::Result<()> {
+    let mut missing = Vec::new();
+    let mut cur = dir;
+    let mode = loop {
+        match fs::metadata(cur) {
+            Ok(m) if m.is_dir() => break m.permissions().mode() & 0o7777,
+            Ok(_) => return Err(io::Error::from_raw_os_error(libc::ENOTDIR)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => missing.push(cur),
+            Err(e) => return Err(e),
+        }
+        match cur.parent() {
+            Some(p) if !p.as_os_str().is_empty() => cur = p,
+            _ => break 0o700,
+        }
+    };
+    for d in missing.into_iter().rev() {
+        match fs::DirBuilder::new().mode(mode & 0o777).create(d) {
+            Ok(()) => fs::set_permissions(d, fs::Permissions::from_mode(mode))?,
+            // Another writer made it first; it made it the same way.
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
+}
+
 static TMP_SEQ: AtomicU64 = AtomicU64::new(0);
 
 /// A temporary file name unique across processes and threads.
@@ -118,13 +206,13 @@ pub fn commit_with(
     if target.exists() {
         return Ok(Commit::AlreadyExists);
     }
-    fs::create_dir_all(parent)?;
+    create_dirs(parent)?;
     let tmp = temp_path_for(target);
     let result = (|| {
         let mut f = OpenOptions::new()
             .write(true)
             .create_new(true)
-            .mode(0o644)
+            .mode(file_mode_in(parent))
             .open(&tmp)?;
         write(&mut f)?;
         if fsync {
@@ -157,7 +245,7 @@ pub fn commit_link(src: &Path, target: &Path, fsync: bool) -> io::Result<Commit>
     if target.exists() {
         return Ok(Commit::AlreadyExists);
     }
-    fs::create_dir_all(parent)?;
+    create_dirs(parent)?;
     if fsync {
         File::open(src)?.sync_all()?;
     }
@@ -246,6 +334,47 @@ pub fn sweep_temporaries(dir: &Path, min_age: std::time::Duration) -> io::Result
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn mode_of(p: &Path) -> u32 {
+        fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[test]
+    fn a_private_root_makes_everything_beneath_private() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("cache");
+        assert_eq!(prepare_root(&root, Access::Private).unwrap(), None);
+        assert_eq!(mode_of(&root), 0o700);
+        let target = Layout::Cache.chunk_path(&root, "ns-0123456789abcdef", &ChunkKey([7; 32]));
+        commit_file(&target, b"x", false).unwrap();
+        assert_eq!(mode_of(&target), 0o600);
+        assert_eq!(mode_of(target.parent().unwrap()), 0o700);
+        assert_eq!(mode_of(&root.join("ns-0123456789abcdef")), 0o700);
+    }
+
+    #[test]
+    fn an_open_existing_root_is_tightened_and_reported() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("cache");
+        fs::create_dir(&root).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o755)).unwrap();
+        assert_eq!(prepare_root(&root, Access::Private).unwrap(), Some(0o755));
+        assert_eq!(mode_of(&root), 0o700);
+        assert_eq!(prepare_root(&root, Access::Private).unwrap(), None);
+    }
+
+    #[test]
+    fn a_group_root_shares_chunks_with_its_group_only() {
+        let t = tempfile::tempdir().unwrap();
+        let root = t.path().join("cache");
+        prepare_root(&root, Access::Group).unwrap();
+        assert_eq!(mode_of(&root), 0o2770);
+        let target = Layout::Cache.chunk_path(&root, "ns-0123456789abcdef", &ChunkKey([8; 32]));
+        commit_file(&target, b"x", false).unwrap();
+        assert_eq!(mode_of(&target), 0o640);
+        // Set-group-id propagates to new directories, so the group stays the root's.
+        assert_eq!(mode_of(target.parent().unwrap()) & 0o2070, 0o2070);
+    }
 
     #[test]
     fn commit_is_create_once() {

@@ -167,6 +167,9 @@ pub fn main() -> i32 {
             return code;
         }
     };
+    if !matches!(cli.command, Command::Mount(_)) {
+        restore_default_sigpipe();
+    }
     init_logging();
     match run(cli) {
         Ok(code) => code,
@@ -193,11 +196,31 @@ fn one_line(e: &CliError) -> String {
     s.replace('\n', " ")
 }
 
+/// A command whose output goes to a pipe ends quietly when the reader goes away
+/// (`kvfs ls | head -1`), as `ls` and `cat` do, instead of panicking in `println!`.
+///
+/// Rust ignores SIGPIPE, so a write to a closed pipe returns `EPIPE` and `println!` panics.
+/// Every command but `mount` gets the default action back: the process ends with SIGPIPE,
+/// which a shell treats as normal. The mount daemon keeps ignoring it: it must never die
+/// because a peer went away. Sockets are unaffected either way (std sends with
+/// `MSG_NOSIGNAL`), so S3 requests of `sync` still fail with an error, not a signal.
+fn restore_default_sigpipe() {
+    // SAFETY: setting a signal disposition to SIG_DFL installs no handler code; it runs once
+    // at start, before any thread is spawned.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
+}
+
+/// Logs go to stderr, coloured only when stderr is a terminal: a `--log-file`, a pipe or a
+/// journal gets plain text.
 fn init_logging() {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_env("KVFS_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }
@@ -238,6 +261,7 @@ impl Ctx {
             min_free: cli.min_free,
             fsync: cli.fsync,
             verify_reads: cli.verify_reads.then_some(true),
+            group_access: None,
             s3: cli.s3.clone(),
         };
         let config = Config::load(cli.config.as_deref(), &flags, &config::process_env)?;

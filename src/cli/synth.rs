@@ -34,6 +34,26 @@ pub fn synth(ctx: &Ctx, a: SynthArgs) -> Result<i32, CliError> {
         )));
     }
     let store = ctx.open_store()?;
+    // Refuse before allocating anything that grows with --tokens: the chunks must fit in the
+    // cache's bounds, which also bounds the token vector (4 bytes a token, far below a chunk's
+    // bytes per token).
+    let chunks = (a.tokens / spec.chunk_tokens as usize) as u64;
+    let needed = chunks
+        .checked_mul(spec.chunk_tokens as u64)
+        .and_then(|t| t.checked_mul(spec.bytes_per_token()))
+        .unwrap_or(u64::MAX);
+    let cap = store.capacity();
+    let room = cap
+        .limit_bytes
+        .min(cap.fs_total_bytes.saturating_sub(cap.min_free_bytes));
+    if needed > room {
+        return Err(CliError::Usage(format!(
+            "--tokens {} needs {} of chunks, more than the cache can hold ({} within its capacity and free-space bounds)",
+            a.tokens,
+            human_bytes(needed),
+            human_bytes(room)
+        )));
+    }
     let bar = indicatif::ProgressBar::new((a.tokens / spec.chunk_tokens as usize) as u64);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} chunks {elapsed}")

@@ -86,6 +86,8 @@ pub struct StoreConfig {
     pub verify_reads: bool,
     /// A slower tier consulted on a miss and told about commits.
     pub remote: Option<Arc<dyn RemoteTier>>,
+    /// Who besides the owner may read the cache directory (private by default).
+    pub access: dir::Access,
 }
 
 impl StoreConfig {
@@ -99,6 +101,7 @@ impl StoreConfig {
             fsync: d.fsync,
             verify_reads: d.verify_reads,
             remote: None,
+            access: d.access(),
         }
     }
 }
@@ -408,7 +411,15 @@ impl Store {
     /// writers, then scans the disk tier.
     pub fn open(cfg: StoreConfig) -> Result<Store, StoreError> {
         let root = cfg.root.clone();
-        fs::create_dir_all(&root).map_err(|e| StoreError::io(&root, e))?;
+        let was = dir::prepare_root(&root, cfg.access).map_err(|e| StoreError::io(&root, e))?;
+        if let Some(old) = was {
+            tracing::warn!(
+                root = %root.display(),
+                old = format_args!("{old:o}"),
+                new = format_args!("{:o}", cfg.access.root_mode()),
+                "changed the cache directory's permissions: chunk headers hold prompts' token ids"
+            );
+        }
         let swept =
             dir::sweep_temporaries(&root, STALE_TMP_AGE).map_err(|e| StoreError::io(&root, e))?;
         if swept > 0 {
@@ -937,7 +948,7 @@ impl Store {
                 });
             }
         }
-        fs::create_dir_all(&dir_path).map_err(|e| StoreError::io(&dir_path, e))?;
+        dir::create_dirs(&dir_path).map_err(|e| StoreError::io(&dir_path, e))?;
         if let Some(spec) = spec {
             let p = dir_path.join(NAMESPACE_JSON);
             let fsync = self.inner.cfg.fsync == FsyncPolicy::Always;

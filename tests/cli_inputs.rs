@@ -183,6 +183,19 @@ fn the_cache_directory_is_private_by_default() {
     assert!(stderr(&o).contains("permissions"), "{}", stderr(&o));
     assert_eq!(mode_of(&cache), 0o700);
 
+    // A new, empty directory made by hand becomes private without a word.
+    let fresh = t.path().join("fresh");
+    fs::create_dir(&fresh).unwrap();
+    fs::set_permissions(&fresh, fs::Permissions::from_mode(0o755)).unwrap();
+    let o = run({
+        let mut c = kvfs(&fresh);
+        c.arg("info");
+        c
+    });
+    assert!(o.status.success(), "{}", stderr(&o));
+    assert!(stderr(&o).is_empty(), "{}", stderr(&o));
+    assert_eq!(mode_of(&fresh), 0o700);
+
     // A cache shared with a group, by configuration.
     let shared = t.path().join("shared");
     let mut c = kvfs(&shared);
@@ -203,7 +216,7 @@ fn logs_to_a_pipe_are_plain_text() {
     let t = tempfile::tempdir().unwrap();
     let cache = t.path().join("c");
     // An old, world-readable cache: opening it logs a warning as it tightens it.
-    fs::create_dir(&cache).unwrap();
+    synth_tiny(&cache, 1);
     fs::set_permissions(&cache, fs::Permissions::from_mode(0o755)).unwrap();
     let mut c = kvfs(&cache);
     c.arg("info");

@@ -43,6 +43,14 @@ pub const FIXED_HEADER_LEN: usize = 248;
 pub const MAX_CHUNK_TOKENS: u32 = 1 << 20;
 /// Upper bound on layers (the largest models have ~130).
 pub const MAX_LAYERS: u32 = 4096;
+/// Upper bound on `header_len`: the header of a chunk with [`MAX_CHUNK_TOKENS`] tokens and
+/// [`MAX_LAYERS`] K/V layers. A reader checks a file's `header_len` against it before it
+/// allocates the header, so a corrupt or hostile length cannot ask for gigabytes.
+pub const MAX_HEADER_LEN: u64 = align_up(
+    align_up(FIXED_HEADER_LEN as u64 + 4 * MAX_CHUNK_TOKENS as u64, 8)
+        + MAX_LAYERS as u64 * (2 * 16 + 32),
+    ALIGN,
+);
 
 const FLAG_HAS_PARENT: u32 = 1;
 const PAYLOAD_CONTEXT: &str = "kvfs 2026-11 payload v1";
@@ -183,7 +191,7 @@ pub struct Geometry {
     pub file_len: u64,
 }
 
-pub(crate) fn align_up(v: u64, a: u64) -> u64 {
+pub(crate) const fn align_up(v: u64, a: u64) -> u64 {
     v.div_ceil(a) * a
 }
 
@@ -345,6 +353,12 @@ impl ChunkHeader {
             return Err(FormatError::field(
                 "header_len",
                 format!("{header_len} is not a positive multiple of {ALIGN}"),
+            ));
+        }
+        if header_len > MAX_HEADER_LEN {
+            return Err(FormatError::field(
+                "header_len",
+                format!("{header_len} is more than any chunk needs ({MAX_HEADER_LEN})"),
             ));
         }
         Ok(header_len)

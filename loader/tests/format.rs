@@ -214,3 +214,36 @@ proptest! {
         prop_assert!(ChunkView::parse(&b, Verify::Full).is_err(), "flip at {} not caught", at);
     }
 }
+
+/// A header that claims a huge length is refused from its first bytes, before a reader
+/// allocates the header (it used to be taken up to 4 GiB).
+#[test]
+fn a_huge_header_len_is_refused_before_allocation() {
+    let meta = tiny_meta();
+    let bytes = encode_chunk(&meta, |l, p, dst| synth_fill(&meta.key, l, p, dst)).unwrap();
+    let biggest = meta_with_most_of_everything();
+    assert!(biggest <= format::MAX_HEADER_LEN, "{biggest}");
+    for claimed in [format::MAX_HEADER_LEN + ALIGN, 0xffff_f000] {
+        let mut b = bytes[..format::FIXED_HEADER_LEN].to_vec();
+        b[OFF_HEADER_LEN..OFF_HEADER_LEN + 4].copy_from_slice(&(claimed as u32).to_le_bytes());
+        let e = ChunkHeader::peek_header_len(&b).unwrap_err();
+        assert!(e.to_string().contains("header_len"), "{claimed}: {e}");
+    }
+}
+
+/// `header_len` of the largest chunk the format allows.
+fn meta_with_most_of_everything() -> u64 {
+    let mut spec = ModelSpec::preset("tiny").unwrap();
+    spec.num_layers = format::MAX_LAYERS;
+    spec.chunk_tokens = format::MAX_CHUNK_TOKENS;
+    let meta = ChunkMeta::for_spec(
+        &spec,
+        None,
+        SaltTag::NONE,
+        vec![1; format::MAX_CHUNK_TOKENS as usize],
+    );
+    meta.geometry().unwrap().header_len
+}
+
+/// Offset of `header_len` in the fixed header (docs/FORMAT.md).
+const OFF_HEADER_LEN: usize = 12;

@@ -412,7 +412,10 @@ impl Store {
     pub fn open(cfg: StoreConfig) -> Result<Store, StoreError> {
         let root = cfg.root.clone();
         let was = dir::prepare_root(&root, cfg.access).map_err(|e| StoreError::io(&root, e))?;
-        if let Some(old) = was {
+        // A new, empty root made by hand (`mkdir`) is set quietly; an existing cache that
+        // others could read is worth a warning.
+        let populated = || fs::read_dir(&root).is_ok_and(|mut d| d.next().is_some());
+        if let Some(old) = was.filter(|_| populated()) {
             tracing::warn!(
                 root = %root.display(),
                 old = format_args!("{old:o}"),

@@ -208,6 +208,22 @@ impl RemoteTier for S3Tier {
     fn upload_pending(&self, ns_dir: &str, key: &ChunkKey) -> bool {
         self.remote.upload_pending(ns_dir, key)
     }
+
+    fn namespaces_holding(&self, key: &ChunkKey) -> Result<Vec<String>, StoreError> {
+        let remote_err = |e: RemoteError| StoreError::Remote(e.to_string());
+        let mut found = Vec::new();
+        for ns in self.remote.list_namespaces().map_err(remote_err)? {
+            if self
+                .remote
+                .object_size(&ns, key)
+                .map_err(remote_err)?
+                .is_some()
+            {
+                found.push(ns);
+            }
+        }
+        Ok(found)
+    }
 }
 
 impl Drop for S3Tier {

@@ -305,14 +305,26 @@ pub fn resolve_chunk(store: &Store, arg: &str) -> Result<ChunkArg, CliError> {
             source: e,
         })
     })?;
-    let found: Vec<String> = dirs
+    let mut found: Vec<String> = dirs
         .into_iter()
         .filter(|ns| Layout::Cache.chunk_path(store.root(), ns, &key).exists())
         .collect();
+    // A host that has never seen the chunk's namespace asks the bucket, as a mount does.
+    let remote = store.config().remote.as_ref();
+    if found.is_empty()
+        && let Some(remote) = remote
+    {
+        found = remote.namespaces_holding(&key)?;
+    }
     match found.len() {
         0 => Err(CliError::Failed(format!(
-            "chunk {key} not found in any namespace under {}",
-            store.root().display()
+            "chunk {key} not found in any namespace under {}{}",
+            store.root().display(),
+            if remote.is_some() {
+                " nor in the bucket"
+            } else {
+                ""
+            }
         ))),
         1 => Ok(ChunkArg {
             ns_dir: found.into_iter().next().expect("one"),

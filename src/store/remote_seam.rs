@@ -30,4 +30,11 @@ pub trait RemoteTier: Send + Sync + std::fmt::Debug {
     fn upload_pending(&self, _ns_dir: &str, _key: &ChunkKey) -> bool {
         false
     }
+
+    /// The namespace directories under which the remote holds `key`: how a bare `KEY` is
+    /// found on a host that has never seen its namespace. One listing plus one existence
+    /// check per namespace; for commands, not for hot paths.
+    fn namespaces_holding(&self, _key: &ChunkKey) -> Result<Vec<String>, StoreError> {
+        Ok(Vec::new())
+    }
 }

@@ -29,7 +29,7 @@ use std::thread::JoinHandle;
 pub const DIRECT_ALIGN: usize = 4096;
 
 /// Extended attribute a kvfs mount sets to the local file behind a chunk.
-pub const BACKING_XATTR: &str = "user.kvfs.backing";
+pub use crate::identity::BACKING_XATTR;
 
 /// How chunk files are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

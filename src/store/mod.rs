@@ -38,8 +38,9 @@ use bytes::Bytes;
 use disk::{DiskTier, Victim, now_nanos};
 use kvfs_loader::dir::{self, Commit};
 use kvfs_loader::format::{ChunkHeader, Verify, read_full_at};
+use kvfs_loader::identity;
 use kvfs_loader::spec::validate_namespace_dir;
-use kvfs_loader::{ChunkKey, FormatError, ModelSpec};
+use kvfs_loader::{ChunkKey, FormatError, ModelSpec, NamespaceId};
 use memory::MemoryTier;
 pub use remote_seam::RemoteTier;
 use serde::{Deserialize, Serialize};
@@ -53,7 +54,7 @@ use std::time::{Duration, SystemTime};
 /// Name of the directory under the root where `verify` moves bad files.
 pub const QUARANTINE_DIR: &str = ".quarantine";
 /// Name of the spec file written into a namespace directory.
-pub const NAMESPACE_JSON: &str = "namespace.json";
+pub use kvfs_loader::identity::NAMESPACE_JSON;
 /// Temporary files older than this are removed at open even if their writer may be alive.
 const STALE_TMP_AGE: Duration = Duration::from_secs(3600);
 /// Below this size a payload is verified on the calling thread (spawning costs more).
@@ -322,20 +323,12 @@ fn check_ns(ns_dir: &str) -> Result<(), StoreError> {
     validate_namespace_dir(ns_dir).map_err(|_| StoreError::BadNamespace(ns_dir.to_string()))
 }
 
-/// The 16 hex digits that name a namespace directory's identity.
-fn ns_suffix(ns_dir: &str) -> &str {
-    ns_dir.rsplit_once('-').map_or("", |(_, s)| s)
-}
-
-fn check_chunk_ns(ns_dir: &str, header: &ChunkHeader) -> Result<(), StoreError> {
-    let id = header.meta.namespace.to_hex();
-    if id[..16] != *ns_suffix(ns_dir) {
-        return Err(StoreError::NamespaceMismatch {
-            ns_dir: ns_dir.to_string(),
-            chunk_namespace: id,
-        });
-    }
-    Ok(())
+/// Checks that namespace `id` belongs in `ns_dir` ([`identity::check_namespace`]).
+fn check_ns_id(ns_dir: &str, id: &NamespaceId) -> Result<(), StoreError> {
+    identity::check_namespace(ns_dir, id).map_err(|_| StoreError::NamespaceMismatch {
+        ns_dir: ns_dir.to_string(),
+        chunk_namespace: id.to_hex(),
+    })
 }
 
 fn is_no_space(e: &io::Error) -> bool {
@@ -478,7 +471,7 @@ impl Store {
         };
         let header = ChunkHeader::parse(bytes).map_err(fail)?;
         header.check_len(bytes.len() as u64).map_err(fail)?;
-        check_chunk_ns(ns_dir, &header)?;
+        check_ns_id(ns_dir, &header.meta.namespace)?;
         let key = header.key();
         let len = bytes.len() as u64;
         let path = inner.disk.path(ns_dir, &key);
@@ -574,6 +567,25 @@ impl Store {
         })
     }
 
+    /// A chunk that failed a check: a namespace mismatch is the caller's error
+    /// ([`StoreError::NamespaceMismatch`]); anything else is a bad chunk, counted and tied to
+    /// the file it came from.
+    fn rejected(&self, path: Option<&Path>, e: FormatError) -> StoreError {
+        match e {
+            FormatError::NamespaceMismatch { expected, found } => StoreError::NamespaceMismatch {
+                ns_dir: expected,
+                chunk_namespace: found,
+            },
+            e => {
+                bump(&self.inner.counters.verify_failures, 1);
+                match path {
+                    Some(p) => StoreError::format(p, e),
+                    None => StoreError::from(e),
+                }
+            }
+        }
+    }
+
     fn forget_victims(&self, victims: &[Victim]) -> usize {
         for v in victims {
             self.inner.memory.remove(&v.key);
@@ -653,24 +665,16 @@ impl Store {
         let r = (|| {
             let header = ChunkHeader::parse(v)?;
             header.check_len(v.len() as u64)?;
-            if header.key() != *key {
-                return Err(FormatError::NameMismatch {
-                    name: key.file_name(),
-                    key: header.key().to_hex(),
-                });
-            }
+            identity::check_identity(&header, ns_dir, key)?;
             if full {
                 verify_payload_parallel(&header, v)?;
             }
             Ok(header)
         })();
-        let header = r.map_err(|e| {
-            bump(&self.inner.counters.verify_failures, 1);
+        r.map_err(|e| {
             tracing::warn!(path = %path.display(), error = %e, "chunk failed verification");
-            StoreError::format(path, e)
-        })?;
-        check_chunk_ns(ns_dir, &header)?;
-        Ok(header)
+            self.rejected(Some(path), e)
+        })
     }
 
     fn fetch_remote(&self, ns_dir: &str, key: &ChunkKey) -> Result<Bytes, StoreError> {
@@ -690,13 +694,7 @@ impl Store {
         };
         let bytes = Bytes::from(v);
         let header = ChunkHeader::parse(&bytes).map_err(StoreError::from)?;
-        if header.key() != *key {
-            bump(&inner.counters.verify_failures, 1);
-            return Err(StoreError::from(FormatError::NameMismatch {
-                name: key.file_name(),
-                key: header.key().to_hex(),
-            }));
-        }
+        identity::check_identity(&header, ns_dir, key).map_err(|e| self.rejected(None, e))?;
         // Verifies in full, commits to disk and fills memory; not echoed back to the remote.
         match self.put_inner(ns_dir, &bytes, Some(&bytes), false) {
             Ok(_) => {}
@@ -706,7 +704,6 @@ impl Store {
                     bump(&inner.counters.verify_failures, 1);
                     StoreError::from(e)
                 })?;
-                check_chunk_ns(ns_dir, &header)?;
                 tracing::warn!(
                     ns_dir,
                     key = %key,
@@ -759,16 +756,8 @@ impl Store {
             bump(&inner.counters.verify_failures, 1);
             StoreError::format(&path, e)
         })?;
-        if header.key() != *key {
-            return Err(StoreError::format(
-                &path,
-                FormatError::NameMismatch {
-                    name: key.file_name(),
-                    key: header.key().to_hex(),
-                },
-            ));
-        }
-        check_chunk_ns(ns_dir, &header)?;
+        identity::check_identity(&header, ns_dir, key)
+            .map_err(|e| self.rejected(Some(&path), e))?;
         if inner.cfg.verify_reads {
             self.verify_range(&header, &f, &path, offset, buf.len() as u64)?;
         }
@@ -853,16 +842,8 @@ impl Store {
         };
         let md = f.metadata().map_err(|e| StoreError::io(&path, e))?;
         let header = ChunkHeader::read_from(&f).map_err(|e| StoreError::format(&path, e))?;
-        if header.key() != *key {
-            return Err(StoreError::format(
-                &path,
-                FormatError::NameMismatch {
-                    name: key.file_name(),
-                    key: header.key().to_hex(),
-                },
-            ));
-        }
-        check_chunk_ns(ns_dir, &header)?;
+        identity::check_identity(&header, ns_dir, key)
+            .map_err(|e| self.rejected(Some(&path), e))?;
         inner
             .disk
             .index()
@@ -929,13 +910,7 @@ impl Store {
         let dir_path = self.root().join(ns_dir);
         if let Some(spec) = spec {
             spec.validate()?;
-            let id = spec.namespace_id().to_hex();
-            if id[..16] != *ns_suffix(ns_dir) {
-                return Err(StoreError::NamespaceMismatch {
-                    ns_dir: ns_dir.to_string(),
-                    chunk_namespace: id,
-                });
-            }
+            check_ns_id(ns_dir, &spec.namespace_id())?;
         }
         fs::create_dir_all(&dir_path).map_err(|e| StoreError::io(&dir_path, e))?;
         if let Some(spec) = spec {
@@ -1088,19 +1063,7 @@ impl Store {
         }
         let f = File::open(path)?;
         let header = ChunkHeader::read_from(&f)?;
-        if header.key() != key {
-            return Err(FormatError::NameMismatch {
-                name: name.to_string(),
-                key: header.key().to_hex(),
-            });
-        }
-        let id = header.meta.namespace.to_hex();
-        if id[..16] != *ns_suffix(ns) {
-            return Err(FormatError::NamespaceMismatch {
-                expected: ns.to_string(),
-                found: id,
-            });
-        }
+        identity::check_identity(&header, ns, &key)?;
         header.verify_file_payload(&f)?;
         Ok(header.geometry.file_len)
     }

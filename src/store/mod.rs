@@ -33,7 +33,7 @@ pub mod disk;
 mod memory;
 pub mod remote_seam;
 
-use crate::config::Limit;
+use crate::units::{GIB, Limit};
 use bytes::Bytes;
 use disk::{DiskTier, Victim, now_nanos};
 use kvfs_loader::dir::{self, Commit};
@@ -72,6 +72,17 @@ pub enum FsyncPolicy {
     Never,
 }
 
+impl std::str::FromStr for FsyncPolicy {
+    type Err = String;
+    fn from_str(s: &str) -> Result<FsyncPolicy, String> {
+        match s.trim() {
+            "always" => Ok(FsyncPolicy::Always),
+            "never" => Ok(FsyncPolicy::Never),
+            other => Err(format!("`{other}` is not a fsync policy (always, never)")),
+        }
+    }
+}
+
 /// Settings of a [`Store`]. [`StoreConfig::new`] gives the documented defaults.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
@@ -90,15 +101,22 @@ pub struct StoreConfig {
 }
 
 impl StoreConfig {
+    /// Default bound on chunk bytes on disk: 80% of the cache file system.
+    pub const DEFAULT_CAPACITY: Limit = Limit::Percent(80.0);
+    /// Default memory tier size: 1 GiB.
+    pub const DEFAULT_MEMORY_BYTES: u64 = GIB;
+    /// Default free space left on the file system: 5% of it.
+    pub const DEFAULT_MIN_FREE: Limit = Limit::Percent(5.0);
+
+    /// The documented defaults for a store at `root`, with no remote tier.
     pub fn new(root: impl Into<PathBuf>) -> StoreConfig {
-        let d = crate::config::Config::default();
         StoreConfig {
             root: root.into(),
-            capacity: d.capacity,
-            memory_bytes: d.memory.0,
-            min_free: d.min_free,
-            fsync: d.fsync,
-            verify_reads: d.verify_reads,
+            capacity: Self::DEFAULT_CAPACITY,
+            memory_bytes: Self::DEFAULT_MEMORY_BYTES,
+            min_free: Self::DEFAULT_MIN_FREE,
+            fsync: FsyncPolicy::default(),
+            verify_reads: false,
             remote: None,
         }
     }

@@ -16,7 +16,7 @@
 //! `$XDG_CONFIG_HOME/kvfs/config.toml` (or `~/.config/kvfs/config.toml`) when that exists. A
 //! file named explicitly must exist; the default one is optional.
 //!
-//! Sizes are a byte count (`1048576`, as a TOML integer or string) or a number with a unit:
+//! Sizes ([`crate::units`]) are a byte count (`1048576`, as a TOML integer or string) or a number with a unit:
 //! `B`, binary `KiB MiB GiB TiB` (also `K M G T`) and decimal `KB MB GB TB`, for example
 //! `64GiB`, `512MiB`, `1.5GB`. `capacity` and `min_free` also accept a percentage of the
 //! cache file system's size (`10%`), resolved when the store opens.
@@ -28,11 +28,11 @@
 //! The default cache directory needs no root. `/var/cache/kvfs` is used only when set
 //! explicitly.
 
+use crate::remote_tier::S3Settings;
 use crate::store::{FsyncPolicy, StoreConfig};
+pub use crate::units::{Limit, Size, human_bytes};
 use serde::{Deserialize, Serialize};
-use std::fmt;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 /// A configuration value or file is wrong; says which and why.
 #[derive(Debug, thiserror::Error)]
@@ -53,207 +53,6 @@ pub enum ConfigError {
     },
     #[error("no cache directory: set --cache-dir, KVFS_CACHE_DIR, or HOME")]
     NoCacheDir,
-}
-
-const KIB: u64 = 1 << 10;
-const MIB: u64 = 1 << 20;
-const GIB: u64 = 1 << 30;
-const TIB: u64 = 1 << 40;
-
-/// A byte count parsed from `64GiB`, `512MiB`, `1.5GB` or `1048576`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-pub struct Size(pub u64);
-
-impl FromStr for Size {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Size, String> {
-        let s = s.trim();
-        let split = s
-            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-            .unwrap_or(s.len());
-        let (num, unit) = (&s[..split], s[split..].trim());
-        if num.is_empty() {
-            return Err("expected a number, optionally with a unit (64GiB, 512MiB)".into());
-        }
-        let mult = match unit {
-            "" | "B" | "b" => 1,
-            "K" | "k" | "KiB" | "kiB" => KIB,
-            "M" | "MiB" => MIB,
-            "G" | "GiB" => GIB,
-            "T" | "TiB" => TIB,
-            "KB" | "kB" => 1000,
-            "MB" => 1_000_000,
-            "GB" => 1_000_000_000,
-            "TB" => 1_000_000_000_000,
-            _ => {
-                return Err(format!(
-                    "unknown unit `{unit}` (use B, KiB, MiB, GiB, TiB, KB, MB, GB, TB)"
-                ));
-            }
-        };
-        if let Ok(n) = num.parse::<u64>() {
-            return n
-                .checked_mul(mult)
-                .map(Size)
-                .ok_or_else(|| "size overflows 64 bits".to_string());
-        }
-        let f: f64 = num
-            .parse()
-            .map_err(|_| format!("`{num}` is not a number"))?;
-        let v = f * mult as f64;
-        if !v.is_finite() || v >= u64::MAX as f64 {
-            return Err("size overflows 64 bits".into());
-        }
-        Ok(Size(v as u64))
-    }
-}
-
-impl fmt::Display for Size {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&human_bytes(self.0))
-    }
-}
-
-/// `n` bytes for people: `512 B`, `1.5 GiB`; exact binary multiples print without decimals
-/// (`64GiB`) so the output parses back as a [`Size`].
-pub fn human_bytes(n: u64) -> String {
-    for (unit, m) in [("TiB", TIB), ("GiB", GIB), ("MiB", MIB), ("KiB", KIB)] {
-        if n >= m {
-            return if n % m == 0 {
-                format!("{}{unit}", n / m)
-            } else {
-                format!("{:.2}{unit}", n as f64 / m as f64)
-            };
-        }
-    }
-    format!("{n}B")
-}
-
-/// A bound given either in bytes or as a percentage of the cache file system's size.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub enum Limit {
-    Bytes(u64),
-    /// Percent (0..=100) of the file system holding the cache directory.
-    Percent(f64),
-}
-
-impl Limit {
-    /// Bytes this limit means on a file system of `fs_total` bytes.
-    pub fn resolve(self, fs_total: u64) -> u64 {
-        match self {
-            Limit::Bytes(b) => b,
-            Limit::Percent(p) => ((fs_total as f64) * p / 100.0) as u64,
-        }
-    }
-}
-
-impl FromStr for Limit {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Limit, String> {
-        let t = s.trim();
-        if let Some(p) = t.strip_suffix('%') {
-            let p: f64 = p
-                .trim()
-                .parse()
-                .map_err(|_| format!("`{t}` is not a percentage"))?;
-            if !(0.0..=100.0).contains(&p) {
-                return Err("a percentage must be within 0%..=100%".into());
-            }
-            return Ok(Limit::Percent(p));
-        }
-        Ok(Limit::Bytes(t.parse::<Size>()?.0))
-    }
-}
-
-impl fmt::Display for Limit {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Limit::Bytes(b) => f.write_str(&human_bytes(*b)),
-            Limit::Percent(p) => write!(f, "{p}%"),
-        }
-    }
-}
-
-/// TOML sizes may be integers (bytes) or strings (`"64GiB"`, `"10%"`). A visitor rather than an
-/// untagged enum, so a wrong value says what was expected instead of "did not match any
-/// variant of untagged enum".
-fn deserialize_size_text<'de, D, T>(d: D) -> Result<T, D::Error>
-where
-    D: serde::Deserializer<'de>,
-    T: FromStr<Err = String> + From<u64>,
-{
-    struct V<T>(std::marker::PhantomData<T>);
-    impl<T: FromStr<Err = String> + From<u64>> serde::de::Visitor<'_> for V<T> {
-        type Value = T;
-        fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-            f.write_str("a size: a byte count (1048576) or a string such as \"64GiB\" or \"10%\"")
-        }
-        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<T, E> {
-            Ok(T::from(v))
-        }
-        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<T, E> {
-            u64::try_from(v)
-                .map(T::from)
-                .map_err(|_| E::custom(format!("a size cannot be negative (got {v})")))
-        }
-        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<T, E> {
-            Err(E::custom(format!(
-                "a size in bytes must be a whole number (got {v}); write \"1.5GiB\" as a string"
-            )))
-        }
-        fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<T, E> {
-            v.parse()
-                .map_err(|e: String| E::custom(format!("`{v}`: {e}")))
-        }
-    }
-    d.deserialize_any(V(std::marker::PhantomData))
-}
-
-impl From<u64> for Size {
-    fn from(v: u64) -> Size {
-        Size(v)
-    }
-}
-
-impl From<u64> for Limit {
-    fn from(v: u64) -> Limit {
-        Limit::Bytes(v)
-    }
-}
-
-impl<'de> Deserialize<'de> for Size {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Size, D::Error> {
-        deserialize_size_text(d)
-    }
-}
-
-impl Serialize for Size {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
-}
-
-impl<'de> Deserialize<'de> for Limit {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Limit, D::Error> {
-        deserialize_size_text(d)
-    }
-}
-
-impl Serialize for Limit {
-    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
-        s.serialize_str(&self.to_string())
-    }
-}
-
-impl FromStr for FsyncPolicy {
-    type Err = String;
-    fn from_str(s: &str) -> Result<FsyncPolicy, String> {
-        match s.trim() {
-            "always" => Ok(FsyncPolicy::Always),
-            "never" => Ok(FsyncPolicy::Never),
-            other => Err(format!("`{other}` is not a fsync policy (always, never)")),
-        }
-    }
 }
 
 /// Settings of one kvfs process. See the module docs for keys, sources and defaults.
@@ -277,17 +76,17 @@ pub struct Config {
     /// Off: private to the owner (`0700`, `0600`), since chunk headers hold prompts' tokens.
     pub group_access: bool,
     /// The S3 remote tier (`[s3]` table); none: local tiers only.
-    pub s3: Option<crate::remote_tier::S3Settings>,
+    pub s3: Option<S3Settings>,
 }
 
 impl Default for Config {
     fn default() -> Self {
         Config {
             cache_dir: None,
-            capacity: Limit::Percent(80.0),
-            memory: Size(GIB),
-            min_free: Limit::Percent(5.0),
-            fsync: FsyncPolicy::Always,
+            capacity: StoreConfig::DEFAULT_CAPACITY,
+            memory: Size(StoreConfig::DEFAULT_MEMORY_BYTES),
+            min_free: StoreConfig::DEFAULT_MIN_FREE,
+            fsync: FsyncPolicy::default(),
             verify_reads: false,
             group_access: false,
             s3: None,
@@ -467,7 +266,9 @@ impl Config {
         }
     }
 
-    /// The store settings this configuration describes.
+    /// The store settings this configuration describes, without a remote tier: building a
+    /// configuration never opens S3 (whoever opens the store attaches it, see
+    /// [`crate::remote_tier::attach`]).
     pub fn store_config(
         &self,
         env: &dyn Fn(&str) -> Option<String>,
@@ -479,7 +280,6 @@ impl Config {
         sc.fsync = self.fsync;
         sc.verify_reads = self.verify_reads;
         sc.access = self.access();
-        sc.remote = crate::remote_tier::attach(self.s3.as_ref(), &sc.root)?;
         Ok(sc)
     }
 }
@@ -518,29 +318,6 @@ mod tests {
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         move |k| m.get(k).cloned()
-    }
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!("64GiB".parse::<Size>().unwrap(), Size(64 << 30));
-        assert_eq!("512MiB".parse::<Size>().unwrap(), Size(512 << 20));
-        assert_eq!("512M".parse::<Size>().unwrap(), Size(512 << 20));
-        assert_eq!("1.5GB".parse::<Size>().unwrap(), Size(1_500_000_000));
-        assert_eq!("4096".parse::<Size>().unwrap(), Size(4096));
-        assert_eq!(" 2 KiB ".parse::<Size>().unwrap(), Size(2048));
-        for bad in ["", "GiB", "12 parsecs", "-5", "1e3", "99999999999TiB"] {
-            assert!(bad.parse::<Size>().is_err(), "{bad}");
-        }
-        assert_eq!("10%".parse::<Limit>().unwrap(), Limit::Percent(10.0));
-        assert_eq!("64GiB".parse::<Limit>().unwrap(), Limit::Bytes(64 << 30));
-        assert!("101%".parse::<Limit>().is_err());
-        assert!("x%".parse::<Limit>().is_err());
-        assert_eq!(Limit::Percent(10.0).resolve(1000), 100);
-        assert_eq!(human_bytes(64 << 30), "64GiB");
-        assert_eq!(
-            human_bytes(64 << 30).parse::<Size>().unwrap(),
-            Size(64 << 30)
-        );
     }
 
     #[test]
@@ -597,6 +374,30 @@ mod tests {
         )
         .unwrap_err();
         assert!(matches!(e, ConfigError::Read { .. }));
+    }
+
+    #[test]
+    fn building_a_store_config_never_opens_s3() {
+        let c = Config {
+            cache_dir: Some("/nonexistent/kvfs-cache".into()),
+            s3: Some(S3Settings {
+                url: "s3://Not_A_Bucket".into(),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let sc = c.store_config(&env_of(&[])).unwrap();
+        assert!(sc.remote.is_none(), "a config builds no remote tier");
+        assert_eq!(sc.capacity, StoreConfig::DEFAULT_CAPACITY);
+        assert_eq!(sc.memory_bytes, StoreConfig::DEFAULT_MEMORY_BYTES);
+        // The tier is opened, and a bad URL reported, only by whoever attaches it.
+        let e = crate::remote_tier::attach(c.s3.as_ref(), &sc.root).unwrap_err();
+        assert!(matches!(e, kvfs_remote::RemoteError::BadUrl { .. }), "{e}");
+        assert!(
+            crate::remote_tier::attach(None, &sc.root)
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

@@ -1,33 +1,18 @@
-//! `kvfs doctor`: what this machine can do for kvfs, in one report.
+//! What this machine can do for kvfs, in one report (printed by `kvfs doctor`,
+//! [`crate::cli::doctor`]).
 //!
-//! It prints the GPU path probe of `kvfs-gds` (which path loads would take — GDS, staging or
+//! [`report`] holds the GPU path probe of `kvfs-gds` (which path loads would take — GDS, staging or
 //! host only — and the reason for each step: libcuda, devices, NVRTC, cuFile, nvidia-fs),
 //! and whether the cache directory takes O_DIRECT (checked cheaply by writing and reading
 //! back one aligned block in a hidden temporary file). The cuFile registration is tried in
 //! the cache directory too, since GDS support depends on the file system.
-//!
-//! The command only reads the environment (`KVFS_GPU_PATH` forces a path, as for loads);
-//! it exits 0, or 1 when a forced path is unavailable, so scripts can check a machine with
-//! `KVFS_GPU_PATH=gds kvfs doctor`.
+//! It takes the probe options from its caller and returns text; it knows nothing of the CLI.
 
 use std::fmt::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
+use kvfs_gds::ProbeOptions;
 use kvfs_gds::direct::probe_direct_io;
-use kvfs_gds::{GdsError, ProbeOptions};
-
-use crate::cli::{CliError, Ctx};
-
-/// Arguments of `kvfs doctor`.
-#[derive(Debug, clap::Args)]
-pub struct DoctorArgs {
-    /// Directory to check for O_DIRECT and cuFile instead of the cache directory.
-    #[arg(long, value_name = "DIR")]
-    pub dir: Option<PathBuf>,
-    /// CUDA device ordinal to probe.
-    #[arg(long, default_value_t = 0)]
-    pub device: usize,
-}
 
 /// The report and whether a forced GPU path was unavailable.
 #[derive(Debug)]
@@ -57,19 +42,6 @@ pub fn report(dir: &Path, mut opts: ProbeOptions) -> Report {
         text,
         forced_unavailable,
     }
-}
-
-/// Runs `kvfs doctor`.
-pub fn doctor(ctx: &Ctx, args: DoctorArgs) -> Result<i32, CliError> {
-    let mut opts = ProbeOptions::from_env().map_err(|e| match e {
-        GdsError::InvalidForcedPath { .. } => CliError::Usage(format!("KVFS_GPU_PATH: {e}")),
-        e => CliError::Failed(e.to_string()),
-    })?;
-    opts.device = args.device;
-    let dir = args.dir.unwrap_or_else(|| ctx.cache_dir.clone());
-    let r = report(&dir, opts);
-    print!("{}", r.text);
-    Ok(if r.forced_unavailable { 1 } else { 0 })
 }
 
 #[cfg(test)]

@@ -365,3 +365,20 @@ fn a_key_in_two_namespaces_needs_ns_slash_key() {
         assert_eq!(o.stdout, fs::read(&src).unwrap());
     }
 }
+
+/// A bad `[s3]` URL is a configuration error of the commands that open the store (exit 1,
+/// saying which setting), and nothing else: `doctor` never opens the tier.
+#[test]
+fn a_bad_s3_url_fails_the_store_commands_only() {
+    let d = tempfile::tempdir().unwrap();
+    let mut c = kvfs(d.path());
+    c.args(["--s3", "s3://Not_A_Bucket", "ls"]);
+    let o = run(c);
+    assert_eq!(code(&o), 1, "{}", stderr(&o));
+    assert!(stderr(&o).contains("s3"), "{}", stderr(&o));
+    assert!(stderr(&o).contains("Not_A_Bucket"), "{}", stderr(&o));
+    let mut c = kvfs(d.path());
+    c.args(["--s3", "s3://Not_A_Bucket", "doctor"]);
+    let o = run(c);
+    assert_eq!(code(&o), 0, "{}", stderr(&o));
+}

@@ -156,20 +156,7 @@ pub fn check_chunk_file(
     payload: bool,
 ) -> Result<ChunkHeader, FormatError> {
     let header = ChunkHeader::read_from(f)?;
-    if header.key() != *key {
-        return Err(FormatError::NameMismatch {
-            name: key.file_name(),
-            key: header.key().to_hex(),
-        });
-    }
-    let ns_hex = header.meta.namespace.to_hex();
-    let dir_suffix = ns.rsplit_once('-').map_or("", |(_, s)| s);
-    if dir_suffix != &ns_hex[..16] {
-        return Err(FormatError::NamespaceMismatch {
-            expected: ns.to_string(),
-            found: ns_hex,
-        });
-    }
+    kvfs_loader::check_identity(&header, ns, key)?;
     if payload {
         header.verify_file_payload(f)?;
     }

@@ -27,7 +27,7 @@ struct DiscardSink;
 impl Sink for DiscardSink {
     type Buffer = AlignedBuf;
     fn alloc_buffer(&mut self, len: usize) -> Result<AlignedBuf> {
-        AlignedBuf::new(len)
+        kvfs_gds::align::aligned_buf(len)
     }
     fn begin(&mut self, _: &ScatterPlan) -> Result<()> {
         Ok(())

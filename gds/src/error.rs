@@ -120,3 +120,23 @@ impl GdsError {
         GdsError::Io { op, offset, source }
     }
 }
+
+impl From<kvfs_direct::DirectError> for GdsError {
+    fn from(e: kvfs_direct::DirectError) -> Self {
+        match e {
+            kvfs_direct::DirectError::Io { op, offset, source } => {
+                GdsError::Io { op, offset, source }
+            }
+            kvfs_direct::DirectError::ShortRead {
+                offset,
+                wanted,
+                got,
+            } => GdsError::ShortRead {
+                offset,
+                wanted,
+                got,
+            },
+            e @ kvfs_direct::DirectError::Alloc { .. } => GdsError::Config(e.to_string()),
+        }
+    }
+}

@@ -309,7 +309,7 @@ pub fn read_fill_parallel(
     let run = |t: &mut Task<'_>| -> Result<()> {
         let p = &fill.pieces[t.piece];
         let need = (p.needed() - t.at).min(t.buf.len() as u64);
-        read_at_least(p.file, t.buf, p.file_offset + t.at, need).map_err(|e| match e {
+        read_at_least(p.file, t.buf, p.file_offset + t.at, need).map_err(|e| match e.into() {
             GdsError::ShortRead { got, .. } => GdsError::ShortRead {
                 offset: p.file_offset + p.skip,
                 wanted: p.len,
@@ -373,7 +373,7 @@ impl Sink for HostSink<'_> {
     type Buffer = AlignedBuf;
 
     fn alloc_buffer(&mut self, len: usize) -> Result<AlignedBuf> {
-        AlignedBuf::new(align_up(len as u64, DIRECT_ALIGN) as usize)
+        crate::align::aligned_buf(align_up(len as u64, DIRECT_ALIGN) as usize)
     }
 
     fn submit(

@@ -73,15 +73,19 @@ fn device_load_and_store_match_the_host_path() {
             .unwrap();
         // Device: an arena pre-filled with zeros, same layout at the arena's address.
         let arena = dev.alloc(case.dst_len).unwrap();
-        dev.htod(arena.ptr(), &vec![0u8; case.dst_len]).unwrap();
+        // SAFETY: the arena holds dst_len device bytes of the loader's context, and the plan
+        // placed at its address stays inside it (random_case sizes dst_len to the plan).
+        unsafe { dev.htod(arena.ptr(), &vec![0u8; case.dst_len]) }.unwrap();
         let plan = case.plan_at(arena.ptr());
-        gl.load_extents(&case.extents, &plan).unwrap();
+        // SAFETY: as above; nothing else uses the arena until the synchronize below.
+        unsafe { gl.load_extents(&case.extents, &plan) }.unwrap();
         for l in 0..plan.layers() {
             assert!(gl.layer_event(l).is_some(), "layer {l} has an event");
         }
         gl.synchronize().unwrap();
         let mut got = vec![0u8; case.dst_len];
-        dev.dtoh(&mut got, arena.ptr()).unwrap();
+        // SAFETY: the arena holds dst_len bytes; the load is synchronized.
+        unsafe { dev.dtoh(&mut got, arena.ptr()) }.unwrap();
         assert!(
             got == want,
             "round {round} ({}): device load differs from host",
@@ -90,7 +94,8 @@ fn device_load_and_store_match_the_host_path() {
 
         // Store: random device bytes, gathered into two files at aligned offsets.
         let src: Vec<u8> = (0..case.dst_len).map(|_| rng.next() as u8).collect();
-        dev.htod(arena.ptr(), &src).unwrap();
+        // SAFETY: src has dst_len bytes, the arena's size.
+        unsafe { dev.htod(arena.ptr(), &src) }.unwrap();
         let total = plan.src_len();
         let mut chunk = vec![0u8; total as usize];
         for r in case.plan.runs() {
@@ -113,7 +118,8 @@ fn device_load_and_store_match_the_host_path() {
                 len: total - cut,
             },
         ];
-        gl.store_extents(&ext, &plan).unwrap();
+        // SAFETY: the plan's runs lie in the arena, which nothing writes during the store.
+        unsafe { gl.store_extents(&ext, &plan) }.unwrap();
         drop((o0, o1));
         if cut > 0 {
             let a = std::fs::read(&p0).unwrap();
@@ -151,9 +157,11 @@ fn engine_stream_waits_for_each_layer() {
     let mut want = vec![0u8; case.dst_len];
     case.plan.apply_host(&stream_bytes, &mut want).unwrap();
     let arena = dev.alloc(case.dst_len).unwrap();
-    dev.htod(arena.ptr(), &vec![0u8; case.dst_len]).unwrap();
+    // SAFETY: the arena holds dst_len device bytes; the plan placed at it stays inside.
+    unsafe { dev.htod(arena.ptr(), &vec![0u8; case.dst_len]) }.unwrap();
     let plan = case.plan_at(arena.ptr());
-    gl.load_extents(&case.extents, &plan).unwrap();
+    // SAFETY: as above; the arena is read only after the engine stream waited for the load.
+    unsafe { gl.load_extents(&case.extents, &plan) }.unwrap();
     // An engine stream in the same (primary) context waits on the last layer only.
     let ctx = cudarc::driver::CudaContext::new(gl.probe().device).unwrap();
     let engine = ctx.new_stream().unwrap();
@@ -162,6 +170,7 @@ fn engine_stream_waits_for_each_layer() {
     unsafe { gl.wait_layer(last, engine.cu_stream() as _) }.unwrap();
     engine.synchronize().unwrap();
     let mut got = vec![0u8; case.dst_len];
-    dev.dtoh(&mut got, arena.ptr()).unwrap();
+    // SAFETY: the arena holds dst_len bytes; the load is complete.
+    unsafe { dev.dtoh(&mut got, arena.ptr()) }.unwrap();
     assert!(got == want);
 }

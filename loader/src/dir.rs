@@ -23,6 +23,7 @@
 //! others. So one decision, at the root, covers chunks, namespaces, the upload queue and the
 //! quarantine, whoever writes them (the daemon, `kvfs put`, or an engine's loader).
 
+use crate::identity::{STATS_FILE, STATUS_DIR, namespace_matches};
 use crate::key::ChunkKey;
 use crate::spec::{NamespaceId, validate_namespace_dir};
 use std::fs::{self, File, OpenOptions};
@@ -57,7 +58,7 @@ impl Layout {
 
     /// The layout of an existing root: a kvfs mount shows a `.kvfs` status directory.
     pub fn detect(root: &Path) -> Layout {
-        if root.join(".kvfs").join("stats.json").exists() {
+        if root.join(STATUS_DIR).join(STATS_FILE).exists() {
             Layout::Flat
         } else {
             Layout::Cache
@@ -67,7 +68,6 @@ impl Layout {
 
 /// The namespace directory under `root` whose name ends in the first 16 hex digits of `ns`.
 pub fn find_namespace_dir(root: &Path, ns: &NamespaceId) -> io::Result<Option<String>> {
-    let suffix = format!("-{}", &ns.to_hex()[..16]);
     let entries = match fs::read_dir(root) {
         Ok(e) => e,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
@@ -76,7 +76,7 @@ pub fn find_namespace_dir(root: &Path, ns: &NamespaceId) -> io::Result<Option<St
     for entry in entries {
         let name = entry?.file_name();
         if let Some(name) = name.to_str()
-            && name.ends_with(&suffix)
+            && namespace_matches(name, ns)
             && validate_namespace_dir(name).is_ok()
         {
             return Ok(Some(name.to_string()));

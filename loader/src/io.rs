@@ -2,12 +2,16 @@
 //!
 //! - [`open_chunk_file`] opens with `O_DIRECT` when asked; a file system that refuses it
 //!   (tmpfs, some FUSE mounts) answers `EINVAL` at open or at the first read, and the file is
-//!   reopened buffered, once, with a log line saying which path and why. Direct reads are
-//!   always issued with offset, length and buffer aligned to [`DIRECT_ALIGN`].
+//!   read through a buffered descriptor instead, with a log line saying which path and why.
+//!   Direct reads are always issued with offset, length and buffer aligned to
+//!   [`DIRECT_ALIGN`]; a read that cannot be aligned goes through the buffered twin, so the
+//!   direct descriptor stays direct for the aligned reads other threads make.
+//! - The pieces under that policy (aligned buffers, the open with its fall back, the read loop,
+//!   the fall-back log and counter) are kvfs-direct's, the O_DIRECT stack kvfs-gds uses too.
 //! - [`backing_path`] reads the `user.kvfs.backing` extended attribute a kvfs mount sets on a
 //!   chunk: the NVMe file behind it, which can be read with O_DIRECT (FUSE cannot serve that).
-//! - [`AlignedBuf`] is a page-aligned, growable buffer; each reader thread keeps one for its
-//!   whole life, so a load allocates nothing per read.
+//! - [`AlignedBuf`] (kvfs-direct's) is a page-aligned, growable buffer; each reader thread
+//!   keeps one for its whole life, so a load allocates nothing per read.
 //! - [`Pool`] is a handful of std threads fed from one FIFO queue. Positioned reads block, so
 //!   several threads are what keeps several reads in flight (the queue depth); a load
 //!   submits its jobs layer by layer, so the FIFO order is also the layer order that
@@ -18,18 +22,15 @@ use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
-/// Alignment of O_DIRECT offsets, lengths and buffers: the logical block size of every NVMe
-/// device and the page size, and the `.kvc` extent alignment, so whole extents and aligned
-/// groups need no widening.
-pub const DIRECT_ALIGN: usize = 4096;
+use kvfs_direct::read_exact_at;
+pub use kvfs_direct::{AlignedBuf, DIRECT_ALIGN, aligned};
 
 /// Extended attribute a kvfs mount sets to the local file behind a chunk.
-pub const BACKING_XATTR: &str = "user.kvfs.backing";
+pub use crate::identity::BACKING_XATTR;
 
 /// How chunk files are read.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -41,68 +42,6 @@ pub enum IoMode {
     Buffered,
 }
 
-/// A page-aligned byte buffer that grows and never shrinks.
-pub struct AlignedBuf {
-    ptr: *mut u8,
-    cap: usize,
-}
-
-// SAFETY: the buffer exclusively owns its allocation; moving it between threads is fine.
-unsafe impl Send for AlignedBuf {}
-
-impl Default for AlignedBuf {
-    fn default() -> Self {
-        AlignedBuf::new()
-    }
-}
-
-impl AlignedBuf {
-    pub fn new() -> AlignedBuf {
-        AlignedBuf {
-            ptr: std::ptr::null_mut(),
-            cap: 0,
-        }
-    }
-
-    /// A slice of `len` bytes (contents unspecified but initialized), growing if needed.
-    pub fn slice(&mut self, len: usize) -> &mut [u8] {
-        if len > self.cap {
-            self.release();
-            let cap = len.next_multiple_of(DIRECT_ALIGN).max(DIRECT_ALIGN);
-            let layout =
-                std::alloc::Layout::from_size_align(cap, DIRECT_ALIGN).expect("buffer layout");
-            // SAFETY: the layout has non-zero size. Zeroed, so every byte is initialized.
-            let ptr = unsafe { std::alloc::alloc_zeroed(layout) };
-            if ptr.is_null() {
-                std::alloc::handle_alloc_error(layout);
-            }
-            self.ptr = ptr;
-            self.cap = cap;
-        }
-        if len == 0 {
-            return &mut [];
-        }
-        // SAFETY: ptr points to `cap >= len` initialized bytes owned by self, borrowed mutably.
-        unsafe { std::slice::from_raw_parts_mut(self.ptr, len) }
-    }
-
-    fn release(&mut self) {
-        if !self.ptr.is_null() {
-            let layout = std::alloc::Layout::from_size_align(self.cap, DIRECT_ALIGN).unwrap();
-            // SAFETY: allocated in `slice` with exactly this layout, and not freed since.
-            unsafe { std::alloc::dealloc(self.ptr, layout) };
-            self.ptr = std::ptr::null_mut();
-            self.cap = 0;
-        }
-    }
-}
-
-impl Drop for AlignedBuf {
-    fn drop(&mut self) {
-        self.release();
-    }
-}
-
 /// An open chunk file: the O_DIRECT descriptor if there is one, and a buffered one opened on
 /// demand (fallback, or reads that cannot be aligned).
 #[derive(Debug)]
@@ -110,21 +49,6 @@ pub struct ChunkFile {
     pub path: PathBuf,
     direct: Option<File>,
     buffered: OnceLock<io::Result<File>>,
-}
-
-fn is_einval(e: &io::Error) -> bool {
-    e.raw_os_error() == Some(libc::EINVAL)
-}
-
-/// Logs an O_DIRECT fallback: once per process at `warn` (the file system cannot do direct
-/// I/O, so every file on it will fall back), then per file at `debug`.
-fn log_fallback(path: &Path, when: &str) {
-    static WARNED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
-    if !WARNED.swap(true, std::sync::atomic::Ordering::Relaxed) {
-        tracing::warn!(path = %path.display(), "O_DIRECT refused {when} (EINVAL); reading buffered through the page cache");
-    } else {
-        tracing::debug!(path = %path.display(), "O_DIRECT refused {when} (EINVAL); reading buffered");
-    }
 }
 
 /// Opens a chunk file for reading in `mode` (see the module docs for the fallback).
@@ -135,17 +59,19 @@ pub fn open_chunk_file(path: &Path, mode: IoMode) -> io::Result<ChunkFile> {
         buffered: OnceLock::new(),
     };
     if mode == IoMode::Direct {
-        match OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_DIRECT)
-            .open(path)
-        {
-            Ok(d) => f.direct = Some(d),
-            Err(e) if is_einval(&e) => log_fallback(path, "at open"),
-            Err(e) => return Err(e),
+        let opened =
+            kvfs_direct::open_with(path, OpenOptions::new().read(true)).map_err(|e| match e {
+                kvfs_direct::DirectError::Io { source, .. } => source,
+                e => io::Error::other(e),
+            })?;
+        if opened.direct {
+            f.direct = Some(opened.file);
+        } else {
+            // The buffered descriptor the fall back opened is the one reads will use.
+            f.buffered.set(Ok(opened.file)).expect("fresh OnceLock");
         }
     }
-    if f.direct.is_none() {
+    if f.direct.is_none() && f.buffered.get().is_none() {
         f.buffered.set(File::open(path)).expect("fresh OnceLock");
         if let Some(Err(e)) = f.buffered.get() {
             return Err(io::Error::new(e.kind(), e.to_string()));
@@ -183,38 +109,15 @@ impl ChunkFile {
             && aligned(buf.as_ptr() as usize, buf.len(), offset)
         {
             match read_exact_at(d, buf, offset) {
-                Err(e) if is_einval(&e) => log_fallback(&self.path, "at read"),
+                Err(e) if kvfs_direct::is_einval(&e) => kvfs_direct::note_fallback(&format!(
+                    "{}: O_DIRECT refused at read ({e}); reading buffered",
+                    self.path.display()
+                )),
                 r => return r,
             }
         }
         read_exact_at(self.buffered()?, buf, offset)
     }
-}
-
-/// Whether an address, length and file offset all meet [`DIRECT_ALIGN`].
-pub fn aligned(addr: usize, len: usize, offset: u64) -> bool {
-    let a = DIRECT_ALIGN;
-    addr % a == 0 && len % a == 0 && offset % a as u64 == 0
-}
-
-fn read_exact_at(f: &File, mut buf: &mut [u8], mut offset: u64) -> io::Result<()> {
-    while !buf.is_empty() {
-        match f.read_at(buf, offset) {
-            Ok(0) => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    format!("end of file at offset {offset}"),
-                ));
-            }
-            Ok(n) => {
-                buf = &mut buf[n..];
-                offset += n as u64;
-            }
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(())
 }
 
 /// The local file behind a chunk on a kvfs mount (`user.kvfs.backing`), if the file system

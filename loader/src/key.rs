@@ -17,6 +17,7 @@
 //! itself. The all-zero tag means "no salt".
 
 use crate::error::FormatError;
+use crate::identity::CHUNK_EXT;
 use crate::spec::NamespaceId;
 use std::fmt;
 
@@ -116,13 +117,14 @@ impl ChunkKey {
 
     /// File name of the chunk: `<64 hex>.kvc`.
     pub fn file_name(&self) -> String {
-        format!("{}.kvc", self.to_hex())
+        format!("{}.{CHUNK_EXT}", self.to_hex())
     }
 
     /// Parses a chunk file name (`<64 hex>.kvc`), refusing anything else (including paths).
     pub fn from_file_name(name: &str) -> Result<ChunkKey, FormatError> {
         let stem = name
-            .strip_suffix(".kvc")
+            .strip_suffix(CHUNK_EXT)
+            .and_then(|s| s.strip_suffix('.'))
             .ok_or_else(|| FormatError::BadName(name.chars().take(80).collect()))?;
         ChunkKey::from_hex(stem).map_err(|_| FormatError::BadName(name.chars().take(80).collect()))
     }

@@ -2,6 +2,8 @@
 //!
 //! - [`spec`]: model specs and namespaces (which KV bytes are valid to reuse where);
 //! - [`key`]: prefix-chained, content-addressed chunk keys;
+//! - [`identity`]: the one check that a chunk is the one its place names (key and namespace
+//!   directory), and the fixed names (`namespace.json`, `user.kvfs.backing`, ...);
 //! - [`format`](mod@format): the `.kvc` chunk file, its writer, reader and verification;
 //! - [`layout`]: an engine's paged KV memory as base pointers and strides;
 //! - [`loader`]: lookup, load (layer-wise, selective) and store between chunks and blocks,
@@ -17,6 +19,7 @@ pub mod dir;
 pub mod error;
 pub mod ffi;
 pub mod format;
+pub mod identity;
 pub mod io;
 pub mod key;
 pub mod layout;
@@ -29,6 +32,7 @@ pub use format::{
     ChunkHeader, ChunkMeta, ChunkView, Geometry, Verify, encode_chunk, encode_chunk_from,
     synth_chunk,
 };
+pub use identity::{BACKING_XATTR, NAMESPACE_JSON, check_identity, namespace_suffix};
 pub use key::{ChunkKey, ChunkRef, SaltTag, chunk_keys};
 pub use spec::{Dtype, KvKind, ModelSpec, NamespaceId};
 

@@ -12,6 +12,7 @@
 //! context (`kvfs namespace v1` -> `v2`), never silently the ids of existing caches.
 
 use crate::error::FormatError;
+use crate::identity::{NAMESPACE_SUFFIX_LEN, namespace_suffix};
 use std::fmt;
 
 /// Element type of KV tensors.
@@ -306,7 +307,7 @@ impl ModelSpec {
         format!(
             "{}-{}",
             slug(&self.model),
-            &self.namespace_id().to_hex()[..16]
+            &self.namespace_id().to_hex()[..NAMESPACE_SUFFIX_LEN]
         )
     }
 
@@ -392,7 +393,8 @@ pub fn slug(model: &str) -> String {
 /// anything that could escape a directory (`/`, `..`, NUL) or that kvfs would never create.
 pub fn validate_namespace_dir(name: &str) -> Result<(), FormatError> {
     let bad = || FormatError::BadNamespace(name.to_string());
-    let (slug_part, id) = name.rsplit_once('-').ok_or_else(bad)?;
+    let id = namespace_suffix(name).ok_or_else(bad)?;
+    let slug_part = &name[..name.len() - id.len() - 1];
     if slug_part.is_empty()
         || slug_part.len() > 48
         || slug_part.starts_with('.')
@@ -403,7 +405,7 @@ pub fn validate_namespace_dir(name: &str) -> Result<(), FormatError> {
     {
         return Err(bad());
     }
-    if id.len() != 16
+    if id.len() != NAMESPACE_SUFFIX_LEN
         || !id
             .bytes()
             .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))

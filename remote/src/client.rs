@@ -23,7 +23,7 @@ use crate::error::RemoteError;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use kvfs_loader::spec::validate_namespace_dir;
-use kvfs_loader::{ChunkHeader, ChunkKey, ChunkView, FormatError, Verify};
+use kvfs_loader::{ChunkKey, ChunkView, FormatError, Verify};
 use object_store::path::Path;
 use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
 use std::collections::HashSet;
@@ -404,27 +404,7 @@ pub fn verify_object(bytes: &[u8], ns_dir: &str, key: &ChunkKey) -> Result<(), F
 }
 
 /// Checks that a (valid) header is the chunk named `key` in namespace dir `ns_dir`.
-pub(crate) fn check_identity(
-    header: &ChunkHeader,
-    ns_dir: &str,
-    key: &ChunkKey,
-) -> Result<(), FormatError> {
-    let meta = &header.meta;
-    if meta.key != *key {
-        return Err(FormatError::NameMismatch {
-            name: key.file_name(),
-            key: meta.key.to_hex(),
-        });
-    }
-    let id = meta.namespace.to_hex();
-    if !ns_dir.ends_with(&format!("-{}", &id[..16])) {
-        return Err(FormatError::NamespaceMismatch {
-            expected: ns_dir.to_string(),
-            found: id,
-        });
-    }
-    Ok(())
-}
+pub(crate) use kvfs_loader::check_identity;
 
 /// True for an error that means the server does not implement the request (HTTP 501).
 fn is_not_implemented(e: &object_store::Error) -> bool {

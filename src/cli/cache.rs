@@ -5,7 +5,7 @@
 //! moves bad files to `<cache-dir>/.quarantine/<ns>/` and exits 1 if it found any.
 
 use super::{CliError, Ctx};
-use crate::config::human_bytes;
+use crate::units::human_bytes;
 use clap::Args;
 use kvfs_loader::spec::validate_namespace_dir;
 
@@ -34,7 +34,7 @@ pub struct InfoArgs {
 
 pub fn ls(ctx: &Ctx, a: LsArgs) -> Result<i32, CliError> {
     if a.remote {
-        return crate::remote_tier::ls_remote(ctx, a.namespace.as_deref());
+        return super::remote::ls_remote(ctx, a.namespace.as_deref());
     }
     let store = ctx.open_store()?;
     match a.namespace {

@@ -7,8 +7,8 @@
 //! consumer never receives a prefix of a bad chunk.
 
 use super::{ChunkArg, CliError, Ctx, resolve_chunk};
-use crate::config::human_bytes;
 use crate::store::StoreError;
+use crate::units::human_bytes;
 use bytes::Bytes;
 use clap::Args;
 use kvfs_loader::dir::find_namespace_dir;
@@ -204,7 +204,7 @@ pub fn stat(ctx: &Ctx, a: StatArgs) -> Result<i32, CliError> {
         .mtime
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_secs());
-    let remote = crate::remote_tier::remote_presence(ctx, &ns_dir, &key);
+    let remote = super::remote::remote_presence(ctx, &ns_dir, &key);
     if a.json {
         let v = serde_json::json!({
             "key": key.to_hex(),

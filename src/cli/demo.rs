@@ -149,8 +149,7 @@ pub fn demo(ctx: &Ctx, a: DemoArgs) -> Result<i32, CliError> {
         a.tokens
     );
 
-    let fsync = ctx.config.store_config(&crate::config::process_env)?.fsync
-        == crate::store::FsyncPolicy::Always;
+    let fsync = ctx.config.fsync == crate::store::FsyncPolicy::Always;
     let options = LoaderOptions {
         fsync,
         ..LoaderOptions::default()

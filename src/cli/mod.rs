@@ -1,8 +1,13 @@
 //! The `kvfs` command line.
 //!
 //! One [`Command`] variant per command; each command group lives in its own module
-//! ([`chunks`]: put, get, stat, rm; [`cache`]: ls, verify, gc, info; [`synth`]). A new command
-//! is one variant here plus one arm in [`run`].
+//! ([`chunks`]: put, get, stat, rm; [`cache`]: ls, verify, gc, info; [`synth`]; [`demo`];
+//! [`mount`]: mount, umount and the daemon; [`doctor`]; [`remote`]: sync and the S3 parts of
+//! ls and stat). A new command is one variant here plus one arm in [`run`].
+//!
+//! This is the only module that knows the CLI's [`Ctx`] and [`CliError`]: the library modules
+//! it calls (the store, the mount backend, the S3 tier, the doctor's report) return their
+//! own errors, which the handlers here turn into exit codes.
 //!
 //! Global options (`--cache-dir`, `--config`, and one flag per setting) override the
 //! environment, which overrides the config file (see [`crate::config`]).
@@ -14,10 +19,15 @@
 pub mod cache;
 pub mod chunks;
 pub mod demo;
+pub mod doctor;
+pub mod mount;
+pub mod remote;
 pub mod synth;
 
-use crate::config::{self, Config, Limit, Overrides, Size};
-use crate::store::{FsyncPolicy, Store, StoreError};
+use crate::config::{self, Config, ConfigError, Overrides};
+use crate::remote_tier;
+use crate::store::{FsyncPolicy, Store, StoreConfig, StoreError};
+use crate::units::{Limit, Size};
 use clap::{Parser, Subcommand};
 use kvfs_loader::ChunkKey;
 use kvfs_loader::dir::Layout;
@@ -124,14 +134,14 @@ pub enum Command {
     /// Write deterministic synthetic chunks for a model shape and token count.
     Synth(synth::SynthArgs),
     /// Mount the cache as a file system (/<namespace>/<key>.kvc); see docs/MOUNT.md.
-    Mount(crate::mount::MountArgs),
+    Mount(mount::MountArgs),
     /// Unmount a kvfs mount (the daemon serving it exits).
-    Umount(crate::mount::UmountArgs),
+    Umount(mount::UmountArgs),
     /// Report the GPU path loads would take (GDS, staging, host) and why, and whether the
     /// cache directory takes O_DIRECT. KVFS_GPU_PATH forces a path.
-    Doctor(crate::doctor::DoctorArgs),
+    Doctor(doctor::DoctorArgs),
     /// Copy chunks between the cache and the S3 bucket (push or pull); resumable.
-    Sync(crate::remote_tier::SyncArgs),
+    Sync(remote::SyncArgs),
 }
 
 /// A command's failure; decides the exit code.
@@ -239,10 +249,10 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Gc(a) => cache::gc(&ctx, a),
         Command::Info(a) => cache::info(&ctx, a),
         Command::Synth(a) => synth::synth(&ctx, a),
-        Command::Mount(a) => crate::mount::mount(&ctx, a),
-        Command::Umount(a) => crate::mount::umount(&ctx, a),
-        Command::Doctor(a) => crate::doctor::doctor(&ctx, a),
-        Command::Sync(a) => crate::remote_tier::sync(&ctx, a),
+        Command::Mount(a) => mount::mount(&ctx, a),
+        Command::Umount(a) => mount::umount(&ctx, a),
+        Command::Doctor(a) => doctor::doctor(&ctx, a),
+        Command::Sync(a) => remote::sync(&ctx, a),
     }
 }
 
@@ -269,9 +279,24 @@ impl Ctx {
         Ok(Ctx { config, cache_dir })
     }
 
+    /// The store's settings with the S3 tier attached when one is configured (this opens
+    /// it: the only place the CLI does).
+    pub fn store_config(&self) -> Result<StoreConfig, CliError> {
+        let mut sc = self.config.store_config(&config::process_env)?;
+        if let Some(s3) = &self.config.s3 {
+            sc.remote =
+                remote_tier::attach(Some(s3), &sc.root).map_err(|e| ConfigError::Invalid {
+                    origin: "s3".into(),
+                    value: s3.url.clone(),
+                    reason: e.to_string(),
+                })?;
+        }
+        Ok(sc)
+    }
+
     /// Opens the store. A one-shot command has no use for the memory tier, so it is off.
     pub fn open_store(&self) -> Result<Store, CliError> {
-        let mut sc = self.config.store_config(&config::process_env)?;
+        let mut sc = self.store_config()?;
         sc.memory_bytes = 0;
         Ok(Store::open(sc)?)
     }

@@ -5,7 +5,7 @@
 
 use super::chunks::preset;
 use super::{CliError, Ctx};
-use crate::config::human_bytes;
+use crate::units::human_bytes;
 use clap::Args;
 
 #[derive(Debug, Args)]

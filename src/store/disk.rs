@@ -19,7 +19,7 @@
 
 use super::StoreError;
 use super::remote_seam::RemoteTier;
-use crate::config::Limit;
+use crate::units::Limit;
 use kvfs_loader::ChunkKey;
 use kvfs_loader::dir::{Layout, TMP_PREFIX};
 use kvfs_loader::spec::validate_namespace_dir;

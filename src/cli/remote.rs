@@ -1,0 +1,173 @@
+//! The S3 parts of the command line: `kvfs sync push|pull`, `kvfs ls --remote` and the
+//! remote line of `kvfs stat`, over [`kvfs_remote::Remote`] opened from the `[s3]` settings
+//! ([`crate::remote_tier::S3Settings`]).
+//!
+//! `sync` is resumable: re-running skips what is done. Push also drains the persistent upload
+//! queue left by earlier processes; pull verifies every chunk before it is committed.
+
+use super::{CliError, Ctx};
+use crate::remote_tier::S3Settings;
+use crate::store::StoreError;
+use crate::units::human_bytes;
+use clap::{Args, Subcommand};
+use kvfs_loader::ChunkKey;
+use kvfs_loader::spec::validate_namespace_dir;
+use kvfs_remote::{RemoteError, SyncEvent};
+use std::time::Duration;
+
+fn settings(ctx: &Ctx) -> Result<&S3Settings, CliError> {
+    ctx.config
+        .s3
+        .as_ref()
+        .filter(|s| !s.url.is_empty())
+        .ok_or_else(|| {
+            CliError::Usage(
+                "no S3 bucket: give --s3 s3://bucket/prefix, KVFS_S3 or [s3] url".into(),
+            )
+        })
+}
+
+fn remote_failed(e: RemoteError) -> CliError {
+    CliError::Failed(e.to_string())
+}
+
+#[derive(Debug, Args)]
+pub struct SyncArgs {
+    #[command(subcommand)]
+    pub direction: SyncDirection,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum SyncDirection {
+    /// Upload local chunks the bucket lacks (and finish uploads queued by earlier runs).
+    Push(SyncScope),
+    /// Download chunks the cache lacks, each verified before it is committed.
+    Pull(SyncScope),
+}
+
+#[derive(Debug, Args)]
+pub struct SyncScope {
+    /// Only this namespace directory.
+    #[arg(long, value_name = "NS")]
+    pub namespace: Option<String>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+/// `kvfs sync push|pull [--namespace NS]`: resumable (re-running skips what is done).
+pub fn sync(ctx: &Ctx, a: SyncArgs) -> Result<i32, CliError> {
+    let s = settings(ctx)?;
+    let (push, scope) = match a.direction {
+        SyncDirection::Push(s) => (true, s),
+        SyncDirection::Pull(s) => (false, s),
+    };
+    if let Some(ns) = &scope.namespace {
+        validate_namespace_dir(ns).map_err(|e| CliError::Usage(e.to_string()))?;
+    }
+    std::fs::create_dir_all(&ctx.cache_dir).map_err(|e| {
+        CliError::Store(StoreError::Io {
+            path: ctx.cache_dir.clone(),
+            source: e,
+        })
+    })?;
+    // Push also drains the persistent upload queue; pull needs no queue.
+    let remote = s
+        .open(push.then_some(ctx.cache_dir.as_path()))
+        .map_err(remote_failed)?;
+    let bar = if scope.quiet {
+        indicatif::ProgressBar::hidden()
+    } else {
+        indicatif::ProgressBar::new(0)
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "{spinner} {msg} {wide_bar} {bytes}/{total_bytes} {binary_bytes_per_sec} {eta}",
+        )
+        .expect("static template"),
+    );
+    bar.set_message(if push { "push" } else { "pull" });
+    let failures = std::sync::Mutex::new(Vec::new());
+    let on_event = |e: SyncEvent| match e {
+        SyncEvent::Planned { bytes, .. } => bar.set_length(bytes),
+        SyncEvent::Transferred { bytes, .. } => bar.inc(bytes),
+        SyncEvent::Failed { ns_dir, key, error } => {
+            failures
+                .lock()
+                .unwrap()
+                .push(format!("{ns_dir}/{key}: {error}"));
+        }
+    };
+    let ns = scope.namespace.as_deref();
+    let report = if push {
+        remote.push(&ctx.cache_dir, ns, &on_event)
+    } else {
+        remote.pull(&ctx.cache_dir, ns, &on_event)
+    }
+    .map_err(remote_failed)?;
+    let mut queued_left = 0;
+    if push && remote.pending_uploads() > 0 {
+        bar.set_message(format!("queued uploads: {}", remote.pending_uploads()));
+        if !remote.wait_uploaded(Duration::from_secs(s.drain_on_exit_s.max(60))) {
+            queued_left = remote.pending_uploads();
+        }
+    }
+    bar.finish_and_clear();
+    for f in failures.lock().unwrap().iter() {
+        eprintln!("kvfs: failed: {f}");
+    }
+    println!(
+        "{}: {} chunks ({}) transferred, {} already there, {} failed{}",
+        if push { "push" } else { "pull" },
+        report.transferred,
+        human_bytes(report.bytes),
+        report.skipped,
+        report.failed,
+        if queued_left > 0 {
+            format!(", {queued_left} queued uploads left (run again)")
+        } else {
+            String::new()
+        }
+    );
+    Ok(if report.failed > 0 || queued_left > 0 {
+        1
+    } else {
+        0
+    })
+}
+
+/// `kvfs ls --remote [NS]`: namespaces in the bucket, or the chunks of one.
+pub fn ls_remote(ctx: &Ctx, namespace: Option<&str>) -> Result<i32, CliError> {
+    let remote = settings(ctx)?.open(None).map_err(remote_failed)?;
+    match namespace {
+        None => {
+            for ns in remote.list_namespaces().map_err(remote_failed)? {
+                let chunks = remote.list_chunks(&ns).map_err(remote_failed)?;
+                let bytes: u64 = chunks.iter().map(|c| c.1).sum();
+                println!("{ns}\t{} chunks\t{}", chunks.len(), human_bytes(bytes));
+            }
+        }
+        Some(ns) => {
+            let ns = ns.trim_end_matches('/');
+            validate_namespace_dir(ns).map_err(|e| CliError::Usage(e.to_string()))?;
+            for (key, len) in remote.list_chunks(ns).map_err(remote_failed)? {
+                println!("{key}\t{len}");
+            }
+        }
+    }
+    Ok(0)
+}
+
+/// Remote presence of a chunk for `kvfs stat`: `None` without S3, else a short text
+/// (`present (N bytes)`, `absent`, `unknown (error)`).
+pub fn remote_presence(ctx: &Ctx, ns_dir: &str, key: &ChunkKey) -> Option<String> {
+    let s = ctx.config.s3.as_ref().filter(|s| !s.url.is_empty())?;
+    let r = s
+        .open(None)
+        .and_then(|r| r.object_size(ns_dir, key))
+        .map(|size| match size {
+            Some(n) => format!("present ({n} bytes)"),
+            None => "absent".to_string(),
+        });
+    Some(r.unwrap_or_else(|e| format!("unknown ({e})")))
+}

@@ -1,0 +1,44 @@
+//! Eviction on demand: [`Store::gc`] enforces the capacity and free-space bounds now, and
+//! [`Store::set_priority`] is the engine's hint of what to keep longer.
+
+use super::{Store, StoreError};
+use kvfs_loader::ChunkKey;
+use serde::Serialize;
+
+/// Result of [`Store::gc`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct GcReport {
+    pub evicted: u64,
+    pub freed_bytes: u64,
+    pub used_bytes: u64,
+    pub limit_bytes: u64,
+}
+
+impl Store {
+    /// Eviction hint: chunks with a higher priority are evicted later (0 = default).
+    pub fn set_priority(&self, ns_dir: &str, key: &ChunkKey, priority: u8) {
+        if !self.contains(ns_dir, key) {
+            return;
+        }
+        let mut idx = self.inner.disk.index();
+        if let Some(e) = idx.namespaces.get_mut(ns_dir).and_then(|c| c.get_mut(key)) {
+            e.priority = priority;
+        }
+    }
+
+    /// Rescans the disk and evicts until the capacity and free-space bounds hold.
+    pub fn gc(&self) -> Result<GcReport, StoreError> {
+        let disk = &self.inner.disk;
+        disk.rescan()?;
+        let victims = disk.enforce()?;
+        self.forget_victims(&victims);
+        let space = disk.space()?;
+        let (limit, _) = disk.bounds(space);
+        Ok(GcReport {
+            evicted: victims.len() as u64,
+            freed_bytes: victims.iter().map(|v| v.len).sum(),
+            used_bytes: disk.index().used,
+            limit_bytes: limit,
+        })
+    }
+}

@@ -250,6 +250,14 @@ fn write_once_commit_and_rejections() {
         errno_of(write_and_close(&m.path().join(k5.file_name()), &b5)),
         libc::EPERM
     );
+    // Names longer than any file system allows.
+    let long = m.path().join(&ns).join("a".repeat(300));
+    assert_eq!(errno_of(write_and_close(&long, b"x")), libc::ENAMETOOLONG);
+    assert_eq!(errno_of(fs::metadata(&long)), libc::ENAMETOOLONG);
+    assert_eq!(
+        errno_of(fs::create_dir(m.path().join("a".repeat(300)))),
+        libc::ENAMETOOLONG
+    );
     assert_eq!(
         fs::read_dir(&incoming).unwrap().count(),
         0,

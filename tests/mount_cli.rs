@@ -705,3 +705,30 @@ fn random_byte_flips_through_the_mount_are_eio() {
     let quarantine = e.cache.join(".quarantine").join(tiny_ns());
     assert_eq!(fs::read_dir(&quarantine).unwrap().count(), CASES as usize);
 }
+
+/// `kvfs umount` (a plain `umount`, SIGTERM) end a foreground daemon cleanly: exit 0, and nothing
+/// logged at warn level (it used to log "Failed to umount filesystem: Invalid argument" when
+/// fuser unmounted a second time).
+#[test]
+fn umount_ends_the_daemon_without_a_warning() {
+    if !support::require::fuse() {
+        return;
+    }
+    let e = env();
+    let mut m = Mount::start(&e.cache, &e.mnt, &[]);
+    ok(kvfs(&e.cache, &["umount", e.mnt.to_str().unwrap()]));
+    assert!(m.wait_exit(Duration::from_secs(20)), "{}", m.stderr());
+    assert!(
+        m.stderr().trim().is_empty(),
+        "daemon logged: {}",
+        m.stderr()
+    );
+    let mut m = Mount::start(&e.cache, &e.mnt, &[]);
+    ok(Command::new("umount").arg(&e.mnt).output().unwrap());
+    assert!(m.wait_exit(Duration::from_secs(20)), "{}", m.stderr());
+    assert!(
+        m.stderr().trim().is_empty(),
+        "daemon logged: {}",
+        m.stderr()
+    );
+}

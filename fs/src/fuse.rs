@@ -10,7 +10,7 @@ use fuser::{
     BackingId, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
     KernelConfig, LockOwner, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate, ReplyData,
     ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr,
-    Request, TimeOrNow, WriteFlags,
+    Request, SessionUnmounter, TimeOrNow, WriteFlags,
 };
 use std::collections::HashMap;
 use std::ffi::OsStr;
@@ -51,6 +51,8 @@ pub struct FuseFs {
     core: Arc<KvFs>,
     /// Passthrough backing ids per inode, with the number of handles using each.
     backing: Mutex<HashMap<u64, (Arc<BackingId>, usize)>>,
+    /// The session's own unmounter, set by [`crate::session::mount`]; see `destroy`.
+    unmounter: Arc<Mutex<Option<SessionUnmounter>>>,
 }
 
 impl FuseFs {
@@ -58,7 +60,13 @@ impl FuseFs {
         FuseFs {
             core,
             backing: Mutex::new(HashMap::new()),
+            unmounter: Arc::new(Mutex::new(None)),
         }
+    }
+
+    /// Where the session's unmounter goes once the session exists.
+    pub fn unmounter_slot(&self) -> Arc<Mutex<Option<SessionUnmounter>>> {
+        self.unmounter.clone()
     }
 
     pub fn core(&self) -> &Arc<KvFs> {
@@ -117,6 +125,25 @@ impl Filesystem for FuseFs {
             .set_kernel(config.kernel_abi().to_string(), passthrough);
         tracing::info!(passthrough, abi = %config.kernel_abi(), "kvfs mount initialised");
         Ok(())
+    }
+
+    /// The session ends: the kernel has closed the connection, nearly always because the
+    /// directory was unmounted (`kvfs umount`, `umount`, or the daemon's signal handler).
+    /// fuser would unmount again when the session is dropped and log "Failed to umount
+    /// filesystem: Invalid argument"; its mount is taken out here instead, where a directory
+    /// that is no longer mounted is the expected case. (After a connection abort the mount is
+    /// still there, and this unmounts it.)
+    fn destroy(&mut self) {
+        let Some(mut unmounter) = self.unmounter.lock().unwrap().take() else {
+            return;
+        };
+        match unmounter.unmount() {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
+                tracing::debug!("session ended after the directory was unmounted")
+            }
+            Err(e) => tracing::warn!(error = %e, "cannot unmount at the end of the session"),
+        }
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {

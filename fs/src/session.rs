@@ -154,7 +154,11 @@ pub fn mount(
     opts: &MountOptions,
 ) -> io::Result<fuser::Session<FuseFs>> {
     let fs = FuseFs::new(Arc::new(KvFs::new(backend, opts.clone())));
-    let session = fuser::Session::new(fs, dir, &opts.fuser_config())?;
+    let unmounter = fs.unmounter_slot();
+    let mut session = fuser::Session::new(fs, dir, &opts.fuser_config())?;
+    // The file system unmounts through the session's own handle when the session ends, so
+    // fuser does not unmount a second time (see `FuseFs::destroy`).
+    *unmounter.lock().unwrap() = Some(session.unmount_callable());
     // Not `dir.canonicalize()`: that would stat the new mount before its session serves.
     tune_readahead(dir);
     Ok(session)

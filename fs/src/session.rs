@@ -67,7 +67,7 @@ fn mount_device(dir: &Path) -> Option<String> {
 /// 128 KiB (it offers no more at INIT); chunks are read front to back in large pieces, so a
 /// larger window means fewer, larger READ requests when reads are not passed through. Best
 /// effort: found through /proc/self/mountinfo (touching the mount itself before its session
-/// runs would deadlock) and written to /sys/class/bdi/<dev>/read_ahead_kb.
+/// runs would deadlock) and written to `/sys/class/bdi/<dev>/read_ahead_kb`.
 pub const READAHEAD_KB: u32 = 1024;
 
 fn tune_readahead(dir: &Path) {

@@ -194,6 +194,9 @@ pub fn check_chunk_file(
 /// (other than the one it is closing: the kernel removes a descriptor from the process's table
 /// before it sends the FLUSH). Read from `/proc/<pid>/fd` (links, so the mount itself is not
 /// asked); `false` when that cannot be read (pid 0, the process is exiting, or gone).
+/// Matched by the path's tail, so a descriptor of the same name on another kvfs mount counts
+/// too; that only defers an incomplete file's check to its last release (logged, not
+/// returned), never commits a half-written one.
 pub fn held_elsewhere(pid: u32, ns: &str, key: &ChunkKey) -> bool {
     if pid == 0 {
         return false;

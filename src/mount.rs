@@ -7,18 +7,22 @@
 //!
 //! Files written through the mount are buffered in `<cache-dir>/.incoming/` (same file
 //! system as the disk tier) and checked in full at close by kvfs-fs; a valid one is then
-//! hard-linked into the disk tier (`kvfs_loader::dir::commit_link`: create-once, fsync per
-//! policy), never copied, indexed like a chunk another process committed, handed to the
-//! remote tier's write-behind queue, and the disk bounds are enforced (`Store::gc`) if it
-//! took the tier over them. Such commits are counted in `/.kvfs/mount.json` (`commits`), not
-//! in the store's `puts`.
+//! taken in by `Store::adopt_file`: room is reserved first (a chunk that cannot be kept within
+//! the bounds fails the writer's `close()` with ENOSPC, and nothing is evicted for it or
+//! after it), then it is hard-linked into the disk tier (create-once, fsync per policy),
+//! never copied, indexed, and handed to the remote tier's write-behind queue. Such commits
+//! are counted in `/.kvfs/mount.json` (`commits`), not in the store's `puts`.
+//!
+//! Chunk files are opened regular files only (`kvfs_fs::open_regular`: no symlink, device or
+//! FIFO), and kvfs-fs checks each in full at open before serving it; one that fails is
+//! quarantined through `Store::quarantine_chunk`.
 //!
 //! Reads served by passthrough never reach this process, so they are not counted in
 //! `stats.json`; reads that do (no passthrough, or chunks that are not local) are counted by
 //! the store when it serves them.
 
-use crate::store::{FsyncPolicy, Store, StoreError, Tier};
-use kvfs_fs::{BackendError, Capacity, ChunkBackend, ChunkInfo, Committed};
+use crate::store::{Store, StoreError, Tier};
+use kvfs_fs::{BackendError, Capacity, ChunkBackend, ChunkInfo, Committed, open_regular};
 use kvfs_loader::dir::Commit;
 use kvfs_loader::{ChunkHeader, ChunkKey, FormatError};
 use std::fs::File;
@@ -125,7 +129,9 @@ impl ChunkBackend for StoreBackend {
     /// only in memory, or only remote, which it fetches).
     fn stat(&self, ns: &str, key: &ChunkKey) -> Result<Option<ChunkInfo>, BackendError> {
         let path = self.store.backing_path(ns, key);
-        match std::fs::metadata(&path) {
+        // Not followed: a symlink planted in the cache is not a disk-tier chunk (its open
+        // is refused, and it is quarantined).
+        match std::fs::symlink_metadata(&path) {
             Ok(md) if md.is_file() => {
                 return Ok(Some(ChunkInfo {
                     len: md.len(),
@@ -174,21 +180,16 @@ impl ChunkBackend for StoreBackend {
 
     fn open_local(&self, ns: &str, key: &ChunkKey) -> Result<Option<File>, BackendError> {
         let path = self.store.backing_path(ns, key);
-        match File::open(&path) {
-            Ok(f) => Ok(Some(f)),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                // Only remote (or only in memory): fetch it to disk, then open that.
-                if self.stat_or_fetch(ns, key)?.is_some() {
-                    match File::open(&path) {
-                        Ok(f) => return Ok(Some(f)),
-                        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                        Err(e) => return Err(e.into()),
-                    }
-                }
-                Ok(None)
-            }
-            Err(e) => Err(e.into()),
+        match open_regular(&path)? {
+            Some(f) => Ok(Some(f)),
+            // Only remote (or only in memory): fetch it to disk, then open that.
+            None if self.stat_or_fetch(ns, key)?.is_some() => open_regular(&path),
+            None => Ok(None),
         }
+    }
+
+    fn quarantine(&self, ns: &str, key: &ChunkKey, reason: &str) -> Option<PathBuf> {
+        self.store.quarantine_chunk(ns, key, reason)
     }
 
     fn incoming_dir(&self) -> PathBuf {
@@ -196,35 +197,12 @@ impl ChunkBackend for StoreBackend {
     }
 
     /// The adapter has verified the file in full (one pass over bytes still in the page
-    /// cache); it is linked into the disk tier, not copied.
+    /// cache); the store reserves room for it, then links it into the disk tier.
     fn commit(&self, ns: &str, key: &ChunkKey, path: &Path) -> Result<Committed, BackendError> {
-        let target = self.store.backing_path(ns, key);
-        let fsync = self.store.config().fsync == FsyncPolicy::Always;
-        let outcome = kvfs_loader::dir::commit_link(path, &target, fsync).map_err(|e| {
-            if e.raw_os_error() == Some(libc::ENOSPC) {
-                BackendError::NoSpace
-            } else {
-                BackendError::Io(e)
-            }
-        })?;
-        // Index it as a chunk committed by another writer, queue its upload, and evict if
-        // it took the disk tier over its bounds (the new chunk is the most recent: it stays).
-        self.store.contains(ns, key);
-        if outcome == Commit::Created {
-            if let Some(remote) = &self.store.config().remote {
-                remote.committed(ns, key, &target);
-            }
-            let c = self.store.capacity();
-            if c.used_bytes > c.limit_bytes || c.fs_free_bytes < c.min_free_bytes {
-                if let Err(e) = self.store.gc() {
-                    tracing::warn!(error = %e, "eviction after a commit through the mount failed");
-                }
-            }
+        match self.store.adopt_file(ns, key, path).map_err(to_backend)? {
+            Commit::Created => Ok(Committed::Created),
+            Commit::AlreadyExists => Ok(Committed::AlreadyExists),
         }
-        Ok(match outcome {
-            Commit::Created => Committed::Created,
-            Commit::AlreadyExists => Committed::AlreadyExists,
-        })
     }
 
     fn remove(&self, ns: &str, key: &ChunkKey) -> Result<bool, BackendError> {

@@ -2,30 +2,20 @@
 //! the mount), look up, and load with O_DIRECT from the backing files the mount names in
 //! `user.kvfs.backing`, comparing every row with the source blocks.
 //!
-//! Needs /dev/fuse and root (fuser mounts without fusermount); prints a skip line and passes
-//! when they are missing. A guard always unmounts (lazily) and reaps the daemon.
+//! Needs /dev/fuse and root (fuser mounts without fusermount): see `support/require.rs` (a
+//! skip line, or a failure under `KVFS_REQUIRE=fuse`). A guard always unmounts (lazily) and reaps the daemon.
 
 use kvfs_loader::dir::Layout;
 use kvfs_loader::layout::{BlockMap, KvLayout, RawRegion};
 use kvfs_loader::loader::{Dest, Loader};
 use kvfs_loader::{ModelSpec, Verify};
-use std::path::Path;
 
 mod support {
     pub mod mount;
+    pub mod require;
 }
 
 use support::mount::Mount;
-
-fn fuse_available() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !Path::new("/dev/fuse").exists() || !root {
-        eprintln!("skipping: needs /dev/fuse and root to mount FUSE without fusermount");
-        return false;
-    }
-    true
-}
 
 /// Host blocks in vLLM flash-attn layout for the `tiny` preset (2 layers, 2 heads, dim 64,
 /// f16: 256-byte rows), blocks of 16 tokens.
@@ -66,7 +56,7 @@ fn row<'a>(b: &'a Blocks, table: &[u32], layer: usize, plane: usize, pos: usize)
 
 #[test]
 fn store_lookup_and_load_through_a_real_mount() {
-    if !fuse_available() {
+    if !support::require::fuse() {
         return;
     }
     let tmp = tempfile::tempdir().unwrap();

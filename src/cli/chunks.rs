@@ -1,18 +1,19 @@
 //! Commands on one chunk: `put`, `get`, `stat`, `rm`.
 //!
-//! `put` verifies the whole chunk before anything becomes visible and picks the namespace
+//! `put` streams its input (the header is checked before the payload is read; memory stays
+//! bounded, see [`crate::store::ChunkStream`]), verifies the whole chunk before anything
+//! becomes visible and picks the namespace
 //! directory from `--namespace`, from `--model` (creating the directory and its
 //! `namespace.json`), or by the chunk's namespace id among existing directories. `get` reads
 //! and checks the whole chunk, payload digest included, before it writes a byte, so a
 //! consumer never receives a prefix of a bad chunk.
 
 use super::{ChunkArg, CliError, Ctx, resolve_chunk};
-use crate::store::StoreError;
+use crate::store::{ChunkStream, StoreError};
 use crate::units::human_bytes;
-use bytes::Bytes;
 use clap::Args;
 use kvfs_loader::dir::find_namespace_dir;
-use kvfs_loader::format::{ChunkHeader, Verify};
+use kvfs_loader::format::Verify;
 use kvfs_loader::spec::validate_namespace_dir;
 use kvfs_loader::{ModelSpec, key::ChunkKey};
 use std::io::{Read, Write};
@@ -77,14 +78,16 @@ pub fn put(ctx: &Ctx, a: PutArgs) -> Result<i32, CliError> {
         validate_namespace_dir(ns).map_err(|e| CliError::Usage(e.to_string()))?;
     }
     let spec = a.model.as_deref().map(preset).transpose()?;
-    let (bytes, origin) = match a.file.as_deref() {
-        None => (read_stdin()?, None),
-        Some(p) if p.as_os_str() == "-" => (read_stdin()?, None),
+    // The header alone is read first: input that is not a chunk is refused before its
+    // payload, and the payload is streamed to disk (bounded memory, whatever the size).
+    let (input, origin): (Box<dyn Read>, Option<PathBuf>) = match a.file.as_deref() {
+        None => (Box::new(std::io::stdin().lock()), None),
+        Some(p) if p.as_os_str() == "-" => (Box::new(std::io::stdin().lock()), None),
         Some(p) => (
-            std::fs::read(p).map_err(|e| StoreError::Io {
+            Box::new(std::fs::File::open(p).map_err(|e| StoreError::Io {
                 path: p.to_path_buf(),
                 source: e,
-            })?,
+            })?),
             Some(p.to_path_buf()),
         ),
     };
@@ -95,7 +98,8 @@ pub fn put(ctx: &Ctx, a: PutArgs) -> Result<i32, CliError> {
         },
         e => e,
     };
-    let header = ChunkHeader::parse(&bytes).map_err(|e| with_origin(e.into()))?;
+    let stream = ChunkStream::open(input).map_err(with_origin)?;
+    let header = stream.header().clone();
     let store = ctx.open_store()?;
     let ns_dir = if let Some(ns) = a.namespace {
         ns
@@ -117,9 +121,7 @@ pub fn put(ctx: &Ctx, a: PutArgs) -> Result<i32, CliError> {
                 ))
             })?
     };
-    let out = store
-        .put_bytes(&ns_dir, Bytes::from(bytes))
-        .map_err(with_origin)?;
+    let out = store.put_stream(&ns_dir, stream).map_err(with_origin)?;
     println!(
         "{} {}/{} ({})",
         if out.created {
@@ -132,18 +134,6 @@ pub fn put(ctx: &Ctx, a: PutArgs) -> Result<i32, CliError> {
         human_bytes(out.len)
     );
     Ok(0)
-}
-
-fn read_stdin() -> Result<Vec<u8>, CliError> {
-    let mut v = Vec::new();
-    std::io::stdin()
-        .lock()
-        .read_to_end(&mut v)
-        .map_err(|e| StoreError::Io {
-            path: "<stdin>".into(),
-            source: e,
-        })?;
-    Ok(v)
 }
 
 pub fn get(ctx: &Ctx, a: GetArgs) -> Result<i32, CliError> {

@@ -42,6 +42,7 @@ mod admission;
 pub mod disk;
 mod error;
 mod gc;
+mod ingest;
 mod memory;
 mod namespace;
 mod parallel;
@@ -67,6 +68,7 @@ use std::time::Duration;
 
 pub use error::StoreError;
 pub use gc::GcReport;
+pub use ingest::ChunkStream;
 pub use namespace::NamespaceInfo;
 pub use parallel::{verify_payload_parallel, verify_payload_threads};
 pub use put::PutOutcome;

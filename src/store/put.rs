@@ -14,9 +14,8 @@ use bytes::Bytes;
 use kvfs_loader::dir::{self, Commit};
 use kvfs_loader::format::ChunkHeader;
 use kvfs_loader::{ChunkKey, FormatError};
-use std::fs;
 use std::io::{self, Write};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 /// What `put` did.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -58,19 +57,6 @@ impl Store {
     /// Like [`Store::put`], taking ownership so the memory tier shares the buffer (no copy).
     pub fn put_bytes(&self, ns_dir: &str, bytes: Bytes) -> Result<PutOutcome, StoreError> {
         self.put_inner(ns_dir, &bytes, Some(&bytes), true)
-    }
-
-    /// Stores the chunk file at `src`.
-    pub fn put_file(&self, ns_dir: &str, src: &Path) -> Result<PutOutcome, StoreError> {
-        check_ns(ns_dir)?;
-        let v = fs::read(src).map_err(|e| StoreError::io(src, e))?;
-        self.put_bytes(ns_dir, Bytes::from(v)).map_err(|e| match e {
-            StoreError::Format { path: None, source } => StoreError::Format {
-                path: Some(src.to_path_buf()),
-                source,
-            },
-            e => e,
-        })
     }
 
     pub(super) fn put_inner(

@@ -26,6 +26,8 @@ fn run_measured(mut c: Command, stdin: Option<&Path>) -> (i32, String, u64) {
         Some(p) => c.stdin(fs::File::open(p).unwrap()),
         None => c.stdin(Stdio::null()),
     };
+    // Reaped below by wait4, which std's `wait` cannot do (it gives no rusage).
+    #[allow(clippy::zombie_processes)]
     let mut child = c.spawn().unwrap();
     let mut err = String::new();
     std::io::Read::read_to_string(child.stderr.as_mut().unwrap(), &mut err).unwrap();

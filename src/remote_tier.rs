@@ -65,8 +65,16 @@ pub struct S3Settings {
     pub block_timeout_s: u64,
     pub upload_concurrency: usize,
     pub download_concurrency: usize,
+    /// TCP/TLS connect.
     pub connect_timeout_s: u64,
-    pub request_timeout_s: u64,
+    /// One LIST page or HEAD (retries included): a server that never answers is reported.
+    pub list_timeout_s: u64,
+    /// Until a GET or PUT response begins.
+    pub first_byte_timeout_s: u64,
+    /// One object's body transfer (a 32 MiB chunk must fit). `request_timeout_s` is the old
+    /// name of this key.
+    #[serde(alias = "request_timeout_s")]
+    pub body_timeout_s: u64,
     pub max_retries: usize,
     /// Try `If-None-Match` puts (servers answering 501 are detected either way).
     pub conditional_put: bool,
@@ -93,7 +101,9 @@ impl Default for S3Settings {
             upload_concurrency: d.upload_concurrency,
             download_concurrency: d.download_concurrency,
             connect_timeout_s: d.connect_timeout.as_secs(),
-            request_timeout_s: d.request_timeout.as_secs(),
+            list_timeout_s: d.list_timeout.as_secs(),
+            first_byte_timeout_s: d.first_byte_timeout.as_secs(),
+            body_timeout_s: d.request_timeout.as_secs(),
             max_retries: d.max_retries,
             conditional_put: d.conditional_put,
             drain_on_exit_s: 30,
@@ -148,7 +158,9 @@ impl S3Settings {
         c.upload_concurrency = self.upload_concurrency.max(1);
         c.download_concurrency = self.download_concurrency.max(1);
         c.connect_timeout = Duration::from_secs(self.connect_timeout_s.max(1));
-        c.request_timeout = Duration::from_secs(self.request_timeout_s.max(1));
+        c.list_timeout = Duration::from_secs(self.list_timeout_s.max(1));
+        c.first_byte_timeout = Duration::from_secs(self.first_byte_timeout_s.max(1));
+        c.request_timeout = Duration::from_secs(self.body_timeout_s.max(1));
         c.max_retries = self.max_retries;
         c.conditional_put = self.conditional_put;
         Ok(c)
@@ -212,7 +224,14 @@ impl RemoteTier for S3Tier {
 
 impl Drop for S3Tier {
     fn drop(&mut self) {
-        if !self.queued_here.load(Ordering::Relaxed) || self.remote.pending_uploads() == 0 {
+        if self.remote.pending_uploads() == 0 {
+            return;
+        }
+        if !self.queued_here.load(Ordering::Relaxed) {
+            // Uploads earlier runs left: every process with the tier resumes them, and waits
+            // for them at exit unless the bucket refuses them (an outage must not hold a
+            // short command for the whole drain time).
+            resume_at_exit(&self.remote, self.drain);
             return;
         }
         tracing::info!(
@@ -226,6 +245,34 @@ impl Drop for S3Tier {
             );
         }
     }
+}
+
+/// Waits (at most `drain`, less when uploads fail) for uploads earlier runs left queued.
+fn resume_at_exit(remote: &Remote, drain: Duration) {
+    let pending = remote.pending_uploads();
+    if pending == 0 {
+        return;
+    }
+    tracing::info!(pending, "finishing uploads queued by earlier runs");
+    if !remote.wait_uploaded_unless_failing(drain) {
+        tracing::warn!(
+            pending = remote.pending_uploads(),
+            "uploads still queued at exit; the next kvfs process with S3 (or `kvfs sync push`) resumes them"
+        );
+    }
+}
+
+/// The upload queue of `cache_dir` for `kvfs info`: uploads waiting and the oldest's age.
+pub fn queue_summary(cache_dir: &Path) -> (usize, Option<Duration>) {
+    let st = kvfs_remote::queue::status(cache_dir).unwrap_or_default();
+    (st.pending, st.oldest)
+}
+
+/// Opens the tier for a command, with the upload queue when the cache directory exists, so
+/// that every process with `--s3` resumes uploads earlier runs left.
+fn open_for_command(ctx: &Ctx, s: &S3Settings) -> Result<Remote, CliError> {
+    let root = ctx.cache_dir.is_dir().then_some(ctx.cache_dir.as_path());
+    s.open(root).map_err(remote_failed)
 }
 
 fn config_error(s: &S3Settings, e: RemoteError) -> ConfigError {
@@ -289,6 +336,10 @@ pub struct SyncScope {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// (push) Then read every object of the bucket back and verify it in full, repairing
+    /// damaged ones from this cache where it has them.
+    #[arg(long)]
+    pub verify: bool,
 }
 
 /// `kvfs sync push|pull [--namespace NS]`: resumable (re-running skips what is done).
@@ -307,10 +358,8 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> Result<i32, CliError> {
             source: e,
         })
     })?;
-    // Push also drains the persistent upload queue; pull needs no queue.
-    let remote = s
-        .open(push.then_some(ctx.cache_dir.as_path()))
-        .map_err(remote_failed)?;
+    // Push drains the persistent upload queue; pull resumes it too.
+    let remote = open_for_command(ctx, s)?;
     let bar = if scope.quiet {
         indicatif::ProgressBar::hidden()
     } else {
@@ -331,29 +380,60 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> Result<i32, CliError> {
             failures
                 .lock()
                 .unwrap()
-                .push(format!("{ns_dir}/{key}: {error}"));
+                .push(format!("failed: {ns_dir}/{key}: {error}"));
+        }
+        SyncEvent::Damaged { ns_dir, key, cause } => failures.lock().unwrap().push(format!(
+            "damaged in the bucket (no local copy to repair it): {ns_dir}/{key}: {cause}"
+        )),
+        SyncEvent::Repaired { ns_dir, key } => {
+            eprintln!("kvfs: repaired damaged object {ns_dir}/{key} in the bucket")
         }
     };
     let ns = scope.namespace.as_deref();
-    let report = if push {
+    let mut report = if push {
         remote.push(&ctx.cache_dir, ns, &on_event)
     } else {
         remote.pull(&ctx.cache_dir, ns, &on_event)
     }
     .map_err(remote_failed)?;
+    if push && scope.verify {
+        bar.set_message("verify");
+        bar.set_position(0);
+        let scrub = remote
+            .scrub(&ctx.cache_dir, ns, &on_event)
+            .map_err(remote_failed)?;
+        report.transferred += scrub.transferred;
+        report.bytes += scrub.bytes;
+        report.repaired += scrub.repaired;
+        report.damaged += scrub.damaged;
+        report.verified += scrub.verified;
+        report.failed += scrub.failed;
+    }
     let mut queued_left = 0;
     if push && remote.pending_uploads() > 0 {
         bar.set_message(format!("queued uploads: {}", remote.pending_uploads()));
         if !remote.wait_uploaded(Duration::from_secs(s.drain_on_exit_s.max(60))) {
             queued_left = remote.pending_uploads();
         }
+    } else if !push {
+        resume_at_exit(&remote, Duration::from_secs(s.drain_on_exit_s));
     }
     bar.finish_and_clear();
     for f in failures.lock().unwrap().iter() {
-        eprintln!("kvfs: failed: {f}");
+        eprintln!("kvfs: {f}");
+    }
+    let mut extra = String::new();
+    if report.repaired > 0 {
+        extra += &format!(", {} damaged objects repaired", report.repaired);
+    }
+    if scope.verify && push {
+        extra += &format!(", {} verified in the bucket", report.verified);
+    }
+    if report.damaged > 0 {
+        extra += &format!(", {} damaged objects left", report.damaged);
     }
     println!(
-        "{}: {} chunks ({}) transferred, {} already there, {} failed{}",
+        "{}: {} chunks ({}) transferred, {} already there, {} failed{extra}{}",
         if push { "push" } else { "pull" },
         report.transferred,
         human_bytes(report.bytes),
@@ -365,16 +445,25 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> Result<i32, CliError> {
             String::new()
         }
     );
-    Ok(if report.failed > 0 || queued_left > 0 {
-        1
-    } else {
-        0
-    })
+    Ok(
+        if report.failed > 0 || report.damaged > 0 || queued_left > 0 {
+            1
+        } else {
+            0
+        },
+    )
 }
 
 /// `kvfs ls --remote [NS]`: namespaces in the bucket, or the chunks of one.
 pub fn ls_remote(ctx: &Ctx, namespace: Option<&str>) -> Result<i32, CliError> {
-    let remote = settings(ctx)?.open(None).map_err(remote_failed)?;
+    let s = settings(ctx)?;
+    let remote = open_for_command(ctx, s)?;
+    let code = ls_remote_with(&remote, namespace);
+    resume_at_exit(&remote, Duration::from_secs(s.drain_on_exit_s));
+    code
+}
+
+fn ls_remote_with(remote: &Remote, namespace: Option<&str>) -> Result<i32, CliError> {
     match namespace {
         None => {
             for ns in remote.list_namespaces().map_err(remote_failed)? {

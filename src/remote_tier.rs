@@ -10,9 +10,12 @@
 //!   `<cache dir>/.uploads/` (or uploads at once with `write_through`); a failure is logged,
 //!   never fails the put, and the upload stays queued.
 //!
-//! When the tier is dropped (a CLI command ends, a mount is unmounted) after this process
-//! queued uploads, it waits up to `drain_on_exit_s` for the queue to drain; what is left stays
-//! queued on disk and the next process with the tier (or `kvfs sync push`) uploads it.
+//! Every process that opens the tier with a cache directory resumes the uploads earlier runs
+//! left queued (every command that opens the store, `ls --remote` and `sync pull` too). When
+//! the tier is dropped (a CLI command ends, a mount is unmounted) with uploads pending, it
+//! waits up to `drain_on_exit_s` for the queue to drain; a process that queued none itself
+//! stops waiting at the first failed batch, so an outage does not hold a short command. What
+//! is left stays queued on disk for the next process with the tier (or `kvfs sync push`).
 //!
 //! [`S3Settings`] is the `[s3]` table of the config file; `--s3 s3://bucket/prefix` (env
 //! `KVFS_S3`) sets or overrides its `url`. Credentials come from the standard AWS environment

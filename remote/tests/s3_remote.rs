@@ -1081,3 +1081,46 @@ fn the_queue_counter_matches_its_directory_under_concurrent_commits() {
     assert_eq!(r.pending_uploads(), 200);
     assert_eq!(kvfs_remote::queue::status(dir.path()).unwrap().pending, 200);
 }
+
+#[test]
+fn a_listed_name_with_dot_dot_breaks_no_listing_on_any_server() {
+    let t = S3Target::new();
+    let proxy = FaultProxy::start(&t.endpoint);
+    let c = chain(40, 31);
+    let clean = Remote::open(t.config(), None).unwrap();
+    for (k, b) in &c {
+        clean.upload(&ns(), k, b.clone()).unwrap();
+    }
+    // Names no client library creates, but a server may hold (issue 19: `PREFIX/../evil.kvc`).
+    for bad in [
+        format!("{}/../evil.kvc", t.prefix),
+        format!("{}/{}/../evil.kvc", t.prefix, ns()),
+        format!("{}/{}//{}", t.prefix, ns(), c[0].0.file_name()),
+        format!("{}/{}/{}", t.prefix, ns(), "8".repeat(30)),
+    ] {
+        proxy.plant_listed(&bad);
+    }
+    let r = Remote::open(t.config_via(&proxy.endpoint), None).unwrap();
+    assert_eq!(r.list_namespaces().unwrap(), vec![ns()]);
+    let listed: Vec<ChunkKey> = r
+        .list_chunks(&ns())
+        .unwrap()
+        .into_iter()
+        .map(|x| x.0)
+        .collect();
+    let mut want: Vec<ChunkKey> = c.iter().map(|x| x.0).collect();
+    want.sort();
+    assert_eq!(listed, want);
+    // One bad namespace prefix, two unparseable chunk names and one that is no chunk name.
+    assert_eq!(r.stats().skipped_names, 4, "{:?}", r.stats());
+    let outer = tempfile::tempdir().unwrap();
+    let cache = outer.path().join("cache");
+    let pulled = r.pull(&cache, None, &|_| {}).unwrap();
+    assert_eq!((pulled.transferred, pulled.failed), (40, 0));
+    assert_eq!(
+        std::fs::read_dir(outer.path()).unwrap().count(),
+        1,
+        "nothing beside the cache"
+    );
+    assert!(!outer.path().join("evil.kvc").exists() && !cache.join("evil.kvc").exists());
+}

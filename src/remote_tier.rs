@@ -10,9 +10,12 @@
 //!   `<cache dir>/.uploads/` (or uploads at once with `write_through`); a failure is logged,
 //!   never fails the put, and the upload stays queued.
 //!
-//! When the tier is dropped (a CLI command ends, a mount is unmounted) after this process
-//! queued uploads, it waits up to `drain_on_exit_s` for the queue to drain; what is left stays
-//! queued on disk and the next process with the tier (or `kvfs sync push`) uploads it.
+//! Every process that opens the tier with a cache directory resumes the uploads earlier runs
+//! left queued (every command that opens the store, `ls --remote` and `sync pull` too). When
+//! the tier is dropped (a CLI command ends, a mount is unmounted) with uploads pending, it
+//! waits up to `drain_on_exit_s` for the queue to drain; a process that queued none itself
+//! stops waiting at the first failed batch, so an outage does not hold a short command. What
+//! is left stays queued on disk for the next process with the tier (or `kvfs sync push`).
 //!
 //! [`S3Settings`] is the `[s3]` table of the config file; `--s3 s3://bucket/prefix` (env
 //! `KVFS_S3`) sets or overrides its `url`. Credentials come from the standard AWS environment
@@ -61,8 +64,16 @@ pub struct S3Settings {
     pub block_timeout_s: u64,
     pub upload_concurrency: usize,
     pub download_concurrency: usize,
+    /// TCP/TLS connect.
     pub connect_timeout_s: u64,
-    pub request_timeout_s: u64,
+    /// One LIST page or HEAD (retries included): a server that never answers is reported.
+    pub list_timeout_s: u64,
+    /// Until a GET or PUT response begins.
+    pub first_byte_timeout_s: u64,
+    /// One object's body transfer (a 32 MiB chunk must fit). `request_timeout_s` is the old
+    /// name of this key.
+    #[serde(alias = "request_timeout_s")]
+    pub body_timeout_s: u64,
     pub max_retries: usize,
     /// Try `If-None-Match` puts (servers answering 501 are detected either way).
     pub conditional_put: bool,
@@ -89,7 +100,9 @@ impl Default for S3Settings {
             upload_concurrency: d.upload_concurrency,
             download_concurrency: d.download_concurrency,
             connect_timeout_s: d.connect_timeout.as_secs(),
-            request_timeout_s: d.request_timeout.as_secs(),
+            list_timeout_s: d.list_timeout.as_secs(),
+            first_byte_timeout_s: d.first_byte_timeout.as_secs(),
+            body_timeout_s: d.request_timeout.as_secs(),
             max_retries: d.max_retries,
             conditional_put: d.conditional_put,
             drain_on_exit_s: 30,
@@ -144,7 +157,9 @@ impl S3Settings {
         c.upload_concurrency = self.upload_concurrency.max(1);
         c.download_concurrency = self.download_concurrency.max(1);
         c.connect_timeout = Duration::from_secs(self.connect_timeout_s.max(1));
-        c.request_timeout = Duration::from_secs(self.request_timeout_s.max(1));
+        c.list_timeout = Duration::from_secs(self.list_timeout_s.max(1));
+        c.first_byte_timeout = Duration::from_secs(self.first_byte_timeout_s.max(1));
+        c.request_timeout = Duration::from_secs(self.body_timeout_s.max(1));
         c.max_retries = self.max_retries;
         c.conditional_put = self.conditional_put;
         Ok(c)
@@ -224,7 +239,14 @@ impl RemoteTier for S3Tier {
 
 impl Drop for S3Tier {
     fn drop(&mut self) {
-        if !self.queued_here.load(Ordering::Relaxed) || self.remote.pending_uploads() == 0 {
+        if self.remote.pending_uploads() == 0 {
+            return;
+        }
+        if !self.queued_here.load(Ordering::Relaxed) {
+            // Uploads earlier runs left: every process with the tier resumes them, and waits
+            // for them at exit unless the bucket refuses them (an outage must not hold a
+            // short command for the whole drain time).
+            resume_at_exit(&self.remote, self.drain);
             return;
         }
         tracing::info!(
@@ -238,6 +260,27 @@ impl Drop for S3Tier {
             );
         }
     }
+}
+
+/// Waits (at most `drain`, less when uploads fail) for uploads earlier runs left queued.
+pub fn resume_at_exit(remote: &Remote, drain: Duration) {
+    let pending = remote.pending_uploads();
+    if pending == 0 {
+        return;
+    }
+    tracing::info!(pending, "finishing uploads queued by earlier runs");
+    if !remote.wait_uploaded_unless_failing(drain) {
+        tracing::warn!(
+            pending = remote.pending_uploads(),
+            "uploads still queued at exit; the next kvfs process with S3 (or `kvfs sync push`) resumes them"
+        );
+    }
+}
+
+/// The upload queue of `cache_dir` for `kvfs info`: uploads waiting and the oldest's age.
+pub fn queue_summary(cache_dir: &Path) -> (usize, Option<Duration>) {
+    let st = kvfs_remote::queue::status(cache_dir).unwrap_or_default();
+    (st.pending, st.oldest)
 }
 
 /// The remote tier for a store rooted at `cache_dir`, when `[s3]` (or `--s3`) is set. This

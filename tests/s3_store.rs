@@ -427,3 +427,105 @@ fn s3_flag_errors_are_usage_errors() {
         "no bucket configured is a usage error"
     );
 }
+
+/// Queues uploads of `chunks` in `cache` from a "process" that cannot reach the bucket.
+fn queue_while_down(t: &S3Target, cache: &Path, chunks: &[(ChunkKey, Vec<u8>)]) {
+    let mut cfg = t.config_via(&closed_port_endpoint());
+    cfg.request_timeout = Duration::from_secs(2);
+    let r = Remote::open(cfg, Some(cache)).unwrap();
+    for (k, b) in chunks {
+        let p = kvfs_loader::dir::Layout::Cache.chunk_path(cache, &ns(), k);
+        kvfs_loader::dir::commit_file(&p, b, false).unwrap();
+        r.committed(&ns(), k, &p).unwrap();
+    }
+    assert_eq!(r.pending_uploads(), chunks.len());
+}
+
+#[test]
+fn any_command_with_s3_finishes_uploads_left_queued_and_info_shows_them() {
+    let t = S3Target::new();
+    let d = tempfile::tempdir().unwrap();
+    let cache = d.path().join("cache");
+    let c = chain(3, 40);
+    queue_while_down(&t, &cache, &c);
+    // The bucket is still unreachable: `info` shows the queue and does not hang on it.
+    let down = d.path().join("down.toml");
+    write_config(&down, &cache, &t, &closed_port_endpoint());
+    let t0 = Instant::now();
+    let info = kvfs()
+        .args(["--config", down.to_str().unwrap(), "info"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&info.stdout);
+    assert!(
+        info.status.success(),
+        "{}",
+        String::from_utf8_lossy(&info.stderr)
+    );
+    assert!(
+        out.contains("uploads:    3 queued for S3, oldest queued"),
+        "{out}"
+    );
+    assert!(t0.elapsed() < Duration::from_secs(60), "{:?}", t0.elapsed());
+    let json = kvfs()
+        .args(["--config", down.to_str().unwrap(), "info", "--json"])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&json.stdout).unwrap();
+    assert_eq!(v["upload_queue"]["pending"], 3, "{v}");
+    assert!(v["upload_queue"]["oldest_age_s"].is_u64(), "{v}");
+    // Any command with a reachable bucket (here a local `ls`) finishes them before it exits.
+    let up = d.path().join("up.toml");
+    write_config(&up, &cache, &t, &t.endpoint);
+    let ls = kvfs()
+        .args(["--config", up.to_str().unwrap(), "ls"])
+        .output()
+        .unwrap();
+    assert!(
+        ls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ls.stderr)
+    );
+    assert_eq!(count_files(&cache.join(".uploads"), ".up"), 0);
+    let reader = Remote::open(t.config(), None).unwrap();
+    for (k, b) in &c {
+        assert_eq!(reader.fetch(&ns(), k).unwrap().as_deref(), Some(&b[..]));
+    }
+    let info = kvfs()
+        .args(["--config", up.to_str().unwrap(), "info"])
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&info.stdout).contains("uploads:    none queued for S3"));
+}
+
+#[test]
+fn a_missing_bucket_is_named_by_the_binary_not_reported_as_a_miss() {
+    let t = S3Target::new();
+    let d = tempfile::tempdir().unwrap();
+    let cache = d.path().join("cache");
+    let cfg = d.path().join("missing.toml");
+    write_config(&cfg, &cache, &t, &t.endpoint);
+    let text = std::fs::read_to_string(&cfg)
+        .unwrap()
+        .replace(&format!("s3://{}/", t.bucket), "s3://kvfs-no-such-bucket/");
+    std::fs::write(&cfg, text).unwrap();
+    let c = chain(1, 41);
+    let name = format!("{}/{}", ns(), c[0].0);
+    for args in [
+        vec!["get", name.as_str(), "-o", "/dev/null"],
+        vec!["ls", "--remote"],
+        vec!["sync", "pull", "--quiet"],
+    ] {
+        let out = kvfs()
+            .args(["--config", cfg.to_str().unwrap()])
+            .args(&args)
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{args:?}");
+        assert!(
+            err.contains("bucket `kvfs-no-such-bucket` does not exist"),
+            "{args:?}: {err}"
+        );
+    }
+}

@@ -1,38 +1,68 @@
-//! The bucket side of the remote tier: object names, verified reads, put-if-absent writes.
+//! The bucket side of the remote tier: object names, verified reads, verified writes,
+//! read-repair.
 //!
 //! Objects live at `<prefix>/<namespace dir>/<key>.kvc`, with a readable
 //! `<prefix>/<namespace dir>/namespace.json` beside them. Everything here is async and runs
 //! on the tier's own runtime (see [`crate::Remote`], which bridges to the synchronous store).
+//! Every request goes through one wrapper that applies its per-operation timeout (LIST/HEAD,
+//! first byte, body; see [`crate::config`]) and turns failures into errors a user can act on
+//! ([`crate::error::classify`]): a missing bucket and refused credentials are reported as
+//! such on every path. A 404 on a chunk is only a miss once the bucket is known to exist
+//! (one LIST confirms it, once per process), so a misconfigured bucket never looks like a
+//! cold cache.
 //!
 //! - **Reads** ([`Bucket::get_verified`]) fully verify a fetched object (header checksum,
 //!   shape, key recomputed from its tokens, every payload digest) and check it is the object
 //!   its name claims (key == name, namespace id suffix == the namespace dir). Anything else is
-//!   counted in [`RemoteStats::corrupt`], logged, and reported as a miss: a damaged object is
-//!   never served, and a transfer damaged in flight is simply fetched again on a later miss.
-//! - **Writes** ([`Bucket::put_if_absent`]) HEAD first (an object another host uploaded is
-//!   not sent again), then put with `PutMode::Create` (`If-None-Match: *`). An existing object
-//!   (two hosts writing one key) is success when its size is the chunk's size; a different
-//!   size (a truncated object left by a broken server) is overwritten, logged. A server
-//!   answering 501 to the conditional put is remembered and from then on gets HEAD-then-PUT
-//!   (racy only between two writers of identical bytes, which is harmless since keys are
-//!   content addresses). Garage 2.x ignores If-None-Match (it overwrites); the HEAD keeps
-//!   that harmless too.
+//!   counted in [`RemoteStats::corrupt`], logged with the key and the cause, remembered as
+//!   damaged (with the ETag it had) and reported as a miss: a damaged object is never served.
+//! - **Writes of a verified chunk** ([`Bucket::upload_verified`]) carry the chunk's payload
+//!   digest as object metadata (`x-amz-meta-kvfs-payload-digest`). HEAD first (an object
+//!   another host uploaded is not sent again), then put with `PutMode::Create`
+//!   (`If-None-Match: *`). An existing object is accepted without a download when its size
+//!   and digest metadata match; otherwise (wrong size, no or another digest, or an object this
+//!   process found damaged) it is read back and verified, and replaced only if it fails: two
+//!   hosts holding different valid bytes for one key (engines are not bit-exact) therefore
+//!   agree instead of overwriting each other.
+//! - **Read-repair** ([`Bucket::repair`]) is conditional: the object is fetched and verified
+//!   again right before the overwrite, and the overwrite carries `If-Match` with the ETag of
+//!   the damaged object just read, so a good upload that lands in between is never replaced
+//!   (412: re-check). A server without `If-Match` (501) gets the verified re-check alone.
+//! - **Raw writes** ([`Bucket::put_if_absent`], bytes that are not a valid chunk: tests and
+//!   tools) keep the size-only rule: an existing object of another size is replaced.
+//!
+//! A server answering 501 to a conditional put is remembered and from then on gets
+//! HEAD-then-PUT (racy only between two writers of one key, harmless since either object is
+//! valid). Garage 2.x ignores If-None-Match (it overwrites); the HEAD keeps that harmless too.
+//! 501 is recognised by the HTTP status ([`crate::error::is_not_implemented`]), never by
+//! searching the error text (which holds the URL and so the key).
 
 use crate::config::S3Config;
-use crate::error::RemoteError;
+use crate::error::{RemoteError, classify, is_not_implemented};
 use bytes::Bytes;
-use futures::TryStreamExt;
-use kvfs_loader::spec::validate_namespace_dir;
 use kvfs_loader::{ChunkKey, ChunkView, FormatError, Verify};
+use object_store::list::PaginatedListStore;
 use object_store::path::Path;
-use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, PutPayload};
-use std::collections::HashSet;
+use object_store::{
+    Attribute, AttributeValue, Attributes, GetOptions, ObjectStore, PutMode, PutOptions,
+    PutPayload, UpdateVersion,
+};
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 /// Name of the readable namespace description beside the chunks.
 pub const NAMESPACE_JSON: &str = "namespace.json";
+
+/// Object metadata key (`x-amz-meta-…`) holding the chunk's payload digest, in hex.
+pub const DIGEST_METADATA: &str = "kvfs-payload-digest";
+
+/// What the remote tier needs of an object store: objects, and raw paginated listings (so a
+/// listing can step over a name it cannot parse instead of failing whole; see `listing`).
+pub trait S3Store: ObjectStore + PaginatedListStore {}
+impl<T: ObjectStore + PaginatedListStore> S3Store for T {}
 
 /// Counters of the remote tier (monotonic since open).
 #[derive(Debug, Default)]
@@ -52,6 +82,9 @@ pub(crate) struct Counters {
     pub conditional_fallbacks: AtomicU64,
     pub overwritten: AtomicU64,
     pub heads: AtomicU64,
+    pub repaired: AtomicU64,
+    pub repair_races: AtomicU64,
+    pub skipped_names: AtomicU64,
 }
 
 /// A snapshot of the remote tier's counters.
@@ -65,11 +98,11 @@ pub struct RemoteStats {
     pub negative_hits: u64,
     /// Callers that waited for another caller's fetch of the same key.
     pub coalesced: u64,
-    /// Objects that failed verification (never served).
+    /// Objects that failed verification (never served; remembered as damaged).
     pub corrupt: u64,
     pub fetch_errors: u64,
     pub bytes_fetched: u64,
-    /// Objects this process created.
+    /// Objects this process created or replaced.
     pub uploads: u64,
     /// Uploads that found the object already there (another host wrote it).
     pub already_present: u64,
@@ -77,10 +110,16 @@ pub struct RemoteStats {
     pub bytes_uploaded: u64,
     /// Conditional puts that fell back to HEAD-then-PUT (server lacks If-None-Match).
     pub conditional_fallbacks: u64,
-    /// Existing objects of the wrong size that were replaced.
+    /// Existing objects that were replaced (wrong size on a raw write, or damaged).
     pub overwritten: u64,
     /// HEAD requests (prefix lookups, put-if-absent checks).
     pub heads: u64,
+    /// Damaged objects replaced from a verified local copy (read-repair).
+    pub repaired: u64,
+    /// Repairs that found the object already good again (another host repaired it first).
+    pub repair_races: u64,
+    /// Listed names skipped because they are not valid object names.
+    pub skipped_names: u64,
 }
 
 impl Counters {
@@ -102,6 +141,9 @@ impl Counters {
             conditional_fallbacks: g(&self.conditional_fallbacks),
             overwritten: g(&self.overwritten),
             heads: g(&self.heads),
+            repaired: g(&self.repaired),
+            repair_races: g(&self.repair_races),
+            skipped_names: g(&self.skipped_names),
         }
     }
 }
@@ -110,39 +152,78 @@ pub(crate) fn bump(a: &AtomicU64, n: u64) {
     a.fetch_add(n, Ordering::Relaxed);
 }
 
-/// What [`Bucket::put_if_absent`] did.
+/// What an upload did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum PutOutcome {
     Created,
-    /// The object was already there with the right size (idempotent success).
+    /// The object was already there and good (idempotent success).
     AlreadyPresent,
-    /// An object of the wrong size was there and was replaced.
+    /// A wrong or damaged object was there and was replaced.
     Replaced,
 }
 
+/// What a HEAD tells about an object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct Head {
+    pub size: u64,
+    pub e_tag: Option<String>,
+    /// The payload digest the uploader recorded, when it did.
+    pub digest: Option<[u8; 32]>,
+}
+
+/// A damaged object this process saw: why it failed verification.
+#[derive(Debug, Clone)]
+pub(crate) struct Damage {
+    pub cause: String,
+}
+
 /// The bucket, the key prefix, and the state shared by every request.
-#[derive(Debug)]
 pub(crate) struct Bucket {
     pub cfg: S3Config,
-    pub store: Arc<dyn ObjectStore>,
+    pub store: Arc<dyn S3Store>,
     pub counters: Counters,
     /// False once the server answered 501 to a conditional put.
     conditional: AtomicBool,
+    /// True once a LIST showed that the bucket exists (a 404 is then a miss).
+    bucket_seen: AtomicBool,
     /// Read failures make later reads fail fast until this instant.
     down_until: Mutex<Option<(Instant, String)>>,
     /// Namespaces whose namespace.json this process has already ensured.
     ns_written: Mutex<HashSet<String>>,
+    /// Objects found damaged and not repaired yet (by object path).
+    damaged: Mutex<HashMap<String, Damage>>,
+    endpoint: String,
+}
+
+impl std::fmt::Debug for Bucket {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bucket")
+            .field("url", &self.cfg.url())
+            .field("endpoint", &self.endpoint)
+            .finish_non_exhaustive()
+    }
+}
+
+pub(crate) fn hex(d: &[u8; 32]) -> String {
+    ChunkKey(*d).to_hex()
+}
+
+fn unhex(s: &str) -> Option<[u8; 32]> {
+    ChunkKey::from_hex(s.trim()).ok().map(|k| k.0)
 }
 
 impl Bucket {
-    pub fn new(cfg: S3Config, store: Arc<dyn ObjectStore>) -> Bucket {
+    pub fn new(cfg: S3Config, store: Arc<dyn S3Store>) -> Bucket {
         Bucket {
             conditional: AtomicBool::new(cfg.conditional_put),
+            endpoint: cfg.endpoint_display(),
             cfg,
             store,
             counters: Counters::default(),
+            bucket_seen: AtomicBool::new(false),
             down_until: Mutex::new(None),
             ns_written: Mutex::new(HashSet::new()),
+            damaged: Mutex::new(HashMap::new()),
         }
     }
 
@@ -164,13 +245,98 @@ impl Bucket {
         self.join(&format!("{ns_dir}/{NAMESPACE_JSON}"))
     }
 
-    /// `<prefix>/<ns_dir>/`
-    pub fn namespace_path(&self, ns_dir: &str) -> Path {
-        self.join(ns_dir)
+    /// The raw listing prefix of the bucket's root (`<prefix>/`, or empty).
+    pub fn root_prefix(&self) -> String {
+        if self.cfg.prefix.is_empty() {
+            String::new()
+        } else {
+            format!("{}/", self.cfg.prefix)
+        }
     }
 
-    pub fn root_path(&self) -> Option<Path> {
-        (!self.cfg.prefix.is_empty()).then(|| Path::from(self.cfg.prefix.as_str()))
+    /// The raw listing prefix of one namespace (`<prefix>/<ns_dir>/`).
+    pub fn namespace_prefix(&self, ns_dir: &str) -> String {
+        format!("{}{ns_dir}/", self.root_prefix())
+    }
+
+    /// The error a user can act on for a failed request.
+    pub fn classify(&self, e: object_store::Error) -> RemoteError {
+        classify(e, &self.cfg.bucket, &self.endpoint)
+    }
+
+    /// Runs one request under `limit`: a stall becomes [`RemoteError::Timeout`], a failure
+    /// a classified error.
+    pub async fn timed<T>(
+        &self,
+        op: &'static str,
+        limit: Duration,
+        key: &'static str,
+        f: impl Future<Output = object_store::Result<T>>,
+    ) -> Result<T, RemoteError> {
+        match tokio::time::timeout(limit, f).await {
+            Ok(r) => r.map_err(|e| self.classify(e)),
+            Err(_) => Err(RemoteError::Timeout {
+                op,
+                after: limit,
+                key,
+            }),
+        }
+    }
+
+    /// Like [`Bucket::timed`], keeping `NotFound` apart: `Ok(None)` once the bucket is known
+    /// to exist; a missing bucket is [`RemoteError::NoSuchBucket`].
+    async fn timed_found<T>(
+        &self,
+        op: &'static str,
+        limit: Duration,
+        key: &'static str,
+        f: impl Future<Output = object_store::Result<T>>,
+    ) -> Result<Option<T>, RemoteError> {
+        match tokio::time::timeout(limit, f).await {
+            Ok(Ok(v)) => Ok(Some(v)),
+            Ok(Err(object_store::Error::NotFound { .. })) => {
+                self.confirm_bucket().await?;
+                Ok(None)
+            }
+            Ok(Err(e)) => Err(self.classify(e)),
+            Err(_) => Err(RemoteError::Timeout {
+                op,
+                after: limit,
+                key,
+            }),
+        }
+    }
+
+    /// One LIST of at most one key, once per process: a HEAD or GET of a missing bucket
+    /// answers 404 like a missing object; a LIST says `NoSuchBucket`.
+    pub async fn confirm_bucket(&self) -> Result<(), RemoteError> {
+        if self.bucket_seen.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let opts = object_store::list::PaginatedListOptions {
+            max_keys: Some(1),
+            ..Default::default()
+        };
+        let prefix = self.root_prefix();
+        let r = tokio::time::timeout(
+            self.cfg.list_timeout,
+            self.store
+                .list_paginated((!prefix.is_empty()).then_some(prefix.as_str()), opts),
+        )
+        .await;
+        match r {
+            // Names that do not parse still prove the bucket is there.
+            Ok(Ok(_)) | Ok(Err(object_store::Error::InvalidPath { .. })) => {
+                self.bucket_seen.store(true, Ordering::Relaxed);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(self.classify(e)),
+            Err(_) => Err(RemoteError::Timeout {
+                op: "LIST",
+                after: self.cfg.list_timeout,
+                key: "list_timeout_s",
+            }),
+        }
     }
 
     /// Err(Unavailable) while a recent read failure is fresh.
@@ -186,11 +352,60 @@ impl Bucket {
     }
 
     fn note_outage(&self, why: &RemoteError) {
-        if self.cfg.outage_backoff.is_zero() {
+        if self.cfg.outage_backoff.is_zero() || why.is_config() {
             return;
         }
         *self.down_until.lock().unwrap() =
             Some((Instant::now() + self.cfg.outage_backoff, why.to_string()));
+    }
+
+    /// GET of a whole object: its bytes and ETag, or None when absent.
+    pub async fn get_object(
+        &self,
+        path: &Path,
+    ) -> Result<Option<(Bytes, Option<String>)>, RemoteError> {
+        let Some(r) = self
+            .timed_found(
+                "GET",
+                self.cfg.first_byte_timeout,
+                "first_byte_timeout_s",
+                self.store.get_opts(path, GetOptions::default()),
+            )
+            .await?
+        else {
+            return Ok(None);
+        };
+        let e_tag = r.meta.e_tag.clone();
+        let bytes = self
+            .timed(
+                "GET body",
+                self.cfg.request_timeout,
+                "body_timeout_s",
+                r.bytes(),
+            )
+            .await?;
+        Ok(Some((bytes, e_tag)))
+    }
+
+    /// Remembers a damaged object (logged with its key and cause) until it is repaired.
+    pub fn note_damage(&self, path: &Path, cause: &str) {
+        tracing::warn!(object = %path, cause,
+            "remote object is damaged; treating it as a miss until a host with a verified copy repairs it");
+        self.damaged.lock().unwrap().insert(
+            path.to_string(),
+            Damage {
+                cause: cause.to_string(),
+            },
+        );
+    }
+
+    fn forget_damage(&self, path: &Path) {
+        self.damaged.lock().unwrap().remove(path.as_ref());
+    }
+
+    /// The damage this process recorded for `path`, if any.
+    pub fn damage(&self, path: &Path) -> Option<Damage> {
+        self.damaged.lock().unwrap().get(path.as_ref()).cloned()
     }
 
     /// GETs and fully verifies one chunk. `Ok(None)`: absent, or present but invalid.
@@ -202,31 +417,21 @@ impl Bucket {
         self.check_outage()?;
         let path = self.chunk_path(ns_dir, key);
         bump(&self.counters.fetches, 1);
-        let fetched = async { self.store.get(&path).await?.bytes().await }.await;
-        let bytes = match fetched {
-            Ok(b) => b,
-            Err(object_store::Error::NotFound { .. }) => {
+        let (bytes, _) = match self.get_object(&path).await {
+            Ok(Some(b)) => b,
+            Ok(None) => {
                 bump(&self.counters.misses, 1);
                 return Ok(None);
             }
             Err(e) => {
                 bump(&self.counters.fetch_errors, 1);
-                let e = RemoteError::Store(e);
                 tracing::warn!(%path, error = %e, "remote fetch failed");
                 self.note_outage(&e);
                 return Err(e);
             }
         };
         bump(&self.counters.bytes_fetched, bytes.len() as u64);
-        // Verification is a pass of blake3 over the object: keep it off the async workers.
-        let (checked, bytes) = {
-            let ns_dir = ns_dir.to_string();
-            let key = *key;
-            tokio::task::spawn_blocking(move || (verify_object(&bytes, &ns_dir, &key), bytes))
-                .await
-                .expect("verification task panicked")
-        };
-        match checked {
+        match self.verify_off_thread(bytes.clone(), ns_dir, key).await {
             Ok(()) => {
                 bump(&self.counters.hits, 1);
                 Ok(Some(bytes))
@@ -234,32 +439,123 @@ impl Bucket {
             Err(source) => {
                 bump(&self.counters.corrupt, 1);
                 bump(&self.counters.misses, 1);
-                tracing::warn!(%path, error = %source, len = bytes.len(),
-                    "remote object failed verification; treating it as a miss");
+                self.note_damage(&path, &source.to_string());
                 Ok(None)
             }
         }
     }
 
-    /// HEAD: the object's size, or None when absent.
-    pub async fn head(&self, path: &Path) -> Result<Option<u64>, RemoteError> {
-        bump(&self.counters.heads, 1);
-        match self.store.head(path).await {
-            Ok(m) => Ok(Some(m.size)),
-            Err(object_store::Error::NotFound { .. }) => Ok(None),
-            Err(e) => Err(e.into()),
-        }
+    /// Full verification is a pass of blake3 over the object: keep it off the async workers.
+    pub(crate) async fn verify_off_thread(
+        &self,
+        bytes: Bytes,
+        ns_dir: &str,
+        key: &ChunkKey,
+    ) -> Result<(), FormatError> {
+        let ns_dir = ns_dir.to_string();
+        let key = *key;
+        tokio::task::spawn_blocking(move || verify_object(&bytes, &ns_dir, &key))
+            .await
+            .expect("verification task panicked")
     }
 
-    /// Uploads `bytes` to `path` unless an object of that size is already there.
-    pub async fn put_if_absent(
+    /// HEAD: the object's size, or None when absent.
+    pub async fn head(&self, path: &Path) -> Result<Option<u64>, RemoteError> {
+        Ok(self.head_meta(path).await?.map(|h| h.size))
+    }
+
+    /// HEAD with the object's ETag and digest metadata, or None when absent.
+    pub async fn head_meta(&self, path: &Path) -> Result<Option<Head>, RemoteError> {
+        bump(&self.counters.heads, 1);
+        let opts = GetOptions {
+            head: true,
+            ..Default::default()
+        };
+        let r = self
+            .timed_found(
+                "HEAD",
+                self.cfg.list_timeout,
+                "list_timeout_s",
+                self.store.get_opts(path, opts),
+            )
+            .await?;
+        Ok(r.map(|r| Head {
+            size: r.meta.size,
+            e_tag: r.meta.e_tag.clone(),
+            digest: r
+                .attributes
+                .get(&Attribute::Metadata(DIGEST_METADATA.into()))
+                .and_then(|v| unhex(v.as_ref())),
+        }))
+    }
+
+    /// One PUT under the first-byte + body timeout, with the digest as metadata when known.
+    async fn put(
         &self,
         path: &Path,
         bytes: Bytes,
-    ) -> Result<PutOutcome, RemoteError> {
-        let len = bytes.len() as u64;
-        let r = self.put_if_absent_inner(path, bytes).await;
-        match &r {
+        mode: PutMode,
+        digest: Option<&[u8; 32]>,
+    ) -> object_store::Result<()> {
+        let mut attributes = Attributes::new();
+        if let Some(d) = digest {
+            attributes.insert(
+                Attribute::Metadata(DIGEST_METADATA.into()),
+                AttributeValue::from(hex(d)),
+            );
+        }
+        let opts = PutOptions {
+            mode,
+            attributes,
+            ..Default::default()
+        };
+        let limit = self.cfg.first_byte_timeout + self.cfg.request_timeout;
+        match tokio::time::timeout(
+            limit,
+            self.store.put_opts(path, PutPayload::from(bytes), opts),
+        )
+        .await
+        {
+            Ok(r) => r.map(|_| ()),
+            Err(_) => Err(object_store::Error::Generic {
+                store: "S3",
+                source: format!(
+                    "PUT got no answer within {limit:?} (first_byte_timeout_s + body_timeout_s)"
+                )
+                .into(),
+            }),
+        }
+    }
+
+    /// Creates `path` unless it exists: `Ok(true)` created, `Ok(false)` it exists.
+    async fn create(
+        &self,
+        path: &Path,
+        bytes: Bytes,
+        digest: Option<&[u8; 32]>,
+    ) -> Result<bool, RemoteError> {
+        if self.conditional.load(Ordering::Relaxed) {
+            match self.put(path, bytes.clone(), PutMode::Create, digest).await {
+                Ok(()) => return Ok(true),
+                Err(object_store::Error::AlreadyExists { .. })
+                | Err(object_store::Error::Precondition { .. }) => return Ok(false),
+                Err(e) if is_not_implemented(&e) => {
+                    self.conditional.store(false, Ordering::Relaxed);
+                    tracing::warn!(%path, error = %e,
+                        "server lacks conditional put (If-None-Match); falling back to HEAD-then-PUT");
+                }
+                Err(e) => return Err(self.classify(e)),
+            }
+        }
+        bump(&self.counters.conditional_fallbacks, 1);
+        self.put(path, bytes, PutMode::Overwrite, digest)
+            .await
+            .map_err(|e| self.classify(e))?;
+        Ok(true)
+    }
+
+    fn count_upload(&self, r: &Result<PutOutcome, RemoteError>, len: u64) {
+        match r {
             Ok(PutOutcome::Created | PutOutcome::Replaced) => {
                 bump(&self.counters.uploads, 1);
                 bump(&self.counters.bytes_uploaded, len);
@@ -267,68 +563,138 @@ impl Bucket {
             Ok(PutOutcome::AlreadyPresent) => bump(&self.counters.already_present, 1),
             Err(_) => bump(&self.counters.upload_errors, 1),
         }
-        r
     }
 
-    async fn put_if_absent_inner(
+    /// Raw upload of bytes that need not be a valid chunk: put-if-absent, and an existing
+    /// object of another size is replaced (see the module docs).
+    pub async fn put_if_absent(
         &self,
         path: &Path,
         bytes: Bytes,
     ) -> Result<PutOutcome, RemoteError> {
         let len = bytes.len() as u64;
-        // HEAD first: when another host already uploaded the chunk (the common case for a
-        // shared prefix) no payload is sent at all, and servers that ignore If-None-Match
-        // (Garage 2.x) still report an existing object as such.
-        if self.head(path).await?.is_some() {
-            return self.check_existing(path, bytes, len).await;
-        }
-        if self.conditional.load(Ordering::Relaxed) {
-            let opts = PutOptions {
-                mode: PutMode::Create,
-                ..Default::default()
-            };
-            match self
-                .store
-                .put_opts(path, PutPayload::from(bytes.clone()), opts)
-                .await
-            {
-                Ok(_) => return Ok(PutOutcome::Created),
-                Err(object_store::Error::AlreadyExists { .. }) => {
-                    return self.check_existing(path, bytes, len).await;
+        let r = async {
+            if self.head(path).await?.is_none() && self.create(path, bytes.clone(), None).await? {
+                return Ok(PutOutcome::Created);
+            }
+            match self.head(path).await? {
+                Some(size) if size == len => Ok(PutOutcome::AlreadyPresent),
+                found => {
+                    tracing::warn!(%path, ?found, expected = len,
+                        "existing remote object has the wrong size; replacing it");
+                    self.put(path, bytes, PutMode::Overwrite, None)
+                        .await
+                        .map_err(|e| self.classify(e))?;
+                    bump(&self.counters.overwritten, 1);
+                    Ok(PutOutcome::Replaced)
                 }
-                Err(e) if is_not_implemented(&e) => {
-                    self.conditional.store(false, Ordering::Relaxed);
-                    tracing::warn!(%path, error = %e,
-                        "server lacks conditional put (If-None-Match); falling back to HEAD-then-PUT");
-                }
-                Err(e) => return Err(e.into()),
             }
         }
-        bump(&self.counters.conditional_fallbacks, 1);
-        self.store.put(path, PutPayload::from(bytes)).await?;
-        Ok(PutOutcome::Created)
+        .await;
+        self.count_upload(&r, len);
+        r
     }
 
-    /// An object exists at `path`: fine when its size is right, replaced otherwise.
-    async fn check_existing(
+    /// Uploads a chunk this host verified in full (`digest` is its payload digest), repairing
+    /// a damaged object in its place (see the module docs).
+    pub async fn upload_verified(
         &self,
-        path: &Path,
+        ns_dir: &str,
+        key: &ChunkKey,
         bytes: Bytes,
-        len: u64,
+        digest: [u8; 32],
     ) -> Result<PutOutcome, RemoteError> {
-        match self.head(path).await? {
-            Some(size) if size == len => Ok(PutOutcome::AlreadyPresent),
-            found => {
-                tracing::warn!(%path, ?found, expected = len,
-                    "existing remote object has the wrong size; replacing it");
-                self.store.put(path, PutPayload::from(bytes)).await?;
-                bump(&self.counters.overwritten, 1);
-                Ok(PutOutcome::Replaced)
+        let path = self.chunk_path(ns_dir, key);
+        let len = bytes.len() as u64;
+        let r = async {
+            if self.damage(&path).is_none() {
+                let found = match self.head_meta(&path).await? {
+                    None if self.create(&path, bytes.clone(), Some(&digest)).await? => {
+                        return Ok(PutOutcome::Created);
+                    }
+                    // Created by another writer meanwhile.
+                    None => self.head_meta(&path).await?,
+                    found => found,
+                };
+                if let Some(h) = found
+                    && h.size == len
+                    && h.digest == Some(digest)
+                {
+                    return Ok(PutOutcome::AlreadyPresent);
+                }
             }
+            // Wrong size, no or another digest, or known damaged: read it back, verify it,
+            // and replace it only if it fails.
+            self.repair(ns_dir, key, bytes.clone(), digest).await
         }
+        .await;
+        self.count_upload(&r, len);
+        r
     }
 
-    /// Writes `<ns_dir>/namespace.json` once (put-if-absent; once per process per namespace).
+    /// Replaces the object at `ns_dir/key` with `bytes` (verified by the caller) if, read
+    /// again now, it is absent or fails verification. Conditional on the ETag just read.
+    pub async fn repair(
+        &self,
+        ns_dir: &str,
+        key: &ChunkKey,
+        bytes: Bytes,
+        digest: [u8; 32],
+    ) -> Result<PutOutcome, RemoteError> {
+        let path = self.chunk_path(ns_dir, key);
+        for _ in 0..4 {
+            let Some((current, e_tag)) = self.get_object(&path).await? else {
+                if self.create(&path, bytes.clone(), Some(&digest)).await? {
+                    self.forget_damage(&path);
+                    return Ok(PutOutcome::Created);
+                }
+                continue;
+            };
+            let cause = match self.verify_off_thread(current, ns_dir, key).await {
+                Ok(()) => {
+                    if let Some(d) = self.damage(&path) {
+                        bump(&self.counters.repair_races, 1);
+                        tracing::info!(%path, was = d.cause,
+                            "damaged remote object was already repaired by another host");
+                    }
+                    self.forget_damage(&path);
+                    return Ok(PutOutcome::AlreadyPresent);
+                }
+                Err(e) => e.to_string(),
+            };
+            let mode = match (&e_tag, self.conditional.load(Ordering::Relaxed)) {
+                (Some(t), true) => PutMode::Update(UpdateVersion {
+                    e_tag: Some(t.clone()),
+                    version: None,
+                }),
+                _ => PutMode::Overwrite,
+            };
+            match self.put(&path, bytes.clone(), mode, Some(&digest)).await {
+                Ok(()) => {}
+                // Someone replaced it since the read: look again.
+                Err(object_store::Error::Precondition { .. }) => continue,
+                Err(e) if is_not_implemented(&e) => {
+                    // No If-Match: the verified re-check just done is the guard.
+                    self.put(&path, bytes.clone(), PutMode::Overwrite, Some(&digest))
+                        .await
+                        .map_err(|e| self.classify(e))?;
+                }
+                Err(e) => return Err(self.classify(e)),
+            }
+            bump(&self.counters.repaired, 1);
+            bump(&self.counters.overwritten, 1);
+            self.forget_damage(&path);
+            tracing::warn!(%path, cause, "repaired a damaged remote object from a verified local copy");
+            return Ok(PutOutcome::Replaced);
+        }
+        Err(RemoteError::Unavailable(format!(
+            "{path} kept changing while it was being repaired"
+        )))
+    }
+
+    /// Makes sure `<ns_dir>/namespace.json` in the bucket is valid for `ns_dir` (once per
+    /// process per namespace): written when absent, replaced (with a warning) when it does
+    /// not parse or describes another namespace. `json` must already be checked.
     pub async fn ensure_namespace_json(
         &self,
         ns_dir: &str,
@@ -338,62 +704,42 @@ impl Bucket {
             return Ok(());
         }
         let path = self.namespace_json_path(ns_dir);
-        if self.head(&path).await?.is_none() {
-            let opts = PutOptions {
-                mode: if self.conditional.load(Ordering::Relaxed) {
-                    PutMode::Create
-                } else {
-                    PutMode::Overwrite
-                },
-                ..Default::default()
-            };
-            match self
-                .store
-                .put_opts(&path, PutPayload::from(json.clone()), opts)
-                .await
-            {
-                Ok(_) | Err(object_store::Error::AlreadyExists { .. }) => {}
-                Err(e) if is_not_implemented(&e) => {
-                    self.conditional.store(false, Ordering::Relaxed);
-                    self.store.put(&path, PutPayload::from(json)).await?;
+        match self.get_object(&path).await? {
+            None => {
+                self.create(&path, json, None).await?;
+            }
+            Some((found, e_tag)) => {
+                if let Err(e) = crate::nsjson::check(&found, ns_dir, None) {
+                    tracing::warn!(object = %path, error = %e,
+                        "namespace.json in the bucket is invalid; replacing it with a checked one");
+                    let mode = match e_tag {
+                        Some(t) if self.conditional.load(Ordering::Relaxed) => {
+                            PutMode::Update(UpdateVersion {
+                                e_tag: Some(t),
+                                version: None,
+                            })
+                        }
+                        _ => PutMode::Overwrite,
+                    };
+                    match self.put(&path, json.clone(), mode, None).await {
+                        Ok(()) | Err(object_store::Error::Precondition { .. }) => {}
+                        Err(e) if is_not_implemented(&e) => self
+                            .put(&path, json, PutMode::Overwrite, None)
+                            .await
+                            .map_err(|e| self.classify(e))?,
+                        Err(e) => return Err(self.classify(e)),
+                    }
                 }
-                Err(e) => return Err(e.into()),
             }
         }
         self.ns_written.lock().unwrap().insert(ns_dir.to_string());
         Ok(())
     }
 
-    /// Namespace directories present in the bucket.
-    pub async fn list_namespaces(&self) -> Result<Vec<String>, RemoteError> {
-        let r = self
-            .store
-            .list_with_delimiter(self.root_path().as_ref())
-            .await?;
-        let mut out: Vec<String> = r
-            .common_prefixes
-            .iter()
-            .filter_map(|p| p.filename().map(str::to_string))
-            .filter(|n| validate_namespace_dir(n).is_ok())
-            .collect();
-        out.sort();
-        Ok(out)
-    }
-
-    /// Chunks of one namespace in the bucket, with their sizes, sorted by key.
-    pub async fn list_chunks(&self, ns_dir: &str) -> Result<Vec<(ChunkKey, u64)>, RemoteError> {
-        validate_namespace_dir(ns_dir).map_err(RemoteError::Name)?;
-        let prefix = self.namespace_path(ns_dir);
-        let metas: Vec<_> = self.store.list(Some(&prefix)).try_collect().await?;
-        let mut out: Vec<(ChunkKey, u64)> = metas
-            .iter()
-            .filter_map(|m| {
-                let name = m.location.filename()?;
-                ChunkKey::from_file_name(name).ok().map(|k| (k, m.size))
-            })
-            .collect();
-        out.sort();
-        Ok(out)
+    /// The bucket's `namespace.json` of `ns_dir`, if any (unchecked).
+    pub async fn namespace_json(&self, ns_dir: &str) -> Result<Option<Bytes>, RemoteError> {
+        let path = self.namespace_json_path(ns_dir);
+        Ok(self.get_object(&path).await?.map(|(b, _)| b))
     }
 }
 
@@ -405,19 +751,3 @@ pub fn verify_object(bytes: &[u8], ns_dir: &str, key: &ChunkKey) -> Result<(), F
 
 /// Checks that a (valid) header is the chunk named `key` in namespace dir `ns_dir`.
 pub(crate) use kvfs_loader::check_identity;
-
-/// True for an error that means the server does not implement the request (HTTP 501).
-fn is_not_implemented(e: &object_store::Error) -> bool {
-    if matches!(e, object_store::Error::NotImplemented { .. }) {
-        return true;
-    }
-    let mut cur: Option<&dyn std::error::Error> = Some(e);
-    while let Some(err) = cur {
-        let s = err.to_string();
-        if s.contains("501") || s.contains("NotImplemented") || s.contains("Not Implemented") {
-            return true;
-        }
-        cur = err.source();
-    }
-    false
-}

@@ -9,6 +9,12 @@
 //! (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`, `AWS_REGION`,
 //! `AWS_ENDPOINT_URL`, instance metadata, web identity).
 //!
+//! **Timeouts** are per operation, so a server that accepts connections and never answers is
+//! reported quickly instead of after the longest transfer: `connect_timeout` (TCP/TLS
+//! connect), `list_timeout` (a whole LIST or HEAD, retries included), `first_byte_timeout`
+//! (until the response of a GET or PUT begins) and `request_timeout` (one object's body
+//! transfer; a 32 MiB chunk must fit in it). Each has a default here and a key in `[s3]`.
+//!
 //! Secrets are held in [`Secret`], whose `Debug` prints `***`, so a config can be logged.
 
 use crate::error::RemoteError;
@@ -67,8 +73,13 @@ pub struct S3Config {
     pub access_key_id: Option<String>,
     pub secret_access_key: Option<Secret>,
     pub session_token: Option<Secret>,
+    /// TCP (and TLS) connect.
     pub connect_timeout: Duration,
-    /// Whole-request timeout (a 32 MiB chunk must fit in it).
+    /// One LIST page or one HEAD, retries included.
+    pub list_timeout: Duration,
+    /// Until the response of a GET or PUT begins (retries included).
+    pub first_byte_timeout: Duration,
+    /// One object's body transfer (a 32 MiB chunk must fit in it).
     pub request_timeout: Duration,
     pub max_retries: usize,
     /// No retry starts after this long since the first attempt.
@@ -114,6 +125,8 @@ impl S3Config {
             secret_access_key: None,
             session_token: None,
             connect_timeout: Duration::from_secs(3),
+            list_timeout: Duration::from_secs(10),
+            first_byte_timeout: Duration::from_secs(15),
             request_timeout: Duration::from_secs(120),
             max_retries: 4,
             retry_timeout: Duration::from_secs(30),
@@ -152,6 +165,14 @@ impl S3Config {
         }
     }
 
+    /// The endpoint requests go to, for messages.
+    pub fn endpoint_display(&self) -> String {
+        self.endpoint
+            .clone()
+            .or_else(|| std::env::var("AWS_ENDPOINT_URL").ok())
+            .unwrap_or_else(|| "AWS S3".to_string())
+    }
+
     /// Builds the object_store client: environment and credential chain first, then the
     /// explicit settings of this config on top.
     pub fn build_store(&self) -> Result<AmazonS3, RemoteError> {
@@ -185,7 +206,9 @@ impl S3Config {
         let client = ClientOptions::new()
             .with_allow_http(allow_http)
             .with_connect_timeout(self.connect_timeout)
-            .with_timeout(self.request_timeout)
+            // One attempt may take the time to its first byte plus its body transfer; the
+            // per-operation limits are enforced around each call (see `client`).
+            .with_timeout(self.first_byte_timeout + self.request_timeout)
             .with_pool_max_idle_per_host(self.lookup_parallelism.max(self.upload_concurrency));
         let retry = RetryConfig {
             backoff: BackoffConfig {

@@ -4,10 +4,18 @@
 //! failed fetch as a miss and a failed upload stays queued. These variants exist so that
 //! callers can tell a misconfiguration (fix it) from an outage (wait) from a bad object
 //! (counted, treated as a miss).
+//!
+//! [`classify`] turns a failed request into the error a user can act on: a missing bucket
+//! ([`RemoteError::NoSuchBucket`]) and refused credentials ([`RemoteError::AccessDenied`])
+//! are told apart from outages on every path (reads, writes, listings, sync). It reads the
+//! HTTP status with [`http_status`], which looks at the status line object_store renders
+//! from the response (`Server returned non-2xx status code: 501 ...`) and never at the
+//! request's URL (a chunk key may well contain `501`).
 
 use kvfs_loader::FormatError;
 use std::path::PathBuf;
 use std::sync::Arc;
+use std::time::Duration;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RemoteError {
@@ -17,6 +25,22 @@ pub enum RemoteError {
     Config(String),
     #[error("S3 request failed: {0}")]
     Store(#[from] object_store::Error),
+    #[error(
+        "S3 bucket `{bucket}` does not exist at {endpoint} (create it, or fix the bucket in --s3 / [s3] url)"
+    )]
+    NoSuchBucket { bucket: String, endpoint: String },
+    #[error(
+        "S3 access denied to bucket `{bucket}` (HTTP {status}): check the access key, the secret and the key's permissions on the bucket"
+    )]
+    AccessDenied { bucket: String, status: u16 },
+    #[error(
+        "S3 {op} got no answer within {after:?} (raise `{key}` in [s3] if the server is just slow)"
+    )]
+    Timeout {
+        op: &'static str,
+        after: Duration,
+        key: &'static str,
+    },
     #[error("S3 is unreachable (failing fast after a recent failure: {0})")]
     Unavailable(String),
     #[error("object {path} in S3 is not a valid chunk: {source}")]
@@ -64,7 +88,21 @@ impl RemoteError {
     pub fn is_transient(&self) -> bool {
         matches!(
             self.unshared(),
-            RemoteError::Store(_) | RemoteError::Unavailable(_) | RemoteError::QueueFull { .. }
+            RemoteError::Store(_)
+                | RemoteError::Unavailable(_)
+                | RemoteError::QueueFull { .. }
+                | RemoteError::Timeout { .. }
+        )
+    }
+
+    /// True for a misconfiguration no retry fixes (a missing bucket, refused credentials).
+    pub fn is_config(&self) -> bool {
+        matches!(
+            self.unshared(),
+            RemoteError::NoSuchBucket { .. }
+                | RemoteError::AccessDenied { .. }
+                | RemoteError::Config(_)
+                | RemoteError::BadUrl { .. }
         )
     }
 
@@ -74,4 +112,65 @@ impl RemoteError {
             source,
         }
     }
+}
+
+/// The HTTP status of a failed request, when the server answered one. object_store does not
+/// export its request error type, so this reads the status line it renders for a non-2xx
+/// answer (`Server returned non-2xx status code: 404 Not Found: <body>`), at the start of an
+/// error in the source chain: that text comes from the status code, never from the URL.
+pub fn http_status(e: &object_store::Error) -> Option<u16> {
+    const LINE: &str = "Server returned non-2xx status code: ";
+    let mut cur: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = cur {
+        let s = err.to_string();
+        if let Some(rest) = s.strip_prefix(LINE) {
+            return rest.get(..3).and_then(|d| d.parse().ok());
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// The S3 error code in a failed request's XML body (`<Code>NoSuchBucket</Code>`), if any.
+fn s3_error_code(e: &object_store::Error) -> Option<String> {
+    let mut cur: Option<&dyn std::error::Error> = Some(e);
+    while let Some(err) = cur {
+        let s = err.to_string();
+        if let Some(i) = s.find("<Code>") {
+            let rest = &s[i + 6..];
+            if let Some(j) = rest.find("</Code>") {
+                return Some(rest[..j].to_string());
+            }
+        }
+        cur = err.source();
+    }
+    None
+}
+
+/// True for an error that means the server does not implement the request (HTTP 501).
+pub fn is_not_implemented(e: &object_store::Error) -> bool {
+    matches!(e, object_store::Error::NotImplemented { .. }) || http_status(e) == Some(501)
+}
+
+/// The error a user can act on for a failed request to `bucket` at `endpoint`.
+pub fn classify(e: object_store::Error, bucket: &str, endpoint: &str) -> RemoteError {
+    let status = http_status(&e);
+    let denied = match &e {
+        object_store::Error::PermissionDenied { .. } => Some(403),
+        object_store::Error::Unauthenticated { .. } => Some(401),
+        _ => status.filter(|s| *s == 401 || *s == 403),
+    };
+    if let Some(status) = denied {
+        return RemoteError::AccessDenied {
+            bucket: bucket.to_string(),
+            status,
+        };
+    }
+    if s3_error_code(&e).as_deref() == Some("NoSuchBucket") {
+        return RemoteError::NoSuchBucket {
+            bucket: bucket.to_string(),
+            endpoint: endpoint.to_string(),
+        };
+    }
+    RemoteError::Store(e)
 }

@@ -6,11 +6,15 @@
 //!
 //! - [`config`]: `s3://bucket/prefix`, endpoint, credentials (redacted in `Debug`), timeouts,
 //!   retries and the tier's behaviour;
-//! - [`client`]: object names, verified reads, put-if-absent writes with a fallback for
-//!   servers without conditional put;
+//! - [`client`]: object names, per-operation timeouts, verified reads, verified writes
+//!   (size + payload digest in the object's metadata), conditional read-repair;
+//! - [`error`]: typed errors, with a missing bucket and refused credentials told apart;
+//! - [`listing`]: listings that step over names they cannot parse;
+//! - [`nsjson`]: `namespace.json` checked before it is committed or uploaded;
 //! - [`queue`]: the write-behind upload queue, persisted as marker files on local disk;
 //! - [`lookup`]: how many leading chunks of a prompt exist remotely, in a few round trips;
-//! - [`sync`]: bulk `push` / `pull` between a cache directory and the bucket.
+//! - [`sync`]: bulk `push` / `pull` between a cache directory and the bucket, and the
+//!   bucket scrub of `push --verify`.
 //!
 //! [`Remote`] ties them together behind a **synchronous** API, because the store is
 //! synchronous: it owns one multi-thread tokio runtime (2 workers) created at open, and
@@ -24,12 +28,14 @@
 pub mod client;
 pub mod config;
 pub mod error;
+mod listing;
 pub mod lookup;
+pub mod nsjson;
 pub mod queue;
 mod stream;
 pub mod sync;
 
-pub use client::{PutOutcome, RemoteStats, verify_object};
+pub use client::{DIGEST_METADATA, PutOutcome, RemoteStats, S3Store, verify_object};
 pub use config::{Backpressure, S3Config, Secret};
 pub use error::RemoteError;
 pub use lookup::PrefixLookup;
@@ -37,9 +43,8 @@ pub use sync::{SyncEvent, SyncReport};
 
 use bytes::Bytes;
 use client::Bucket;
-use kvfs_loader::ChunkKey;
 use kvfs_loader::spec::validate_namespace_dir;
-use object_store::ObjectStore;
+use kvfs_loader::{ChunkKey, ChunkView, Verify};
 use queue::Queue;
 use std::collections::HashMap;
 use std::future::Future;
@@ -89,7 +94,7 @@ impl Remote {
     /// Like [`Remote::open`] over any object store (tests wrap one to inject faults).
     pub fn with_object_store(
         cfg: S3Config,
-        store: Arc<dyn ObjectStore>,
+        store: Arc<dyn S3Store>,
         cache_root: Option<&Path>,
     ) -> Result<Remote, RemoteError> {
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -240,7 +245,9 @@ impl Remote {
         Ok(())
     }
 
-    /// Uploads bytes directly (put-if-absent), bypassing the queue.
+    /// Uploads bytes directly, bypassing the queue. A valid chunk for `ns_dir/key` is
+    /// uploaded with its digest and repairs a damaged object in its place; other bytes (tests,
+    /// tools) are put if absent, replacing only an object of another size.
     pub fn upload(
         &self,
         ns_dir: &str,
@@ -248,8 +255,20 @@ impl Remote {
         bytes: Vec<u8>,
     ) -> Result<PutOutcome, RemoteError> {
         Self::check_ns(ns_dir)?;
-        let path = self.bucket.chunk_path(ns_dir, key);
-        let r = self.block_on(self.bucket.put_if_absent(&path, Bytes::from(bytes)))?;
+        let digest = ChunkView::parse(&bytes, Verify::Full)
+            .ok()
+            .filter(|v| client::check_identity(&v.header, ns_dir, key).is_ok())
+            .map(|v| v.header.payload_digest);
+        let bytes = Bytes::from(bytes);
+        let r = self.block_on(async {
+            match digest {
+                Some(d) => self.bucket.upload_verified(ns_dir, key, bytes, d).await,
+                None => {
+                    let path = self.bucket.chunk_path(ns_dir, key);
+                    self.bucket.put_if_absent(&path, bytes).await
+                }
+            }
+        })?;
         self.forget_miss(ns_dir, key);
         r
     }
@@ -274,15 +293,9 @@ impl Remote {
     /// The bucket's `namespace.json` of `ns_dir`, if any.
     pub fn namespace_json(&self, ns_dir: &str) -> Result<Option<Vec<u8>>, RemoteError> {
         Self::check_ns(ns_dir)?;
-        let path = self.bucket.namespace_json_path(ns_dir);
-        self.block_on(async {
-            use object_store::ObjectStoreExt;
-            match self.bucket.store.get(&path).await {
-                Ok(r) => Ok(Some(r.bytes().await?.to_vec())),
-                Err(object_store::Error::NotFound { .. }) => Ok(None),
-                Err(e) => Err(RemoteError::Store(e)),
-            }
-        })?
+        Ok(self
+            .block_on(self.bucket.namespace_json(ns_dir))??
+            .map(Vec::from))
     }
 
     /// How many leading `keys` exist remotely (see [`lookup`]).
@@ -311,6 +324,27 @@ impl Remote {
     /// Waits until the upload queue is empty; false when `timeout` passed first.
     pub fn wait_uploaded(&self, timeout: Duration) -> bool {
         self.queue.as_ref().is_none_or(|q| q.wait_drained(timeout))
+    }
+
+    /// Like [`Remote::wait_uploaded`], but gives up as soon as a batch of uploads fails
+    /// (the bucket is down or refuses): what a short command does at exit for uploads that
+    /// earlier runs left, so that an outage does not hold it for the whole timeout.
+    pub fn wait_uploaded_unless_failing(&self, timeout: Duration) -> bool {
+        let Some(q) = self.queue.as_ref() else {
+            return true;
+        };
+        let failed = q.failed_batches();
+        let deadline = std::time::Instant::now() + timeout;
+        loop {
+            let now = std::time::Instant::now();
+            let step = (deadline.saturating_duration_since(now)).min(Duration::from_millis(100));
+            if q.wait_drained(step) {
+                return true;
+            }
+            if q.failed_batches() > failed || std::time::Instant::now() >= deadline {
+                return false;
+            }
+        }
     }
 
     pub(crate) fn bucket(&self) -> &Arc<Bucket> {

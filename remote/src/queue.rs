@@ -14,6 +14,16 @@
 //!   do not each wait through their own retries) and the worker retries with exponential
 //!   backoff (0.2 s doubling to 10 s), or at once when a new chunk is queued.
 //!
+//! **The counter** of pending uploads is a cache of the marker directory's size. The worker
+//! resynchronizes it from a scan (another process sharing the cache directory may have
+//! uploaded some markers or queued its own); a marker created or removed by this process
+//! changes the directory and the counter together under the read side of `sync`, and the
+//! scan-and-store takes the write side, so a scan can never see a new marker and then have
+//! the enqueue count it a second time (nor miss a removal and then count it again).
+//!
+//! [`status`] reads the queue without opening it (`kvfs info`): its length and the age of
+//! its oldest marker.
+//!
 //! **Backpressure**: when `max_queued` uploads are pending, [`Backpressure::Block`] makes the
 //! committing call wait up to `block_timeout` for the queue to drain, then fail with
 //! [`RemoteError::QueueFull`]; [`Backpressure::Fail`] fails at once. Either way the chunk
@@ -29,9 +39,9 @@ use kvfs_loader::spec::validate_namespace_dir;
 use kvfs_loader::{ChunkKey, ChunkView, Verify};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant, SystemTime};
 
 /// Directory of the queue's markers under the cache root.
 pub const UPLOADS_DIR: &str = ".uploads";
@@ -41,6 +51,10 @@ pub(crate) struct Queue {
     root: PathBuf,
     dir: PathBuf,
     pending: AtomicUsize,
+    /// Read: one marker changes with the counter. Write: a scan resets the counter.
+    sync: RwLock<()>,
+    /// Batches of uploads that failed (an exit drain stops waiting on a failure).
+    failed_batches: AtomicU64,
     wake: tokio::sync::Notify,
     drained: (Mutex<()>, Condvar),
     shutdown: AtomicBool,
@@ -74,14 +88,15 @@ impl Queue {
         let q = Queue {
             root: root.to_path_buf(),
             pending: AtomicUsize::new(0),
+            sync: RwLock::new(()),
+            failed_batches: AtomicU64::new(0),
             wake: tokio::sync::Notify::new(),
             drained: (Mutex::new(()), Condvar::new()),
             shutdown: AtomicBool::new(false),
             bucket,
             dir,
         };
-        let n = q.scan()?.len();
-        q.pending.store(n, Ordering::SeqCst);
+        let n = q.rescan()?.len();
         if n > 0 {
             tracing::info!(pending = n, "resuming uploads queued by an earlier run");
         }
@@ -95,6 +110,20 @@ impl Queue {
 
     pub fn pending(&self) -> usize {
         self.pending.load(Ordering::SeqCst)
+    }
+
+    /// Scans the markers and sets the counter to what the directory holds, atomically with
+    /// respect to this process's own marker changes.
+    fn rescan(&self) -> Result<Vec<String>, RemoteError> {
+        let _w = self.sync.write().unwrap();
+        let names = self.scan()?;
+        self.pending.store(names.len(), Ordering::SeqCst);
+        Ok(names)
+    }
+
+    /// Failed upload batches since open.
+    pub fn failed_batches(&self) -> u64 {
+        self.failed_batches.load(Ordering::SeqCst)
     }
 
     fn scan(&self) -> Result<Vec<String>, RemoteError> {
@@ -146,12 +175,16 @@ impl Queue {
         let name = marker_name(ns_dir, key);
         let marker = self.dir.join(&name);
         let content = chunk.as_os_str().as_encoded_bytes();
-        match commit_file(&marker, content, true).map_err(|e| RemoteError::io(&marker, e))? {
-            Commit::Created => {
+        let created = {
+            let _r = self.sync.read().unwrap();
+            let c = commit_file(&marker, content, true).map_err(|e| RemoteError::io(&marker, e))?;
+            if c == Commit::Created {
                 self.pending.fetch_add(1, Ordering::SeqCst);
-                self.wake.notify_one();
             }
-            Commit::AlreadyExists => {}
+            c == Commit::Created
+        };
+        if created {
+            self.wake.notify_one();
         }
         Ok(name)
     }
@@ -182,6 +215,7 @@ impl Queue {
     }
 
     fn done(&self, marker: &Path) {
+        let _r = self.sync.read().unwrap();
         match std::fs::remove_file(marker) {
             Ok(()) => {
                 let _ = self
@@ -195,6 +229,7 @@ impl Queue {
                 tracing::warn!(marker = %marker.display(), error = %e, "cannot remove upload marker")
             }
         }
+        drop(_r);
         let (m, cv) = &self.drained;
         let _g = m.lock().unwrap();
         cv.notify_all();
@@ -262,10 +297,17 @@ impl Queue {
                 return Ok(());
             }
         };
-        let json = namespace_json(&self.root, &ns_dir, &header);
+        let json_path = self.root.join(&ns_dir).join(crate::client::NAMESPACE_JSON);
+        let json = crate::nsjson::checked_or_rebuilt(
+            std::fs::read(&json_path).ok(),
+            &json_path.display().to_string(),
+            &ns_dir,
+            &header,
+        );
         self.bucket.ensure_namespace_json(&ns_dir, json).await?;
-        let path = self.bucket.chunk_path(&ns_dir, &key);
-        self.bucket.put_if_absent(&path, bytes).await?;
+        self.bucket
+            .upload_verified(&ns_dir, &key, bytes, header.payload_digest)
+            .await?;
         self.done(&marker);
         Ok(())
     }
@@ -274,16 +316,19 @@ impl Queue {
     pub async fn run(self: Arc<Self>) {
         let mut backoff = Duration::ZERO;
         while !self.shutdown.load(Ordering::SeqCst) {
-            let names = match self.scan() {
+            // Resynchronize the counter with the directory (another process sharing the cache
+            // directory may have uploaded some of our markers, or queued its own).
+            let q = self.clone();
+            let names = match tokio::task::spawn_blocking(move || q.rescan())
+                .await
+                .expect("queue scan panicked")
+            {
                 Ok(n) => n,
                 Err(e) => {
                     tracing::error!(error = %e, "cannot scan the upload queue");
                     Vec::new()
                 }
             };
-            // Resynchronize the counter with the directory (another process sharing the cache
-            // directory may have uploaded some of our markers, or queued its own).
-            self.pending.store(names.len(), Ordering::SeqCst);
             if names.is_empty() {
                 tokio::select! {
                     _ = self.wake.notified() => {}
@@ -320,6 +365,7 @@ impl Queue {
                 .filter(|o| matches!(o, Attempt::Failed))
                 .count();
             if fails > 0 {
+                self.failed_batches.fetch_add(1, Ordering::SeqCst);
                 backoff = (backoff * 2).clamp(Duration::from_millis(200), Duration::from_secs(10));
                 tokio::select! {
                     _ = self.wake.notified() => {}
@@ -332,29 +378,41 @@ impl Queue {
     }
 }
 
-/// The namespace description to upload: the local `namespace.json` when present, else one
-/// built from what a chunk header knows (the model name is not in it).
-fn namespace_json(root: &Path, ns_dir: &str, header: &kvfs_loader::ChunkHeader) -> Bytes {
-    if let Ok(b) = std::fs::read(root.join(ns_dir).join(crate::client::NAMESPACE_JSON)) {
-        return Bytes::from(b);
+/// What a queue holds, read without opening it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct QueueStatus {
+    /// Uploads waiting.
+    pub pending: usize,
+    /// Age of the oldest waiting upload.
+    pub oldest: Option<Duration>,
+}
+
+/// Length and oldest entry of the upload queue under cache root `root` (empty when there
+/// is no queue).
+pub fn status(root: &Path) -> std::io::Result<QueueStatus> {
+    let dir = root.join(UPLOADS_DIR);
+    let rd = match std::fs::read_dir(&dir) {
+        Ok(r) => r,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(QueueStatus::default()),
+        Err(e) => return Err(e),
+    };
+    let now = SystemTime::now();
+    let mut st = QueueStatus::default();
+    for e in rd {
+        let e = e?;
+        let Some(name) = e.file_name().to_str().map(str::to_string) else {
+            continue;
+        };
+        if parse_marker(&name).is_none() {
+            continue;
+        }
+        st.pending += 1;
+        if let Ok(m) = e.metadata().and_then(|m| m.modified()) {
+            let age = now.duration_since(m).unwrap_or_default();
+            st.oldest = Some(st.oldest.map_or(age, |o| o.max(age)));
+        }
     }
-    let m = &header.meta;
-    Bytes::from(format!(
-        concat!(
-            "{{\n  \"namespace_id\": \"{}\",\n  \"dir\": \"{}\",\n  \"dtype\": \"{}\",\n",
-            "  \"kv_kind\": \"{}\",\n  \"num_layers\": {},\n  \"num_kv_heads\": {},\n",
-            "  \"head_dim\": {},\n  \"group_tokens\": {},\n",
-            "  \"note\": \"written from a chunk header: the uploading host had no namespace.json\"\n}}\n"
-        ),
-        m.namespace,
-        ns_dir,
-        m.dtype,
-        m.kv_kind.name(),
-        m.num_layers,
-        m.num_heads,
-        m.head_dim,
-        m.group_tokens,
-    ))
+    Ok(st)
 }
 
 #[cfg(test)]

@@ -1,7 +1,15 @@
 //! Bulk transfer between a cache directory and the bucket: `kvfs sync push|pull`.
 //!
 //! Both directions are idempotent and therefore resumable: `push` lists the bucket once per
-//! namespace and uploads (put-if-absent) only the chunks it lacks; `pull` downloads only the
+//! namespace and uploads only what the bucket lacks or holds wrong. A listed object of the
+//! chunk's size is checked with one HEAD against the payload digest the uploader stored in its
+//! metadata (the local side reads only the chunk's header); an object of another size, or
+//! without or with another digest, is read back and verified, and replaced from the verified
+//! local chunk when it fails ([`crate::client`]'s read-repair). `push --verify`
+//! ([`Remote::scrub`]) goes further and reads every object of the bucket back, verifying it in
+//! full: damage at rest (a flipped byte under a correct digest) is only found that way. A
+//! damaged object is repaired when this host has a verified copy, else reported. `pull`
+//! downloads only the
 //! chunks the cache lacks, streaming each body into a temporary file while verifying it layer
 //! by layer (see [`crate::stream`]: the same checks as `Verify::Full`, without holding the
 //! object in memory), and commits it with [`kvfs_loader::dir::commit_with`] (temporary file +
@@ -10,19 +18,24 @@
 //! `upload_concurrency` / `download_concurrency` at a time on the tier's runtime; progress is
 //! reported through a callback so the CLI can draw bars without this crate knowing about them.
 //!
+//! `namespace.json` is checked ([`crate::nsjson`]) before it is committed or uploaded: a bad
+//! one in the bucket is not copied (the cache gets one built from a verified chunk header, and
+//! a bad one already in the cache is replaced), a bad local one is not uploaded.
+//!
 //! Pulled chunks are written without fsync (like `cp` or `s5cmd`): a crash can lose a pulled
 //! chunk, never corrupt one, and the next pull fetches it again.
 
 use crate::Remote;
-use crate::client::NAMESPACE_JSON;
+use crate::client::{NAMESPACE_JSON, PutOutcome, bump};
 use crate::error::RemoteError;
+use crate::nsjson;
 use crate::stream::StreamingChunk;
 use bytes::Bytes;
 use futures::StreamExt;
-use kvfs_loader::dir::{Layout, commit_file, commit_with};
+use kvfs_loader::dir::{Layout, commit_with};
 use kvfs_loader::spec::validate_namespace_dir;
-use kvfs_loader::{ChunkKey, ChunkView, FormatError, Verify};
-use std::collections::HashSet;
+use kvfs_loader::{ChunkHeader, ChunkKey, ChunkView, FormatError, Verify};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
@@ -41,6 +54,14 @@ pub enum SyncEvent {
         key: ChunkKey,
         bytes: u64,
     },
+    /// A damaged object in the bucket was replaced from the verified local chunk.
+    Repaired { ns_dir: String, key: ChunkKey },
+    /// A damaged object in the bucket that this host cannot repair (no verified copy).
+    Damaged {
+        ns_dir: String,
+        key: ChunkKey,
+        cause: String,
+    },
     /// One chunk failed (the sync goes on; run it again to retry).
     Failed {
         ns_dir: String,
@@ -58,6 +79,12 @@ pub struct SyncReport {
     /// Already present on the other side.
     pub skipped: u64,
     pub failed: u64,
+    /// Damaged objects replaced from a verified local chunk.
+    pub repaired: u64,
+    /// Damaged objects left as they are (no verified copy here).
+    pub damaged: u64,
+    /// Objects read back and verified in full (`push --verify`).
+    pub verified: u64,
 }
 
 /// Local chunks of one namespace in a cache directory (`Layout::Cache`).
@@ -110,8 +137,80 @@ pub fn local_namespaces(root: &Path) -> std::io::Result<Vec<String>> {
     Ok(out)
 }
 
+/// What push does with one local chunk.
+enum PushStep {
+    /// The bucket lacks it, or holds an object of another size: read, verify, upload.
+    Upload,
+    /// The bucket holds an object of its size: compare digests first.
+    Compare,
+}
+
+/// Reads a local chunk's header only (the digest comparison of `push`).
+fn read_header(path: &Path) -> Result<ChunkHeader, RemoteError> {
+    use std::io::Read;
+    let local = |source| RemoteError::LocalChunk {
+        path: path.to_path_buf(),
+        source,
+    };
+    let mut f = std::fs::File::open(path).map_err(|e| RemoteError::io(path, e))?;
+    let mut buf = vec![0u8; kvfs_loader::format::FIXED_HEADER_LEN];
+    f.read_exact(&mut buf)
+        .map_err(|e| RemoteError::io(path, e))?;
+    let len = ChunkHeader::peek_header_len(&buf).map_err(local)? as usize;
+    if len > 64 << 20 {
+        return Err(local(FormatError::BadField {
+            field: "header_len",
+            reason: format!("{len} bytes is more than a header can be"),
+        }));
+    }
+    buf.resize(len, 0);
+    f.read_exact(&mut buf[kvfs_loader::format::FIXED_HEADER_LEN..])
+        .map_err(|e| RemoteError::io(path, e))?;
+    ChunkHeader::parse(&buf).map_err(local)
+}
+
+/// Reads and fully verifies a local chunk as `ns_dir/key`, with its checked namespace.json.
+fn read_verified(
+    path: &Path,
+    ns_dir: &str,
+    key: &ChunkKey,
+) -> Result<(Bytes, ChunkHeader, Bytes), RemoteError> {
+    let b = std::fs::read(path).map_err(|e| RemoteError::io(path, e))?;
+    let header = ChunkView::parse(&b, Verify::Full)
+        .and_then(|v| {
+            crate::client::check_identity(&v.header, ns_dir, key)?;
+            Ok(v.header)
+        })
+        .map_err(|source| RemoteError::LocalChunk {
+            path: path.to_path_buf(),
+            source,
+        })?;
+    let json_path = path
+        .parent()
+        .and_then(Path::parent)
+        .unwrap_or(path)
+        .join(NAMESPACE_JSON);
+    let json = nsjson::checked_or_rebuilt(
+        std::fs::read(&json_path).ok(),
+        &json_path.display().to_string(),
+        ns_dir,
+        &header,
+    );
+    Ok((Bytes::from(b), header, json))
+}
+
+/// How one chunk of a push or scrub ended.
+enum Done {
+    Uploaded(u64),
+    Repaired(u64),
+    AlreadyThere,
+    Verified,
+    Damaged(String),
+}
+
 impl Remote {
-    /// Uploads every local chunk (of `namespace`, or of all namespaces) the bucket lacks.
+    /// Uploads every local chunk (of `namespace`, or of all namespaces) the bucket lacks or
+    /// holds wrong (see the module docs).
     pub fn push(
         &self,
         cache_root: &Path,
@@ -122,97 +221,243 @@ impl Remote {
             Some(ns) => vec![ns.to_string()],
             None => local_namespaces(cache_root).map_err(|e| RemoteError::io(cache_root, e))?,
         };
-        let mut plan: Vec<(String, ChunkKey, PathBuf, u64)> = Vec::new();
-        let mut report = SyncReport {
-            namespaces: namespaces.len() as u64,
-            ..Default::default()
-        };
+        let mut plan: Vec<(String, ChunkKey, PathBuf, PushStep)> = Vec::new();
+        let mut bytes = 0;
         for ns in &namespaces {
             validate_namespace_dir(ns).map_err(RemoteError::Name)?;
-            let remote: HashSet<ChunkKey> =
-                self.list_chunks(ns)?.into_iter().map(|(k, _)| k).collect();
+            let remote: HashMap<ChunkKey, u64> = self.list_chunks(ns)?.into_iter().collect();
             for (key, path) in
                 local_chunks(cache_root, ns).map_err(|e| RemoteError::io(cache_root, e))?
             {
-                if remote.contains(&key) {
-                    report.skipped += 1;
-                } else {
-                    let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
-                    plan.push((ns.clone(), key, path, len));
-                }
+                let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                let step = match remote.get(&key) {
+                    Some(size) if *size == len => PushStep::Compare,
+                    _ => {
+                        bytes += len;
+                        PushStep::Upload
+                    }
+                };
+                plan.push((ns.clone(), key, path, step));
             }
         }
         progress(SyncEvent::Planned {
-            chunks: plan.len() as u64,
-            bytes: plan.iter().map(|p| p.3).sum(),
-            skipped: report.skipped,
+            chunks: plan
+                .iter()
+                .filter(|p| matches!(p.3, PushStep::Upload))
+                .count() as u64,
+            bytes,
+            skipped: plan
+                .iter()
+                .filter(|p| matches!(p.3, PushStep::Compare))
+                .count() as u64,
         });
+        let report = SyncReport {
+            namespaces: namespaces.len() as u64,
+            ..Default::default()
+        };
         let bucket = self.bucket().clone();
-        let totals = Mutex::new(report);
-        let conc = bucket.cfg.upload_concurrency.max(1);
-        self.block_on(
-            futures::stream::iter(plan)
-                .map(|(ns, key, path, _)| {
-                    let bucket = &bucket;
-                    let totals = &totals;
-                    async move {
-                        let r: Result<u64, RemoteError> = async {
-                            let p = path.clone();
-                            let bytes = tokio::task::spawn_blocking(move || {
-                                let b = std::fs::read(&p).map_err(|e| RemoteError::io(&p, e))?;
-                                let v = ChunkView::parse(&b, Verify::Full).map_err(|source| {
-                                    RemoteError::LocalChunk {
-                                        path: p.clone(),
-                                        source,
-                                    }
-                                })?;
-                                let json = std::fs::read(
-                                    p.parent()
-                                        .and_then(Path::parent)
-                                        .unwrap_or(&p)
-                                        .join(NAMESPACE_JSON),
-                                )
-                                .ok()
-                                .unwrap_or_else(|| v.header.meta.namespace.to_hex().into_bytes());
-                                Ok::<_, RemoteError>((Bytes::from(b), Bytes::from(json)))
-                            })
+        let jobs = plan.into_iter().map(|(ns, key, path, step)| {
+            let bucket = bucket.clone();
+            async move {
+                let r = async {
+                    if let PushStep::Compare = step {
+                        let p = path.clone();
+                        let header = tokio::task::spawn_blocking(move || read_header(&p))
                             .await
                             .expect("read task panicked")?;
-                            let (bytes, json) = bytes;
-                            if json.first() == Some(&b'{') {
-                                bucket.ensure_namespace_json(&ns, json).await?;
-                            }
-                            let len = bytes.len() as u64;
-                            bucket
-                                .put_if_absent(&bucket.chunk_path(&ns, &key), bytes)
-                                .await?;
-                            Ok(len)
-                        }
-                        .await;
-                        let mut t = totals.lock().unwrap();
-                        match r {
-                            Ok(len) => {
-                                t.transferred += 1;
-                                t.bytes += len;
-                                progress(SyncEvent::Transferred {
-                                    ns_dir: ns,
-                                    key,
-                                    bytes: len,
-                                });
-                            }
-                            Err(e) => {
-                                t.failed += 1;
-                                progress(SyncEvent::Failed {
-                                    ns_dir: ns,
-                                    key,
-                                    error: e.to_string(),
-                                });
-                            }
+                        let opath = bucket.chunk_path(&ns, &key);
+                        if bucket.damage(&opath).is_none()
+                            && let Some(h) = bucket.head_meta(&opath).await?
+                            && h.digest == Some(header.payload_digest)
+                        {
+                            return Ok(Done::AlreadyThere);
                         }
                     }
-                })
-                .buffer_unordered(conc)
-                .collect::<Vec<()>>(),
+                    let (p, n, k) = (path.clone(), ns.clone(), key);
+                    let (bytes, header, json) =
+                        tokio::task::spawn_blocking(move || read_verified(&p, &n, &k))
+                            .await
+                            .expect("read task panicked")?;
+                    bucket.ensure_namespace_json(&ns, json).await?;
+                    let len = bytes.len() as u64;
+                    Ok(
+                        match bucket
+                            .upload_verified(&ns, &key, bytes, header.payload_digest)
+                            .await?
+                        {
+                            PutOutcome::Created => Done::Uploaded(len),
+                            PutOutcome::Replaced => Done::Repaired(len),
+                            PutOutcome::AlreadyPresent => Done::AlreadyThere,
+                        },
+                    )
+                }
+                .await;
+                (ns, key, r)
+            }
+        });
+        self.run_jobs(jobs, bucket.cfg.upload_concurrency, report, progress)
+    }
+
+    /// Reads every object of the bucket (of `namespace`, or of all namespaces) back and
+    /// verifies it in full; a damaged one is repaired from this cache's verified copy when
+    /// there is one, else reported (`kvfs sync push --verify`).
+    pub fn scrub(
+        &self,
+        cache_root: &Path,
+        namespace: Option<&str>,
+        progress: &(dyn Fn(SyncEvent) + Sync),
+    ) -> Result<SyncReport, RemoteError> {
+        let namespaces = match namespace {
+            Some(ns) => vec![ns.to_string()],
+            None => self.list_namespaces()?,
+        };
+        let mut plan = Vec::new();
+        let mut bytes = 0;
+        for ns in &namespaces {
+            for (key, size) in self.list_chunks(ns)? {
+                bytes += size;
+                plan.push((ns.clone(), key));
+            }
+            self.scrub_namespace_json(cache_root, ns)?;
+        }
+        progress(SyncEvent::Planned {
+            chunks: plan.len() as u64,
+            bytes,
+            skipped: 0,
+        });
+        let report = SyncReport {
+            namespaces: namespaces.len() as u64,
+            ..Default::default()
+        };
+        let bucket = self.bucket().clone();
+        let root = cache_root.to_path_buf();
+        let jobs = plan.into_iter().map(|(ns, key)| {
+            let (bucket, root) = (bucket.clone(), root.clone());
+            async move {
+                let r = async {
+                    let opath = bucket.chunk_path(&ns, &key);
+                    bump(&bucket.counters.fetches, 1);
+                    let Some((object, _)) = bucket.get_object(&opath).await? else {
+                        // Deleted since the listing.
+                        return Ok(Done::AlreadyThere);
+                    };
+                    bump(&bucket.counters.bytes_fetched, object.len() as u64);
+                    let cause = match bucket.verify_off_thread(object, &ns, &key).await {
+                        Ok(()) => return Ok(Done::Verified),
+                        Err(e) => e.to_string(),
+                    };
+                    bump(&bucket.counters.corrupt, 1);
+                    bucket.note_damage(&opath, &cause);
+                    let local = Layout::Cache.chunk_path(&root, &ns, &key);
+                    if !local.exists() {
+                        return Ok(Done::Damaged(cause));
+                    }
+                    let (n, k) = (ns.clone(), key);
+                    let (bytes, header, json) =
+                        tokio::task::spawn_blocking(move || read_verified(&local, &n, &k))
+                            .await
+                            .expect("read task panicked")?;
+                    bucket.ensure_namespace_json(&ns, json).await?;
+                    let len = bytes.len() as u64;
+                    Ok(
+                        match bucket
+                            .repair(&ns, &key, bytes, header.payload_digest)
+                            .await?
+                        {
+                            PutOutcome::AlreadyPresent => Done::Verified,
+                            _ => Done::Repaired(len),
+                        },
+                    )
+                }
+                .await;
+                (ns, key, r)
+            }
+        });
+        self.run_jobs(jobs, bucket.cfg.upload_concurrency, report, progress)
+    }
+
+    /// Checks the bucket's `namespace.json` of `ns_dir` and replaces a bad one with the local
+    /// one (when valid) or one built from a verified local chunk header.
+    fn scrub_namespace_json(&self, cache_root: &Path, ns_dir: &str) -> Result<(), RemoteError> {
+        let Some(found) = self.namespace_json(ns_dir)? else {
+            return Ok(());
+        };
+        let Err(e) = nsjson::check(&found, ns_dir, None) else {
+            return Ok(());
+        };
+        let local = local_chunks(cache_root, ns_dir).map_err(|e| RemoteError::io(cache_root, e))?;
+        let Some((key, path)) = local.first() else {
+            tracing::warn!(ns_dir, error = %e,
+                "namespace.json in the bucket is invalid and this cache has no chunk of it to rebuild it from");
+            return Ok(());
+        };
+        let (_, _, json) = read_verified(path, ns_dir, key)?;
+        self.block_on(self.bucket().ensure_namespace_json(ns_dir, json))?
+    }
+
+    /// Runs push or scrub jobs `conc` at a time, counting and reporting each.
+    fn run_jobs<F>(
+        &self,
+        jobs: impl Iterator<Item = F>,
+        conc: usize,
+        report: SyncReport,
+        progress: &(dyn Fn(SyncEvent) + Sync),
+    ) -> Result<SyncReport, RemoteError>
+    where
+        F: std::future::Future<Output = (String, ChunkKey, Result<Done, RemoteError>)>,
+    {
+        let totals = Mutex::new(report);
+        self.block_on(
+            futures::stream::iter(jobs)
+                .buffer_unordered(conc.max(1))
+                .for_each(|(ns, key, r)| {
+                    let mut t = totals.lock().unwrap();
+                    match r {
+                        Ok(Done::Uploaded(len)) => {
+                            t.transferred += 1;
+                            t.bytes += len;
+                            progress(SyncEvent::Transferred {
+                                ns_dir: ns,
+                                key,
+                                bytes: len,
+                            });
+                        }
+                        Ok(Done::Repaired(len)) => {
+                            t.transferred += 1;
+                            t.repaired += 1;
+                            t.bytes += len;
+                            progress(SyncEvent::Repaired {
+                                ns_dir: ns.clone(),
+                                key,
+                            });
+                            progress(SyncEvent::Transferred {
+                                ns_dir: ns,
+                                key,
+                                bytes: len,
+                            });
+                        }
+                        Ok(Done::AlreadyThere) => t.skipped += 1,
+                        Ok(Done::Verified) => t.verified += 1,
+                        Ok(Done::Damaged(cause)) => {
+                            t.damaged += 1;
+                            progress(SyncEvent::Damaged {
+                                ns_dir: ns,
+                                key,
+                                cause,
+                            });
+                        }
+                        Err(e) => {
+                            tracing::warn!(ns_dir = ns, %key, error = %e, "sync of a chunk failed");
+                            t.failed += 1;
+                            progress(SyncEvent::Failed {
+                                ns_dir: ns,
+                                key,
+                                error: e.to_string(),
+                            });
+                        }
+                    }
+                    futures::future::ready(())
+                }),
         )?;
         Ok(totals.into_inner().unwrap())
     }
@@ -236,13 +481,7 @@ impl Remote {
         };
         for ns in &namespaces {
             let chunks = self.list_chunks(ns)?;
-            let json_path = cache_root.join(ns).join(NAMESPACE_JSON);
-            if !json_path.exists()
-                && let Some(json) = self.namespace_json(ns)?
-            {
-                commit_file(&json_path, &json, false)
-                    .map_err(|e| RemoteError::io(&json_path, e))?;
-            }
+            self.pull_namespace_json(cache_root, ns)?;
             for (key, size) in chunks {
                 let path = Layout::Cache.chunk_path(cache_root, ns, &key);
                 if path.exists() {
@@ -267,17 +506,29 @@ impl Remote {
                     let totals = &totals;
                     async move {
                         let r: Result<u64, RemoteError> = async {
-                            use object_store::ObjectStoreExt;
                             let opath = bucket.chunk_path(&ns, &key);
-                            let body = bucket.store.get(&opath).await?.into_stream();
-                            crate::client::bump(&bucket.counters.fetches, 1);
+                            let got = bucket
+                                .timed(
+                                    "GET",
+                                    bucket.cfg.first_byte_timeout,
+                                    "first_byte_timeout_s",
+                                    bucket.store.get_opts(&opath, Default::default()),
+                                )
+                                .await?;
+                            let body = got.into_stream();
+                            bump(&bucket.counters.fetches, 1);
                             let (nsc, p) = (ns.clone(), path.clone());
                             let handle = tokio::runtime::Handle::current();
-                            tokio::task::spawn_blocking(move || {
-                                download_into(handle, body, &nsc, key, &p, opath.to_string())
+                            let limit = bucket.cfg.request_timeout;
+                            let r = tokio::task::spawn_blocking(move || {
+                                download_into(handle, body, limit, &nsc, key, &p, opath.to_string())
                             })
                             .await
-                            .expect("download task panicked")
+                            .expect("download task panicked");
+                            if let Err(RemoteError::Corrupt { source, .. }) = &r {
+                                bucket.note_damage(&bucket.chunk_path(&ns, &key), &source.to_string());
+                            }
+                            r
                         }
                         .await;
                         if let Ok(n) = r {
@@ -304,7 +555,69 @@ impl Remote {
                 .buffer_unordered(conc)
                 .collect::<Vec<()>>(),
         )?;
+        for ns in &namespaces {
+            rebuild_namespace_json(cache_root, ns);
+        }
         Ok(totals.into_inner().unwrap())
+    }
+
+    /// Commits the bucket's `namespace.json` of `ns_dir` into the cache when the cache has no
+    /// valid one and the bucket's passes [`nsjson::check`]; a bad one is not copied.
+    fn pull_namespace_json(&self, cache_root: &Path, ns_dir: &str) -> Result<(), RemoteError> {
+        let path = cache_root.join(ns_dir).join(NAMESPACE_JSON);
+        if std::fs::read(&path).is_ok_and(|b| nsjson::check(&b, ns_dir, None).is_ok()) {
+            return Ok(());
+        }
+        let Some(json) = self.namespace_json(ns_dir)? else {
+            return Ok(());
+        };
+        match nsjson::check(&json, ns_dir, None) {
+            Ok(()) => replace_file(&path, &json),
+            Err(e) => {
+                tracing::warn!(ns_dir, error = %e,
+                    "namespace.json in the bucket is invalid; not copied (one is built from a verified chunk header)");
+                Ok(())
+            }
+        }
+    }
+}
+
+/// Writes `bytes` at `path` in place of what is there (temporary file, then rename).
+fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), RemoteError> {
+    let dir = path.parent().unwrap_or(path);
+    std::fs::create_dir_all(dir).map_err(|e| RemoteError::io(dir, e))?;
+    let tmp = kvfs_loader::dir::temp_path_for(path);
+    std::fs::write(&tmp, bytes)
+        .and_then(|()| std::fs::rename(&tmp, path))
+        .map_err(|e| {
+            let _ = std::fs::remove_file(&tmp);
+            RemoteError::io(path, e)
+        })
+}
+
+/// Gives the cache a valid `namespace.json` of `ns_dir` when it has none or a bad one, built
+/// from the header of one of its (verified) chunks, with a warning.
+fn rebuild_namespace_json(cache_root: &Path, ns_dir: &str) {
+    let path = cache_root.join(ns_dir).join(NAMESPACE_JSON);
+    let found = std::fs::read(&path).ok();
+    if found
+        .as_deref()
+        .is_some_and(|b| nsjson::check(b, ns_dir, None).is_ok())
+    {
+        return;
+    }
+    let Ok(chunks) = local_chunks(cache_root, ns_dir) else {
+        return;
+    };
+    let Some(header) = chunks.iter().find_map(|(_, p)| read_header(p).ok()) else {
+        return;
+    };
+    if found.is_some() {
+        tracing::warn!(file = %path.display(),
+            "invalid namespace.json in the cache; replacing it with one built from a chunk header");
+    }
+    if let Err(e) = replace_file(&path, &nsjson::from_header(ns_dir, &header)) {
+        tracing::warn!(error = %e, "could not write namespace.json");
     }
 }
 
@@ -313,6 +626,7 @@ impl Remote {
 fn download_into(
     handle: tokio::runtime::Handle,
     mut body: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    limit: std::time::Duration,
     ns_dir: &str,
     key: ChunkKey,
     target: &Path,
@@ -320,10 +634,17 @@ fn download_into(
 ) -> Result<u64, RemoteError> {
     let mut invalid: Option<FormatError> = None;
     let mut network: Option<object_store::Error> = None;
+    let mut stalled = false;
+    let deadline = tokio::time::Instant::now() + limit;
     let mut len = 0;
     let r = commit_with(target, false, |f| {
         let mut chunk = StreamingChunk::new(ns_dir, key);
-        while let Some(frame) = handle.block_on(body.next()) {
+        loop {
+            let Ok(frame) = handle.block_on(tokio::time::timeout_at(deadline, body.next())) else {
+                stalled = true;
+                return Err(std::io::Error::other("body transfer timed out"));
+            };
+            let Some(frame) = frame else { break };
             let frame = frame.map_err(|e| {
                 network = Some(e);
                 std::io::Error::other("download failed")
@@ -348,6 +669,11 @@ fn download_into(
             source,
         }),
         (_, None, Some(e)) => Err(RemoteError::Store(e)),
+        (Err(_), None, None) if stalled => Err(RemoteError::Timeout {
+            op: "GET body",
+            after: limit,
+            key: "body_timeout_s",
+        }),
         (Ok(_), None, None) => Ok(len),
         (Err(e), None, None) => Err(RemoteError::io(target, e)),
     }

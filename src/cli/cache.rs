@@ -123,12 +123,17 @@ pub fn info(ctx: &Ctx, a: InfoArgs) -> Result<i32, CliError> {
     let store = ctx.open_store()?;
     let namespaces = store.namespaces()?;
     let cap = store.capacity();
+    let queue = crate::remote_tier::queue_summary(store.root());
     if a.json {
         let v = serde_json::json!({
             "cache_dir": store.root(),
             "namespaces": namespaces,
             "capacity": cap,
             "config": ctx.config,
+            "upload_queue": {
+                "pending": queue.0,
+                "oldest_age_s": queue.1.map(|d| d.as_secs()),
+            },
         });
         println!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return Ok(0);
@@ -150,6 +155,13 @@ pub fn info(ctx: &Ctx, a: InfoArgs) -> Result<i32, CliError> {
         "settings:   memory {}, fsync {:?}, verify_reads {}",
         ctx.config.memory, ctx.config.fsync, ctx.config.verify_reads
     );
+    match queue {
+        (0, _) => println!("uploads:    none queued for S3"),
+        (n, oldest) => println!(
+            "uploads:    {n} queued for S3, oldest queued {}s ago",
+            oldest.map_or(0, |d| d.as_secs())
+        ),
+    }
     println!("namespaces: {}", namespaces.len());
     for ns in &namespaces {
         println!(

@@ -2,17 +2,19 @@
 //! remote line of `kvfs stat`, over [`kvfs_remote::Remote`] opened from the `[s3]` settings
 //! ([`crate::remote_tier::S3Settings`]).
 //!
-//! `sync` is resumable: re-running skips what is done. Push also drains the persistent upload
-//! queue left by earlier processes; pull verifies every chunk before it is committed.
+//! `sync` is resumable: re-running skips what is done. Every command here resumes the
+//! persistent upload queue left by earlier processes (push drains it); pull verifies every
+//! chunk before it is committed; `push --verify` reads the bucket back and repairs damaged
+//! objects from this cache.
 
 use super::{CliError, Ctx};
-use crate::remote_tier::S3Settings;
+use crate::remote_tier::{S3Settings, resume_at_exit};
 use crate::store::StoreError;
 use crate::units::human_bytes;
 use clap::{Args, Subcommand};
 use kvfs_loader::ChunkKey;
 use kvfs_loader::spec::validate_namespace_dir;
-use kvfs_remote::{RemoteError, SyncEvent};
+use kvfs_remote::{Remote, RemoteError, SyncEvent};
 use std::time::Duration;
 
 fn settings(ctx: &Ctx) -> Result<&S3Settings, CliError> {
@@ -53,6 +55,10 @@ pub struct SyncScope {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// (push) Then read every object of the bucket back and verify it in full, repairing
+    /// damaged ones from this cache where it has them.
+    #[arg(long)]
+    pub verify: bool,
 }
 
 /// `kvfs sync push|pull [--namespace NS]`: resumable (re-running skips what is done).
@@ -71,10 +77,8 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> Result<i32, CliError> {
             source: e,
         })
     })?;
-    // Push also drains the persistent upload queue; pull needs no queue.
-    let remote = s
-        .open(push.then_some(ctx.cache_dir.as_path()))
-        .map_err(remote_failed)?;
+    // Push drains the persistent upload queue; pull resumes it too.
+    let remote = open_for_command(ctx, s)?;
     let bar = if scope.quiet {
         indicatif::ProgressBar::hidden()
     } else {
@@ -95,29 +99,60 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> Result<i32, CliError> {
             failures
                 .lock()
                 .unwrap()
-                .push(format!("{ns_dir}/{key}: {error}"));
+                .push(format!("failed: {ns_dir}/{key}: {error}"));
+        }
+        SyncEvent::Damaged { ns_dir, key, cause } => failures.lock().unwrap().push(format!(
+            "damaged in the bucket (no local copy to repair it): {ns_dir}/{key}: {cause}"
+        )),
+        SyncEvent::Repaired { ns_dir, key } => {
+            eprintln!("kvfs: repaired damaged object {ns_dir}/{key} in the bucket")
         }
     };
     let ns = scope.namespace.as_deref();
-    let report = if push {
+    let mut report = if push {
         remote.push(&ctx.cache_dir, ns, &on_event)
     } else {
         remote.pull(&ctx.cache_dir, ns, &on_event)
     }
     .map_err(remote_failed)?;
+    if push && scope.verify {
+        bar.set_message("verify");
+        bar.set_position(0);
+        let scrub = remote
+            .scrub(&ctx.cache_dir, ns, &on_event)
+            .map_err(remote_failed)?;
+        report.transferred += scrub.transferred;
+        report.bytes += scrub.bytes;
+        report.repaired += scrub.repaired;
+        report.damaged += scrub.damaged;
+        report.verified += scrub.verified;
+        report.failed += scrub.failed;
+    }
     let mut queued_left = 0;
     if push && remote.pending_uploads() > 0 {
         bar.set_message(format!("queued uploads: {}", remote.pending_uploads()));
         if !remote.wait_uploaded(Duration::from_secs(s.drain_on_exit_s.max(60))) {
             queued_left = remote.pending_uploads();
         }
+    } else if !push {
+        resume_at_exit(&remote, Duration::from_secs(s.drain_on_exit_s));
     }
     bar.finish_and_clear();
     for f in failures.lock().unwrap().iter() {
-        eprintln!("kvfs: failed: {f}");
+        eprintln!("kvfs: {f}");
+    }
+    let mut extra = String::new();
+    if report.repaired > 0 {
+        extra += &format!(", {} damaged objects repaired", report.repaired);
+    }
+    if scope.verify && push {
+        extra += &format!(", {} verified in the bucket", report.verified);
+    }
+    if report.damaged > 0 {
+        extra += &format!(", {} damaged objects left", report.damaged);
     }
     println!(
-        "{}: {} chunks ({}) transferred, {} already there, {} failed{}",
+        "{}: {} chunks ({}) transferred, {} already there, {} failed{extra}{}",
         if push { "push" } else { "pull" },
         report.transferred,
         human_bytes(report.bytes),
@@ -129,16 +164,25 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> Result<i32, CliError> {
             String::new()
         }
     );
-    Ok(if report.failed > 0 || queued_left > 0 {
-        1
-    } else {
-        0
-    })
+    Ok(
+        if report.failed > 0 || report.damaged > 0 || queued_left > 0 {
+            1
+        } else {
+            0
+        },
+    )
 }
 
 /// `kvfs ls --remote [NS]`: namespaces in the bucket, or the chunks of one.
 pub fn ls_remote(ctx: &Ctx, namespace: Option<&str>) -> Result<i32, CliError> {
-    let remote = settings(ctx)?.open(None).map_err(remote_failed)?;
+    let s = settings(ctx)?;
+    let remote = open_for_command(ctx, s)?;
+    let code = ls_remote_with(&remote, namespace);
+    resume_at_exit(&remote, Duration::from_secs(s.drain_on_exit_s));
+    code
+}
+
+fn ls_remote_with(remote: &Remote, namespace: Option<&str>) -> Result<i32, CliError> {
     match namespace {
         None => {
             for ns in remote.list_namespaces().map_err(remote_failed)? {
@@ -170,4 +214,11 @@ pub fn remote_presence(ctx: &Ctx, ns_dir: &str, key: &ChunkKey) -> Option<String
             None => "absent".to_string(),
         });
     Some(r.unwrap_or_else(|e| format!("unknown ({e})")))
+}
+
+/// Opens the tier for a command, with the upload queue when the cache directory exists, so
+/// that every process with `--s3` resumes uploads earlier runs left.
+fn open_for_command(ctx: &Ctx, s: &S3Settings) -> Result<Remote, CliError> {
+    let root = ctx.cache_dir.is_dir().then_some(ctx.cache_dir.as_path());
+    s.open(root).map_err(remote_failed)
 }

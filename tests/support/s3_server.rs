@@ -8,7 +8,9 @@
 //! a delay (to trip timeouts), a dropped connection (no response), a body cut off mid-stream
 //! (connection aborted), a short body that looks complete, or one flipped byte. Faults are
 //! armed for the next N matching requests ([`FaultProxy::arm`]) or at random with a given
-//! rate ([`FaultProxy::chaos`]).
+//! rate ([`FaultProxy::chaos`]). It can also plant object names in LIST answers
+//! ([`FaultProxy::plant_listed`]), as a real server would list them (honouring `prefix`,
+//! `start-after`, the page's range and the delimiter), to test names no client can create.
 #![allow(dead_code)]
 
 use bytes::Bytes;
@@ -217,6 +219,8 @@ struct Plan {
     rules: Vec<Rule>,
     chaos: Option<(f64, u64, Vec<Fault>)>,
     sticky: Option<Fault>,
+    /// Object names added to every LIST answer whose range holds them.
+    listed: Vec<String>,
 }
 
 /// A fault-injecting HTTP proxy on 127.0.0.1 in front of an S3 endpoint.
@@ -275,7 +279,8 @@ impl FaultProxy {
                                 if fault.is_some() {
                                     faults_applied.fetch_add(1, Ordering::Relaxed);
                                 }
-                                handle(req, fault, &client, &upstream).await
+                                let planted = plan.lock().unwrap().listed.clone();
+                                handle(req, fault, &planted, &client, &upstream).await
                             }
                         });
                         let _ = hyper::server::conn::http1::Builder::new()
@@ -323,6 +328,12 @@ impl FaultProxy {
     /// Applies `fault` to every request until [`FaultProxy::clear`].
     pub fn always(&self, fault: Fault) {
         self.plan.lock().unwrap().sticky = Some(fault);
+    }
+
+    /// Lists `name` (a full object key, which may be one no client can create) in every LIST
+    /// answer that covers it.
+    pub fn plant_listed(&self, name: &str) {
+        self.plan.lock().unwrap().listed.push(name.to_string());
     }
 
     pub fn clear(&self) {
@@ -381,6 +392,7 @@ fn full(b: Bytes) -> ProxyBody {
 async fn handle(
     req: Request<Incoming>,
     fault: Option<Fault>,
+    planted: &[String],
     client: &hyper_util::client::legacy::Client<
         hyper_util::client::legacy::connect::HttpConnector,
         Full<Bytes>,
@@ -414,6 +426,9 @@ async fn handle(
         .await
         .map_err(std::io::Error::other)?
         .to_bytes();
+    let list_query = (parts.method == Method::GET)
+        .then(|| parts.uri.query().unwrap_or("").to_string())
+        .filter(|q| q.contains("list-type=2"));
     let pq = parts
         .uri
         .path_and_query()
@@ -437,6 +452,16 @@ async fn handle(
         .await
         .map_err(std::io::Error::other)?
         .to_bytes();
+    let body = match &list_query {
+        Some(q) if !planted.is_empty() && parts.status.is_success() => {
+            let b = Bytes::from(plant(&body, q, planted));
+            parts
+                .headers
+                .insert(hyper::header::CONTENT_LENGTH, b.len().into());
+            b
+        }
+        _ => body,
+    };
     let is_data = parts.status.is_success() && body.len() > 64;
     let out = match fault {
         Some(Fault::CutBody) if is_data => {
@@ -463,4 +488,94 @@ async fn handle(
         _ => full(body),
     };
     Ok(Response::from_parts(parts, out))
+}
+
+fn pct_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Ok(v) = u8::from_str_radix(&s[i + 1..i + 3], 16)
+        {
+            out.push(v);
+            i += 3;
+        } else {
+            out.push(if b[i] == b'+' { b' ' } else { b[i] });
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Every `<tag>value</tag>` of `xml`.
+fn values<'a>(xml: &'a str, tag: &str) -> Vec<&'a str> {
+    let (open, close) = (format!("<{tag}>"), format!("</{tag}>"));
+    let mut out = Vec::new();
+    let mut rest = xml;
+    while let Some(i) = rest.find(&open) {
+        rest = &rest[i + open.len()..];
+        let Some(j) = rest.find(&close) else { break };
+        out.push(&rest[..j]);
+        rest = &rest[j..];
+    }
+    out
+}
+
+/// Adds the `planted` names a real server would list in this ListObjectsV2 answer.
+fn plant(xml: &[u8], query: &str, planted: &[String]) -> Vec<u8> {
+    let Ok(text) = std::str::from_utf8(xml) else {
+        return xml.to_vec();
+    };
+    let q: std::collections::HashMap<String, String> = query
+        .split('&')
+        .filter_map(|kv| kv.split_once('='))
+        .map(|(k, v)| (k.to_string(), pct_decode(v)))
+        .collect();
+    let prefix = q.get("prefix").cloned().unwrap_or_default();
+    let after = q.get("start-after").cloned();
+    let delimited = q.contains_key("delimiter");
+    let truncated = text.contains("<IsTruncated>true</IsTruncated>");
+    let last = values(text, "Key")
+        .into_iter()
+        .chain(values(text, "Prefix").into_iter().filter(|p| !p.is_empty()))
+        .max()
+        .map(str::to_string);
+    let (mut contents, mut prefixes) = (String::new(), String::new());
+    for name in planted {
+        let Some(rest) = name.strip_prefix(&prefix) else {
+            continue;
+        };
+        let listed = match rest.find('/') {
+            Some(i) if delimited => format!("{prefix}{}", &rest[..=i]),
+            _ => name.clone(),
+        };
+        if after.as_ref().is_some_and(|a| listed <= *a)
+            || truncated && last.as_ref().is_some_and(|l| listed > *l)
+        {
+            continue;
+        }
+        if listed.ends_with('/') && delimited {
+            prefixes += &format!("<CommonPrefixes><Prefix>{listed}</Prefix></CommonPrefixes>");
+        } else {
+            contents += &format!(
+                "<Contents><Key>{listed}</Key><LastModified>2026-01-01T00:00:00.000Z</LastModified><ETag>\"0\"</ETag><Size>1</Size><StorageClass>STANDARD</StorageClass></Contents>"
+            );
+        }
+    }
+    // Keep each list contiguous: after its last element, else before the end.
+    let insert = |text: String, close: &str, add: &str| -> String {
+        if add.is_empty() {
+            return text;
+        }
+        let at = text
+            .rfind(close)
+            .map(|i| i + close.len())
+            .or_else(|| text.rfind("</ListBucketResult>"))
+            .unwrap_or(text.len());
+        format!("{}{add}{}", &text[..at], &text[at..])
+    };
+    let text = insert(text.to_string(), "</Contents>", &contents);
+    insert(text, "</CommonPrefixes>", &prefixes).into_bytes()
 }

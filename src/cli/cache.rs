@@ -40,7 +40,7 @@ pub fn ls(ctx: &Ctx, a: LsArgs) -> Result<i32, CliError> {
     match a.namespace {
         None => {
             for ns in store.namespaces()? {
-                println!(
+                outln!(
                     "{}\t{} chunks\t{}",
                     ns.dir,
                     ns.chunks,
@@ -58,7 +58,7 @@ pub fn ls(ctx: &Ctx, a: LsArgs) -> Result<i32, CliError> {
                 )));
             }
             for (key, len) in store.chunks(&ns)? {
-                println!("{key}\t{len}");
+                outln!("{key}\t{len}");
             }
         }
     }
@@ -79,16 +79,16 @@ pub fn verify(ctx: &Ctx, _a: VerifyArgs) -> Result<i32, CliError> {
     bar.finish_and_clear();
     for b in &report.bad {
         match &b.quarantined_to {
-            Some(q) => println!(
+            Some(q) => outln!(
                 "BAD {}: {} (moved to {})",
                 b.path.display(),
                 b.error,
                 q.display()
             ),
-            None => println!("BAD {}: {} (could not be moved)", b.path.display(), b.error),
+            None => outln!("BAD {}: {} (could not be moved)", b.path.display(), b.error),
         }
     }
-    println!(
+    outln!(
         "verified {} files: {} ok ({}), {} bad",
         report.checked,
         report.ok,
@@ -109,7 +109,7 @@ pub fn verify(ctx: &Ctx, _a: VerifyArgs) -> Result<i32, CliError> {
 pub fn gc(ctx: &Ctx, _a: GcArgs) -> Result<i32, CliError> {
     let store = ctx.open_store()?;
     let r = store.gc()?;
-    println!(
+    outln!(
         "evicted {} chunks ({}); using {} of {}",
         r.evicted,
         human_bytes(r.freed_bytes),
@@ -135,36 +135,38 @@ pub fn info(ctx: &Ctx, a: InfoArgs) -> Result<i32, CliError> {
                 "oldest_age_s": queue.1.map(|d| d.as_secs()),
             },
         });
-        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return Ok(0);
     }
-    println!("cache dir:  {}", store.root().display());
-    println!(
+    outln!("cache dir:  {}", store.root().display());
+    outln!(
         "capacity:   {} used of {} ({} configured)",
         human_bytes(cap.used_bytes),
         human_bytes(cap.limit_bytes),
         ctx.config.capacity
     );
-    println!(
+    outln!(
         "free space: {} of {} (keeping at least {})",
         human_bytes(cap.fs_free_bytes),
         human_bytes(cap.fs_total_bytes),
         human_bytes(cap.min_free_bytes)
     );
-    println!(
+    outln!(
         "settings:   memory {}, fsync {:?}, verify_reads {}",
-        ctx.config.memory, ctx.config.fsync, ctx.config.verify_reads
+        ctx.config.memory,
+        ctx.config.fsync,
+        ctx.config.verify_reads
     );
     match queue {
-        (0, _) => println!("uploads:    none queued for S3"),
-        (n, oldest) => println!(
+        (0, _) => outln!("uploads:    none queued for S3"),
+        (n, oldest) => outln!(
             "uploads:    {n} queued for S3, oldest queued {}s ago",
             oldest.map_or(0, |d| d.as_secs())
         ),
     }
-    println!("namespaces: {}", namespaces.len());
+    outln!("namespaces: {}", namespaces.len());
     for ns in &namespaces {
-        println!(
+        outln!(
             "  {}\t{} chunks\t{}{}",
             ns.dir,
             ns.chunks,

@@ -122,7 +122,7 @@ pub fn put(ctx: &Ctx, a: PutArgs) -> Result<i32, CliError> {
             })?
     };
     let out = store.put_stream(&ns_dir, stream).map_err(with_origin)?;
-    println!(
+    outln!(
         "{} {}/{} ({})",
         if out.created {
             "stored"
@@ -144,12 +144,18 @@ pub fn get(ctx: &Ctx, a: GetArgs) -> Result<i32, CliError> {
         Some(p) => write_whole(&p, &bytes)?,
         None => {
             let mut out = std::io::stdout().lock();
-            out.write_all(&bytes)
-                .and_then(|()| out.flush())
-                .map_err(|e| StoreError::Io {
-                    path: "<stdout>".into(),
-                    source: e,
-                })?;
+            match out.write_all(&bytes).and_then(|()| out.flush()) {
+                Ok(()) => {}
+                // The reader took what it wanted (`kvfs get KEY | head -c 4096`).
+                Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => {}
+                Err(e) => {
+                    return Err(StoreError::Io {
+                        path: "<stdout>".into(),
+                        source: e,
+                    }
+                    .into());
+                }
+            }
         }
     }
     Ok(0)
@@ -218,31 +224,34 @@ pub fn stat(ctx: &Ctx, a: StatArgs) -> Result<i32, CliError> {
             "mtime": mtime,
             "remote": remote,
         });
-        println!("{}", serde_json::to_string_pretty(&v).expect("json"));
+        outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return Ok(0);
     }
-    println!("key:            {}", key);
-    println!("namespace:      {} (id {})", ns_dir, m.namespace.to_hex());
-    println!("parent:         {parent}");
-    println!("salt tag:       {salt}");
-    println!("tokens:         {}", g.token_count);
-    println!("dtype:          {}", m.dtype);
-    println!("kv kind:        {}", m.kv_kind.name());
-    println!(
+    outln!("key:            {}", key);
+    outln!("namespace:      {} (id {})", ns_dir, m.namespace.to_hex());
+    outln!("parent:         {parent}");
+    outln!("salt tag:       {salt}");
+    outln!("tokens:         {}", g.token_count);
+    outln!("dtype:          {}", m.dtype);
+    outln!("kv kind:        {}", m.kv_kind.name());
+    outln!(
         "shape:          {} layers x {} heads x {} head dim, groups of {} tokens",
-        m.num_layers, m.num_heads, m.head_dim, m.group_tokens
+        m.num_layers,
+        m.num_heads,
+        m.head_dim,
+        m.group_tokens
     );
-    println!("header length:  {}", g.header_len);
-    println!("size:           {} ({} bytes)", human_bytes(st.len), st.len);
-    println!("payload digest: {}", hex(&st.header.payload_digest));
-    println!("tier:           {}", st.tier);
-    println!("priority:       {}", st.priority);
-    println!("path:           {}", st.path.display());
+    outln!("header length:  {}", g.header_len);
+    outln!("size:           {} ({} bytes)", human_bytes(st.len), st.len);
+    outln!("payload digest: {}", hex(&st.header.payload_digest));
+    outln!("tier:           {}", st.tier);
+    outln!("priority:       {}", st.priority);
+    outln!("path:           {}", st.path.display());
     if let Some(t) = mtime {
-        println!("mtime:          {t} (unix seconds)");
+        outln!("mtime:          {t} (unix seconds)");
     }
     if let Some(r) = remote {
-        println!("remote:         {r}");
+        outln!("remote:         {r}");
     }
     Ok(0)
 }
@@ -251,7 +260,7 @@ pub fn rm(ctx: &Ctx, a: RmArgs) -> Result<i32, CliError> {
     let store = ctx.open_store()?;
     let ChunkArg { ns_dir, key } = resolve_chunk(&store, &a.key)?;
     if store.remove(&ns_dir, &key)? {
-        println!("removed {ns_dir}/{key}");
+        outln!("removed {ns_dir}/{key}");
         Ok(0)
     } else {
         Err(StoreError::NotFound { ns_dir, key }.into())

@@ -138,12 +138,16 @@ pub fn demo(ctx: &Ctx, a: DemoArgs) -> Result<i32, CliError> {
     let root = store.root().to_path_buf();
     let prefix = crate::synth::prompt_tokens(a.seed, a.tokens);
     let per_token = spec.bytes_per_token();
-    println!(
+    outln!(
         "kvfs demo: {} ({} layers, {} KV heads, head dim {}, {})",
-        spec.model, spec.num_layers, spec.num_kv_heads, spec.head_dim, spec.dtype
+        spec.model,
+        spec.num_layers,
+        spec.num_kv_heads,
+        spec.head_dim,
+        spec.dtype
     );
-    println!("  cache directory   {}", root.display());
-    println!(
+    outln!("  cache directory   {}", root.display());
+    outln!(
         "  KV bytes/token    {per_token} ({:.1} MiB for the {}-token prefix)",
         (per_token * a.tokens as u64) as f64 / (1 << 20) as f64,
         a.tokens
@@ -165,7 +169,7 @@ pub fn demo(ctx: &Ctx, a: DemoArgs) -> Result<i32, CliError> {
         .store(&prefix, &r1.dest())
         .map_err(|e| CliError::Failed(e.to_string()))?;
     let store_s = t.elapsed().as_secs_f64();
-    println!(
+    outln!(
         "request 1: prefilled {} tokens; stored {} new chunks ({} already cached), {:.1} MiB in {:.3} s",
         a.tokens,
         stored.written,
@@ -186,14 +190,14 @@ pub fn demo(ctx: &Ctx, a: DemoArgs) -> Result<i32, CliError> {
         .map_err(|e| CliError::Failed(e.to_string()))?;
     let stats = handle.wait().map_err(|e| CliError::Failed(e.to_string()))?;
     let first = stats.layer_ready.first().copied().unwrap_or_default();
-    println!(
+    outln!(
         "request 2: {} of {} prompt tokens cached (lookup {:.2} ms); prefill only {} tokens",
         hit,
         prompt2.len(),
         lookup_s * 1e3,
         prompt2.len() - hit
     );
-    println!(
+    outln!(
         "  loaded {} chunks, {:.1} MiB: layer 0 ready after {:.1} ms, all {} layers after {:.1} ms ({:.2} GB/s, {} O_DIRECT / {} buffered files)",
         stats.chunks,
         stats.bytes_read as f64 / (1 << 20) as f64,
@@ -240,8 +244,8 @@ pub fn demo(ctx: &Ctx, a: DemoArgs) -> Result<i32, CliError> {
             "{mismatched} loaded KV rows differ from what was stored"
         )));
     }
-    println!("  every loaded KV row matches request 1's blocks byte for byte");
-    println!(
+    outln!("  every loaded KV row matches request 1's blocks byte for byte");
+    outln!(
         "next: `kvfs ls`, `kvfs verify`, `kvfs info`, or `kvfs mount DIR` to see the chunks as files"
     );
     Ok(0)

@@ -29,6 +29,6 @@ pub fn doctor(ctx: &Ctx, args: DoctorArgs) -> Result<i32, CliError> {
     opts.device = args.device;
     let dir = args.dir.unwrap_or_else(|| ctx.cache_dir.clone());
     let r = report(&dir, opts);
-    print!("{}", r.text);
+    out!("{}", r.text);
     Ok(if r.forced_unavailable { 1 } else { 0 })
 }

@@ -16,6 +16,28 @@
 //! that is not well-formed). Errors print as one line on stderr: `kvfs: error: ...`.
 //! Logs go to stderr through `tracing`, filtered by `KVFS_LOG` (default `warn`).
 
+/// `println!` for command output: a reader that went away (`kvfs ls | head -1`) ends the
+/// command quietly with status 0, as `ls` would, instead of a panic (exit 101).
+///
+/// The process keeps ignoring SIGPIPE, as Rust sets it up: hyper writes to S3 sockets with
+/// `writev`, which has no `MSG_NOSIGNAL`, so restoring the default action would let a server
+/// that closes a connection kill a `sync` mid-way.
+macro_rules! outln {
+    () => {
+        $crate::cli::print_out(format_args!("\n"))
+    };
+    ($($arg:tt)*) => {
+        $crate::cli::print_out(format_args!("{}\n", format_args!($($arg)*)))
+    };
+}
+
+/// `print!` for command output; see [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        $crate::cli::print_out(format_args!($($arg)*))
+    };
+}
+
 pub mod cache;
 pub mod chunks;
 pub mod demo;
@@ -177,9 +199,6 @@ pub fn main() -> i32 {
             return code;
         }
     };
-    if !matches!(cli.command, Command::Mount(_)) {
-        restore_default_sigpipe();
-    }
     init_logging();
     match run(cli) {
         Ok(code) => code,
@@ -206,19 +225,15 @@ fn one_line(e: &CliError) -> String {
     s.replace('\n', " ")
 }
 
-/// A command whose output goes to a pipe ends quietly when the reader goes away
-/// (`kvfs ls | head -1`), as `ls` and `cat` do, instead of panicking in `println!`.
-///
-/// Rust ignores SIGPIPE, so a write to a closed pipe returns `EPIPE` and `println!` panics.
-/// Every command but `mount` gets the default action back: the process ends with SIGPIPE,
-/// which a shell treats as normal. The mount daemon keeps ignoring it: it must never die
-/// because a peer went away. Sockets are unaffected either way (std sends with
-/// `MSG_NOSIGNAL`), so S3 requests of `sync` still fail with an error, not a signal.
-fn restore_default_sigpipe() {
-    // SAFETY: setting a signal disposition to SIG_DFL installs no handler code; it runs once
-    // at start, before any thread is spawned.
-    unsafe {
-        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+/// Writes command output to stdout (see [`outln!`]).
+pub fn print_out(args: std::fmt::Arguments<'_>) {
+    use std::io::Write;
+    if let Err(e) = std::io::stdout().lock().write_fmt(args) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("kvfs: error: cannot write to stdout: {e}");
+        std::process::exit(1);
     }
 }
 

@@ -201,7 +201,7 @@ fn daemonize(ctx: &Ctx, args: &MountArgs) -> Result<i32, CliError> {
             )));
         }
         if ready.exists() {
-            println!("{}", child.id());
+            outln!("{}", child.id());
             return Ok(0);
         }
         if Instant::now() > deadline {

@@ -151,7 +151,7 @@ pub fn sync(ctx: &Ctx, a: SyncArgs) -> Result<i32, CliError> {
     if report.damaged > 0 {
         extra += &format!(", {} damaged objects left", report.damaged);
     }
-    println!(
+    outln!(
         "{}: {} chunks ({}) transferred, {} already there, {} failed{extra}{}",
         if push { "push" } else { "pull" },
         report.transferred,
@@ -188,14 +188,14 @@ fn ls_remote_with(remote: &Remote, namespace: Option<&str>) -> Result<i32, CliEr
             for ns in remote.list_namespaces().map_err(remote_failed)? {
                 let chunks = remote.list_chunks(&ns).map_err(remote_failed)?;
                 let bytes: u64 = chunks.iter().map(|c| c.1).sum();
-                println!("{ns}\t{} chunks\t{}", chunks.len(), human_bytes(bytes));
+                outln!("{ns}\t{} chunks\t{}", chunks.len(), human_bytes(bytes));
             }
         }
         Some(ns) => {
             let ns = ns.trim_end_matches('/');
             validate_namespace_dir(ns).map_err(|e| CliError::Usage(e.to_string()))?;
             for (key, len) in remote.list_chunks(ns).map_err(remote_failed)? {
-                println!("{key}\t{len}");
+                outln!("{key}\t{len}");
             }
         }
     }

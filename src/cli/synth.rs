@@ -63,10 +63,10 @@ pub fn synth(ctx: &Ctx, a: SynthArgs) -> Result<i32, CliError> {
         bar.set_position(done)
     })?;
     bar.finish_and_clear();
-    println!("namespace: {}", store.root().join(&r.ns_dir).display());
-    println!("chunks: {} ({} new)", r.chunks, r.created);
-    println!("bytes: {} ({})", r.bytes, human_bytes(r.bytes));
-    println!(
+    outln!("namespace: {}", store.root().join(&r.ns_dir).display());
+    outln!("chunks: {} ({} new)", r.chunks, r.created);
+    outln!("bytes: {} ({})", r.bytes, human_bytes(r.bytes));
+    outln!(
         "tokens: kvfs::synth::prompt_tokens(seed={}, n={}) = first {} SplitMix64 outputs of seed {} mod {}",
         a.seed,
         a.tokens,
@@ -74,7 +74,7 @@ pub fn synth(ctx: &Ctx, a: SynthArgs) -> Result<i32, CliError> {
         a.seed,
         crate::synth::VOCAB
     );
-    println!(
+    outln!(
         "salt: {}",
         if a.salt.is_empty() {
             "none".to_string()
@@ -83,14 +83,14 @@ pub fn synth(ctx: &Ctx, a: SynthArgs) -> Result<i32, CliError> {
         }
     );
     if r.leftover_tokens > 0 {
-        println!(
+        outln!(
             "note: the last {} tokens do not fill a chunk and were not stored",
             r.leftover_tokens
         );
     }
     if let (Some(first), Some(last)) = (r.keys.first(), r.keys.last()) {
-        println!("first key: {first}");
-        println!("last key: {last}");
+        outln!("first key: {first}");
+        outln!("last key: {last}");
     }
     Ok(0)
 }

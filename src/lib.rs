@@ -1,5 +1,6 @@
 //! kvfs: a content-addressed KV-cache chunk store for LLM serving.
 //!
+//! Owns the tiered store and its wiring into a daemon and a command line:
 //! - [`store`]: the tiered store (memory over local disk, with a seam for a remote tier);
 //! - [`units`]: sizes and limits (`64GiB`, `10%`);
 //! - [`config`]: settings from a TOML file, the environment and flags;
@@ -7,9 +8,13 @@
 //! - [`mount`]: the store as the backend of a kvfs-fs mount;
 //! - [`synth`]: deterministic synthetic prompts and chunks;
 //! - [`doctor`]: the GPU path probe and O_DIRECT report;
-//! - [`cli`]: the `kvfs` command line (`src/main.rs` only calls [`cli::main`]).
+//! - [`cli`]: the `kvfs` command line (`src/main.rs` only calls [`cli::main`]), the only
+//!   module that knows the CLI's context and error.
 //!
-//! Chunk identity, the `.kvc` format and atomic commits live in `kvfs-loader`.
+//! It must not know the chunk format's bytes, key derivation or identity rules (kvfs-loader),
+//! FUSE (kvfs-fs), S3 and async runtimes (kvfs-remote) or CUDA (kvfs-gds), beyond calling
+//! them. Within it, library modules never import `cli`, and the store imports neither
+//! `config` nor `remote_tier`.
 
 pub mod cli;
 pub mod config;

@@ -5,7 +5,7 @@
 //! - [`buf`]: [`DIRECT_ALIGN`], alignment arithmetic and [`AlignedBuf`], the page-aligned,
 //!   zeroed host buffer (fixed with [`AlignedBuf::zeroed`], or grown on demand with
 //!   [`AlignedBuf::slice`]);
-//! - [`file`]: opening with `O_DIRECT` and falling back to buffered I/O where a file system
+//! - [`file`](mod@file): opening with `O_DIRECT` and falling back to buffered I/O where a file system
 //!   refuses it (at `open` or at the first transfer), positioned transfer loops that handle
 //!   `EINTR`, short transfers and that fall back, and [`probe_direct_io`];
 //! - [`error`]: the [`DirectError`] every call returns.

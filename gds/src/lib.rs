@@ -18,7 +18,14 @@
 //! Module map: [`align`] (alignment, aligned buffers), [`plan`] (extents -> aligned fills),
 //! [`scatter`] (scatter plans, block tables), [`direct`] (O_DIRECT with fall back),
 //! [`ring`] (the staging ring and the [`Sink`] trait), [`probe`](mod@probe) (path selection),
-//! [`cufile`] (cuFile bindings), [`cuda`] (device sinks, kernel, [`GpuLoader`]).
+//! [`cufile`] (cuFile bindings), [`cuda`] (device memory and copies, the staging sink, the
+//! cuFile engine, the kernels in `cuda/kernels.cu`, [`GpuLoader`]). `align` and `direct` are
+//! kvfs-direct's, the O_DIRECT stack kvfs-loader uses too.
+//!
+//! It owns moving bytes between files and device memory. It must not know the `.kvc` format,
+//! keys, namespaces, stores or mounts: it depends on no other kvfs crate but kvfs-direct.
+//! Plans carry raw device addresses, so the calls that write or read through them are
+//! `unsafe fn`s whose `# Safety` sections say what the caller promises.
 
 pub mod align;
 pub mod cuda;

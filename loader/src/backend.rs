@@ -4,10 +4,10 @@
 //! destination addresses are. A [`Backend`] says whether they are host memory that a read may
 //! target directly ([`Backend::host_addressable`]: then reads land in the engine's blocks with
 //! no intermediate copy) and how to copy a staged run of rows in or out. [`HostMemory`] is the
-//! host back end. A CUDA back end (pinned staging ring, `cudaMemcpyAsync`, or cuFile reads
-//! straight into device memory, in kvfs-gds) implements the same trait with device addresses
-//! in the same [`crate::layout::KvLayout`], answers `false` to `host_addressable`, and the
-//! loader then always stages through its aligned buffers.
+//! only back end that exists. No CUDA back end implements this trait yet: GPU file I/O lives
+//! in kvfs-gds (`kvfs_gds::GpuLoader` moves file extents into device memory
+//! on its own), and this crate does not depend on it. A device back end would answer `false`
+//! to `host_addressable`, and the loader would then always stage through its aligned buffers.
 
 use std::fmt::Debug;
 use std::io;

@@ -11,8 +11,11 @@
 //! - [`selective`]: which token groups of which layer a selective load reads;
 //! - [`ffi`]: the C ABI (`include/kvfs.h`).
 //!
-//! This crate has no async runtime, no S3 client and no FUSE code: an engine that links it
-//! pulls in blake3, libc, thiserror and tracing, nothing more.
+//! It owns what a chunk is and how an engine reads and writes one: identity, format, layouts,
+//! loading. It must not know stores and tiers, mounts, S3 or CUDA: it has no async runtime, no
+//! S3 client, no FUSE code and no CUDA; an engine that links it pulls in blake3, libc,
+//! thiserror, tracing and kvfs-direct (the O_DIRECT stack), nothing more. The only
+//! [`Backend`] is host memory.
 
 pub mod backend;
 pub mod dir;

@@ -10,6 +10,9 @@
 //! The kvfs namespace is `ModelSpec::preset("smollm2-135m")` checked against the GGUF's
 //! shape, with the revision set to `gguf-<first 16 hex of the file's blake3>`: another
 //! quantization or build of the weights never shares KV bytes with this one.
+//!
+//! It knows kvfs only through kvfs-loader's public API (specs, layouts, the `Loader`); it must
+//! not know the store, the mount, S3 or the GPU paths.
 
 pub mod model;
 pub mod paged;

@@ -19,7 +19,7 @@ pub enum FsyncPolicy {
     Never,
 }
 
-/// Settings of a [`Store`]. [`StoreConfig::new`] gives the documented defaults.
+/// Settings of a [`Store`](super::Store). [`StoreConfig::new`] gives the documented defaults.
 #[derive(Debug, Clone)]
 pub struct StoreConfig {
     pub root: PathBuf,

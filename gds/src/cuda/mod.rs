@@ -1,15 +1,15 @@
 //! Device paths: the CUDA staging sink, the cuFile (GDS) engine and [`GpuLoader`].
 //!
-//! Both device paths end in the same place: the wanted bytes of a [`Fill`] sit in a
+//! Both device paths end in the same place: the wanted bytes of a [`Fill`](crate::plan::Fill) sit in a
 //! *device* staging slot, and the scatter kernel ([`KERNEL_SRC`], compiled at run time by
-//! NVRTC) copies every [`ScatterRun`] clipped to the fill's windows to its destination
+//! NVRTC) copies every [`ScatterRun`](crate::scatter::ScatterRun) clipped to the fill's windows to its destination
 //! block. One thread block per run, 16-byte vector copies when aligned; the run table is
 //! uploaded once per load, and each window is one launch (`runs_overlapping` gives its run
 //! range), so a 16 MiB fill costs one copy and a handful of launches, not one memcpy per
 //! block per layer. Without NVRTC the same windows are scattered with asynchronous
 //! device-to-device copies queued back to back on the stream (correct, slower).
 //!
-//! - **Staging** ([`CudaSink`] in a [`Ring`]): O_DIRECT reads land in pinned host buffers
+//! - **Staging** ([`CudaSink`] in a [`Ring`](crate::ring::Ring)): O_DIRECT reads land in pinned host buffers
 //!   (`cuMemHostAlloc`); each is copied with `cuMemcpyHtoDAsync` into its device slot and an
 //!   event is recorded right after the copy, so the ring refills that host buffer as soon as
 //!   the copy is done while the kernel still runs: disk reads overlap copies and scatters.
@@ -25,13 +25,13 @@
 //!   `cuFileWrite`).
 //!
 //! Nothing here runs on a machine without CUDA: [`GpuLoader::new`] probes first and a
-//! host-only machine gets [`GpuPath::HostOnly`] (or a typed error when a device path was
+//! host-only machine gets [`GpuPath::HostOnly`](crate::probe::GpuPath::HostOnly) (or a typed error when a device path was
 //! forced). The GPU behaviour is exercised by `tests/gpu.rs` through `scripts/gpu-check`.
 
 //!
-//! Files: the kernels are CUDA C in `kernels.cu` ([`KERNEL_SRC`]); [`device`] holds the
-//! context, memory, copies and kernel launches; [`staging`] the staging ring's sink; [`gds`]
-//! the cuFile engine; [`loader`] the [`GpuLoader`] that picks one of them.
+//! Files: the kernels are CUDA C in `kernels.cu` ([`KERNEL_SRC`]); `device.rs` holds the
+//! context, memory, copies and kernel launches; `staging.rs` the staging ring's sink; `gds.rs`
+//! the cuFile engine; `loader.rs` the [`GpuLoader`] that picks one of them.
 
 mod device;
 mod gds;

@@ -226,3 +226,45 @@ fn logs_to_a_pipe_are_plain_text() {
     assert!(err.contains("WARN"), "no log line to check: {err:?}");
     assert!(!err.contains('\x1b'), "{err:?}");
 }
+
+/// A failure is said once (not a log line and then the same error again), and a valid chunk
+/// filed in the wrong fan-out directory is called that, not "not a valid chunk file name".
+#[test]
+fn a_failure_is_reported_once_and_a_misplaced_chunk_is_named_as_such() {
+    let t = tempfile::tempdir().unwrap();
+    let cache = t.path().join("c");
+    synth_tiny(&cache, 2);
+    let mut files = chunk_files(&cache);
+    files.sort();
+    // A flipped payload byte: `get` fails with one line.
+    let bad = &files[0];
+    let mut b = fs::read(bad).unwrap();
+    b[5000] ^= 1;
+    fs::write(bad, &b).unwrap();
+    let key = bad.file_stem().unwrap().to_str().unwrap().to_string();
+    let o = run({
+        let mut c = kvfs(&cache);
+        c.args(["get", &key]);
+        c
+    });
+    assert_eq!(o.status.code(), Some(1));
+    let err = stderr(&o);
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(err.contains("payload digest"), "{err}");
+
+    // A good chunk moved to another fan-out directory.
+    let good = &files[1];
+    let elsewhere = good.parent().unwrap().with_file_name("zz");
+    fs::create_dir_all(&elsewhere).unwrap();
+    fs::rename(good, elsewhere.join(good.file_name().unwrap())).unwrap();
+    let o = run({
+        let mut c = kvfs(&cache);
+        c.arg("verify");
+        c
+    });
+    assert_eq!(o.status.code(), Some(1));
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("wrong directory"), "{out}");
+    assert!(!out.contains("not a valid chunk file name"), "{out}");
+    assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+}

@@ -5,6 +5,7 @@
 //! its open handles as the kernel requires, dropped with the last one), and the buffer-size
 //! rules of READDIR and GETXATTR.
 
+use crate::backend::BackendError;
 use crate::core::{FsError, KvFs, OpenMode, Released};
 use fuser::{
     BackingId, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
@@ -32,7 +33,17 @@ pub fn errno(e: &FsError) -> Errno {
         FsError::NoXattr => return Errno::NO_XATTR,
         FsError::Corrupt(_) => libc::EIO,
         FsError::Rejected(b) => b.errno(),
-        FsError::Backend(b) => b.errno(),
+        FsError::Backend(b) => {
+            // The store returns these without logging them (its callers report): the mount
+            // is where an operator must see them.
+            if matches!(
+                b,
+                BackendError::Invalid(_) | BackendError::Io(_) | BackendError::Other(_)
+            ) {
+                tracing::warn!(error = %b, "request failed");
+            }
+            b.errno()
+        }
         FsError::Io(e) => e.raw_os_error().unwrap_or(libc::EIO),
     };
     Errno::from_i32(raw)

@@ -37,6 +37,8 @@ pub enum FormatError {
     BadKey(String),
     #[error("`{0}` is not a valid chunk file name (`<64 hex>.kvc`)")]
     BadName(String),
+    #[error("chunk file `{found}` is in the wrong directory: its key puts it under `{expected}/`")]
+    Misplaced { found: String, expected: String },
     #[error("`{0}` is not a valid namespace directory name")]
     BadNamespace(String),
     #[error("chunk I/O failed: {0}")]

@@ -167,8 +167,10 @@ impl Store {
             }
             Ok(header)
         })();
+        // The error goes back to the caller, which reports it (the CLI prints it; the mount
+        // logs it with the errno it answers): logging it here too would say it twice.
         r.map_err(|e| {
-            tracing::warn!(path = %path.display(), error = %e, "chunk failed verification");
+            tracing::debug!(path = %path.display(), error = %e, "chunk failed verification");
             self.rejected(Some(path), e)
         })
     }

@@ -69,7 +69,9 @@ impl Store {
                 }
                 Err(e) => {
                     bump(&self.inner.counters.verify_failures, 1);
-                    tracing::warn!(path = %path.display(), error = %e, "bad chunk file");
+                    // Reported to the caller in `report.bad` (the CLI prints it): not logged
+                    // twice.
+                    tracing::debug!(path = %path.display(), error = %e, "bad chunk file");
                     if let Ok(key) = ChunkKey::from_file_name(&name) {
                         self.inner.memory.remove(&key);
                         self.inner.disk.index().remove(&ns, &key);
@@ -96,7 +98,10 @@ impl Store {
     ) -> Result<u64, FormatError> {
         let key = ChunkKey::from_file_name(name)?;
         if !key.to_hex().starts_with(fan) || fan.len() != 2 {
-            return Err(FormatError::BadName(format!("{fan}/{name}")));
+            return Err(FormatError::Misplaced {
+                found: format!("{fan}/{name}"),
+                expected: key.to_hex()[..2].to_string(),
+            });
         }
         let f = File::open(path)?;
         let header = ChunkHeader::read_from(&f)?;

@@ -83,7 +83,8 @@ pub const XATTR_TOKENS: &str = "user.kvfs.tokens";
 pub const XATTR_PARENT: &str = "user.kvfs.parent";
 pub const XATTR_DIGEST: &str = "user.kvfs.digest";
 pub const XATTR_TIER: &str = "user.kvfs.tier";
-pub const XATTR_BACKING: &str = "user.kvfs.backing";
+/// The one name kvfs-loader and tools read the backing path by.
+pub const XATTR_BACKING: &str = kvfs_loader::identity::BACKING_XATTR;
 
 /// Why a request failed. [`crate::fuse`] maps each to one errno.
 #[derive(Debug, thiserror::Error)]

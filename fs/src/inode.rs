@@ -24,10 +24,8 @@ pub const MOUNT_INFO_INO: u64 = 4;
 /// First number handed out to namespaces and chunks.
 const FIRST_DYNAMIC_INO: u64 = 16;
 
-/// Name of the status directory under the root.
-pub const STATUS_DIR: &str = ".kvfs";
-pub const STATS_FILE: &str = "stats.json";
-pub const MOUNT_INFO_FILE: &str = "mount.json";
+/// Names of the status directory under the root and of its files (one definition, in kvfs-loader).
+pub use kvfs_loader::identity::{MOUNT_INFO_FILE, STATS_FILE, STATUS_DIR};
 
 /// What an inode number stands for.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -54,7 +54,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// Name of the readable namespace description beside the chunks.
-pub const NAMESPACE_JSON: &str = "namespace.json";
+pub use kvfs_loader::identity::NAMESPACE_JSON;
 
 /// Object metadata key (`x-amz-meta-…`) holding the chunk's payload digest, in hex.
 pub const DIGEST_METADATA: &str = "kvfs-payload-digest";

@@ -50,6 +50,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorRole,
 )
 from vllm.logger import init_logger
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from vllm.model_executor.models.utils import extract_layer_index
 
 from . import ChunkError, KvfsError, Loader, ModelSpec, layout_from_views
@@ -222,6 +223,9 @@ def _salt(request: Any) -> bytes:
 
 class KvfsConnector(KVConnectorBase_V1):
     """vLLM KV connector over kvfs (see the module documentation)."""
+
+    # kvfs serves hits from local disk (a mount may have fetched them from S3 first)
+    _cache_hit_source = CacheHitSource.DISK
 
     def __init__(
         self,
@@ -404,6 +408,9 @@ class KvfsConnector(KVConnectorBase_V1):
             )
         ctx = self._vllm_config.compilation_config.static_forward_context
         first = kv_caches[names[0]]
+        cache_dtype = self._vllm_config.cache_config.cache_dtype
+        if cache_dtype not in ("auto", None):
+            raise KvfsError(f"kvfs: the layout of a {cache_dtype} KV cache is not verified")
         isa = _cpu_attn_isa(first.dtype, self._block_size, spec.head_dim,
                             self._vllm_config.cache_config.cache_dtype)
         if isa not in _VERIFIED_ISAS:

@@ -4,7 +4,9 @@ warm, and dropped), at several prompt sizes, plus prompts sharing 75% of their t
 earlier one. Each configuration is one fresh engine process (vllm_engine.py) that runs its
 prompts one after the other; a figure is the wall time of `generate` with max_tokens=1.
 
-Prompts are real English: the licence texts Debian's base-files ships in
+Every engine reserves one core for vLLM's engine process (VLLM_CPU_NUM_OF_RESERVED_CPU=1: with
+a KV connector vLLM would otherwise reserve a different number), so all compute with the same
+threads. Prompts are real English: the licence texts Debian's base-files ships in
 /usr/share/common-licenses, concatenated.
 """
 
@@ -40,12 +42,12 @@ def engine(args, work: Path, name: str, prompts: list[str], kv: dict | None) -> 
     cmd = [sys.executable, str(HERE / "vllm_engine.py"), "--model", args.model, "--text", str(args.text)]
     for p in prompts:
         cmd += ["--prompt", p]
-    cmd += ["--max-tokens", "1", "--no-prefix-caching", "--out", str(out)]
+    cmd += ["--max-tokens", "1", "--no-prefix-caching", "--warmup", "--out", str(out)]
     if kv is not None:
         cmd += ["--kv", json.dumps(kv)]
     log = work / f"{name}.log"
     with log.open("w") as f:
-        rc = subprocess.run(cmd, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2"), stdout=f, stderr=subprocess.STDOUT).returncode
+        rc = subprocess.run(cmd, env=dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", VLLM_CPU_NUM_OF_RESERVED_CPU="1"), stdout=f, stderr=subprocess.STDOUT).returncode
     if rc != 0:
         raise SystemExit(f"{name} failed; see {log}")
     r = json.loads(out.read_text())
@@ -94,12 +96,48 @@ def fio_read(dir: Path) -> float | None:
     return job["bw_bytes"] / 1e9
 
 
+def loader_gbps(cache: Path, model: str, text: Path, prompt: str, cold: bool) -> tuple[float, int]:
+    """The loader alone, from Python, as the connector calls it: the prompt's chunks from the
+    cache directory into a vLLM-CPU-shaped KV cache. Returns (GB/s of KV placed, bytes)."""
+    import time
+
+    import torch
+    from transformers import AutoTokenizer
+
+    import kvfs
+    from kvfs.vllm import cpu_attn_views
+
+    ns = json.loads(next(cache.glob("*/namespace.json")).read_text())
+    spec = kvfs.ModelSpec(
+        ns["model"], ns["dtype"], ns["num_layers"], ns["num_kv_heads"], ns["head_dim"],
+        revision=ns["revision"], rope_theta=ns["rope_theta"], rope_scaling=ns["rope_scaling"],
+        chunk_tokens=ns["chunk_tokens"], group_tokens=ns["group_tokens"],
+    )
+    ids = AutoTokenizer.from_pretrained(model).encode(text.read_text(), add_special_tokens=False)
+    start, n = (int(x) for x in prompt.split(":"))
+    tokens = ids[start : start + n]
+    loader = kvfs.Loader(cache, spec, verify="full")
+    hit = loader.lookup(tokens)
+    bs = spec.chunk_tokens
+    blocks = hit // bs
+    kvs = [torch.zeros(blocks, spec.num_kv_heads, bs, 2 * spec.head_dim, dtype=torch.bfloat16)
+           for _ in range(spec.num_layers)]
+    views = [cpu_attn_views(kv, spec.head_dim) for kv in kvs]
+    layout = kvfs.layout_from_views([k for k, _ in views], [v for _, v in views])
+    if cold:
+        drop_caches()
+    t = time.monotonic()
+    stats = loader.load(tokens[:hit], layout, list(range(blocks))).wait()
+    return stats["bytes_needed"] / (time.monotonic() - t) / 1e9, stats["bytes_needed"]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--kvfs-bin", required=True)
     ap.add_argument("--sizes", default="1024,4096,8191")
     ap.add_argument("--work", default=None)
+    ap.add_argument("--loader-only", action="store_true", help="only the loader and fio figures, on --work's cache")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="kvfs-bench-vllm-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -116,6 +154,9 @@ def main() -> None:
     shared = {n: f"{starts[n]}:{n * 3 // 4},{at + 101}:{n - n * 3 // 4}" for n in sizes}
     prompts = [full[n] for n in sizes]
     print(f"bench-vllm in {work}", flush=True)
+    if args.loader_only:
+        report_loader(args, work, full[sizes[-1]])
+        return
 
     base = engine(args, work, "full-prefill", prompts, None)
 
@@ -139,7 +180,6 @@ def main() -> None:
         kv_warm = engine(args, work, "kvfs-warm", prompts + [shared[n] for n in sizes], kvfs_cfg(mnt))
         drop_caches()
         kv_cold = engine(args, work, "kvfs-dropped", prompts, kvfs_cfg(mnt))
-        gbps = fio_read(cache)
     finally:
         subprocess.run([args.kvfs_bin, "umount", str(mnt)], capture_output=True)
         mount.wait(timeout=60)
@@ -166,8 +206,18 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(r)
+    report_loader(args, work, full[sizes[-1]])
+
+
+def report_loader(args, work: Path, prompt: str) -> None:
+    cache = work / "kvfs-cache"
+    warm, nbytes = loader_gbps(cache, args.model, args.text, prompt, cold=False)
+    cold, _ = loader_gbps(cache, args.model, args.text, prompt, cold=True)
+    gbps = fio_read(cache)
+    print(f"\nloader alone, {prompt} ({nbytes / 1e6:.0f} MB of KV into a vLLM CPU cache, full "
+          f"verification): {warm:.2f} GB/s page cache warm, {cold:.2f} GB/s dropped")
     if gbps is not None:
-        print(f"\nfio sequential O_DIRECT read of the same chunk files: {gbps:.2f} GB/s")
+        print(f"fio sequential O_DIRECT read (1 MiB) of all chunk files in the cache: {gbps:.2f} GB/s")
 
 
 if __name__ == "__main__":

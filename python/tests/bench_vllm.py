@@ -13,6 +13,7 @@ threads. Prompts are real English: the licence texts Debian's base-files ships i
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -20,6 +21,7 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -96,39 +98,33 @@ def fio_read(dir: Path) -> float | None:
     return job["bw_bytes"] / 1e9
 
 
-def loader_gbps(cache: Path, model: str, text: Path, prompt: str, cold: bool) -> tuple[float, int]:
-    """The loader alone, from Python, as the connector calls it: the prompt's chunks from the
-    cache directory into a vLLM-CPU-shaped KV cache. Returns (GB/s of KV placed, bytes)."""
-    import time
-
+def loader_gbps(dir: Path, n: int) -> tuple[float, float, int]:
+    """The loader alone, from Python, as the connector calls it: n tokens of SmolLM2-shaped KV
+    (30 layers, 3 KV heads, head dim 64, bf16, 128-token chunks) stored in a cache directory
+    on the bench's disk, then loaded into a vLLM-CPU-shaped cache with full verification, page
+    cache warm and dropped. Returns (warm GB/s, dropped GB/s, bytes) of KV placed."""
     import torch
-    from transformers import AutoTokenizer
 
     import kvfs
     from kvfs.vllm import cpu_attn_views
 
-    ns = json.loads(next(cache.glob("*/namespace.json")).read_text())
-    spec = kvfs.ModelSpec(
-        ns["model"], ns["dtype"], ns["num_layers"], ns["num_kv_heads"], ns["head_dim"],
-        revision=ns["revision"], rope_theta=ns["rope_theta"], rope_scaling=ns["rope_scaling"],
-        chunk_tokens=ns["chunk_tokens"], group_tokens=ns["group_tokens"],
-    )
-    ids = AutoTokenizer.from_pretrained(model).encode(text.read_text(), add_special_tokens=False)
-    start, n = (int(x) for x in prompt.split(":"))
-    tokens = ids[start : start + n]
-    loader = kvfs.Loader(cache, spec, verify="full")
-    hit = loader.lookup(tokens)
-    bs = spec.chunk_tokens
-    blocks = hit // bs
-    kvs = [torch.zeros(blocks, spec.num_kv_heads, bs, 2 * spec.head_dim, dtype=torch.bfloat16)
-           for _ in range(spec.num_layers)]
-    views = [cpu_attn_views(kv, spec.head_dim) for kv in kvs]
+    spec = kvfs.ModelSpec("bench/smollm2-shape", "bf16", 30, 3, 64, revision="bench", chunk_tokens=128)
+    blocks = n // 128
+    kvs = [torch.randn(blocks, 3, 128, 128).to(torch.bfloat16) for _ in range(30)]
+    views = [cpu_attn_views(kv, 64) for kv in kvs]
     layout = kvfs.layout_from_views([k for k, _ in views], [v for _, v in views])
-    if cold:
-        drop_caches()
-    t = time.monotonic()
-    stats = loader.load(tokens[:hit], layout, list(range(blocks))).wait()
-    return stats["bytes_needed"] / (time.monotonic() - t) / 1e9, stats["bytes_needed"]
+    dir.mkdir(parents=True, exist_ok=True)
+    loader = kvfs.Loader(dir, spec, verify="full")
+    tokens = list(range(blocks * 128))
+    loader.store(tokens, layout, list(range(blocks)))
+    out = []
+    for cold in (False, True):
+        if cold:
+            drop_caches()
+        t = time.monotonic()
+        stats = loader.load(tokens, layout, list(range(blocks))).wait()
+        out.append(stats["bytes_needed"] / (time.monotonic() - t) / 1e9)
+    return out[0], out[1], stats["bytes_needed"]
 
 
 def main() -> None:
@@ -155,7 +151,7 @@ def main() -> None:
     prompts = [full[n] for n in sizes]
     print(f"bench-vllm in {work}", flush=True)
     if args.loader_only:
-        report_loader(args, work, full[sizes[-1]])
+        report_loader(work, sizes[-1])
         return
 
     base = engine(args, work, "full-prefill", prompts, None)
@@ -165,24 +161,11 @@ def main() -> None:
     ex_store = engine(args, work, "example-store", prompts, example_cfg(ex_dir))
     ex_hit = engine(args, work, "example-hit", prompts + [shared[n] for n in sizes], example_cfg(ex_dir))
 
-    cache, mnt = work / "kvfs-cache", work / "kvfs-mnt"
-    mnt.mkdir()
-    mount = subprocess.Popen([args.kvfs_bin, "--cache-dir", str(cache), "mount", str(mnt)],
-                             env=dict(os.environ, KVFS_LOG="warn"))
-    try:
-        import time
-
-        while not (mnt / ".kvfs" / "mount.json").exists():
-            if mount.poll() is not None:
-                raise SystemExit("kvfs mount exited")
-            time.sleep(0.05)
+    with mounted(args, work) as mnt:
         kv_store = engine(args, work, "kvfs-store", prompts, kvfs_cfg(mnt))
         kv_warm = engine(args, work, "kvfs-warm", prompts + [shared[n] for n in sizes], kvfs_cfg(mnt))
         drop_caches()
         kv_cold = engine(args, work, "kvfs-dropped", prompts, kvfs_cfg(mnt))
-    finally:
-        subprocess.run([args.kvfs_bin, "umount", str(mnt)], capture_output=True)
-        mount.wait(timeout=60)
 
     rows = []
     for n in sizes:
@@ -206,18 +189,35 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(r)
-    report_loader(args, work, full[sizes[-1]])
+    report_loader(work, sizes[-1])
 
 
-def report_loader(args, work: Path, prompt: str) -> None:
-    cache = work / "kvfs-cache"
-    warm, nbytes = loader_gbps(cache, args.model, args.text, prompt, cold=False)
-    cold, _ = loader_gbps(cache, args.model, args.text, prompt, cold=True)
-    gbps = fio_read(cache)
-    print(f"\nloader alone, {prompt} ({nbytes / 1e6:.0f} MB of KV into a vLLM CPU cache, full "
+@contextlib.contextmanager
+def mounted(args, work: Path):
+    """`kvfs mount` of work/kvfs-cache on work/kvfs-mnt, unmounted on exit."""
+    cache, mnt = work / "kvfs-cache", work / "kvfs-mnt"
+    mnt.mkdir(exist_ok=True)
+    mount = subprocess.Popen([args.kvfs_bin, "--cache-dir", str(cache), "mount", str(mnt)],
+                             env=dict(os.environ, KVFS_LOG="warn"))
+    try:
+        while not (mnt / ".kvfs" / "mount.json").exists():
+            if mount.poll() is not None:
+                raise SystemExit("kvfs mount exited")
+            time.sleep(0.05)
+        yield mnt
+    finally:
+        subprocess.run([args.kvfs_bin, "umount", str(mnt)], capture_output=True)
+        mount.wait(timeout=60)
+
+
+def report_loader(work: Path, n: int) -> None:
+    dir = work / "loader-cache"
+    warm, cold, nbytes = loader_gbps(dir, n)
+    gbps = fio_read(dir)
+    print(f"\nloader alone, {n:,} tokens ({nbytes / 1e6:.0f} MB of KV into a vLLM CPU cache, full "
           f"verification): {warm:.2f} GB/s page cache warm, {cold:.2f} GB/s dropped")
     if gbps is not None:
-        print(f"fio sequential O_DIRECT read (1 MiB) of all chunk files in the cache: {gbps:.2f} GB/s")
+        print(f"fio sequential O_DIRECT read (1 MiB) of the same chunk files: {gbps:.2f} GB/s")
 
 
 if __name__ == "__main__":

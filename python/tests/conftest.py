@@ -47,13 +47,16 @@ class Mount:
         if config is not None:
             cmd += ["--config", str(config)]
         cmd += ["--cache-dir", str(cache), "mount", str(dir)]
-        env = dict(os.environ, KVFS_LOG="warn")
-        self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        env = dict(os.environ, KVFS_LOG="info")
+        # the daemon's log beside its cache (a pipe nobody reads would block it when full)
+        self.log = cache.parent / f"{cache.name}.mount.log"
+        with self.log.open("w") as log:
+            self.proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=log)
         ready = dir / ".kvfs" / "mount.json"
         deadline = time.monotonic() + 30
         while not ready.exists():
             if self.proc.poll() is not None:
-                raise RuntimeError(f"kvfs mount exited: {self.proc.stderr.read().decode()}")
+                raise RuntimeError(f"kvfs mount exited: {self.log.read_text()[-3000:]}")
             if time.monotonic() > deadline:
                 self.stop()
                 raise RuntimeError("kvfs mount did not come up in 30 s")

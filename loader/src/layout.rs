@@ -1,11 +1,14 @@
 //! Engine KV memory as the loader sees it: base addresses and strides, nothing more.
 //!
-//! Every engine layout kvfs targets stores one token's K (or V, or MLA latent) of one layer as
-//! a contiguous `[heads, head_dim]` row; what differs is where the rows of a block live. So a
-//! [`KvLayout`] is, per layer and plane (0 = K or latent, 1 = V), a base address, plus three
-//! numbers shared by all layers: `block_size` (tokens per block), `block_stride` (bytes between
-//! blocks) and `token_stride` (bytes between the slots of a block). The address of slot `s` is
-//! `base + (s / block_size) * block_stride + (s % block_size) * token_stride`:
+//! Most engine layouts store one token's K (or V, or MLA latent) of one layer as a contiguous
+//! `[heads, head_dim]` row; what differs is where the rows of a block live. So a [`KvLayout`]
+//! is, per layer and plane (0 = K or latent, 1 = V), a base address, plus numbers shared by all
+//! layers: `block_size` (tokens per block), `block_stride` (bytes between blocks) and, per
+//! plane, [`PlaneStrides`]: bytes between the slots of a block (`token`), between the heads of
+//! a slot (`head`) and between the elements of a head vector (`elem`). Element `e` of head `h`
+//! of slot `s` is at
+//! `base + (s / block_size) * block_stride + (s % block_size) * token + h * head + e * elem`;
+//! a row is contiguous when `elem` is the dtype size and `head` one head vector:
 //!
 //! | engine layout (per layer)                        | planes' bases         | block_stride  |
 //! |--------------------------------------------------|-----------------------|---------------|
@@ -13,8 +16,16 @@
 //! | vLLM flashinfer `[blocks, 2, bs, heads, dim]`    | `p`, `p + B`          | `2 * B`       |
 //! | MLA `[blocks, bs, latent]`                       | `p`                   | `B`           |
 //! | SGLang token pool `[tokens, heads, dim]` K and V | `k`, `v`              | `row`         |
+//! | vLLM CPU `[blocks, heads, bs, 2 * dim]`          | `p`, `p + bs*D`       | `B`           |
 //!
-//! where `row = heads * dim * dtype size` and `B = bs * row`; SGLang's pools are block size 1.
+//! where `row = heads * dim * dtype size`, `D = dim * dtype size` and `B = bs * row`; SGLang's
+//! pools are block size 1. vLLM's CPU attention kernel (`cpu_attn_reshape_and_cache`) keeps,
+//! per block and head, the block's K transposed (`[dim, bs]`: element `e` of token `t` at
+//! `e * bs + t`), then its V as rows (`[bs, dim]`); python/tests checks this against the kernel.
+//! Its K plane is `token = esz, head = 2 * bs * D, elem = bs * esz`, its V plane
+//! `token = D, head = 2 * bs * D, elem = esz`. Rows that are not contiguous are copied piece
+//! by piece ([`KvLayout::pieces`]), or by a strided loop on host memory
+//! ([`crate::backend::HostMemory`]).
 //!
 //! Which slots a load fills comes from a [`BlockMap`]: a block table (position `p` -> block
 //! `table[p / bs]`, slot `p % bs`, as vLLM) or a slot mapping (position -> slot, as SGLang's
@@ -90,6 +101,7 @@ pub enum LayoutKind {
     VllmFlashInfer,
     Mla,
     TokenPool,
+    VllmCpu,
     Custom,
 }
 
@@ -104,7 +116,8 @@ pub struct KvLayout {
     block_size: usize,
     num_blocks: usize,
     block_stride: usize,
-    token_stride: usize,
+    /// Per plane: where a slot's values live inside a block.
+    strides: [PlaneStrides; 2],
     /// Per layer, per plane: base address (as an integer: the layout never dereferences it).
     bases: Vec<[usize; 2]>,
 }
@@ -127,6 +140,26 @@ pub struct Strides {
     pub token_stride: usize,
 }
 
+/// Where one plane's values live inside a block, in bytes: between the slots of the block
+/// (`token`), the heads of a slot (`head`) and the elements of a head vector (`elem`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct PlaneStrides {
+    pub token: usize,
+    pub head: usize,
+    pub elem: usize,
+}
+
+impl PlaneStrides {
+    /// Contiguous `[heads, head_dim]` rows, `token` bytes apart.
+    pub fn rows(token: usize, dtype: Dtype, head_dim: u32) -> PlaneStrides {
+        PlaneStrides {
+            token,
+            head: head_dim as usize * dtype.size(),
+            elem: dtype.size(),
+        }
+    }
+}
+
 impl KvLayout {
     /// A layout from explicit bases and strides. `planes[layer]` holds one region per plane
     /// (two for K/V, one for MLA); each region must hold every slot of the layout.
@@ -145,34 +178,90 @@ impl KvLayout {
         planes: &[Vec<RawRegion>],
     ) -> Result<KvLayout, LayoutError> {
         let row = row_bytes(dtype, heads, head_dim)?;
+        if strides.token_stride < row {
+            return Err(LayoutError::Shape(format!(
+                "token stride {} is below one token row ({row} bytes)",
+                strides.token_stride
+            )));
+        }
+        let plane = PlaneStrides::rows(strides.token_stride, dtype, head_dim);
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            KvLayout::from_raw_strided(
+                kind,
+                dtype,
+                kv_kind,
+                heads,
+                head_dim,
+                Strides {
+                    token_stride: 0,
+                    ..strides
+                },
+                &[plane; 2][..kv_kind.planes()],
+                planes,
+            )
+        }
+    }
+
+    /// A layout whose planes place slots, heads and elements anywhere inside a block
+    /// (`plane_strides`: one per plane; `strides.token_stride` is unused). Refuses strides
+    /// under which two values of a block would overlap.
+    ///
+    /// # Safety
+    /// As [`KvLayout::from_raw`].
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn from_raw_strided(
+        kind: LayoutKind,
+        dtype: Dtype,
+        kv_kind: KvKind,
+        heads: u32,
+        head_dim: u32,
+        strides: Strides,
+        plane_strides: &[PlaneStrides],
+        planes: &[Vec<RawRegion>],
+    ) -> Result<KvLayout, LayoutError> {
+        row_bytes(dtype, heads, head_dim)?;
         let Strides {
             block_size,
             num_blocks,
             block_stride,
-            token_stride,
+            ..
         } = strides;
         if block_size == 0 || num_blocks == 0 {
             return Err(LayoutError::Shape(
                 "block size and block count must be positive".into(),
             ));
         }
-        if token_stride < row {
-            return Err(LayoutError::Shape(format!(
-                "token stride {token_stride} is below one token row ({row} bytes)"
-            )));
-        }
         if kv_kind == KvKind::MlaLatent && heads != 1 {
             return Err(LayoutError::Shape("an MLA latent has one head".into()));
+        }
+        if plane_strides.len() != kv_kind.planes() {
+            return Err(LayoutError::Shape(format!(
+                "{} plane strides, {} needs {}",
+                plane_strides.len(),
+                kv_kind.name(),
+                kv_kind.planes()
+            )));
         }
         if planes.is_empty() {
             return Err(LayoutError::Shape("no layers".into()));
         }
-        // Highest byte any slot touches, relative to the base.
-        let need = (num_blocks - 1)
-            .checked_mul(block_stride)
-            .and_then(|v| v.checked_add((block_size - 1).checked_mul(token_stride)?))
-            .and_then(|v| v.checked_add(row))
-            .ok_or_else(|| LayoutError::Shape("shape overflows".into()))?;
+        // Bytes each plane's region must hold from its base: the highest byte any value of
+        // any slot touches.
+        let mut need = [0usize; 2];
+        for (i, ps) in plane_strides.iter().enumerate() {
+            let span = block_span(dtype, heads, head_dim, block_size, ps)
+                .map_err(|e| LayoutError::Shape(format!("plane {i}: {e}")))?;
+            if num_blocks > 1 && block_stride < span {
+                return Err(LayoutError::Shape(format!(
+                    "plane {i}: block stride {block_stride} is below a block's {span} bytes"
+                )));
+            }
+            need[i] = (num_blocks - 1)
+                .checked_mul(block_stride)
+                .and_then(|v| v.checked_add(span))
+                .ok_or_else(|| LayoutError::Shape("shape overflows".into()))?;
+        }
         let mut bases = Vec::with_capacity(planes.len());
         for regions in planes {
             if regions.len() != kv_kind.planes() {
@@ -188,13 +277,17 @@ impl KvLayout {
                 if r.ptr.is_null() {
                     return Err(LayoutError::Shape("null base pointer".into()));
                 }
-                if r.len < need {
-                    return Err(LayoutError::RegionTooSmall { need, have: r.len });
+                if r.len < need[i] {
+                    return Err(LayoutError::RegionTooSmall {
+                        need: need[i],
+                        have: r.len,
+                    });
                 }
                 b[i] = r.ptr as usize;
             }
             bases.push(b);
         }
+        let first = plane_strides[0];
         Ok(KvLayout {
             kind,
             dtype,
@@ -204,7 +297,7 @@ impl KvLayout {
             block_size,
             num_blocks,
             block_stride,
-            token_stride,
+            strides: [first, *plane_strides.get(1).unwrap_or(&first)],
             bases,
         })
     }
@@ -383,6 +476,65 @@ impl KvLayout {
         }
     }
 
+    /// vLLM's CPU attention back end: per layer one tensor `[num_blocks, num_kv_heads,
+    /// block_size, 2 * head_size]`; per block and head, K transposed (`[head_size,
+    /// block_size]`), then V as rows (`[block_size, head_size]`), as its kernel
+    /// `cpu_attn_reshape_and_cache` writes them.
+    ///
+    /// # Safety
+    /// As [`KvLayout::from_raw`].
+    pub unsafe fn vllm_cpu(
+        layers: &[RawRegion],
+        num_blocks: usize,
+        block_size: usize,
+        num_kv_heads: u32,
+        head_size: u32,
+        dtype: Dtype,
+    ) -> Result<KvLayout, LayoutError> {
+        let esz = dtype.size();
+        let d = row_bytes(dtype, 1, head_size)?;
+        let head = 2 * block_size * d;
+        let block = num_kv_heads as usize * head;
+        let total = num_blocks * block;
+        let half = block_size * d;
+        let planes = split_layers(layers, total, |r| {
+            vec![
+                RawRegion::new(r.ptr, total),
+                // wrapping: no dereference, and the length check above keeps it in bounds
+                RawRegion::new(r.ptr.wrapping_add(half), total - half),
+            ]
+        })?;
+        let k = PlaneStrides {
+            token: esz,
+            head,
+            elem: block_size * esz,
+        };
+        let v = PlaneStrides {
+            token: d,
+            head,
+            elem: esz,
+        };
+        let strides = Strides {
+            block_size,
+            num_blocks,
+            block_stride: block,
+            token_stride: 0,
+        };
+        // SAFETY: forwarded from this function's contract.
+        unsafe {
+            KvLayout::from_raw_strided(
+                LayoutKind::VllmCpu,
+                dtype,
+                KvKind::KeyValue,
+                num_kv_heads,
+                head_size,
+                strides,
+                &[k, v],
+                &planes,
+            )
+        }
+    }
+
     pub fn kind(&self) -> LayoutKind {
         self.kind
     }
@@ -408,15 +560,63 @@ impl KvLayout {
     pub fn row_bytes(&self) -> usize {
         self.heads as usize * self.head_dim as usize * self.dtype.size()
     }
-    /// Whether the rows of one block are back to back (runs of tokens are one range).
-    pub fn rows_contiguous(&self) -> bool {
-        self.token_stride == self.row_bytes()
+    /// Bytes of one head vector: `head_dim * dtype size`.
+    pub fn head_bytes(&self) -> usize {
+        self.head_dim as usize * self.dtype.size()
+    }
+    /// Where `plane`'s values live inside a block.
+    pub fn plane_strides(&self, plane: usize) -> PlaneStrides {
+        self.strides[plane]
+    }
+    /// Whether one slot's `[heads, head_dim]` row of `plane` is one contiguous range.
+    pub fn row_contiguous(&self, plane: usize) -> bool {
+        let s = self.strides[plane];
+        s.elem == self.dtype.size() && (self.heads == 1 || s.head == self.head_bytes())
+    }
+    /// Whether the rows of one block of `plane` are back to back (runs of tokens are one
+    /// range).
+    pub fn rows_contiguous(&self, plane: usize) -> bool {
+        self.row_contiguous(plane) && self.strides[plane].token == self.row_bytes()
     }
 
-    /// Address of slot `slot` (block * block_size + offset) of one plane of one layer.
+    /// Address of slot `slot` (block * block_size + offset) of one plane of one layer: where
+    /// its first element (head 0, element 0) lives.
     pub fn slot_addr(&self, layer: usize, plane: usize, slot: usize) -> usize {
         let (b, o) = (slot / self.block_size, slot % self.block_size);
-        self.bases[layer][plane] + b * self.block_stride + o * self.token_stride
+        self.bases[layer][plane] + b * self.block_stride + o * self.strides[plane].token
+    }
+
+    /// The contiguous pieces of engine memory that hold `run`'s rows of `plane`, as
+    /// (address, offset in the run's rows packed back to back, length): one piece when the
+    /// rows are contiguous, else one per token and head, or per element when a head vector is
+    /// strided.
+    pub fn pieces(&self, plane: usize, run: &Run) -> Pieces {
+        let s = self.strides[plane];
+        let esz = self.dtype.size();
+        let (heads, elems, len) = if self.row_contiguous(plane) {
+            // `runs` merges only tokens whose rows are back to back.
+            (1, 1, run.tokens * self.row_bytes())
+        } else if s.elem == esz {
+            (self.heads as usize, 1, self.head_bytes())
+        } else {
+            (self.heads as usize, self.head_dim as usize, esz)
+        };
+        let tokens = if heads == 1 && elems == 1 {
+            1
+        } else {
+            run.tokens
+        };
+        Pieces {
+            addr: run.addr,
+            strides: s,
+            row: self.row_bytes(),
+            head_bytes: self.head_bytes(),
+            heads,
+            elems,
+            len,
+            count: tokens * heads * elems,
+            next: 0,
+        }
     }
 
     /// Checks the layout holds what `spec` describes.
@@ -514,7 +714,7 @@ impl KvLayout {
         out: &mut Vec<Run>,
     ) {
         let row = self.row_bytes();
-        let contiguous = self.rows_contiguous();
+        let contiguous = self.rows_contiguous(plane);
         let push = |out: &mut Vec<Run>, addr: usize, pos: usize, tokens: usize| {
             if let Some(last) = out.last_mut()
                 && contiguous
@@ -551,6 +751,75 @@ impl KvLayout {
             }
         }
     }
+}
+
+/// The pieces of one [`Run`]; see [`KvLayout::pieces`].
+#[derive(Debug, Clone)]
+pub struct Pieces {
+    addr: usize,
+    strides: PlaneStrides,
+    row: usize,
+    head_bytes: usize,
+    heads: usize,
+    elems: usize,
+    len: usize,
+    count: usize,
+    next: usize,
+}
+
+impl Iterator for Pieces {
+    /// (destination address, offset in the packed rows, length)
+    type Item = (usize, usize, usize);
+
+    fn next(&mut self) -> Option<Self::Item> {
+        if self.next == self.count {
+            return None;
+        }
+        let i = self.next;
+        self.next += 1;
+        let (e, rest) = (i % self.elems, i / self.elems);
+        let (h, t) = (rest % self.heads, rest / self.heads);
+        let s = self.strides;
+        Some((
+            self.addr + t * s.token + h * s.head + e * s.elem,
+            t * self.row + h * self.head_bytes + e * self.len,
+            self.len,
+        ))
+    }
+}
+
+/// Bytes one block of a plane spans (from its first to past its last value), refusing strides
+/// under which two values would overlap: sorted by stride, each dimension must step past
+/// everything the smaller ones span.
+fn block_span(
+    dtype: Dtype,
+    heads: u32,
+    head_dim: u32,
+    block_size: usize,
+    s: &PlaneStrides,
+) -> Result<usize, String> {
+    let mut dims = [
+        (s.elem, head_dim as usize, "element"),
+        (s.head, heads as usize, "head"),
+        (s.token, block_size, "token"),
+    ];
+    dims.sort_by_key(|d| d.0);
+    let mut span = dtype.size();
+    for (stride, n, what) in dims {
+        if n <= 1 {
+            continue;
+        }
+        if stride < span {
+            return Err(format!(
+                "{what} stride {stride} is below the {span} bytes the smaller dimensions span"
+            ));
+        }
+        span = stride
+            .checked_mul(n - 1)
+            .and_then(|v| v.checked_add(span))
+            .ok_or("shape overflows")?;
+    }
+    Ok(span)
 }
 
 /// A run of token positions whose rows are contiguous in the destination.
@@ -666,6 +935,101 @@ mod tests {
         let base = r.ptr as usize;
         assert_eq!(l.slot_addr(0, 1, 0), base + 256);
         assert_eq!(l.slot_addr(0, 0, 5), base + 512 + 64);
+    }
+
+    #[test]
+    fn vllm_cpu_keeps_k_transposed_and_v_as_rows() {
+        // [blocks 3, heads 2, block_size 4, 2 * head 8] in bf16: D = 16 bytes.
+        let (nb, h, bs, dim, esz) = (3usize, 2usize, 4usize, 8usize, 2usize);
+        let d = dim * esz;
+        let mut mem = vec![0u8; nb * h * bs * 2 * d];
+        let r = RawRegion::of(&mut mem);
+        // SAFETY: `mem` outlives the layout and nothing else touches it.
+        let l = unsafe { KvLayout::vllm_cpu(&[r], nb, bs, 2, 8, Dtype::Bf16) }.unwrap();
+        let base = r.ptr as usize;
+        assert_eq!(l.kind(), LayoutKind::VllmCpu);
+        assert!(!l.row_contiguous(0) && !l.row_contiguous(1));
+        let block = h * 2 * bs * d;
+        // slot 5 = block 1, token 1: K element 0 of head 0 is the block's second value
+        assert_eq!(l.slot_addr(0, 0, 5), base + block + esz);
+        // V rows follow the head's transposed K
+        assert_eq!(l.slot_addr(0, 1, 5), base + block + bs * d + d);
+        let mut runs = Vec::new();
+        l.runs(&BlockMap::Blocks(&[2, 1]), 0, 0, 3..5, &mut runs);
+        assert_eq!(runs.len(), 2, "strided rows are never merged");
+        // K of position 4 (block 1, slot 0): element e of head h at h * 2*bs*D + e * bs * esz
+        let pieces: Vec<_> = l.pieces(0, &runs[1]).collect();
+        assert_eq!(pieces.len(), h * dim);
+        assert_eq!(pieces[1], (base + block + bs * esz, esz, esz));
+        assert_eq!(pieces[dim], (base + block + 2 * bs * d, d, esz));
+        // V of position 4: one piece per head
+        runs.clear();
+        l.runs(&BlockMap::Blocks(&[2, 1]), 0, 1, 3..5, &mut runs);
+        let pieces: Vec<_> = l.pieces(1, &runs[1]).collect();
+        assert_eq!(
+            pieces,
+            vec![
+                (base + block + bs * d, 0, d),
+                (base + block + bs * d + 2 * bs * d, d, d)
+            ]
+        );
+        // one byte short is refused
+        let short = RawRegion::new(r.ptr, mem.len() - 1);
+        // SAFETY: as above.
+        let e = unsafe { KvLayout::vllm_cpu(&[short], nb, bs, 2, 8, Dtype::Bf16) }.unwrap_err();
+        assert!(matches!(e, LayoutError::RegionTooSmall { .. }), "{e}");
+    }
+
+    #[test]
+    fn overlapping_strides_are_refused() {
+        let mut mem = vec![0u8; 1 << 16];
+        let r = RawRegion::of(&mut mem);
+        let strides = Strides {
+            block_size: 4,
+            num_blocks: 2,
+            block_stride: 4096,
+            token_stride: 0,
+        };
+        let make = |ps: PlaneStrides, block_stride: usize| {
+            // SAFETY: `mem` outlives the layouts and nothing else touches it.
+            unsafe {
+                KvLayout::from_raw_strided(
+                    LayoutKind::Custom,
+                    Dtype::F16,
+                    KvKind::MlaLatent,
+                    1,
+                    8,
+                    Strides {
+                        block_stride,
+                        ..strides
+                    },
+                    &[ps],
+                    &[vec![r]],
+                )
+            }
+        };
+        // elements 2 bytes apart, tokens 16 apart: fine; tokens 8 apart overlap elements
+        let ok = PlaneStrides {
+            token: 16,
+            head: 16,
+            elem: 2,
+        };
+        make(ok, 4096).unwrap();
+        let e = make(PlaneStrides { token: 8, ..ok }, 4096).unwrap_err();
+        assert!(matches!(e, LayoutError::Shape(_)), "{e}");
+        // transposed (elements 8 apart, tokens 2 apart): fine
+        make(
+            PlaneStrides {
+                token: 2,
+                head: 64,
+                elem: 8,
+            },
+            4096,
+        )
+        .unwrap();
+        // a block stride inside the previous block
+        let e = make(ok, 32).unwrap_err();
+        assert!(matches!(e, LayoutError::Shape(_)), "{e}");
     }
 
     #[test]

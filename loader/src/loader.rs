@@ -495,7 +495,11 @@ impl Loader {
                     let out = &mut dst[at..at + r.tokens * row];
                     // SAFETY: `check_map` proved every run lies inside a layout region, and
                     // the layout's contract keeps the region readable during this call.
-                    if let Err(e) = unsafe { src.backend.copy_out(r.addr, out) } {
+                    let copied = unsafe {
+                        src.backend
+                            .copy_rows_out(src.layout, plane as usize, r, out)
+                    };
+                    if let Err(e) = copied {
                         copy_err.get_or_insert(e);
                     }
                 }
@@ -756,7 +760,7 @@ impl LoadJob {
                 &mut runs,
             );
             let first = g.token_range(l, 0, 0..g.token_count).start;
-            !(host && self.read_direct_ok(&o.file, &runs, first, pc.start, tb))
+            !(host && self.read_direct_ok(&o.file, 0, &runs, first, pc.start, tb))
         };
         if self.verify == Verify::Full || span_read {
             // One read of the whole layer span; verify; copy the wanted rows out.
@@ -775,7 +779,7 @@ impl LoadJob {
                     self.layout
                         .runs(&map, layer, plane, p0..pc.start + r.end as usize, &mut runs);
                     let base = (fr.start - span.start) as usize;
-                    placed += self.scatter(&runs, p0, &s[base..], tb)?;
+                    placed += self.scatter(plane, &runs, p0, &s[base..], tb)?;
                 }
             }
         } else {
@@ -789,7 +793,7 @@ impl LoadJob {
                     if runs.is_empty() {
                         continue;
                     }
-                    if host && self.read_direct_ok(&o.file, &runs, fr.start, p0, tb) {
+                    if host && self.read_direct_ok(&o.file, plane, &runs, fr.start, p0, tb) {
                         for run in &runs {
                             let len = run.tokens * tb;
                             let off = fr.start + ((run.pos - p0) * tb) as u64;
@@ -812,7 +816,8 @@ impl LoadJob {
                         let s = buf.slice((a1 - a0) as usize);
                         o.file.read_exact_at(s, a0)?;
                         read += a1 - a0;
-                        placed += self.scatter(&runs, p0, &s[(fr.start - a0) as usize..], tb)?;
+                        placed +=
+                            self.scatter(plane, &runs, p0, &s[(fr.start - a0) as usize..], tb)?;
                     }
                 }
             }
@@ -825,8 +830,17 @@ impl LoadJob {
     }
 
     /// Whether reading each run straight into host memory beats one staged read.
-    fn read_direct_ok(&self, f: &ChunkFile, runs: &[Run], off0: u64, p0: usize, tb: usize) -> bool {
-        if runs.is_empty() {
+    fn read_direct_ok(
+        &self,
+        f: &ChunkFile,
+        plane: usize,
+        runs: &[Run],
+        off0: u64,
+        p0: usize,
+        tb: usize,
+    ) -> bool {
+        // A direct read fills one contiguous range per run.
+        if runs.is_empty() || !self.layout.row_contiguous(plane) {
             return false;
         }
         let total: usize = runs.iter().map(|r| r.tokens * tb).sum();
@@ -839,15 +853,26 @@ impl LoadJob {
                 .all(|r| io::aligned(r.addr, r.tokens * tb, off0 + ((r.pos - p0) * tb) as u64))
     }
 
-    /// Copies rows of positions `p0..` held back to back in `src` to their runs.
-    fn scatter(&self, runs: &[Run], p0: usize, src: &[u8], tb: usize) -> Result<usize, ReadError> {
+    /// Copies rows of positions `p0..` of `plane`, held back to back in `src`, to their runs.
+    fn scatter(
+        &self,
+        plane: usize,
+        runs: &[Run],
+        p0: usize,
+        src: &[u8],
+        tb: usize,
+    ) -> Result<usize, ReadError> {
         let mut placed = 0;
         for run in runs {
             let at = (run.pos - p0) * tb;
             // SAFETY: `check_map` proved the run lies inside a layout region.
             unsafe {
-                self.backend
-                    .copy_in(run.addr, &src[at..at + run.tokens * tb])?
+                self.backend.copy_rows_in(
+                    &self.layout,
+                    plane,
+                    run,
+                    &src[at..at + run.tokens * tb],
+                )?
             };
             placed += run.tokens;
         }

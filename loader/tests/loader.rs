@@ -57,6 +57,8 @@ enum Kind {
     FlashInfer,
     Mla,
     Pool,
+    /// vLLM's CPU back end: head-major blocks, a token's heads apart.
+    VllmCpu,
 }
 
 /// Engine memory owned by the test, and the layout over it.
@@ -85,6 +87,14 @@ fn alloc(spec: &ModelSpec, kind: Kind, num_blocks: usize, block_size: usize) -> 
                     KvLayout::vllm_flashinfer(&regions, num_blocks, block_size, h, d, dt)
                 }
             }
+        }
+        Kind::VllmCpu => {
+            for _ in 0..layers {
+                bufs.push(vec![SENTINEL; 2 * num_blocks * block_size * row]);
+            }
+            let regions: Vec<_> = bufs.iter_mut().map(|b| RawRegion::of(b)).collect();
+            // SAFETY: as above.
+            unsafe { KvLayout::vllm_cpu(&regions, num_blocks, block_size, h, d, dt) }
         }
         Kind::Mla => {
             for _ in 0..layers {
@@ -123,11 +133,23 @@ fn slot(map: &BlockMap<'_>, bs: usize, p: usize) -> Option<usize> {
     }
 }
 
-fn row_at(mem: &Mem, layer: usize, plane: usize, slot: usize) -> &[u8] {
-    let addr = mem.layout.slot_addr(layer, plane, slot);
-    // SAFETY: the address lies inside one of mem's buffers (the layout checked the shape) and
-    // no load is running.
-    unsafe { std::slice::from_raw_parts(addr as *const u8, mem.layout.row_bytes()) }
+/// One slot's `[heads, head_dim]` row, gathered piece by piece (vLLM's CPU layout keeps a
+/// token's heads apart and its K elements `block_size` apart).
+fn row_at(mem: &Mem, layer: usize, plane: usize, slot: usize) -> Vec<u8> {
+    let l = &mem.layout;
+    let run = kvfs_loader::layout::Run {
+        addr: l.slot_addr(layer, plane, slot),
+        pos: 0,
+        tokens: 1,
+    };
+    let mut row = vec![0u8; l.row_bytes()];
+    for (addr, off, len) in l.pieces(plane, &run) {
+        // SAFETY: every piece of the slot lies inside one of mem's buffers (the layout checked
+        // the shape) and no load is running.
+        row[off..off + len]
+            .copy_from_slice(unsafe { std::slice::from_raw_parts(addr as *const u8, len) });
+    }
+    row
 }
 
 /// Checks every slot: positions in `loaded(layer, p)` equal the reference row, all other
@@ -160,7 +182,7 @@ fn check(
                 let want = &views[p / ct].plane(layer as u32, plane as u32)[t * row..(t + 1) * row];
                 assert_eq!(
                     row_at(mem, layer, plane, s),
-                    want,
+                    want.to_vec(),
                     "layer {layer} plane {plane} position {p} slot {s}"
                 );
             }
@@ -204,7 +226,7 @@ proptest! {
     /// I/O modes; slots outside the range stay untouched.
     #[test]
     fn loads_match_reference(
-        kind in prop_oneof![Just(Kind::FlashAttn), Just(Kind::FlashInfer), Just(Kind::Mla), Just(Kind::Pool)],
+        kind in prop_oneof![Just(Kind::FlashAttn), Just(Kind::FlashInfer), Just(Kind::Mla), Just(Kind::Pool), Just(Kind::VllmCpu)],
         dtype in prop::sample::select(Dtype::ALL.to_vec()),
         block_size in prop::sample::select(vec![1usize, 3, 8, 16, 32]),
         chunk in prop::sample::select(vec![16u32, 32, 48]),
@@ -290,7 +312,8 @@ fn store_then_load_round_trips_and_is_create_once() {
     let d = tempfile::tempdir().unwrap();
     let loader = Loader::open(d.path(), spec.clone(), b"tenant").unwrap();
     let toks = tokens(100, 7); // 3 full chunks + 4 tokens
-    let mut src = alloc(&spec, Kind::FlashInfer, 8, 16);
+    // The source keeps a token's heads apart (vLLM CPU): the store gathers them.
+    let mut src = alloc(&spec, Kind::VllmCpu, 8, 16);
     // fill the source blocks with a pattern (the heap buffers do not move)
     let mut pattern = 0u8;
     for b in src.bufs.iter_mut() {

@@ -1,0 +1,527 @@
+"""kvfs as a vLLM KV connector: `KvfsConnector`.
+
+Load it with::
+
+    --kv-transfer-config '{"kv_connector": "KvfsConnector",
+        "kv_connector_module_path": "kvfs.vllm", "kv_role": "kv_both",
+        "kv_load_failure_policy": "recompute",
+        "kv_connector_extra_config": {"kvfs_path": "/kvfs"}}'
+
+`kvfs_path` is a kvfs mount or a plain cache directory. Design (docs/VLLM.md has the details):
+
+- **Chunks are vLLM blocks.** A kvfs chunk holds `chunk_tokens` tokens; the connector makes
+  it vLLM's block size (`kvfs_chunk_tokens` in the extra config may pick a multiple of it), so
+  a prompt is reused up to its last full block, as far as vLLM itself can reuse: a 4,096-token
+  prompt at block size 128 reuses 3,968 tokens (vLLM always computes the last token).
+- **Namespace.** The `ModelSpec` names the model directory, a digest of its weights and config
+  files (or `kvfs_revision`), the KV dtype, the layer count, the KV heads of this rank, the
+  head dim, RoPE, and the tensor-parallel size and rank: two models never share chunks.
+  `cache_salt` of a request isolates its tenant (the loader's salt).
+- **Scheduler side.** `get_num_new_matched_tokens` looks the prompt up (on a mount a lookup
+  fetches from S3) and offers whole blocks beyond vLLM's own prefix cache;
+  `update_state_after_alloc` records the load; `build_connector_meta` hands the worker each
+  load (tokens, block ids, token range) and each save: the prompt chunks that this step
+  completes (prefill, chunked or not), with their block ids.
+- **Worker side.** `register_kv_caches` derives a `KvLayout` from the registered tensors and
+  the attention back end (vLLM's CPU back end: per block and head, the block's K transposed,
+  `[head_dim, block_size]`, then its V as rows); `start_load_kv` starts the loads (reads run on kvfs threads,
+  layer 0 of every chunk first); `wait_for_layer_load` waits for one layer; `wait_for_save`
+  stores the chunks completed by this step once every layer has computed them.
+- **Failures never reach the engine.** A missing, corrupt or unreadable chunk ends its load;
+  the blocks it would have filled are reported by `get_block_ids_with_load_errors`, and with
+  `kv_load_failure_policy` `recompute` vLLM recomputes them. Store errors are logged: a failed
+  save is a future miss.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.base import (
+    KVConnectorBase_V1,
+    KVConnectorMetadata,
+    KVConnectorRole,
+)
+from vllm.logger import init_logger
+from vllm.v1.metrics.cache_hit_source import CacheHitSource
+from vllm.model_executor.models.utils import extract_layer_index
+
+from . import ChunkError, KvfsError, Loader, ModelSpec, layout_from_views
+
+if TYPE_CHECKING:
+    import torch
+    from vllm.config import VllmConfig
+    from vllm.forward_context import ForwardContext
+    from vllm.v1.core.kv_cache_manager import KVCacheBlocks
+    from vllm.v1.core.sched.output import SchedulerOutput
+    from vllm.v1.kv_cache_interface import KVCacheConfig
+    from vllm.v1.request import Request
+
+# Under the "vllm" logger, whose handlers vLLM configures (a logger named after this module
+# would print nothing).
+logger = init_logger("vllm.kvfs")
+
+# Files whose bytes make up a model's weights and architecture.
+_WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+_CONFIG_FILES = ("config.json",)
+
+_digest_lock = threading.Lock()
+_digest_cache: dict[str, str] = {}
+
+
+def weights_digest(model_dir: str) -> str:
+    """sha256 over the names and bytes of a model directory's weight and config files."""
+    with _digest_lock:
+        if model_dir in _digest_cache:
+            return _digest_cache[model_dir]
+        root = Path(model_dir)
+        files = sorted(
+            p
+            for p in root.iterdir()
+            if p.is_file() and (p.suffix in _WEIGHT_SUFFIXES or p.name in _CONFIG_FILES)
+        )
+        if not files:
+            raise KvfsError(
+                f"no weight files in {model_dir}: set kvfs_revision in "
+                "kv_connector_extra_config to name the weights"
+            )
+        h = hashlib.sha256()
+        for p in files:
+            h.update(p.name.encode() + b"\0")
+            with p.open("rb") as f:
+                while block := f.read(1 << 22):
+                    h.update(block)
+        digest = "sha256:" + h.hexdigest()
+        _digest_cache[model_dir] = digest
+        return digest
+
+
+_TORCH_DTYPES = {
+    "torch.float16": "f16",
+    "torch.bfloat16": "bf16",
+    "torch.float32": "f32",
+}
+_FP8 = {"fp8": "fp8_e4m3", "fp8_e4m3": "fp8_e4m3", "fp8_e5m2": "fp8_e5m2"}
+
+
+def spec_for(vllm_config: VllmConfig, tp_rank: int, chunk_tokens: int) -> ModelSpec:
+    """The kvfs `ModelSpec` of this engine's KV cache on tensor-parallel rank `tp_rank`."""
+    mc = vllm_config.model_config
+    pc = vllm_config.parallel_config
+    extra = vllm_config.kv_transfer_config.kv_connector_extra_config or {}
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    if cache_dtype in ("auto", None):
+        dtype = _TORCH_DTYPES.get(str(mc.dtype))
+        if dtype is None:
+            raise KvfsError(f"unsupported model dtype {mc.dtype}")
+    else:
+        dtype = _FP8.get(str(cache_dtype))
+        if dtype is None:
+            raise KvfsError(f"unsupported KV cache dtype {cache_dtype}")
+    revision = extra.get("kvfs_revision") or mc.revision
+    if not revision:
+        revision = weights_digest(mc.model) if os.path.isdir(mc.model) else ""
+    if not revision:
+        raise KvfsError(
+            f"cannot name the weights of {mc.model}: set kvfs_revision in "
+            "kv_connector_extra_config"
+        )
+    hf = mc.hf_text_config
+    rope = dict(getattr(hf, "rope_parameters", None) or getattr(hf, "rope_scaling", None) or {})
+    theta = float(rope.pop("rope_theta", getattr(hf, "rope_theta", 10000.0)) or 10000.0)
+    return ModelSpec(
+        os.path.basename(os.path.normpath(mc.model)),
+        dtype,
+        mc.get_num_layers(pc),
+        mc.get_num_kv_heads(pc),
+        mc.get_head_size(),
+        revision=str(revision),
+        tp_size=pc.tensor_parallel_size,
+        tp_rank=tp_rank,
+        rope_theta=theta,
+        rope_scaling=json.dumps(rope, sort_keys=True, default=str) if rope else "",
+        chunk_tokens=chunk_tokens,
+        group_tokens=math.gcd(16, chunk_tokens),
+    )
+
+
+# The CPU attention kernels whose cache layout python/tests/test_loader.py checks against
+# vLLM's own `cpu_attn_reshape_and_cache` (AVX2/AVX-512 `vec`, and `vec16`); AMX, NEON and the
+# others may pack K differently.
+_VERIFIED_ISAS = frozenset({"vec", "vec16"})
+
+
+def _cpu_attn_isa(dtype: Any, block_size: int, head_dim: int, cache_dtype: str) -> str:
+    """The ISA vLLM's CPU attention back end picks for this cache."""
+    from vllm.v1.attention.backends.cpu_attn import _get_attn_isa
+
+    return _get_attn_isa(dtype, block_size, head_dim, cache_dtype)
+
+
+def cpu_attn_views(kv: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V views, each `[blocks, heads, block_size, head_dim]`, of one layer of vLLM's CPU
+    attention cache `[blocks, heads, block_size, 2 * head_dim]`. Per block and head, the
+    kernel (`cpu_attn_reshape_and_cache`) writes the block's K transposed, `[head_dim,
+    block_size]`, then its V as rows, `[block_size, head_dim]`: the K view is a transpose."""
+    nb, heads, bs, _ = kv.shape
+    halves = kv.view(nb, heads, 2, bs * head_dim)
+    k = halves[:, :, 0].view(nb, heads, head_dim, bs).transpose(2, 3)
+    v = halves[:, :, 1].view(nb, heads, bs, head_dim)
+    return k, v
+
+
+@dataclass
+class LoadSpec:
+    """Load token positions `start..end` of `tokens` into `block_ids` (position p in block
+    `block_ids[p // block_size]`)."""
+
+    req_id: str
+    salt: bytes
+    tokens: list[int]
+    block_ids: list[int]
+    start: int
+    end: int
+
+
+@dataclass
+class SaveSpec:
+    """Store the full chunks of `tokens` (a whole number of chunks) from `block_ids`."""
+
+    req_id: str
+    salt: bytes
+    tokens: list[int]
+    block_ids: list[int]
+
+
+@dataclass
+class KvfsConnectorMetadata(KVConnectorMetadata):
+    loads: list[LoadSpec] = field(default_factory=list)
+    saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass
+class _ReqState:
+    """What the scheduler side tracks of a running request."""
+
+    prompt: list[int]
+    salt: bytes
+    block_ids: list[int]
+    saved_end: int = 0
+
+
+def _salt(request: Any) -> bytes:
+    salt = getattr(request, "cache_salt", None)
+    return salt.encode() if isinstance(salt, str) else (salt or b"")
+
+
+class KvfsConnector(KVConnectorBase_V1):
+    """vLLM KV connector over kvfs (see the module documentation)."""
+
+    # kvfs serves hits from local disk (a mount may have fetched them from S3 first)
+    _cache_hit_source = CacheHitSource.DISK
+
+    def __init__(
+        self,
+        vllm_config: VllmConfig,
+        role: KVConnectorRole,
+        kv_cache_config: KVCacheConfig | None = None,
+    ):
+        super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
+        extra = self._kv_transfer_config.kv_connector_extra_config or {}
+        path = extra.get("kvfs_path")
+        if not path:
+            raise KvfsError("kv_connector_extra_config needs kvfs_path (a kvfs mount or directory)")
+        self._path = str(path)
+        self._block_size = vllm_config.cache_config.block_size
+        chunk = int(extra.get("kvfs_chunk_tokens", self._block_size))
+        if chunk <= 0 or chunk % self._block_size:
+            raise KvfsError(
+                f"kvfs_chunk_tokens {chunk} must be a positive multiple of the block size "
+                f"{self._block_size}"
+            )
+        self._chunk = chunk
+        self._threads = int(extra.get("kvfs_threads", 4))
+        # "full" checks every layer's digest on load (a flipped payload bit is a recompute,
+        # not a wrong token); "header" only checks headers.
+        self._verify = str(extra.get("kvfs_verify", "full"))
+        self._tp_size = vllm_config.parallel_config.tensor_parallel_size
+        if role == KVConnectorRole.SCHEDULER:
+            # The scheduler serves every rank: a hit needs each rank's chunks.
+            self._ranks = list(range(self._tp_size))
+            if self._kv_transfer_config.kv_load_failure_policy != "recompute":
+                logger.warning(
+                    "kvfs: kv_load_failure_policy is %r: a chunk that fails to load fails its "
+                    "request; set it to 'recompute' to recompute such blocks instead",
+                    self._kv_transfer_config.kv_load_failure_policy,
+                )
+        else:
+            from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+            self._ranks = [get_tensor_model_parallel_rank()]
+        self._specs = [spec_for(vllm_config, r, chunk) for r in self._ranks]
+        self._loaders: dict[bytes, list[Loader]] = {}
+        self._open(b"")  # fail at start-up, not at the first request, on a bad path
+        logger.info(
+            "kvfs connector (%s) on %s: namespace %s, %d-token chunks",
+            role.name,
+            self._path,
+            self._specs[0].namespace_dir,
+            chunk,
+        )
+
+        # scheduler side
+        self._hits: dict[str, tuple[int, int]] = {}
+        self._pending_loads: dict[str, tuple[int, int]] = {}
+        self._reqs: dict[str, _ReqState] = {}
+        self._salts: dict[str, bytes] = {}
+        # worker side
+        self._layout = None
+        self._kv_caches: dict[str, torch.Tensor] = {}
+        self._layer_index: dict[str, int] = {}
+        self._loads: list[tuple[LoadSpec, Any]] = []
+        self._failed_blocks: set[int] = set()
+
+    def _open(self, salt: bytes) -> list[Loader]:
+        loaders = self._loaders.get(salt)
+        if loaders is None:
+            loaders = [
+                Loader(self._path, s, salt, threads=self._threads, verify=self._verify)
+                for s in self._specs
+            ]
+            self._loaders[salt] = loaders
+        return loaders
+
+    # ---------------------------------------------------------------- scheduler side
+
+    def get_num_new_matched_tokens(
+        self, request: Request, num_computed_tokens: int
+    ) -> tuple[int | None, bool]:
+        prompt = list(request.prompt_token_ids or [])
+        # vLLM computes at least the last prompt token; reuse whole blocks before it.
+        usable = (len(prompt) - 1) // self._block_size * self._block_size
+        if usable <= num_computed_tokens:
+            return 0, False
+        try:
+            loaders = self._open(_salt(request))
+            hit = min(loader.lookup(prompt[:usable]) for loader in loaders)
+        except KvfsError as e:
+            logger.warning("kvfs: lookup failed, computing the prompt: %s", e)
+            return 0, False
+        hit = min(hit, usable) // self._block_size * self._block_size
+        if hit <= num_computed_tokens:
+            return 0, False
+        self._hits[request.request_id] = (num_computed_tokens, hit)
+        logger.debug("kvfs: request %s hit %d of %d tokens", request.request_id, hit, len(prompt))
+        return hit - num_computed_tokens, False
+
+    def update_state_after_alloc(
+        self, request: Request, blocks: KVCacheBlocks, num_external_tokens: int
+    ):
+        hit = self._hits.pop(request.request_id, None)
+        if num_external_tokens > 0 and hit is not None:
+            start, _ = hit
+            self._pending_loads[request.request_id] = (start, start + num_external_tokens)
+
+    def build_connector_meta(self, scheduler_output: SchedulerOutput) -> KVConnectorMetadata:
+        meta = KvfsConnectorMetadata()
+        scheduled = scheduler_output.num_scheduled_tokens
+        for new in scheduler_output.scheduled_new_reqs:
+            prompt = list(new.prompt_token_ids or [])
+            # `cache_salt` is not part of NewRequestData: on_new_request noted it.
+            salt = self._salts.get(new.req_id, b"")
+            st = _ReqState(prompt=prompt, salt=salt, block_ids=list(new.block_ids[0]))
+            self._reqs[new.req_id] = st
+            self._add_load(meta, new.req_id, st)
+            self._add_save(meta, new.req_id, st, new.num_computed_tokens + scheduled.get(new.req_id, 0))
+        cached = scheduler_output.scheduled_cached_reqs
+        for i, req_id in enumerate(cached.req_ids):
+            st = self._reqs.get(req_id)
+            if st is None:
+                continue
+            new_ids = cached.new_block_ids[i]
+            if req_id in cached.resumed_req_ids:
+                # a request resumed from preemption gets its whole block list
+                st.block_ids = list(new_ids[0]) if new_ids is not None else []
+                st.saved_end = 0
+                self._add_load(meta, req_id, st)
+            elif new_ids is not None:
+                st.block_ids.extend(new_ids[0])
+            self._add_save(
+                meta, req_id, st, cached.num_computed_tokens[i] + scheduled.get(req_id, 0)
+            )
+        # loads of requests that were not scheduled after all are dropped
+        self._pending_loads.clear()
+        return meta
+
+    def on_new_request(self, request: Request) -> None:
+        salt = _salt(request)
+        if salt:
+            self._salts[request.request_id] = salt
+
+    def _add_load(self, meta: KvfsConnectorMetadata, req_id: str, st: _ReqState) -> None:
+        load = self._pending_loads.pop(req_id, None)
+        if load is None:
+            return
+        start, end = load
+        full = math.ceil(end / self._chunk) * self._chunk
+        nblocks = math.ceil(end / self._block_size)
+        meta.loads.append(
+            LoadSpec(req_id, st.salt, st.prompt[:full], st.block_ids[:nblocks], start, end)
+        )
+        # the loaded chunks are in kvfs already
+        st.saved_end = max(st.saved_end, end // self._chunk * self._chunk)
+
+    def _add_save(self, meta: KvfsConnectorMetadata, req_id: str, st: _ReqState, done: int) -> None:
+        complete = min(done, len(st.prompt)) // self._chunk * self._chunk
+        if complete <= st.saved_end:
+            return
+        nblocks = complete // self._block_size
+        if len(st.block_ids) < nblocks:
+            return
+        meta.saves.append(SaveSpec(req_id, st.salt, st.prompt[:complete], st.block_ids[:nblocks]))
+        st.saved_end = complete
+
+    def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
+        # Saves happen as prefill completes chunks (wait_for_save of that step): nothing is
+        # left to save, and the blocks can be freed at once.
+        self._reqs.pop(request.request_id, None)
+        self._hits.pop(request.request_id, None)
+        self._pending_loads.pop(request.request_id, None)
+        self._salts.pop(request.request_id, None)
+        return False, None
+
+    # ---------------------------------------------------------------- worker side
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]):
+        names = sorted(kv_caches, key=extract_layer_index)
+        spec = self._specs[0]
+        if len(names) != spec.num_layers:
+            raise KvfsError(
+                f"vLLM registered {len(names)} KV cache layers, the model has {spec.num_layers}"
+            )
+        ctx = self._vllm_config.compilation_config.static_forward_context
+        first = kv_caches[names[0]]
+        cache_dtype = self._vllm_config.cache_config.cache_dtype
+        if cache_dtype not in ("auto", None):
+            raise KvfsError(f"kvfs: the layout of a {cache_dtype} KV cache is not verified")
+        isa = _cpu_attn_isa(first.dtype, self._block_size, spec.head_dim,
+                            self._vllm_config.cache_config.cache_dtype)
+        if isa not in _VERIFIED_ISAS:
+            raise KvfsError(
+                f"kvfs: vLLM's CPU attention uses ISA {isa!r} here, whose KV block layout kvfs "
+                f"has not verified (verified: {', '.join(sorted(_VERIFIED_ISAS))})"
+            )
+        ks, vs = [], []
+        for name in names:
+            kv = kv_caches[name]
+            if kv.device.type != "cpu":
+                raise KvfsError(
+                    f"kvfs: KV cache of {name} is on {kv.device}; device memory needs the kvfs "
+                    "CUDA back end (not in this release): use vLLM's CPU back end"
+                )
+            layer = ctx.get(name)
+            backend = layer.attn_backend.get_name() if layer is not None else "?"
+            if backend != "CPU_ATTN":
+                raise KvfsError(f"kvfs: unsupported attention back end {backend} for {name}")
+            nb, heads, bs, two_d = kv.shape
+            if bs != self._block_size or two_d != 2 * spec.head_dim or heads != spec.num_kv_heads:
+                raise KvfsError(
+                    f"kvfs: KV cache of {name} has shape {tuple(kv.shape)}, expected "
+                    f"[blocks, {spec.num_kv_heads}, {self._block_size}, {2 * spec.head_dim}]"
+                )
+            k, v = cpu_attn_views(kv, spec.head_dim)
+            ks.append(k)
+            vs.append(v)
+        self._layout = layout_from_views(ks, vs)
+        self._kv_caches = kv_caches  # keep the memory alive as long as the layout
+        self._layer_index = {name: i for i, name in enumerate(names)}
+        logger.info(
+            "kvfs: %d layers, %d blocks of %d tokens (CPU attention layout)",
+            len(names),
+            self._layout.num_blocks,
+            self._layout.block_size,
+        )
+
+    def _blocks_of(self, load: LoadSpec, first_token: int) -> list[int]:
+        """Block ids of `load` from the one holding `first_token` to the load's end."""
+        bs = self._block_size
+        return load.block_ids[first_token // bs : math.ceil(load.end / bs)]
+
+    def _fail(self, load: LoadSpec, valid_blocks: list[int], err: Exception) -> None:
+        bad = [b for b in self._blocks_of(load, load.start) if b not in set(valid_blocks)]
+        self._failed_blocks.update(bad)
+        logger.warning(
+            "kvfs: load of request %s failed (%s); %d blocks will be recomputed",
+            load.req_id,
+            err,
+            len(bad),
+        )
+
+    def start_load_kv(self, forward_context: ForwardContext, **kwargs: Any) -> None:
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvfsConnectorMetadata)
+        if self._layout is None:
+            return
+        for load in meta.loads:
+            try:
+                loader = self._open(load.salt)[0]
+                handle = loader.load(load.tokens, self._layout, load.block_ids, load.start, load.end)
+            except KvfsError as e:
+                self._fail(load, [], e)
+                continue
+            self._loads.append((load, handle))
+
+    def wait_for_layer_load(self, layer_name: str) -> None:
+        idx = self._layer_index.get(layer_name)
+        if idx is None:
+            return
+        pending = []
+        for load, handle in self._loads:
+            try:
+                handle.wait_layer(idx)
+            except ChunkError as e:
+                self._fail(load, e.valid_blocks, e)
+                continue
+            except KvfsError as e:
+                self._fail(load, [], e)
+                continue
+            pending.append((load, handle))
+        self._loads = pending
+
+    def save_kv_layer(
+        self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
+    ) -> None:
+        # Chunks are stored whole in wait_for_save, once every layer has computed them.
+        return
+
+    def wait_for_save(self):
+        # Finish this step's loads first (a layer may have been skipped by the forward).
+        for load, handle in self._loads:
+            try:
+                handle.wait()
+            except ChunkError as e:
+                self._fail(load, e.valid_blocks, e)
+            except KvfsError as e:
+                self._fail(load, [], e)
+        self._loads = []
+        if not self.has_connector_metadata() or self._layout is None:
+            return
+        meta = self._get_connector_metadata()
+        assert isinstance(meta, KvfsConnectorMetadata)
+        for save in meta.saves:
+            try:
+                stats = self._open(save.salt)[0].store(save.tokens, self._layout, save.block_ids)
+                logger.debug("kvfs: request %s stored %s", save.req_id, stats)
+            except KvfsError as e:
+                logger.warning("kvfs: store for request %s failed: %s", save.req_id, e)
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        failed, self._failed_blocks = self._failed_blocks, set()
+        return failed

@@ -1,0 +1,161 @@
+//! Storing: engine blocks into chunk files, for full chunks not yet present, and
+//! `namespace.json` beside them once. A cache directory commits each file create-once
+//! ([`dir::commit_file`]); a mount is written through (create, write, close), and the close's
+//! result is the mount's verdict on the chunk.
+
+use super::{Dest, Loader, LoaderError};
+use crate::dir::{self, Commit};
+use crate::format::{ChunkMeta, encode_chunk};
+use crate::identity::NAMESPACE_JSON;
+use crate::layout::BlockMap;
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::io::IntoRawFd;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+
+/// Figures of one store.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct StoreStats {
+    /// Chunks this call wrote.
+    pub written: usize,
+    /// Chunks that were already present (or written by someone else meanwhile).
+    pub present: usize,
+    pub bytes_written: u64,
+}
+
+impl Loader {
+    /// Stores the full chunks of `tokens` that are not present yet, reading their KV from
+    /// `src` (positions `0..` of the sequence). Writes `namespace.json` beside the chunks once.
+    pub fn store(&self, tokens: &[u32], src: &Dest<'_>) -> Result<StoreStats, LoaderError> {
+        let ct = self.spec.chunk_tokens as usize;
+        let full = tokens.len() / ct * ct;
+        src.layout.check_spec(&self.spec)?;
+        src.layout.check_map(&src.map, 0..full)?;
+        if let BlockMap::Slots(s) = src.map
+            && let Some(p) = s[..full].iter().position(|&x| x < 0)
+        {
+            return Err(LoaderError::Invalid(format!(
+                "position {p} maps to a padding slot; a stored chunk needs every row"
+            )));
+        }
+        let mut stats = StoreStats::default();
+        let keys = self.chunk_keys(&tokens[..full]);
+        if keys.is_empty() {
+            return Ok(stats);
+        }
+        self.write_namespace_json();
+        let row = src.layout.row_bytes();
+        let mut runs = Vec::new();
+        for c in keys {
+            let path = self.chunk_path(&c.key);
+            if path.exists() {
+                stats.present += 1;
+                continue;
+            }
+            let meta = ChunkMeta::for_spec(
+                &self.spec,
+                c.parent,
+                self.salt,
+                tokens[c.start..c.end].to_vec(),
+            );
+            let mut copy_err = None;
+            let bytes = encode_chunk(&meta, |layer, plane, dst| {
+                runs.clear();
+                src.layout.runs(
+                    &src.map,
+                    layer as usize,
+                    plane as usize,
+                    c.start..c.end,
+                    &mut runs,
+                );
+                for r in &runs {
+                    let at = (r.pos - c.start) * row;
+                    let out = &mut dst[at..at + r.tokens * row];
+                    // SAFETY: `check_map` proved every run lies inside a layout region, and
+                    // the layout's contract keeps the region readable during this call.
+                    let copied = unsafe {
+                        src.backend
+                            .copy_rows_out(src.layout, plane as usize, r, out)
+                    };
+                    if let Err(e) = copied {
+                        copy_err.get_or_insert(e);
+                    }
+                }
+            })
+            .map_err(|e| LoaderError::Invalid(format!("cannot encode chunk: {e}")))?;
+            let store_err = |source| LoaderError::Store {
+                chunk: c.index,
+                path: path.clone(),
+                source,
+            };
+            if let Some(e) = copy_err {
+                return Err(store_err(e));
+            }
+            let created = match self.layout {
+                dir::Layout::Cache => {
+                    dir::commit_file(&path, &bytes, self.opts.fsync).map_err(store_err)?
+                        == Commit::Created
+                }
+                dir::Layout::Flat => write_through_mount(&path, &bytes).map_err(store_err)?,
+            };
+            if created {
+                stats.written += 1;
+                stats.bytes_written += bytes.len() as u64;
+            } else {
+                stats.present += 1;
+            }
+        }
+        tracing::debug!(?stats, "store finished");
+        Ok(stats)
+    }
+
+    fn write_namespace_json(&self) {
+        if self.namespace_written.swap(true, Ordering::Relaxed) {
+            return;
+        }
+        let path = self.root.join(&self.ns_dir).join(NAMESPACE_JSON);
+        if path.exists() {
+            return;
+        }
+        let json = self.spec.to_json();
+        let r = match self.layout {
+            dir::Layout::Cache => {
+                dir::commit_file(&path, json.as_bytes(), self.opts.fsync).map(|_| ())
+            }
+            dir::Layout::Flat => write_through_mount(&path, json.as_bytes()).map(|_| ()),
+        };
+        if let Err(e) = r {
+            // Not fatal: the chunks are self-describing; namespace.json is for people.
+            tracing::warn!(path = %path.display(), error = %e, "could not write namespace.json");
+        }
+    }
+}
+
+/// Creates `path` through a mount (create, write, close) without replacing an existing file.
+/// The mount checks the chunk when it is closed, so the close is checked too. Returns whether
+/// this call created it.
+fn write_through_mount(path: &Path, bytes: &[u8]) -> std::io::Result<bool> {
+    if let Some(parent) = path.parent() {
+        std::fs::create_dir_all(parent)?;
+    }
+    let mut f = match OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o644)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    f.write_all(bytes)?;
+    let fd = f.into_raw_fd();
+    // SAFETY: `fd` was just released from the File, so this is its only owner and it is closed
+    // exactly once. (Dropping a File would ignore close's result, which is the mount's verdict.)
+    if unsafe { libc::close(fd) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(true)
+}

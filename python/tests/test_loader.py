@@ -4,12 +4,11 @@ loads round-trip, loads go layer by layer, and every bad input is a typed except
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-from conftest import need
+from conftest import need, required
 
 try:
     import torch
@@ -23,7 +22,8 @@ except ImportError as e:  # the venv of scripts/install-vllm is not the one runn
     _missing = f"kvfs, torch or vllm is not importable ({e}); run scripts/install-vllm"
 
 if _missing:
-    need("vllm", False, _missing) if os.environ.get("KVFS_REQUIRE") else None
+    if required("vllm"):
+        pytest.fail(f"KVFS_REQUIRE includes vllm: {_missing}", pytrace=False)
     pytest.skip(_missing, allow_module_level=True)
 
 HEADS, DIM, BS = 3, 64, 32

@@ -265,6 +265,29 @@ fn a_failure_is_reported_once_and_a_misplaced_chunk_is_named_as_such() {
     assert_eq!(o.status.code(), Some(1));
     let out = String::from_utf8_lossy(&o.stdout);
     assert!(out.contains("wrong directory"), "{out}");
+    // The quarantine is as private as the cache.
+    let q = cache.join(".quarantine");
+    assert_eq!(mode_of(&q), 0o700);
+    for f in walk_files(&q) {
+        assert_eq!(mode_of(&f) & 0o077, 0, "{}", f.display());
+    }
     assert!(!out.contains("not a valid chunk file name"), "{out}");
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
+}
+
+fn walk_files(root: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(d) = stack.pop() {
+        for e in fs::read_dir(&d).unwrap() {
+            let p = e.unwrap().path();
+            if p.is_dir() {
+                assert_eq!(mode_of(&p), 0o700, "{}", p.display());
+                stack.push(p);
+            } else {
+                out.push(p);
+            }
+        }
+    }
+    out
 }

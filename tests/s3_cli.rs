@@ -36,6 +36,8 @@ fn a_bare_key_is_found_in_the_bucket_from_an_empty_host() {
     let ns = spec.namespace_dir();
     let (meta, bytes) = synth_chunk(&spec, None, SaltTag::NONE, (0..256).collect()).unwrap();
     {
+        // As the CLI does: the root is made private before the tier makes its queue there.
+        kvfs::store::prepare_root(&d.path().join("a"), Default::default()).unwrap();
         let remote = Arc::new(Remote::open(t.config(), Some(&d.path().join("a"))).unwrap());
         let mut sc = StoreConfig::new(d.path().join("a"));
         sc.remote = Some(Arc::new(S3Tier::new(
@@ -46,6 +48,12 @@ fn a_bare_key_is_found_in_the_bucket_from_an_empty_host() {
         a.create_namespace(&ns, Some(&spec)).unwrap();
         a.put(&ns, &bytes).unwrap();
         assert!(remote.wait_uploaded(Duration::from_secs(30)));
+        // The upload queue is as private as the cache.
+        let queue = d.path().join("a").join(kvfs_remote::queue::UPLOADS_DIR);
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&queue).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o7777, 0o700, "{}", queue.display());
     }
     let cfg = d.path().join("b.toml");
     config_file(&cfg, &d.path().join("b"), &t);
@@ -61,6 +69,16 @@ fn a_bare_key_is_found_in_the_bucket_from_an_empty_host() {
         .unwrap();
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     assert_eq!(std::fs::read(&out).unwrap(), bytes);
+    // The CLI made host B's cache, and its upload queue, private.
+    for dir in [
+        d.path().join("b"),
+        d.path().join("b").join(kvfs_remote::queue::UPLOADS_DIR),
+    ] {
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(&dir).unwrap().permissions(),
+        );
+        assert_eq!(mode & 0o7777, 0o700, "{}", dir.display());
+    }
 
     let o = Command::new(env!("CARGO_BIN_EXE_kvfs"))
         .env_remove("KVFS_CACHE_DIR")

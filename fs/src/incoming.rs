@@ -57,7 +57,7 @@ pub struct Incoming {
 impl Incoming {
     /// Creates the temporary file for `key` in `dir`.
     pub fn create(dir: &Path, ns: Arc<str>, key: ChunkKey) -> io::Result<Incoming> {
-        std::fs::create_dir_all(dir)?;
+        kvfs_loader::dir::create_dirs(dir)?;
         let path = kvfs_loader::dir::temp_path_for(&dir.join(key.file_name()));
         let file = OpenOptions::new()
             .read(true)

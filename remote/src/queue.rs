@@ -83,7 +83,7 @@ impl Queue {
     /// Opens (creating) the queue under `root` and counts what is pending from earlier runs.
     pub fn open(root: &Path, bucket: Arc<Bucket>) -> Result<Queue, RemoteError> {
         let dir = root.join(UPLOADS_DIR);
-        std::fs::create_dir_all(&dir).map_err(|e| RemoteError::io(&dir, e))?;
+        kvfs_loader::dir::create_dirs(&dir).map_err(|e| RemoteError::io(&dir, e))?;
         let _ = sweep_temporaries(&dir, Duration::from_secs(60));
         let q = Queue {
             root: root.to_path_buf(),

@@ -585,7 +585,7 @@ impl Remote {
 /// Writes `bytes` at `path` in place of what is there (temporary file, then rename).
 fn replace_file(path: &Path, bytes: &[u8]) -> Result<(), RemoteError> {
     let dir = path.parent().unwrap_or(path);
-    std::fs::create_dir_all(dir).map_err(|e| RemoteError::io(dir, e))?;
+    kvfs_loader::dir::create_dirs(dir).map_err(|e| RemoteError::io(dir, e))?;
     let tmp = kvfs_loader::dir::temp_path_for(path);
     std::fs::write(&tmp, bytes)
         .and_then(|()| std::fs::rename(&tmp, path))

@@ -299,6 +299,8 @@ impl Ctx {
     pub fn store_config(&self) -> Result<StoreConfig, CliError> {
         let mut sc = self.config.store_config(&config::process_env)?;
         if let Some(s3) = &self.config.s3 {
+            // The tier makes its upload queue under the root: make the root private first.
+            crate::store::prepare_root(&sc.root, sc.access)?;
             sc.remote =
                 remote_tier::attach(Some(s3), &sc.root).map_err(|e| ConfigError::Invalid {
                     origin: "s3".into(),

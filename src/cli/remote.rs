@@ -220,5 +220,9 @@ pub fn remote_presence(ctx: &Ctx, ns_dir: &str, key: &ChunkKey) -> Option<String
 /// that every process with `--s3` resumes uploads earlier runs left.
 fn open_for_command(ctx: &Ctx, s: &S3Settings) -> Result<Remote, CliError> {
     let root = ctx.cache_dir.is_dir().then_some(ctx.cache_dir.as_path());
+    if let Some(root) = root {
+        // The queue is made under the root: the root is made private first.
+        crate::store::prepare_root(root, ctx.config.access())?;
+    }
     s.open(root).map_err(remote_failed)
 }

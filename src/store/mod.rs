@@ -116,23 +116,33 @@ fn check_ns_id(ns_dir: &str, id: &NamespaceId) -> Result<(), StoreError> {
     })
 }
 
+/// Creates the cache root if needed with the permissions `access` asks for, tightening an
+/// existing root that grants more (see `kvfs_loader::dir::prepare_root`), with a warning when
+/// it already held a cache. [`Store::open`] calls it; so does whoever creates anything under
+/// the root before the store opens (the S3 tier's upload queue), so that it is created
+/// private too.
+pub fn prepare_root(root: &Path, access: dir::Access) -> Result<(), StoreError> {
+    let was = dir::prepare_root(root, access).map_err(|e| StoreError::io(root, e))?;
+    // A new, empty root made by hand (`mkdir`) is set quietly; an existing cache that
+    // others could read is worth a warning.
+    let populated = || fs::read_dir(root).is_ok_and(|mut d| d.next().is_some());
+    if let Some(old) = was.filter(|_| populated()) {
+        tracing::warn!(
+            root = %root.display(),
+            old = format_args!("{old:o}"),
+            new = format_args!("{:o}", access.root_mode()),
+            "changed the cache directory's permissions: chunk headers hold prompts' token ids"
+        );
+    }
+    Ok(())
+}
+
 impl Store {
     /// Opens (creating if needed) the store at `cfg.root`: removes temporaries of dead
     /// writers, then scans the disk tier.
     pub fn open(cfg: StoreConfig) -> Result<Store, StoreError> {
         let root = cfg.root.clone();
-        let was = dir::prepare_root(&root, cfg.access).map_err(|e| StoreError::io(&root, e))?;
-        // A new, empty root made by hand (`mkdir`) is set quietly; an existing cache that
-        // others could read is worth a warning.
-        let populated = || fs::read_dir(&root).is_ok_and(|mut d| d.next().is_some());
-        if let Some(old) = was.filter(|_| populated()) {
-            tracing::warn!(
-                root = %root.display(),
-                old = format_args!("{old:o}"),
-                new = format_args!("{:o}", cfg.access.root_mode()),
-                "changed the cache directory's permissions: chunk headers hold prompts' token ids"
-            );
-        }
+        prepare_root(&root, cfg.access)?;
         let swept =
             dir::sweep_temporaries(&root, STALE_TMP_AGE).map_err(|e| StoreError::io(&root, e))?;
         if swept > 0 {

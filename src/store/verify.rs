@@ -112,7 +112,7 @@ impl Store {
 
     pub(super) fn quarantine(&self, ns: &str, name: &str, path: &Path) -> Option<PathBuf> {
         let qdir = self.root().join(QUARANTINE_DIR).join(ns);
-        if let Err(e) = fs::create_dir_all(&qdir) {
+        if let Err(e) = kvfs_loader::dir::create_dirs(&qdir) {
             tracing::error!(dir = %qdir.display(), error = %e, "cannot create quarantine directory");
             return None;
         }

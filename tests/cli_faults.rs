@@ -1,21 +1,17 @@
 //! The real `kvfs` binary against bad input and faults: malformed keys and namespaces,
 //! corrupt and truncated chunks, quarantine, and `kill -9` of writers mid-way.
 
+mod support {
+    pub mod cli;
+}
+
 use kvfs_loader::{ChunkKey, ModelSpec, SaltTag, chunk_keys};
 use std::fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
-
-fn kvfs(cache: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kvfs"));
-    c.env_clear()
-        .env("HOME", cache.join("home"))
-        .arg("--cache-dir")
-        .arg(cache);
-    c
-}
+use support::cli::kvfs;
 
 fn run(mut c: Command) -> Output {
     c.stdin(Stdio::null()).output().unwrap()

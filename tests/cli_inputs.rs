@@ -2,20 +2,16 @@
 //! huge numbers, zero and negative sizes, empty variables, broken config files, and a cache
 //! directory other users could read.
 
+mod support {
+    pub mod cli;
+}
+
 use std::fs;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
-
-fn kvfs(cache: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kvfs"));
-    c.env_clear()
-        .env("HOME", cache.join("home"))
-        .arg("--cache-dir")
-        .arg(cache);
-    c
-}
+use support::cli::{chunk_files, files_under, kvfs, mode_of};
 
 fn run(mut c: Command) -> Output {
     c.stdin(Stdio::null()).output().unwrap()
@@ -31,26 +27,6 @@ fn synth_tiny(cache: &Path, chunks: usize) {
         .arg((256 * chunks).to_string());
     let o = run(c);
     assert!(o.status.success(), "{}", stderr(&o));
-}
-
-fn mode_of(p: &Path) -> u32 {
-    fs::metadata(p).unwrap().permissions().mode() & 0o7777
-}
-
-fn chunk_files(root: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "kvc") {
-                out.push(p);
-            }
-        }
-    }
-    out
 }
 
 /// `kvfs info | head -1`, `kvfs ls NS | head -1`: the reader is gone before kvfs writes.
@@ -268,26 +244,10 @@ fn a_failure_is_reported_once_and_a_misplaced_chunk_is_named_as_such() {
     // The quarantine is as private as the cache.
     let q = cache.join(".quarantine");
     assert_eq!(mode_of(&q), 0o700);
-    for f in walk_files(&q) {
+    for f in files_under(&q) {
         assert_eq!(mode_of(&f) & 0o077, 0, "{}", f.display());
+        assert_eq!(mode_of(f.parent().unwrap()), 0o700, "{}", f.display());
     }
     assert!(!out.contains("not a valid chunk file name"), "{out}");
     assert_eq!(stderr(&o).lines().count(), 1, "{}", stderr(&o));
-}
-
-fn walk_files(root: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let p = e.unwrap().path();
-            if p.is_dir() {
-                assert_eq!(mode_of(&p), 0o700, "{}", p.display());
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }

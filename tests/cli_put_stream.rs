@@ -1,6 +1,10 @@
 //! `kvfs put` streams: memory stays bounded whatever the input, input that is not a chunk
 //! is refused from its first bytes, and a short or overlong input stores nothing.
 
+mod support {
+    pub mod cli;
+}
+
 use kvfs_loader::{ModelSpec, SaltTag, synth_chunk};
 use std::fs;
 use std::io::Write;
@@ -9,13 +13,13 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 fn kvfs(cache: &Path) -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_kvfs"));
-    c.env_clear()
-        .env("HOME", cache.join("home"))
-        .arg("--cache-dir")
-        .arg(cache)
-        .args(["--fsync", "never"]);
+    let mut c = support::cli::kvfs(cache);
+    c.args(["--fsync", "never"]);
     c
+}
+
+fn chunk_files(root: &Path) -> usize {
+    support::cli::chunk_files(root).len()
 }
 
 /// Runs `c` to its end; returns its exit code, stderr and peak resident memory in bytes
@@ -43,23 +47,6 @@ fn run_measured(mut c: Command, stdin: Option<&Path>) -> (i32, String, u64) {
         -1
     };
     (code, err, usage.ru_maxrss as u64 * 1024)
-}
-
-fn chunk_files(root: &Path) -> usize {
-    let mut n = 0;
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else if p.extension().is_some_and(|x| x == "kvc") {
-                n += 1;
-            }
-        }
-    }
-    n
 }
 
 /// A 32 MiB Llama-3-8B chunk, from a file and from stdin: the process's peak memory grows by
@@ -169,7 +156,7 @@ fn short_or_overlong_input_stores_nothing() {
         assert!(err.contains(msg), "{what}: {err}");
         assert_eq!(chunk_files(&cache), 0, "{what}");
     }
-    let leftovers: Vec<_> = walk(&cache)
+    let leftovers: Vec<_> = support::cli::files_under(&cache)
         .into_iter()
         .filter(|p| {
             p.file_name()
@@ -179,21 +166,4 @@ fn short_or_overlong_input_stores_nothing() {
         })
         .collect();
     assert!(leftovers.is_empty(), "{leftovers:?}");
-}
-
-fn walk(root: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            let p = e.path();
-            if p.is_dir() {
-                stack.push(p);
-            } else {
-                out.push(p);
-            }
-        }
-    }
-    out
 }

@@ -26,7 +26,7 @@
 //! chunk, never corrupt one, and the next pull fetches it again.
 
 use crate::Remote;
-use crate::client::{NAMESPACE_JSON, PutOutcome, bump};
+use crate::client::{Bucket, NAMESPACE_JSON, PutOutcome, bump};
 use crate::error::RemoteError;
 use crate::nsjson;
 use crate::stream::StreamingChunk;
@@ -145,28 +145,30 @@ enum PushStep {
     Compare,
 }
 
-/// Reads a local chunk's header only (the digest comparison of `push`).
+/// Reads a local chunk's header only (the digest comparison of `push`), through the
+/// loader's reader (header length bounded before allocation, file length checked).
 fn read_header(path: &Path) -> Result<ChunkHeader, RemoteError> {
-    use std::io::Read;
-    let local = |source| RemoteError::LocalChunk {
+    let f = std::fs::File::open(path).map_err(|e| RemoteError::io(path, e))?;
+    ChunkHeader::read_from(&f).map_err(|source| RemoteError::LocalChunk {
         path: path.to_path_buf(),
         source,
-    };
-    let mut f = std::fs::File::open(path).map_err(|e| RemoteError::io(path, e))?;
-    let mut buf = vec![0u8; kvfs_loader::format::FIXED_HEADER_LEN];
-    f.read_exact(&mut buf)
-        .map_err(|e| RemoteError::io(path, e))?;
-    let len = ChunkHeader::peek_header_len(&buf).map_err(local)? as usize;
-    if len > 64 << 20 {
-        return Err(local(FormatError::BadField {
-            field: "header_len",
-            reason: format!("{len} bytes is more than a header can be"),
-        }));
-    }
-    buf.resize(len, 0);
-    f.read_exact(&mut buf[kvfs_loader::format::FIXED_HEADER_LEN..])
-        .map_err(|e| RemoteError::io(path, e))?;
-    ChunkHeader::parse(&buf).map_err(local)
+    })
+}
+
+/// Reads and verifies the local chunk at `path` off the async threads, and makes sure the
+/// bucket has its namespace's `namespace.json` before the chunk is uploaded (push and scrub).
+async fn read_for_upload(
+    bucket: &Bucket,
+    path: std::path::PathBuf,
+    ns_dir: &str,
+    key: ChunkKey,
+) -> Result<(Bytes, ChunkHeader), RemoteError> {
+    let n = ns_dir.to_string();
+    let (bytes, header, json) = tokio::task::spawn_blocking(move || read_verified(&path, &n, &key))
+        .await
+        .expect("read task panicked")?;
+    bucket.ensure_namespace_json(ns_dir, json).await?;
+    Ok((bytes, header))
 }
 
 /// Reads and fully verifies a local chunk as `ns_dir/key`, with its checked namespace.json.
@@ -273,12 +275,7 @@ impl Remote {
                             return Ok(Done::AlreadyThere);
                         }
                     }
-                    let (p, n, k) = (path.clone(), ns.clone(), key);
-                    let (bytes, header, json) =
-                        tokio::task::spawn_blocking(move || read_verified(&p, &n, &k))
-                            .await
-                            .expect("read task panicked")?;
-                    bucket.ensure_namespace_json(&ns, json).await?;
+                    let (bytes, header) = read_for_upload(&bucket, path.clone(), &ns, key).await?;
                     let len = bytes.len() as u64;
                     Ok(
                         match bucket
@@ -352,12 +349,7 @@ impl Remote {
                     if !local.exists() {
                         return Ok(Done::Damaged(cause));
                     }
-                    let (n, k) = (ns.clone(), key);
-                    let (bytes, header, json) =
-                        tokio::task::spawn_blocking(move || read_verified(&local, &n, &k))
-                            .await
-                            .expect("read task panicked")?;
-                    bucket.ensure_namespace_json(&ns, json).await?;
+                    let (bytes, header) = read_for_upload(&bucket, local, &ns, key).await?;
                     let len = bytes.len() as u64;
                     Ok(
                         match bucket

@@ -23,6 +23,7 @@ pub mod error;
 pub mod ffi;
 pub mod format;
 pub mod identity;
+pub mod importance;
 pub mod io;
 pub mod key;
 pub mod layout;
@@ -33,7 +34,7 @@ pub mod spec;
 pub use error::FormatError;
 pub use format::{
     ChunkHeader, ChunkMeta, ChunkView, Geometry, Verify, encode_chunk, encode_chunk_from,
-    synth_chunk,
+    encode_chunk_with, synth_chunk,
 };
 pub use identity::{BACKING_XATTR, NAMESPACE_JSON, check_identity, namespace_suffix};
 pub use key::{ChunkKey, ChunkRef, SaltTag, chunk_keys};

@@ -9,6 +9,8 @@
 //! - [`loader`]: lookup, load (layer-wise, selective) and store between chunks and blocks,
 //!   over [`io`] (O_DIRECT, aligned buffers, reader threads) and a [`backend`] (host memory);
 //! - [`selective`]: which token groups of which layer a selective load reads;
+//! - [`importance`]: per-group attention mass stored in chunk headers (format v2), and
+//!   [`prefetch`]: importance-guided selective loads that prefetch across layer periods;
 //! - [`ffi`]: the C ABI (`include/kvfs.h`).
 //!
 //! It owns what a chunk is and how an engine reads and writes one: identity, format, layouts,
@@ -28,6 +30,7 @@ pub mod io;
 pub mod key;
 pub mod layout;
 pub mod loader;
+pub mod prefetch;
 pub mod selective;
 pub mod spec;
 

@@ -5,8 +5,9 @@
 
 use super::{Dest, Loader, LoaderError};
 use crate::dir::{self, Commit};
-use crate::format::{ChunkMeta, encode_chunk};
+use crate::format::{ChunkMeta, encode_chunk_with};
 use crate::identity::NAMESPACE_JSON;
+use crate::importance::Importance;
 use crate::layout::BlockMap;
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -29,6 +30,18 @@ impl Loader {
     /// Stores the full chunks of `tokens` that are not present yet, reading their KV from
     /// `src` (positions `0..` of the sequence). Writes `namespace.json` beside the chunks once.
     pub fn store(&self, tokens: &[u32], src: &Dest<'_>) -> Result<StoreStats, LoaderError> {
+        self.store_with_importance(tokens, src, &[])
+    }
+
+    /// [`Loader::store`] that writes `importance[i]` into chunk `i`'s header (format v2;
+    /// chunks past the end of `importance` get none). A chunk already present keeps what it
+    /// has: chunks are immutable.
+    pub fn store_with_importance(
+        &self,
+        tokens: &[u32],
+        src: &Dest<'_>,
+        importance: &[Importance],
+    ) -> Result<StoreStats, LoaderError> {
         let ct = self.spec.chunk_tokens as usize;
         let full = tokens.len() / ct * ct;
         src.layout.check_spec(&self.spec)?;
@@ -61,7 +74,7 @@ impl Loader {
                 tokens[c.start..c.end].to_vec(),
             );
             let mut copy_err = None;
-            let bytes = encode_chunk(&meta, |layer, plane, dst| {
+            let bytes = encode_chunk_with(&meta, importance.get(c.index), |layer, plane, dst| {
                 runs.clear();
                 src.layout.runs(
                     &src.map,

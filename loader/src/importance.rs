@@ -187,16 +187,24 @@ pub fn budget_count(groups: usize, share: f64) -> usize {
 
 /// The indices of the highest `share` of `scores` (ties: the earlier group), sorted.
 pub fn top_groups(scores: &[f32], share: f64) -> Vec<u32> {
-    let k = budget_count(scores.len(), share);
-    let mut idx: Vec<u32> = (0..scores.len() as u32).collect();
-    idx.sort_by(|&a, &b| {
+    top_k(
+        scores,
+        (0..scores.len() as u32).collect(),
+        budget_count(scores.len(), share),
+    )
+}
+
+/// The `k` of `candidates` (indices into `scores`) with the highest scores, ties to the
+/// earlier index, sorted.
+fn top_k(scores: &[f32], mut candidates: Vec<u32>, k: usize) -> Vec<u32> {
+    candidates.sort_by(|&a, &b| {
         scores[b as usize]
             .total_cmp(&scores[a as usize])
             .then(a.cmp(&b))
     });
-    idx.truncate(k);
-    idx.sort_unstable();
-    idx
+    candidates.truncate(k);
+    candidates.sort_unstable();
+    candidates
 }
 
 /// Per layer, the highest `share` of groups over a whole prefix: `chunks[c]` is chunk `c`'s
@@ -219,17 +227,8 @@ pub fn top_share(chunks: &[&Importance], groups_per_chunk: u32, share: f64) -> V
                 ));
             }
             let k = budget_count(chunks.len() * first.groups as usize, share);
-            let mut idx: Vec<u32> = (0..scores.len() as u32)
-                .filter(|&g| scores[g as usize] >= 0.0)
-                .collect();
-            idx.sort_by(|&a, &b| {
-                scores[b as usize]
-                    .total_cmp(&scores[a as usize])
-                    .then(a.cmp(&b))
-            });
-            idx.truncate(k);
-            idx.sort_unstable();
-            idx
+            let real = (0..scores.len() as u32).filter(|&g| scores[g as usize] >= 0.0);
+            top_k(&scores, real.collect(), k)
         })
         .collect()
 }

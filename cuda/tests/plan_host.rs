@@ -11,103 +11,29 @@
 
 use kvfs_cuda::{CudaError, DevicePlan};
 use kvfs_gds::{HostSink, Ring, ScatterPlan, ScatterRun};
-use kvfs_loader::dir::{self, Layout};
-use kvfs_loader::format::{Verify, synth_chunk};
-use kvfs_loader::layout::{BlockMap, KvLayout, LayoutError, RawRegion};
-use kvfs_loader::loader::{ChunkError, Dest, LoadRequest, Loader, LoaderError, LoaderOptions};
-use kvfs_loader::{Dtype, IoMode, KvKind, ModelSpec, SaltTag, Selection};
+use kvfs_loader::format::Verify;
+use kvfs_loader::layout::{BlockMap, KvLayout, LayoutError};
+use kvfs_loader::loader::{ChunkError, Dest, LoadRequest, LoaderError};
+use kvfs_loader::{Dtype, IoMode, ModelSpec, Selection};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-const SENTINEL: u8 = 0x5A;
+mod common;
+use common::{
+    Kind, Rng, SENTINEL, arena_len, layout_at, open, random_case, spec, tokens, write_chunks,
+};
 
-/// xorshift64*: reproducible cases without a dependency.
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn shuffle<T>(&mut self, v: &mut [T]) {
-        for i in (1..v.len()).rev() {
-            v.swap(i, self.below(i + 1));
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    FlashAttn,
-    FlashInfer,
-    /// Element-strided K (a token's heads apart, K elements `block_size` apart).
-    VllmCpu,
-    Mla,
-}
-
-fn spec(kind: Kind, dtype: Dtype, layers: u32, chunk: u32, group: u32) -> ModelSpec {
-    let (heads, dim) = if kind == Kind::Mla { (1, 24) } else { (2, 16) };
-    let mut s = ModelSpec::new("kvfs/cuda-plan-test", dtype, layers, heads, dim);
-    if kind == Kind::Mla {
-        s.kv_kind = KvKind::MlaLatent;
-    }
-    s.chunk_tokens = chunk;
-    s.group_tokens = group;
-    s
-}
-
-fn tokens(n: usize, seed: u32) -> Vec<u32> {
-    (0..n as u32)
-        .map(|i| i.wrapping_mul(2654435761).wrapping_add(seed) % 50000)
-        .collect()
-}
-
-/// Writes the full chunks of `toks` into a cache directory; returns their paths.
-fn write_chunks(root: &Path, spec: &ModelSpec, toks: &[u32]) -> Vec<PathBuf> {
-    let mut parent = None;
-    let mut paths = Vec::new();
-    for c in toks.chunks_exact(spec.chunk_tokens as usize) {
-        let (meta, bytes) = synth_chunk(spec, parent, SaltTag::of(b""), c.to_vec()).unwrap();
-        let path = Layout::Cache.chunk_path(root, &spec.namespace_dir(), &meta.key);
-        dir::commit_file(&path, &bytes, false).unwrap();
-        parent = Some(meta.key);
-        paths.push(path);
-    }
-    paths
-}
-
-/// One arena holding every layer, and a layout over it.
+/// One host arena holding every layer, and a layout over it.
 struct Arena {
     bytes: Vec<u8>,
     layout: KvLayout,
 }
 
 fn arena(spec: &ModelSpec, kind: Kind, num_blocks: usize, block_size: usize) -> Arena {
-    let row = spec.num_kv_heads as usize * spec.head_dim as usize * spec.dtype.size();
-    let per_layer = spec.kv_kind.planes() * num_blocks * block_size * row;
-    let layers = spec.num_layers as usize;
-    let mut bytes = vec![SENTINEL; per_layer * layers];
-    let regions: Vec<RawRegion> = bytes.chunks_mut(per_layer).map(RawRegion::of).collect();
-    let (h, d, dt) = (spec.num_kv_heads, spec.head_dim, spec.dtype);
-    // SAFETY: the regions are disjoint parts of `bytes`, which lives in the returned Arena
-    // with the layout and is only read after loads have finished.
-    let layout = unsafe {
-        match kind {
-            Kind::FlashAttn => {
-                KvLayout::vllm_flash_attn(&regions, num_blocks, block_size, h, d, dt)
-            }
-            Kind::FlashInfer => {
-                KvLayout::vllm_flashinfer(&regions, num_blocks, block_size, h, d, dt)
-            }
-            Kind::VllmCpu => KvLayout::vllm_cpu(&regions, num_blocks, block_size, h, d, dt),
-            Kind::Mla => KvLayout::mla(&regions, num_blocks, block_size, d, dt),
-        }
-    }
-    .unwrap();
+    let mut bytes = vec![SENTINEL; arena_len(spec, num_blocks, block_size)];
+    // SAFETY: the layout covers `bytes`, which lives in the returned Arena with it and is
+    // only read after loads have finished.
+    let layout = unsafe { layout_at(spec, kind, num_blocks, block_size, bytes.as_mut_ptr()) };
     Arena { bytes, layout }
 }
 
@@ -136,78 +62,14 @@ fn run_on_host(plan: &DevicePlan, arena: &mut Arena, slots: usize, buf: usize) -
     ring.into_sink().ready_layers().to_vec()
 }
 
-struct Case {
-    spec: ModelSpec,
-    kind: Kind,
-    num_blocks: usize,
-    block_size: usize,
-    table: Vec<u32>,
-    toks: Vec<u32>,
-    range: Range<usize>,
-    selection: Option<Selection>,
-    io: IoMode,
-    slots: usize,
-    buf: usize,
-}
-
-fn random_case(rng: &mut Rng) -> Case {
-    let kind = [Kind::FlashAttn, Kind::FlashInfer, Kind::VllmCpu, Kind::Mla][rng.below(4)];
-    let dtype = [Dtype::F16, Dtype::Bf16, Dtype::F32][rng.below(3)];
-    let chunk = [16u32, 32, 48][rng.below(3)];
-    let group = [4u32, 8, 16][rng.below(3)].min(chunk);
-    let spec = spec(kind, dtype, 1 + rng.below(4) as u32, chunk, group);
-    let block_size = [4usize, 8, 16, 32][rng.below(4)];
-    let n_chunks = 1 + rng.below(4);
-    let full = n_chunks * chunk as usize;
-    let toks = tokens(full + rng.below(chunk as usize), rng.below(1000) as u32);
-    let start = rng.below(full);
-    let end = start + 1 + rng.below(full - start);
-    let needed = end.div_ceil(block_size);
-    let num_blocks = needed + rng.below(4);
-    let mut ids: Vec<u32> = (0..num_blocks as u32).collect();
-    rng.shuffle(&mut ids);
-    ids.truncate(needed);
-    let selection = (rng.below(3) == 0).then(|| {
-        let groups = full.div_ceil(group as usize) as u32;
-        Selection::new(
-            (0..spec.num_layers)
-                .map(|_| (0..groups).filter(|_| rng.below(2) == 0).collect())
-                .collect(),
-        )
-    });
-    Case {
-        spec,
-        kind,
-        num_blocks,
-        block_size,
-        table: ids,
-        toks,
-        range: start..end,
-        selection,
-        io: [IoMode::Direct, IoMode::Buffered][rng.below(2)],
-        slots: 2 + rng.below(3),
-        buf: 4096 * (2 + rng.below(7)),
-    }
-}
-
-fn open(root: &Path, spec: &ModelSpec, io: IoMode) -> Loader {
-    let opts = LoaderOptions {
-        io,
-        verify: Verify::Header,
-        threads: 2,
-        ..Default::default()
-    };
-    Loader::open_with(root, spec.clone(), b"", opts).unwrap()
-}
-
 #[test]
 fn device_plans_place_what_the_host_loader_places() {
     let mut rng = Rng(0x6b76_6673_6375_6461);
-    // Real files in the working tree's file system (tmpfs refuses O_DIRECT, which the
-    // Direct cases want to exercise).
+    // Real files on a disk file system (tmpfs refuses O_DIRECT, which the Direct cases want
+    // to exercise).
     for i in 0..60 {
         let c = random_case(&mut rng);
-        let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+        let dir = tempfile::tempdir_in(common::test_root()).unwrap();
         write_chunks(dir.path(), &c.spec, &c.toks);
         let loader = open(dir.path(), &c.spec, c.io);
         let block_size = c.block_size;
@@ -259,7 +121,7 @@ fn device_plans_place_what_the_host_loader_places() {
 /// stops where the host load stops, with the same error, and leaves later chunks alone.
 fn broken_chunk_case(breakage: impl Fn(&Path), want: impl Fn(&ChunkError) -> bool) {
     let s = spec(Kind::FlashAttn, Dtype::F16, 3, 16, 8);
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tempfile::tempdir_in(common::test_root()).unwrap();
     let toks = tokens(64, 7);
     let paths = write_chunks(dir.path(), &s, &toks);
     breakage(&paths[2]);
@@ -355,7 +217,7 @@ fn a_corrupt_header_ends_the_plan_where_the_host_load_ends() {
 #[test]
 fn bad_requests_are_typed_errors_before_any_read() {
     let s = spec(Kind::FlashAttn, Dtype::F16, 2, 16, 8);
-    let dir = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let dir = tempfile::tempdir_in(common::test_root()).unwrap();
     let toks = tokens(32, 3);
     write_chunks(dir.path(), &s, &toks);
     let loader = open(dir.path(), &s, IoMode::Direct);

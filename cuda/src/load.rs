@@ -82,7 +82,16 @@ pub struct DeviceLoad {
     thread: Option<JoinHandle<()>>,
     failure: Option<Failure>,
     layers: usize,
-    figures: (usize, usize, usize, usize, u64),
+    figures: Figures,
+}
+
+/// What the plan knew of the load (for [`DeviceLoadStats`]).
+struct Figures {
+    chunks: usize,
+    files: usize,
+    direct_files: usize,
+    tokens: usize,
+    bytes_needed: u64,
 }
 
 impl DeviceLoad {
@@ -101,13 +110,13 @@ impl DeviceLoad {
             changed: Condvar::new(),
         });
         let failure = plan.failure_info();
-        let figures = (
-            plan.chunks(),
-            plan.files(),
-            plan.direct_files(),
-            plan.tokens(),
-            plan.bytes_needed(),
-        );
+        let figures = Figures {
+            chunks: plan.chunks(),
+            files: plan.files(),
+            direct_files: plan.direct_files(),
+            tokens: plan.tokens(),
+            bytes_needed: plan.bytes_needed(),
+        };
         let (b, sh) = (backend.clone(), shared.clone());
         let thread = std::thread::Builder::new()
             .name("kvfs-cuda-load".into())
@@ -222,14 +231,14 @@ impl DeviceLoad {
             return Err(f.error().into());
         }
         let st = self.shared.lock();
-        let (chunks, files, direct_files, tokens, bytes_needed) = self.figures;
+        let f = &self.figures;
         Ok(DeviceLoadStats {
             path: self.backend.path(),
-            chunks,
-            files,
-            direct_files,
-            tokens,
-            bytes_needed,
+            chunks: f.chunks,
+            files: f.files,
+            direct_files: f.direct_files,
+            tokens: f.tokens,
+            bytes_needed: f.bytes_needed,
             io,
             elapsed: st.elapsed,
             layer_issued: st.issued.iter().map(|d| d.unwrap_or_default()).collect(),

@@ -22,7 +22,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import need, required
+from conftest import required
 
 try:
     import torch
@@ -89,7 +89,8 @@ def gpu_cache(layers: int, blocks: int, nhd: bool) -> list[torch.Tensor]:
 
 
 def test_the_extension_links_no_cuda() -> None:
-    need("cc", shutil.which("ldd") is not None, "no ldd")
+    # ldd is Debian's libc-bin (essential): present wherever these tests run
+    assert shutil.which("ldd"), "ldd is missing"
     lib = Path(kvfs._native.__file__)
     needed = subprocess.run(["ldd", str(lib)], capture_output=True, text=True, check=True).stdout
     for name in ("libcuda", "libcudart", "libnvrtc", "libcufile"):

@@ -298,3 +298,56 @@ fn bad_requests_are_typed_errors_before_any_read() {
         "{e}"
     );
 }
+
+#[path = "../../tests/support/require.rs"]
+mod require;
+
+/// On a kvfs mount (flat layout, `.kvfs/stats.json`) the device plan reads the local file
+/// that `user.kvfs.backing` names, as the host loader does: here the files under the "mount"
+/// are garbage, so a plan that read them would report a corrupt chunk.
+#[test]
+fn on_a_mount_the_plan_reads_the_backing_files() {
+    let s = spec(Kind::FlashAttn, Dtype::F16, 2, 16, 8);
+    let cache = tempfile::tempdir_in(common::test_root()).unwrap();
+    let mount = tempfile::tempdir_in(common::test_root()).unwrap();
+    std::fs::create_dir_all(mount.path().join(".kvfs")).unwrap();
+    std::fs::write(mount.path().join(".kvfs/stats.json"), b"{}").unwrap();
+    let toks = tokens(32, 9);
+    let backing = write_chunks(cache.path(), &s, &toks);
+    let keys = kvfs_loader::chunk_keys(&s.namespace_id(), &kvfs_loader::SaltTag::NONE, 16, &toks);
+    for (k, b) in keys.iter().zip(&backing) {
+        let flat =
+            kvfs_loader::dir::Layout::Flat.chunk_path(mount.path(), &s.namespace_dir(), &k.key);
+        std::fs::create_dir_all(flat.parent().unwrap()).unwrap();
+        std::fs::write(&flat, vec![0xEEu8; 8192]).unwrap();
+        let set = std::process::Command::new("setfattr")
+            .args(["-n", "user.kvfs.backing", "-v"])
+            .arg(b)
+            .arg(&flat)
+            .status();
+        if !matches!(set, Ok(st) if st.success()) {
+            let why = "setfattr (package attr) is unavailable or xattrs are unsupported here";
+            require::need("setfattr", Err(why.to_string()));
+            return;
+        }
+    }
+    let loader = open(mount.path(), &s, IoMode::Direct);
+    let table: Vec<u32> = vec![5, 1, 7, 3, 0, 2, 4, 6];
+    let map = BlockMap::Blocks(&table);
+    let req = LoadRequest {
+        tokens: &toks,
+        ..Default::default()
+    };
+    let host = arena(&s, Kind::FlashAttn, 8, 4);
+    let stats = loader
+        .load_request(&req, &Dest::host(&host.layout, map))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!(stats.backing_files, 2);
+    let mut dev = arena(&s, Kind::FlashAttn, 8, 4);
+    let plan = DevicePlan::build(&loader, &req, &dev.layout, &map).unwrap();
+    assert!(plan.failure().is_none(), "{:?}", plan.failure());
+    run_on_host(&plan, &mut dev, 2, 8192);
+    assert!(dev.bytes == host.bytes);
+}

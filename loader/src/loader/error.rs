@@ -4,6 +4,7 @@
 use crate::error::FormatError;
 use crate::key::ChunkKey;
 use crate::layout::LayoutError;
+use crate::rope::RopeError;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -36,6 +37,8 @@ pub enum LoaderError {
     Invalid(String),
     #[error(transparent)]
     Layout(#[from] LayoutError),
+    #[error(transparent)]
+    Rope(#[from] RopeError),
     #[error(
         "chunk {chunk} ({key}) failed: {source}; positions {valid_tokens:?} ({} blocks) hold valid data",
         valid_blocks.len()

@@ -19,6 +19,7 @@ mod support {
 }
 
 use kvfs_loader::Loader;
+use kvfs_model::blend::log_softmax_at;
 use kvfs_model::{BlendConfig, BlendPrompt, Engine, ModelError, PagedKv, argmax, max_abs_diff};
 use std::path::Path;
 
@@ -132,8 +133,22 @@ fn blending_ends_are_exact_and_chooses_the_largest_deviations() {
         "documents are found whole"
     );
 
-    let mut reference = e.new_cache(cap);
+    let mut reference = e.new_cache(cap + 3);
     let full_logits = e.prefill(&mut reference, &full).unwrap();
+    // The answer log-likelihood of the benchmark: one teacher-forced pass equals step by step.
+    let cont = &t[5000..5003];
+    let ll = e
+        .continuation_log_likelihood(&mut reference, cap, &full_logits, cont)
+        .unwrap();
+    let l1 = e.model.forward(&mut reference, &cont[..1], cap).unwrap();
+    let l2 = e
+        .model
+        .forward(&mut reference, &cont[1..2], cap + 1)
+        .unwrap();
+    let stepwise = log_softmax_at(&full_logits, cont[0])
+        + log_softmax_at(&l1, cont[1])
+        + log_softmax_at(&l2, cont[2]);
+    assert!((ll - stepwise).abs() < 1e-3, "{ll} vs {stepwise}");
     let mut naive_kv = reused_cache(&e, &loader, &p, cap);
     let naive = e.naive_reuse(&mut naive_kv, &p).unwrap();
 
@@ -279,6 +294,15 @@ fn bad_blend_requests_get_typed_errors_and_change_nothing() {
         before,
         "a refused blend leaves the cache as it was"
     );
+    // A continuation past the cache or outside the vocabulary.
+    let logits = vec![0f32; e.model.cfg.vocab];
+    for bad in [vec![1u32; 20], vec![u32::MAX]] {
+        assert!(matches!(
+            e.continuation_log_likelihood(&mut kv, 53, &logits, &bad),
+            Err(ModelError::Invalid(_))
+        ));
+    }
+    assert_eq!(kv.gather(5, 53), before);
     // Empty documents cannot be stored.
     assert!(matches!(
         e.store_documents(&loader, &[vec![]]),

@@ -153,6 +153,13 @@ fn deviations(
         .collect())
 }
 
+/// `log softmax(logits)[index]`, computed in f64.
+pub fn log_softmax_at(logits: &[f32], index: u32) -> f64 {
+    let max = logits.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x)) as f64;
+    let sum: f64 = logits.iter().map(|&x| (x as f64 - max).exp()).sum();
+    logits[index as usize] as f64 - max - sum.ln()
+}
+
 /// Number of tokens a share of `n` means (rounded, at most `n`).
 fn share_of(n: usize, share: f64) -> usize {
     ((n as f64 * share).round() as usize).min(n)
@@ -309,6 +316,50 @@ impl Engine {
             check_time,
             recompute_time: t1.elapsed(),
         })
+    }
+
+    /// Log-likelihood (nats) of `continuation` after a prompt of `prompt_len` tokens in `kv`
+    /// whose last logits are `logits`: teacher-forced, one pass over the continuation.
+    pub fn continuation_log_likelihood(
+        &self,
+        kv: &mut PagedKv,
+        prompt_len: usize,
+        logits: &[f32],
+        continuation: &[u32],
+    ) -> Result<f64, ModelError> {
+        if let Some(t) = continuation
+            .iter()
+            .find(|&&t| t as usize >= self.model.cfg.vocab)
+        {
+            return Err(ModelError::Invalid(format!(
+                "token id {t} outside the vocabulary"
+            )));
+        }
+        let Some((&first, rest)) = continuation.split_first() else {
+            return Ok(0.0);
+        };
+        let mut total = log_softmax_at(logits, first);
+        if rest.is_empty() {
+            return Ok(total);
+        }
+        let feed = &continuation[..continuation.len() - 1];
+        if prompt_len + feed.len() > kv.capacity() {
+            return Err(ModelError::Invalid(format!(
+                "{} positions exceed the cache's {}",
+                prompt_len + feed.len(),
+                kv.capacity()
+            )));
+        }
+        let positions: Vec<usize> = (prompt_len..prompt_len + feed.len()).collect();
+        let out =
+            self.model
+                .run_layers(kv, feed, &positions, self.model.cfg.num_layers, &mut |_| {
+                    Ok(None)
+                })?;
+        for (row, &next) in self.model.logits_of_rows(&out.hidden)?.iter().zip(rest) {
+            total += log_softmax_at(row, next);
+        }
+        Ok(total)
     }
 
     fn check_blend(

@@ -349,12 +349,13 @@ impl Model {
     /// Logits of the last row of hidden states `x` (`[n, hidden]`).
     pub(crate) fn logits_of_last(&self, x: &Tensor) -> Result<Vec<f32>, ModelError> {
         let n = x.dims2()?.0;
-        let last = x.narrow(0, n - 1, 1)?;
-        let last = self.rms_norm(&last, &self.norm)?;
-        Ok(last
-            .matmul(&self.lm_head.t()?)?
-            .flatten_all()?
-            .to_vec1::<f32>()?)
+        Ok(self.logits_of_rows(&x.narrow(0, n - 1, 1)?)?.remove(0))
+    }
+
+    /// Logits of every row of hidden states `x` (`[n, hidden]`).
+    pub(crate) fn logits_of_rows(&self, x: &Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
+        let x = self.rms_norm(x, &self.norm)?;
+        Ok(x.matmul(&self.lm_head.t()?)?.to_vec2::<f32>()?)
     }
 }
 

@@ -4,7 +4,7 @@
 Source: the Python language reference topics that Debian's libpython3.11-stdlib ships
 (/usr/lib/python3.11/pydoc_data/topics.py: a dict of 79 topics, ~465 KB of prose), read at run
 time and never copied into the repository. Documents are runs of consecutive paragraphs of one
-topic (grammar and code blocks dropped), about 150-420 words (a seeded pool of 48 of them) so that they come to roughly
+topic (grammar and code blocks dropped), about 150-330 words (a seeded pool of 48 of them) so that they come to roughly
 200-600 SmolLM2 tokens (the Rust side keeps only documents of 200..=600 tokens). Each prompt
 puts 3-6 documents of different topics in a shuffled order; its question quotes one sentence
 of one document (the target) and asks for the sentence that follows it there, so the answer
@@ -54,7 +54,7 @@ def documents(topics):
             cur.append(para)
             words = sum(len(p.split()) for p in cur)
             if words >= 150:
-                if words <= 420:
+                if words <= 330:
                     docs.append((name, "\n\n".join(cur)))
                 cur = []
     return docs

@@ -79,7 +79,7 @@ fn invalid(msg: impl Into<String>) -> Fail {
 
 fn code_of(e: &LoaderError) -> c_int {
     match e {
-        LoaderError::Spec(_) | LoaderError::Invalid(_) | LoaderError::Rope(_) => KVFS_ERR_INVALID,
+        LoaderError::Spec(_) | LoaderError::Invalid(_) => KVFS_ERR_INVALID,
         LoaderError::Io { .. } | LoaderError::Store { .. } => KVFS_ERR_IO,
         LoaderError::Layout(_) => KVFS_ERR_LAYOUT,
         LoaderError::Chunk { source, .. } => match **source {

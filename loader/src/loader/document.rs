@@ -150,7 +150,8 @@ impl Loader {
                     let mut rows = view.plane(layer, plane);
                     if plane == 0 {
                         rotated = rows.to_vec();
-                        rope.rotate_bytes(meta.dtype, &mut rotated, delta)?;
+                        rope.rotate_bytes(meta.dtype, &mut rotated, delta)
+                            .map_err(|e| LoaderError::Invalid(e.to_string()))?;
                         rows = &rotated;
                     }
                     runs.clear();

@@ -4,7 +4,6 @@
 use crate::error::FormatError;
 use crate::key::ChunkKey;
 use crate::layout::LayoutError;
-use crate::rope::RopeError;
 use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -37,8 +36,6 @@ pub enum LoaderError {
     Invalid(String),
     #[error(transparent)]
     Layout(#[from] LayoutError),
-    #[error(transparent)]
-    Rope(#[from] RopeError),
     #[error(
         "chunk {chunk} ({key}) failed: {source}; positions {valid_tokens:?} ({} blocks) hold valid data",
         valid_blocks.len()

@@ -15,8 +15,8 @@
 //! the share of document tokens recomputed.
 //!
 //! `bench` reads the prompt set `scripts/blend-dataset.py` writes and prints one JSON object
-//! per line (`"kind": "quality"` per prompt and method, `"kind": "ttft"` per size, method and
-//! repetition) to `--out`. Methods: the full prefill (reference), blending at each ratio, and
+//! per line (`"kind": "ttft"` per size, method and repetition first, then `"kind": "quality"` per
+//! prompt and method, so a run cut short keeps what it measured) to `--out`. Methods: the full prefill (reference), blending at each ratio, and
 //! naive reuse (documents loaded with their keys re-encoded, nothing recomputed).
 
 use kvfs_loader::Loader;
@@ -334,6 +334,55 @@ fn bench(args: &Args) -> Res<()> {
         t0.elapsed().as_secs_f64()
     );
 
+    // TTFT at fixed sizes: documents of the pool in order until the size is reached (the last
+    // one cut to fit, and stored as it is), a fixed question.
+    let q = tok.encode(&format!(
+        "Question: Which document talks about exceptions?{QUESTION_END}"
+    ));
+    for &size in &sizes {
+        let size = size as usize;
+        let budget = size - prefix.len() - q.len();
+        let mut pdocs = Vec::new();
+        let mut used = 0;
+        for d in &pool {
+            let take = d.len().min(budget - used);
+            pdocs.push(d[..take].to_vec());
+            used += take;
+            if used == budget {
+                break;
+            }
+        }
+        if used < budget {
+            return Err(format!("the pool holds fewer than {budget} document tokens").into());
+        }
+        engine.store_documents(&loader, &pdocs)?;
+        let p = BlendPrompt {
+            prefix: &prefix,
+            documents: &pdocs,
+            question: &q,
+        };
+        let mut full_best = f64::INFINITY;
+        for rep in 0..reps {
+            for m in &methods {
+                let r = run_method(&engine, &loader, &p, *m, 1)?;
+                if matches!(m, Method::Full) {
+                    full_best = full_best.min(r.ttft.as_secs_f64());
+                }
+                let line = format!(
+                    "{{\"kind\":\"ttft\",\"size\":{},\"documents\":{},\"method\":\"{}\",\"ratio\":{},\"rep\":{rep},\"share\":{:.4},\"ttft_s\":{:.4}}}",
+                    p.tokens().len(),
+                    pdocs.len(),
+                    m.name(),
+                    m.ratio(),
+                    r.share,
+                    r.ttft.as_secs_f64()
+                );
+                writeln!(out, "{line}")?;
+                eprintln!("{line}");
+            }
+        }
+        eprintln!("size {size}: best full prefill {full_best:.2} s");
+    }
     let mut skipped = 0;
     for pr in &prompts {
         if !pr.docs.iter().all(|&d| usable(d)) {
@@ -389,54 +438,5 @@ fn bench(args: &Args) -> Res<()> {
     }
     eprintln!("{skipped} prompts skipped (a document outside 200..=600 tokens)");
 
-    // TTFT at fixed sizes: documents of the pool in order until the size is reached (the last
-    // one cut to fit, and stored as it is), a fixed question.
-    let q = tok.encode(&format!(
-        "Question: Which document talks about exceptions?{QUESTION_END}"
-    ));
-    for &size in &sizes {
-        let size = size as usize;
-        let budget = size - prefix.len() - q.len();
-        let mut pdocs = Vec::new();
-        let mut used = 0;
-        for d in &pool {
-            let take = d.len().min(budget - used);
-            pdocs.push(d[..take].to_vec());
-            used += take;
-            if used == budget {
-                break;
-            }
-        }
-        if used < budget {
-            return Err(format!("the pool holds fewer than {budget} document tokens").into());
-        }
-        engine.store_documents(&loader, &pdocs)?;
-        let p = BlendPrompt {
-            prefix: &prefix,
-            documents: &pdocs,
-            question: &q,
-        };
-        let mut full_best = f64::INFINITY;
-        for rep in 0..reps {
-            for m in &methods {
-                let r = run_method(&engine, &loader, &p, *m, 1)?;
-                if matches!(m, Method::Full) {
-                    full_best = full_best.min(r.ttft.as_secs_f64());
-                }
-                let line = format!(
-                    "{{\"kind\":\"ttft\",\"size\":{},\"documents\":{},\"method\":\"{}\",\"ratio\":{},\"rep\":{rep},\"share\":{:.4},\"ttft_s\":{:.4}}}",
-                    p.tokens().len(),
-                    pdocs.len(),
-                    m.name(),
-                    m.ratio(),
-                    r.share,
-                    r.ttft.as_secs_f64()
-                );
-                writeln!(out, "{line}")?;
-                eprintln!("{line}");
-            }
-        }
-        eprintln!("size {size}: best full prefill {full_best:.2} s");
-    }
     Ok(())
 }

@@ -28,7 +28,8 @@ fn cfg(root: &Path) -> StoreConfig {
     c
 }
 
-/// Every regular file under `root` (relative paths), for "nothing else became visible".
+/// Every regular file under `root` (relative paths) but the store's own index
+/// (`.kvfs-index.sqlite` and its journal), for "nothing else became visible".
 fn files(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
@@ -38,7 +39,11 @@ fn files(root: &Path) -> Vec<PathBuf> {
             let e = e.unwrap();
             if e.file_type().unwrap().is_dir() {
                 stack.push(e.path());
-            } else {
+            } else if !e
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".kvfs-index.sqlite")
+            {
                 out.push(e.path().strip_prefix(root).unwrap().to_path_buf());
             }
         }

@@ -136,10 +136,10 @@ pub(crate) fn fan_dirs(root: &Path, ns: &str) -> io::Result<Vec<String>> {
     Ok(out)
 }
 
-/// The chunk files of one fan-out directory of `ns`: key, length, recency, sorted by key.
-/// Files whose names are not chunk names, or that sit in the wrong fan-out directory, are
-/// skipped (`verify` reports them).
-pub(crate) fn scan_fan(root: &Path, ns: &str, fan: &str) -> io::Result<Vec<(ChunkKey, u64, u64)>> {
+/// The chunk names of one fan-out directory of `ns` (`fan`, two hex digits), unsorted, with
+/// their directory entries; no file is opened or stat'ed. Names that are not chunk names, or
+/// that sit in the wrong fan-out directory, are skipped (`verify` reports them).
+fn fan_entries(root: &Path, ns: &str, fan: &str) -> io::Result<Vec<(ChunkKey, fs::DirEntry)>> {
     let mut out = Vec::new();
     let files = match fs::read_dir(root.join(ns).join(fan)) {
         Ok(f) => f,
@@ -156,9 +156,27 @@ pub(crate) fn scan_fan(root: &Path, ns: &str, fan: &str) -> io::Result<Vec<(Chun
         let Ok(key) = ChunkKey::from_file_name(name) else {
             continue;
         };
-        if !key.to_hex().starts_with(fan) {
-            continue;
+        if key.to_hex().starts_with(fan) {
+            out.push((key, f));
         }
+    }
+    Ok(out)
+}
+
+/// The chunk keys of one fan-out directory of `ns`, sorted (names only: a listing page).
+pub(crate) fn fan_keys(root: &Path, ns: &str, fan: &str) -> io::Result<Vec<ChunkKey>> {
+    let mut keys: Vec<ChunkKey> = fan_entries(root, ns, fan)?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    keys.sort_unstable();
+    Ok(keys)
+}
+
+/// The chunk files of one fan-out directory of `ns`: key, length, recency, sorted by key.
+pub(crate) fn scan_fan(root: &Path, ns: &str, fan: &str) -> io::Result<Vec<(ChunkKey, u64, u64)>> {
+    let mut out = Vec::new();
+    for (key, f) in fan_entries(root, ns, fan)? {
         let md = match f.metadata() {
             Ok(m) => m,
             Err(e) if e.kind() == io::ErrorKind::NotFound => continue,

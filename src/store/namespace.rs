@@ -97,6 +97,14 @@ impl Store {
         Ok(())
     }
 
+    /// The keys of the chunks of `ns_dir` on disk whose first byte is `page` (one fan-out
+    /// directory), sorted: a page of a streamed listing (the mount's READDIR). Names only.
+    pub fn chunk_page(&self, ns_dir: &str, page: u8) -> Result<Vec<ChunkKey>, StoreError> {
+        check_ns(ns_dir)?;
+        disk::fan_keys(self.root(), ns_dir, &format!("{page:02x}"))
+            .map_err(|e| StoreError::io(&self.root().join(ns_dir), e))
+    }
+
     /// The chunks of one namespace on disk, sorted by key (a whole listing in memory; see
     /// [`Store::for_each_chunk`] for one that streams).
     pub fn chunks(&self, ns_dir: &str) -> Result<Vec<(ChunkKey, u64)>, StoreError> {

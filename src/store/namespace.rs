@@ -74,8 +74,9 @@ impl Store {
     }
 
     /// Calls `f` with every chunk file of one namespace (key, length), in key order, as the
-    /// directories are read: one fan-out directory (`<ns>/<xx>/`) is held at a time, so a
-    /// listing of a million chunks starts at once and holds a few thousand. `f` returning
+    /// directories are read: one fan-out directory's names (`<ns>/<xx>/`) are held at a time
+    /// and each file is stat'ed just before it is handed out, so a listing of a million
+    /// chunks starts after one directory read and holds a few thousand names. `f` returning
     /// `Break` stops the walk. Reads the files, the truth, not the index.
     pub fn for_each_chunk(
         &self,
@@ -86,10 +87,18 @@ impl Store {
         let root = self.root();
         let ns_path = root.join(ns_dir);
         for fan in disk::fan_dirs(root, ns_dir).map_err(|e| StoreError::io(&ns_path, e))? {
-            let found =
-                disk::scan_fan(root, ns_dir, &fan).map_err(|e| StoreError::io(&ns_path, e))?;
-            for (key, len, _) in found {
-                if f(key, len).is_break() {
+            let keys =
+                disk::fan_keys(root, ns_dir, &fan).map_err(|e| StoreError::io(&ns_path, e))?;
+            for key in keys {
+                let path = self.inner.disk.path(ns_dir, &key);
+                let md = match std::fs::symlink_metadata(&path) {
+                    Ok(md) if md.is_file() => md,
+                    Ok(_) => continue,
+                    // Evicted since the directory was read.
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                    Err(e) => return Err(StoreError::io(&path, e)),
+                };
+                if f(key, md.len()).is_break() {
                     return Ok(());
                 }
             }

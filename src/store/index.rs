@@ -113,6 +113,14 @@ fn is_damage(e: &rusqlite::Error) -> bool {
     )
 }
 
+/// Whether an SQLite error says the index cannot be written here (as opposed to damaged).
+fn is_unwritable(e: &rusqlite::Error) -> bool {
+    matches!(
+        e.sqlite_error_code(),
+        Some(ErrorCode::ReadOnly | ErrorCode::CannotOpen | ErrorCode::PermissionDenied)
+    )
+}
+
 /// Whether the file at `path` is shorter than its own header says (a truncated copy or a
 /// torn write): SQLite would only notice when a query reaches a missing page.
 fn looks_truncated(path: &Path) -> io::Result<bool> {
@@ -472,6 +480,16 @@ impl ChunkIndex {
             Err(e) if is_damage(&e) => {
                 set_aside(&path);
                 connect(root, &path).map_err(|e| index_err(&path, e))?
+            }
+            // A cache this process may read but not write (a read-only file system, a
+            // directory of another user): reads need no index, so they go on with a private
+            // one in memory, as every process had before the index was shared.
+            Err(e) if is_unwritable(&e) => {
+                tracing::warn!(path = %path.display(), error = %e,
+                    "cannot open the chunk index for writing: using a private one in memory");
+                let c = Connection::open_in_memory().map_err(|e| index_err(&path, e))?;
+                c.execute_batch(SCHEMA).map_err(|e| index_err(&path, e))?;
+                c
             }
             Err(e) => return Err(index_err(&path, e)),
         };

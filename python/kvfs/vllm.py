@@ -48,6 +48,7 @@ import json
 import math
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -333,6 +334,10 @@ class KvfsConnector(KVConnectorBase_V1):
         self._layer_index: dict[str, int] = {}
         self._loads: list[tuple[LoadSpec, Any]] = []
         self._failed_blocks: set[int] = set()
+        # this step's loads: when start_load_kv began, and seconds the forward spent blocked
+        # in wait_for_layer_load (logged at debug level by wait_for_save)
+        self._load_started = 0.0
+        self._load_waited = 0.0
 
     def _open(self, salt: bytes) -> list[Loader]:
         loaders = self._loaders.get(salt)
@@ -354,6 +359,7 @@ class KvfsConnector(KVConnectorBase_V1):
         usable = (len(prompt) - 1) // self._block_size * self._block_size
         if usable <= num_computed_tokens:
             return 0, False
+        t = time.monotonic()
         try:
             loaders = self._open(_salt(request))
             hit = min(loader.lookup(prompt[:usable]) for loader in loaders)
@@ -364,7 +370,13 @@ class KvfsConnector(KVConnectorBase_V1):
         if hit <= num_computed_tokens:
             return 0, False
         self._hits[request.request_id] = (num_computed_tokens, hit)
-        logger.debug("kvfs: request %s hit %d of %d tokens", request.request_id, hit, len(prompt))
+        logger.debug(
+            "kvfs: request %s hit %d of %d tokens (lookup %.3f s)",
+            request.request_id,
+            hit,
+            len(prompt),
+            time.monotonic() - t,
+        )
         return hit - num_computed_tokens, False
 
     def update_state_after_alloc(
@@ -527,6 +539,8 @@ class KvfsConnector(KVConnectorBase_V1):
         assert isinstance(meta, KvfsConnectorMetadata)
         if self._layout is None:
             return
+        self._load_started = time.monotonic()
+        self._load_waited = 0.0
         for load in meta.loads:
             try:
                 loader = self._open(load.salt)[0]
@@ -545,8 +559,9 @@ class KvfsConnector(KVConnectorBase_V1):
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         idx = self._layer_index.get(layer_name)
-        if idx is None:
+        if idx is None or not self._loads:
             return
+        t = time.monotonic()
         pending = []
         stream = self._engine_stream()
         for load, handle in self._loads:
@@ -564,6 +579,7 @@ class KvfsConnector(KVConnectorBase_V1):
                 continue
             pending.append((load, handle))
         self._loads = pending
+        self._load_waited += time.monotonic() - t
 
     def _engine_stream(self) -> int | None:
         """vLLM's current CUDA stream (a `CUstream` as an int), or None on the host path."""
@@ -583,7 +599,18 @@ class KvfsConnector(KVConnectorBase_V1):
         # Finish this step's loads first (a layer may have been skipped by the forward).
         for load, handle in self._loads:
             try:
-                handle.wait()
+                stats = handle.wait()
+                logger.debug(
+                    "kvfs: request %s loaded %d tokens (%d chunks, %d bytes) in %.3f s; the "
+                    "forward waited %.3f s for layers; start_load_kv to now %.3f s",
+                    load.req_id,
+                    stats["tokens"],
+                    stats["chunks"],
+                    stats["bytes_needed"],
+                    stats["elapsed_s"],
+                    self._load_waited,
+                    time.monotonic() - self._load_started,
+                )
             except ChunkError as e:
                 self._fail(load, e.valid_blocks, e)
             except KvfsError as e:

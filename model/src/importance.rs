@@ -102,16 +102,16 @@ impl ForwardHooks for ImportanceCollector {
         layer: usize,
         probs: &Tensor,
         cols: Option<&[u32]>,
-        start: usize,
+        positions: &[usize],
     ) -> Result<(), ModelError> {
-        let (kv_heads, group, n, width) = probs.dims4()?;
+        let (kv_heads, group, _, width) = probs.dims4()?;
+        // observed: queries of the window's positions (ascending), none past the prompt
         let first_observed = self.prompt_len - self.window;
-        let q0 = first_observed.saturating_sub(start);
-        if q0 >= n || start >= self.prompt_len {
+        let q0 = positions.partition_point(|&p| p < first_observed);
+        let q1 = positions.partition_point(|&p| p < self.prompt_len);
+        if q0 >= q1 {
             return Ok(());
         }
-        // queries beyond the prompt (none during a plain prefill) are not observed
-        let q1 = n.min(self.prompt_len - start);
         let col_mass = probs
             .narrow(2, q0, q1 - q0)?
             .contiguous()?

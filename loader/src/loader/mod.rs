@@ -274,6 +274,17 @@ impl Loader {
         self.layout.chunk_path(&self.root, &self.ns_dir, key)
     }
 
+    /// Checks a header that a caller read itself (a device back end reading chunk files
+    /// with its own I/O) against this loader's spec, namespace and the expected `key`: the
+    /// checks every [`Loader::load`] makes on each chunk.
+    pub fn check_chunk_header(
+        &self,
+        header: &crate::format::ChunkHeader,
+        key: &ChunkKey,
+    ) -> Result<(), ChunkError> {
+        job::check_header(header, &self.spec, &self.ns, key)
+    }
+
     /// How many leading tokens of `tokens` are cached: full chunks present, up to the first
     /// missing one.
     pub fn lookup(&self, tokens: &[u32]) -> usize {

@@ -48,8 +48,7 @@ fn due(conn: &Connection, now: i64) -> rusqlite::Result<bool> {
     }
     let holder = meta(conn, META_MAINTAINER)?.unwrap_or(0);
     let since = meta(conn, META_MAINTAINER_SINCE)?.unwrap_or(0);
-    let held =
-        holder > 0 && process_alive(holder as i32) && now.saturating_sub(since) < period;
+    let held = holder > 0 && process_alive(holder as i32) && now.saturating_sub(since) < period;
     Ok(!held)
 }
 

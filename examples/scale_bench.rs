@@ -128,6 +128,39 @@ fn index(root: &Path) {
     );
 }
 
+/// K puts into a store bounded to what it holds (each evicts), timed one by one (for a
+/// profiler: `perf record scale_bench puts ROOT K`).
+fn puts(root: &Path, k: u64) {
+    let spec = spec();
+    let ns = spec.namespace_dir();
+    let used = Store::open(cfg(root, u64::MAX / 4))
+        .unwrap()
+        .capacity()
+        .used_bytes;
+    let full = Store::open(cfg(root, used)).unwrap();
+    let mut times = Vec::new();
+    for r in 0..k {
+        let (_, bytes) = synth_chunk(
+            &spec,
+            None,
+            SaltTag::NONE,
+            single_tokens(
+                20_000_000_000 + (std::process::id() as u64) * 100_000 + r,
+                spec.chunk_tokens as usize,
+            ),
+        )
+        .unwrap();
+        let t = Instant::now();
+        assert!(full.put(&ns, &bytes).unwrap().evicted >= 1);
+        times.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    println!(
+        "{{\"puts\": {k}, \"median_us\": {:.0}}}",
+        times[times.len() / 2]
+    );
+}
+
 fn drop_caches() {
     let _ = Command::new("sync").status();
     std::fs::write("/proc/sys/vm/drop_caches", "3").expect("dropping the page cache needs root");
@@ -312,7 +345,8 @@ fn ops(root: &Path, kvfs: &Path, reps: usize, cold: bool) {
         starts.push(t.elapsed().as_secs_f64() * 1e6);
         if cold {
             // The mount start is the cold figure; the find below is the warm one's.
-            run(cli().arg("umount").arg(&mnt));
+            // The kernel may still hold the last directory handle for a moment after `find`.
+            run(cli().arg("umount").arg("--lazy").arg(&mnt));
             std::thread::sleep(Duration::from_millis(300));
             continue;
         }
@@ -334,7 +368,8 @@ fn ops(root: &Path, kvfs: &Path, reps: usize, cold: bool) {
             .find_map(|l| l.strip_prefix("VmHWM:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0);
-        run(cli().arg("umount").arg(&mnt));
+        // The kernel may still hold the last directory handle for a moment after `find`.
+        run(cli().arg("umount").arg("--lazy").arg(&mnt));
         std::thread::sleep(Duration::from_millis(300));
     }
     let mid = |mut v: Vec<f64>| {
@@ -357,6 +392,7 @@ fn main() {
     match a.get(1).map(String::as_str) {
         Some("build") => build(Path::new(&a[2]), a[3].parse().unwrap()),
         Some("index") => index(Path::new(&a[2])),
+        Some("puts") => puts(Path::new(&a[2]), a[3].parse().unwrap()),
         Some("ops") => ops(
             Path::new(&a[2]),
             Path::new(&a[3]),

@@ -31,6 +31,7 @@ use std::fs;
 use std::io;
 use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
@@ -201,6 +202,8 @@ pub(crate) struct DiskTier {
     index: ChunkIndex,
     /// The maintenance pass this process started, if any.
     pass: Mutex<Option<JoinHandle<()>>>,
+    /// Set when the tier is dropped: the background pass stops between two directories.
+    stop_pass: Arc<AtomicBool>,
 }
 
 /// Bytes held back for a put in progress (a row in the index, seen by every process);
@@ -239,6 +242,16 @@ fn db_err(path: &Path, e: rusqlite::Error) -> StoreError {
     StoreError::io(path, io::Error::other(e))
 }
 
+impl Drop for DiskTier {
+    /// Stops the background maintenance pass (between two directories) and waits for it, so
+    /// no thread keeps the index or the cache's files open after the store is dropped (a
+    /// remount, an unmount or a test's temporary directory would find them busy).
+    fn drop(&mut self) {
+        self.stop_pass.store(true, Ordering::Relaxed);
+        self.wait_maintenance();
+    }
+}
+
 impl DiskTier {
     /// Opens the tier's index (see [`super::index`]) and starts a maintenance pass in the
     /// background when one is due. `remote`, when given, pins chunks whose upload is still
@@ -257,6 +270,7 @@ impl DiskTier {
             remote,
             index,
             pass: Mutex::new(None),
+            stop_pass: Arc::new(AtomicBool::new(false)),
         };
         tier.start_maintenance();
         Ok(tier)
@@ -268,10 +282,11 @@ impl DiskTier {
         match self.index.claim_maintenance() {
             Ok(true) => {
                 let root = self.root.clone();
+                let stop = Arc::clone(&self.stop_pass);
                 let handle = std::thread::Builder::new()
                     .name("kvfs-index".into())
                     .spawn(move || {
-                        if let Err(e) = maintenance::run_pass(&root) {
+                        if let Err(e) = maintenance::run_pass(&root, &stop) {
                             tracing::warn!(root = %root.display(), error = %e, "chunk index maintenance failed");
                         }
                     });
@@ -299,7 +314,7 @@ impl DiskTier {
     pub fn resync(&self) -> Result<(), StoreError> {
         self.wait_maintenance();
         self.index.flush_touches();
-        maintenance::run_pass(&self.root).map(|_| ())
+        maintenance::run_pass(&self.root, &AtomicBool::new(false)).map(|_| ())
     }
 
     pub fn index(&self) -> &ChunkIndex {

@@ -12,7 +12,10 @@
 //! a time (a claim in the index's `meta` table names the pid; a dead claimant's claim is
 //! taken over). `gc` and `verify` run one synchronously. Reads never wait for it. The walk goes
 //! one fan-out directory (`<ns>/<xx>/`) at a time, one transaction each, so its memory is one
-//! directory's listing and a kill loses at most one directory's work.
+//! directory's listing and a kill loses at most one directory's work. A store that is dropped
+//! stops its pass between two directories (the `stop` flag) and waits for it, so no thread
+//! keeps the index open after the store is gone; the stopped pass gives up its claim and the
+//! next open runs it again.
 
 use super::StoreError;
 use super::disk::{fan_dirs, list_namespace_dirs, now_nanos, scan_fan};
@@ -26,6 +29,7 @@ use rusqlite::{Connection, TransactionBehavior, params};
 use std::collections::HashSet;
 use std::io;
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 /// A complete index is re-checked against the files this often.
@@ -78,7 +82,7 @@ pub(crate) struct PassReport {
 }
 
 /// Runs one pass over the cache at `root` on its own connection (see the module docs).
-pub(crate) fn run_pass(root: &Path) -> Result<PassReport, StoreError> {
+pub(crate) fn run_pass(root: &Path, stop: &AtomicBool) -> Result<PassReport, StoreError> {
     let path = root.join(index::INDEX_FILE);
     let mut report = PassReport {
         swept_temporaries: sweep_temporaries(root, STALE_TMP_AGE)
@@ -91,7 +95,17 @@ pub(crate) fn run_pass(root: &Path) -> Result<PassReport, StoreError> {
     let conn = index::connect(root, &path).map_err(|e| db_err(&path, e))?;
     let dirs = list_namespace_dirs(root).map_err(|e| StoreError::io(root, e))?;
     for ns in &dirs {
-        resync_namespace(&conn, root, ns, &mut report)?;
+        if !resync_namespace(&conn, root, ns, &mut report, stop)? {
+            // Stopped (the store is being dropped): leave the index incomplete and give the
+            // claim up, so the next open runs the pass again.
+            if meta(&conn, META_MAINTAINER).map_err(|e| db_err(&path, e))?
+                == Some(i64::from(std::process::id()))
+            {
+                set_meta(&conn, META_MAINTAINER, 0).map_err(|e| db_err(&path, e))?;
+            }
+            tracing::debug!(root = %root.display(), "chunk index maintenance pass stopped");
+            return Ok(report);
+        }
     }
     // Namespaces whose directory is gone: their rows go (the namespace row stays, at zero).
     let r = (|| {
@@ -119,13 +133,14 @@ pub(crate) fn run_pass(root: &Path) -> Result<PassReport, StoreError> {
 
 /// Makes the rows of namespace `ns` agree with its files, one fan-out directory per
 /// transaction. Every one of the 256 key ranges is checked, so rows of a fan-out directory
-/// that is gone are dropped too.
+/// that is gone are dropped too. Returns false when `stop` was set before it finished.
 fn resync_namespace(
     conn: &Connection,
     root: &Path,
     ns: &str,
     report: &mut PassReport,
-) -> Result<(), StoreError> {
+    stop: &AtomicBool,
+) -> Result<bool, StoreError> {
     let path = root.join(index::INDEX_FILE);
     let present: HashSet<String> = fan_dirs(root, ns)
         .map_err(|e| StoreError::io(&root.join(ns), e))?
@@ -133,6 +148,9 @@ fn resync_namespace(
         .collect();
     let ns_id = namespace_id(conn, ns).map_err(|e| db_err(&path, e))?;
     for fan in 0..=255u8 {
+        if stop.load(Ordering::Relaxed) {
+            return Ok(false);
+        }
         let fan_name = format!("{fan:02x}");
         let found = if present.contains(&fan_name) {
             scan_fan(root, ns, &fan_name).map_err(|e| StoreError::io(&root.join(ns), e))?
@@ -177,5 +195,5 @@ fn resync_namespace(
         })();
         r.map_err(|e| db_err(&path, e))?;
     }
-    Ok(())
+    Ok(true)
 }

@@ -76,12 +76,7 @@ const OFF_SALT: usize = 152;
 const OFF_PAYLOAD_DIGEST: usize = 184;
 const OFF_HEADER_CHECKSUM: usize = 216;
 
-/// How payload bytes are encoded. Only raw bytes exist in version 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Codec {
-    Raw = 0,
-}
+pub use crate::codec::Codec;
 
 /// Identity and shape of one chunk: everything in the header except what is derived.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -23,6 +23,7 @@
 mod fp8;
 mod kivi;
 mod lossless;
+pub mod stored;
 
 use crate::spec::Dtype;
 use std::cell::RefCell;

@@ -5,7 +5,7 @@
 
 use super::{Dest, Loader, LoaderError};
 use crate::dir::{self, Commit};
-use crate::format::{ChunkMeta, encode_chunk};
+use crate::format::{ChunkMeta, encode_chunk_with};
 use crate::identity::NAMESPACE_JSON;
 use crate::layout::BlockMap;
 use std::fs::OpenOptions;
@@ -61,7 +61,7 @@ impl Loader {
                 tokens[c.start..c.end].to_vec(),
             );
             let mut copy_err = None;
-            let bytes = encode_chunk(&meta, |layer, plane, dst| {
+            let bytes = encode_chunk_with(&meta, self.spec.codec, |layer, plane, dst| {
                 runs.clear();
                 src.layout.runs(
                     &src.map,

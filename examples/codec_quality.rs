@@ -3,14 +3,16 @@
 //!
 //! - `kv --text FILE --tokens N --out DIR`: prefills the first N tokens of FILE with
 //!   SmolLM2-135M (candle, f32 KV) and stores its full chunks raw in cache directory DIR.
-//! - `quality --docs JSON --prompts P --prompt-tokens T --held H`: for P documents (a JSON
+//! - `quality --docs JSON --prompts P --prompt-tokens T --held H [--keep DIR]`: for P
+//!   documents (a JSON
 //!   list of `[name, text]`), prefills the first T + 8 tokens, then for each codec stores the
 //!   first T tokens' KV with that codec (its own namespace for lossy codecs), loads it into a
 //!   fresh cache, prefills the last 8 tokens on top and compares with the reference: the last
 //!   token's logits (max |diff|, KL(ref || codec)), 32 greedy tokens (position-wise agreement)
 //!   and the perplexity of the next H tokens of the document (teacher-forced). The `raw` row
 //!   is the noise floor of reusing an exactly stored cache. One `RESULT {json}` line per
-//!   (document, codec) and a `SUMMARY {json}` line per codec.
+//!   (document, codec) and a `SUMMARY {json}` line per codec. With `--keep DIR` the raw
+//!   chunks of every prompt stay in cache directory DIR (the codec speed benchmark's input).
 //!
 //! The model comes from `kvfs_model::locate_gguf` (scripts/install-model).
 
@@ -53,12 +55,16 @@ fn kl(p: &[f64], q: &[f64]) -> f64 {
 /// Teacher-forced negative log-likelihood of `held` after a prompt of `pos` tokens whose
 /// last logits are `logits`; leaves positions `pos..` of `kv` written.
 fn nll(e: &Engine, kv: &mut kvfs_model::PagedKv, pos: usize, logits: &[f32], held: &[u32]) -> f64 {
-    let mut total = 0.0;
-    let mut l = logits.to_vec();
-    for (i, &t) in held.iter().enumerate() {
-        total -= softmax(&l)[t as usize].ln();
-        if i + 1 < held.len() {
-            l = e.model.forward(kv, &[t], pos + i).unwrap();
+    // The prompt's last logits score held[0]; one pass over held[..n-1] scores the rest.
+    let mut total = -softmax(logits)[held[0] as usize].ln();
+    if held.len() > 1 {
+        let all = e
+            .model
+            .forward_all(kv, &held[..held.len() - 1], pos)
+            .unwrap();
+        let vocab = logits.len();
+        for (row, &t) in all.chunks_exact(vocab).zip(&held[1..]) {
+            total -= softmax(row)[t as usize].ln();
         }
     }
     total / held.len() as f64
@@ -72,6 +78,7 @@ fn main() {
             let text = std::fs::read_to_string(arg("--text").expect("--text")).unwrap();
             let n = num("--tokens", 4096);
             let out = PathBuf::from(arg("--out").expect("--out"));
+            std::fs::create_dir_all(&out).unwrap();
             let toks = e.tokenizer.encode(&text);
             assert!(
                 toks.len() >= n,
@@ -106,6 +113,7 @@ fn quality(e: &Engine) {
     let mut sums: Vec<[f64; 6]> = vec![[0.0; 6]; codecs.len()];
     let mut used = 0;
     let work = tempfile::tempdir().unwrap();
+    let keep = arg("--keep").map(PathBuf::from);
     for (name, text) in &docs {
         if used == prompts {
             break;
@@ -126,7 +134,11 @@ fn quality(e: &Engine) {
         for (ci, &codec) in codecs.iter().enumerate() {
             let mut spec = e.spec.clone();
             spec.codec = codec;
-            let dir = work.path().join(format!("{used}-{codec}"));
+            let dir = match (&keep, codec) {
+                (Some(k), Codec::Raw) => k.clone(),
+                _ => work.path().join(format!("{used}-{codec}")),
+            };
+            std::fs::create_dir_all(&dir).unwrap();
             let loader = Loader::open_with(&dir, spec, b"", LoaderOptions::default()).unwrap();
             e.store(&loader, &mut kv, &prompt[..t]).unwrap();
             let mut kv2 = e.new_cache(cap);
@@ -164,7 +176,9 @@ fn quality(e: &Engine) {
                     "ppl": c_nll.exp(), "ref_ppl": ref_nll.exp(), "top1_same": top1 == 1.0,
                     "bytes_read": stats.bytes_read, "bytes_needed": stats.bytes_needed})
             );
-            std::fs::remove_dir_all(&dir).ok();
+            if keep.is_none() || codec != Codec::Raw {
+                std::fs::remove_dir_all(&dir).ok();
+            }
         }
     }
     assert!(used >= prompts, "only {used} documents long enough");

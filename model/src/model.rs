@@ -197,6 +197,18 @@ impl Model {
         if tokens.is_empty() {
             return Err(ModelError::Invalid("no tokens to run".into()));
         }
+        self.check_run(kv, tokens, start)?;
+        let mut logits = Vec::new();
+        let mut pos = start;
+        for window in tokens.chunks(PREFILL_WINDOW) {
+            logits = self.forward_window(kv, window, pos, false)?;
+            pos += window.len();
+        }
+        Ok(logits)
+    }
+
+    /// The positions fit the cache and the tokens the vocabulary.
+    fn check_run(&self, kv: &PagedKv, tokens: &[u32], start: usize) -> Result<(), ModelError> {
         if start + tokens.len() > kv.capacity() {
             return Err(ModelError::Invalid(format!(
                 "{} positions exceed the cache's {}",
@@ -209,13 +221,25 @@ impl Model {
                 "token id {bad} outside the vocabulary"
             )));
         }
-        let mut logits = Vec::new();
-        let mut pos = start;
-        for window in tokens.chunks(PREFILL_WINDOW) {
-            logits = self.forward_window(kv, window, pos)?;
-            pos += window.len();
+        Ok(())
+    }
+
+    /// Like [`Model::forward`] for at most [`PREFILL_WINDOW`] tokens, returning the logits of
+    /// every token (`tokens.len() * vocab`, token-major): teacher-forced scoring in one pass.
+    pub fn forward_all(
+        &self,
+        kv: &mut PagedKv,
+        tokens: &[u32],
+        start: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        if tokens.is_empty() || tokens.len() > PREFILL_WINDOW {
+            return Err(ModelError::Invalid(format!(
+                "forward_all takes 1..={PREFILL_WINDOW} tokens, not {}",
+                tokens.len()
+            )));
         }
-        Ok(logits)
+        self.check_run(kv, tokens, start)?;
+        self.forward_window(kv, tokens, start, true)
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor, ModelError> {
@@ -240,6 +264,7 @@ impl Model {
         kv: &mut PagedKv,
         tokens: &[u32],
         start: usize,
+        all: bool,
     ) -> Result<Vec<f32>, ModelError> {
         let cfg = &self.cfg;
         let dev = Device::Cpu;
@@ -316,7 +341,7 @@ impl Model {
             let u = h.matmul(&l.up.t()?)?;
             x = (x + (g * u)?.matmul(&l.down.t()?)?)?;
         }
-        let last = x.narrow(0, n - 1, 1)?;
+        let last = if all { x } else { x.narrow(0, n - 1, 1)? };
         let last = self.rms_norm(&last, &self.norm)?;
         Ok(last
             .matmul(&self.lm_head.t()?)?

@@ -204,8 +204,9 @@ def test_codec_option_stores_coded_chunks_and_loads_them_decoded(tmp_path: Path)
                 if exact:
                     assert torch.equal(got, want)
                 else:
-                    # e4m3: 3 mantissa bits, within 1/16 relative of each row's largest value
+                    # e4m3 keeps 3 mantissa bits (half a step: 1/16 of a value), then bf16
+                    # rounding: well within 1/8 of the largest value, and not exact
                     err = (got.float() - want.float()).abs().amax()
-                    assert 0 < err <= want.float().abs().amax() / 16
+                    assert 0 < err <= want.float().abs().amax() / 8
     with pytest.raises(kvfs.SpecError):
         kvfs.ModelSpec("m", "bf16", 2, HEADS, DIM, codec="zip9")

@@ -23,6 +23,7 @@ pub mod core;
 pub mod fuse;
 pub mod incoming;
 pub mod inode;
+pub mod listing;
 pub mod options;
 pub mod session;
 #[cfg(any(test, feature = "testing"))]

@@ -8,6 +8,7 @@
 //! - [`layout`]: an engine's paged KV memory as base pointers and strides;
 //! - [`loader`]: lookup, load (layer-wise, selective) and store between chunks and blocks,
 //!   over [`io`] (O_DIRECT, aligned buffers, reader threads) and a [`backend`] (host memory);
+//! - [`rope`]: re-encoding cached keys for new positions (blending);
 //! - [`selective`]: which token groups of which layer a selective load reads;
 //! - [`ffi`]: the C ABI (`include/kvfs.h`).
 //!
@@ -28,6 +29,7 @@ pub mod io;
 pub mod key;
 pub mod layout;
 pub mod loader;
+pub mod rope;
 pub mod selective;
 pub mod spec;
 
@@ -38,14 +40,15 @@ pub use format::{
     synth_chunk,
 };
 pub use identity::{BACKING_XATTR, NAMESPACE_JSON, check_identity, namespace_suffix};
-pub use key::{ChunkKey, ChunkRef, SaltTag, chunk_keys};
+pub use key::{ChunkKey, ChunkRef, SaltTag, chunk_keys, independent_chunk_keys};
 pub use spec::{Dtype, KvKind, ModelSpec, NamespaceId};
 
 pub use backend::{Backend, HostMemory};
 pub use io::IoMode;
 pub use layout::{BlockMap, KvLayout, LayoutError, RawRegion};
 pub use loader::{
-    ChunkError, Dest, LoadHandle, LoadOrder, LoadRequest, LoadStats, Loader, LoaderError,
-    LoaderOptions, StoreStats,
+    ChunkError, Dest, DocumentLoad, LoadHandle, LoadOrder, LoadRequest, LoadStats, Loader,
+    LoaderError, LoaderOptions, StoreStats,
 };
+pub use rope::{RopeError, RopePairing, RopeParams};
 pub use selective::Selection;

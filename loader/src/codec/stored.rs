@@ -303,6 +303,42 @@ impl StoredTable {
         Ok(())
     }
 
+    /// Decodes every group of one plane from `src` (file bytes from offset `base`) into
+    /// `extent` (`extent_len` bytes).
+    #[allow(clippy::too_many_arguments)]
+    fn decode_plane_from(
+        &self,
+        coder: &mut Coder,
+        meta: &ChunkMeta,
+        geo: &Geometry,
+        layer: u32,
+        plane: u32,
+        src: &[u8],
+        base: u64,
+        extent: &mut [u8],
+    ) -> Result<(), FormatError> {
+        let tb = geo.token_bytes as usize;
+        for g in 0..self.groups {
+            let shape = group_shape(meta, geo, plane, g);
+            let t = geo.group_tokens_range(g);
+            let r = self.group_in(layer, plane, g, base);
+            coder
+                .decode(
+                    self.codec,
+                    &shape,
+                    &src[r],
+                    &mut extent[t.start as usize * tb..t.end as usize * tb],
+                )
+                .map_err(|source| FormatError::Decode {
+                    layer,
+                    plane,
+                    group: g,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
     /// Decodes a layer into `out` (raw layer span) and checks it against the raw digest.
     fn decode_layer_unchecked(
         &self,
@@ -315,30 +351,12 @@ impl StoredTable {
     ) -> Result<(), FormatError> {
         let base = self.layer_span(layer).start;
         let stride = geo.extent_stride as usize;
-        let tb = geo.token_bytes as usize;
         out.clear();
         out.resize(self.planes as usize * stride, 0);
         let mut hasher = blake3::Hasher::new();
         for plane in 0..self.planes {
             let extent = &mut out[plane as usize * stride..][..geo.extent_len as usize];
-            for g in 0..self.groups {
-                let shape = group_shape(meta, geo, plane, g);
-                let t = geo.group_tokens_range(g);
-                let r = self.group_in(layer, plane, g, base);
-                coder
-                    .decode(
-                        self.codec,
-                        &shape,
-                        &span[r],
-                        &mut extent[t.start as usize * tb..t.end as usize * tb],
-                    )
-                    .map_err(|source| FormatError::Decode {
-                        layer,
-                        plane,
-                        group: g,
-                        source,
-                    })?;
-            }
+            self.decode_plane_from(coder, meta, geo, layer, plane, span, base, extent)?;
             hasher.update(extent);
         }
         if hasher.finalize().as_bytes() != &self.raw_digests[layer as usize] {
@@ -446,28 +464,17 @@ pub fn decode_plane(
     plane: u32,
     dst: &mut [u8],
 ) -> Result<(), FormatError> {
-    let geo = &header.geometry;
     let table = header.stored().expect("a coded chunk");
-    let tb = geo.token_bytes as usize;
-    for g in 0..geo.groups() {
-        let shape = group_shape(&header.meta, geo, plane, g);
-        let t = geo.group_tokens_range(g);
-        let r = table.group_in(layer, plane, g, 0);
-        coder
-            .decode(
-                table.codec,
-                &shape,
-                &bytes[r],
-                &mut dst[t.start as usize * tb..t.end as usize * tb],
-            )
-            .map_err(|source| FormatError::Decode {
-                layer,
-                plane,
-                group: g,
-                source,
-            })?;
-    }
-    Ok(())
+    table.decode_plane_from(
+        coder,
+        &header.meta,
+        &header.geometry,
+        layer,
+        plane,
+        bytes,
+        0,
+        dst,
+    )
 }
 
 /// Re-encodes a whole chunk held in memory with `codec` (keys, namespace and tokens kept).

@@ -10,7 +10,7 @@
 
 use kvfs_loader::codec::stored::group_shape;
 use kvfs_loader::codec::{Codec, Coder, from_f32, to_f32};
-use kvfs_loader::format::{ChunkView, Verify, encode_chunk_with};
+use kvfs_loader::format::{ChunkView, Verify, encode_chunk_coded};
 use kvfs_loader::{ChunkMeta, Dtype};
 use std::time::Instant;
 
@@ -136,8 +136,8 @@ fn main() {
                 let fill = |l: u32, p: u32, dst: &mut [u8]| {
                     dst.copy_from_slice(&c.planes[(l * g0.planes + p) as usize])
                 };
-                raw_file += encode_chunk_with(&c.meta, Codec::Raw, fill).unwrap().len();
-                coded_file += encode_chunk_with(&c.meta, codec, fill).unwrap().len();
+                raw_file += encode_chunk_coded(&c.meta, Codec::Raw, fill).unwrap().len();
+                coded_file += encode_chunk_coded(&c.meta, codec, fill).unwrap().len();
             }
             let gbps = |s: f64| raw_bytes as f64 / s / 1e9;
             println!(

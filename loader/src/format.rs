@@ -24,6 +24,7 @@
 //!   check exactly what it read.
 
 use crate::error::FormatError;
+use crate::importance::{self, Importance, MAX_IMPORTANCE_LEN};
 use crate::key::{ChunkKey, SaltTag};
 use crate::spec::{Dtype, KvKind, ModelSpec, NamespaceId};
 use std::fs::File;
@@ -33,7 +34,8 @@ use std::os::unix::fs::FileExt;
 /// First 8 bytes of every chunk file.
 pub const MAGIC: [u8; 8] = *b"KVFSCHNK";
 /// Newest format version this build writes and reads. A chunk that uses no version-2 feature
-/// is still written as [`VERSION_1`], so caches, keys and golden bytes of version 1 stay valid.
+/// (position independence, importance) is still written as [`VERSION_1`], so caches, keys and
+/// golden bytes of version 1 stay valid.
 pub const VERSION: u16 = 2;
 /// The first format version: prefix-chained chunks only.
 pub const VERSION_1: u16 = 1;
@@ -53,7 +55,8 @@ pub const MAX_HEADER_LEN: u64 = align_up(
     align_up(FIXED_HEADER_LEN as u64 + 4 * MAX_CHUNK_TOKENS as u64, 8)
         + MAX_LAYERS as u64 * (2 * 16 + 32)
         + MAX_LAYERS as u64 * 32
-        + 4 * crate::codec::stored::MAX_GROUP_ENTRIES,
+        + 4 * crate::codec::stored::MAX_GROUP_ENTRIES
+        + MAX_IMPORTANCE_LEN,
     ALIGN,
 );
 
@@ -61,9 +64,12 @@ const FLAG_HAS_PARENT: u32 = 1;
 /// Version 2: a position-independent chunk (no parent, its own key derivation); the u32 at
 /// offset 44 is its original start position.
 pub const FLAG_INDEPENDENT: u32 = 1 << 1;
+/// Flag bit 2 (format version 2): the header carries an importance section after the layer
+/// table ([`crate::importance`]).
+pub const FLAG_IMPORTANCE: u32 = 1 << 2;
 /// Flag bits this build knows, per version.
 const FLAGS_V1: u32 = FLAG_HAS_PARENT;
-const FLAGS_V2: u32 = FLAG_HAS_PARENT | FLAG_INDEPENDENT;
+const FLAGS_V2: u32 = FLAG_HAS_PARENT | FLAG_INDEPENDENT | FLAG_IMPORTANCE;
 const PAYLOAD_CONTEXT: &str = "kvfs 2026-11 payload v1";
 
 // Offsets of the fixed header fields (see docs/FORMAT.md).
@@ -242,6 +248,10 @@ pub struct Geometry {
     pub extent_stride: u64,
     /// Where the layer table starts inside the header.
     pub table_offset: u64,
+    /// Where the importance section starts (the end of the layer table) and its length (0:
+    /// no section).
+    pub importance_offset: u64,
+    pub importance_len: u64,
     /// Header length, 4096-aligned; the first extent starts here.
     pub header_len: u64,
     /// Total file length, 4096-aligned.
@@ -254,6 +264,11 @@ pub(crate) const fn align_up(v: u64, a: u64) -> u64 {
 
 impl Geometry {
     fn new(meta: &ChunkMeta) -> Result<Geometry, FormatError> {
+        Geometry::with_importance(meta, false)
+    }
+
+    /// The geometry of `meta`'s chunk with (`true`) or without an importance section.
+    pub fn with_importance(meta: &ChunkMeta, importance: bool) -> Result<Geometry, FormatError> {
         meta.validate()?;
         let planes = meta.kv_kind.planes() as u64;
         let token_bytes = (meta.num_heads as u64)
@@ -266,7 +281,16 @@ impl Geometry {
         let extent_stride = align_up(extent_len, ALIGN);
         let table_offset = align_up(FIXED_HEADER_LEN as u64 + 4 * meta.tokens.len() as u64, 8);
         let table_len = meta.num_layers as u64 * (planes * 16 + 32);
-        let header_len = align_up(table_offset + table_len, ALIGN);
+        let importance_offset = table_offset + table_len;
+        let importance_len = if importance {
+            importance::section_len(
+                meta.num_layers,
+                meta.tokens.len().div_ceil(meta.group_tokens as usize) as u32,
+            )
+        } else {
+            0
+        };
+        let header_len = align_up(importance_offset + importance_len, ALIGN);
         let payload = extent_stride
             .checked_mul(planes * meta.num_layers as u64)
             .ok_or_else(|| FormatError::field("num_layers", "shape overflows"))?;
@@ -283,6 +307,8 @@ impl Geometry {
             extent_len,
             extent_stride,
             table_offset,
+            importance_offset,
+            importance_len,
             header_len,
             file_len,
         })
@@ -336,6 +362,8 @@ impl Geometry {
 /// A parsed, checked header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkHeader {
+    /// [`VERSION_1`], or [`VERSION`] when a version-2 feature is used.
+    pub version: u16,
     pub meta: ChunkMeta,
     pub geometry: Geometry,
     pub codec: Codec,
@@ -345,6 +373,8 @@ pub struct ChunkHeader {
     pub layer_digests: Vec<[u8; 32]>,
     /// Digest over all layer digests: one number for the whole payload.
     pub payload_digest: [u8; 32],
+    /// Per layer and group, the attention mass the groups received (flag bit 2).
+    pub importance: Option<Importance>,
 }
 
 pub(crate) fn le_u16(b: &[u8], off: usize) -> u16 {
@@ -522,16 +552,25 @@ impl ChunkHeader {
             tokens,
             origin,
         };
-        if meta.version_with(codec) != version {
+        let has_importance = flags & FLAG_IMPORTANCE != 0;
+        if has_importance && codec != Codec::Raw {
             return Err(FormatError::field(
-                "version",
-                format!(
-                    "{version}, but the chunk's features need version {}",
-                    meta.version_with(codec)
-                ),
+                "flags",
+                format!("an importance section with codec {codec} (not supported)"),
             ));
         }
-        let geometry = meta.geometry()?;
+        let needed = if has_importance {
+            VERSION
+        } else {
+            meta.version_with(codec)
+        };
+        if needed != version {
+            return Err(FormatError::field(
+                "version",
+                format!("{version}, but the chunk's features need version {needed}"),
+            ));
+        }
+        let geometry = Geometry::with_importance(&meta, has_importance)?;
         let computed = meta.computed_key();
         if computed != meta.key {
             return Err(FormatError::KeyMismatch {
@@ -539,7 +578,7 @@ impl ChunkHeader {
                 computed: computed.to_hex(),
             });
         }
-        let (stored, layer_digests, off) = if codec == Codec::Raw {
+        let (stored, layer_digests, mut off) = if codec == Codec::Raw {
             let (d, off) = Self::parse_layer_table(h, &geometry)?;
             (None, d, off)
         } else {
@@ -563,6 +602,17 @@ impl ChunkHeader {
                 format!("{file_len}, but the shape needs {want_file}"),
             ));
         }
+        let importance = (flags & FLAG_IMPORTANCE != 0)
+            .then(|| {
+                let s = geometry.importance_offset as usize;
+                Importance::decode(
+                    &h[s..s + geometry.importance_len as usize],
+                    meta.num_layers,
+                    geometry.groups(),
+                )
+            })
+            .transpose()?;
+        off += geometry.importance_len as usize;
         for pad in [
             tokens_end as usize..geometry.table_offset as usize,
             off..h.len(),
@@ -581,12 +631,14 @@ impl ChunkHeader {
             ));
         }
         Ok(ChunkHeader {
+            version,
             meta,
             geometry,
             codec,
             stored,
             layer_digests,
             payload_digest,
+            importance,
         })
     }
 
@@ -812,9 +864,33 @@ impl<'a> ChunkView<'a> {
 /// Returns the whole file.
 pub fn encode_chunk(
     meta: &ChunkMeta,
+    fill: impl FnMut(u32, u32, &mut [u8]),
+) -> Result<Vec<u8>, FormatError> {
+    encode_chunk_with(meta, None, fill)
+}
+
+/// [`encode_chunk`] with the version-2 importance section when `importance` is given (its
+/// shape must be the chunk's: `num_layers` x groups).
+pub fn encode_chunk_with(
+    meta: &ChunkMeta,
+    importance: Option<&Importance>,
     mut fill: impl FnMut(u32, u32, &mut [u8]),
 ) -> Result<Vec<u8>, FormatError> {
-    let g = meta.geometry()?;
+    let g = Geometry::with_importance(meta, importance.is_some())?;
+    if let Some(imp) = importance
+        && (imp.num_layers() != g.num_layers || imp.groups() != g.groups())
+    {
+        return Err(FormatError::field(
+            "importance",
+            format!(
+                "{} layers x {} groups, the chunk has {} x {}",
+                imp.num_layers(),
+                imp.groups(),
+                g.num_layers,
+                g.groups()
+            ),
+        ));
+    }
     let mut out = vec![0u8; g.file_len as usize];
     for layer in 0..g.num_layers {
         for plane in 0..g.planes {
@@ -823,13 +899,13 @@ pub fn encode_chunk(
         }
     }
     let (head, payload) = out.split_at_mut(g.header_len as usize);
-    write_header(meta, &g, head, payload)?;
+    write_header(meta, importance, &g, head, payload)?;
     Ok(out)
 }
 
 /// Encodes a chunk with `codec`: raw (format version 1, [`encode_chunk`]) or coded (version 2,
 /// each group encoded on its own); `fill` writes each raw extent.
-pub fn encode_chunk_with(
+pub fn encode_chunk_coded(
     meta: &ChunkMeta,
     codec: Codec,
     fill: impl FnMut(u32, u32, &mut [u8]),
@@ -862,6 +938,7 @@ pub fn encode_chunk_from(meta: &ChunkMeta, planes: &[&[u8]]) -> Result<Vec<u8>, 
 
 fn write_header(
     meta: &ChunkMeta,
+    importance: Option<&Importance>,
     g: &Geometry,
     head: &mut [u8],
     payload: &[u8],
@@ -883,7 +960,7 @@ fn write_header(
         }
         layer_digests.push(layer_digest(&planes[..g.planes as usize]));
     }
-    write_raw_header(meta, g, head, &layer_digests)
+    write_raw_header(meta, importance, g, head, &layer_digests)
 }
 
 /// The header of the raw chunk `meta` whose layer digests are `layer_digests` (what a lossless
@@ -891,12 +968,13 @@ fn write_header(
 pub fn raw_header(meta: &ChunkMeta, layer_digests: &[[u8; 32]]) -> Result<Vec<u8>, FormatError> {
     let g = meta.geometry()?;
     let mut head = vec![0u8; g.header_len as usize];
-    write_raw_header(meta, &g, &mut head, layer_digests)?;
+    write_raw_header(meta, None, &g, &mut head, layer_digests)?;
     Ok(head)
 }
 
 fn write_raw_header(
     meta: &ChunkMeta,
+    importance: Option<&Importance>,
     g: &Geometry,
     head: &mut [u8],
     layer_digests: &[[u8; 32]],
@@ -906,8 +984,8 @@ fn write_raw_header(
         g,
         head,
         Codec::Raw,
-        g.header_len,
-        g.file_len,
+        importance.is_some(),
+        (g.header_len, g.file_len),
         layer_digests,
     )?;
     let mut off = g.table_offset as usize;
@@ -921,6 +999,9 @@ fn write_raw_header(
         head[off..off + 32].copy_from_slice(digest);
         off += 32;
     }
+    if let Some(imp) = importance {
+        imp.encode(&mut head[off..off + g.importance_len as usize]);
+    }
     finish_header(head);
     Ok(())
 }
@@ -932,8 +1013,8 @@ pub(crate) fn write_fixed(
     g: &Geometry,
     head: &mut [u8],
     codec: Codec,
-    header_len: u64,
-    file_len: u64,
+    importance: bool,
+    (header_len, file_len): (u64, u64),
     layer_digests: &[[u8; 32]],
 ) -> Result<(), FormatError> {
     let computed = meta.computed_key();
@@ -943,18 +1024,25 @@ pub(crate) fn write_fixed(
             computed: computed.to_hex(),
         });
     }
-    let version = meta.version_with(codec);
+    let version = if importance {
+        VERSION
+    } else {
+        meta.version_with(codec)
+    };
     head.fill(0);
     head[..8].copy_from_slice(&MAGIC);
     head[OFF_VERSION..OFF_VERSION + 2].copy_from_slice(&version.to_le_bytes());
     head[OFF_KV_KIND] = meta.kv_kind as u8;
     head[OFF_DTYPE] = meta.dtype as u8;
     head[OFF_HEADER_LEN..OFF_HEADER_LEN + 4].copy_from_slice(&(header_len as u32).to_le_bytes());
-    let flags = match (meta.parent.is_some(), meta.origin.is_some()) {
+    let mut flags = match (meta.parent.is_some(), meta.origin.is_some()) {
         (true, _) => FLAG_HAS_PARENT,
         (false, true) => FLAG_INDEPENDENT,
         (false, false) => 0,
     };
+    if importance {
+        flags |= FLAG_IMPORTANCE;
+    }
     head[OFF_FLAGS..OFF_FLAGS + 4].copy_from_slice(&flags.to_le_bytes());
     head[OFF_CODEC] = codec as u8;
     for (off, v) in [
@@ -1017,6 +1105,6 @@ pub fn synth_chunk(
 ) -> Result<(ChunkMeta, Vec<u8>), FormatError> {
     let meta = ChunkMeta::for_spec(spec, parent, salt, tokens);
     let key = meta.key;
-    let bytes = encode_chunk_with(&meta, spec.codec, |l, p, dst| synth_fill(&key, l, p, dst))?;
+    let bytes = encode_chunk_coded(&meta, spec.codec, |l, p, dst| synth_fill(&key, l, p, dst))?;
     Ok((meta, bytes))
 }

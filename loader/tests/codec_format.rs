@@ -3,7 +3,7 @@
 
 use kvfs_loader::codec::stored::{self, decode_plane, transcode};
 use kvfs_loader::codec::{Codec, Coder};
-use kvfs_loader::format::{self, ALIGN, ChunkHeader, ChunkView, Verify, encode_chunk_with};
+use kvfs_loader::format::{self, ALIGN, ChunkHeader, ChunkView, Verify, encode_chunk_coded};
 use kvfs_loader::{ChunkKey, ChunkMeta, Dtype, FormatError, ModelSpec, SaltTag};
 
 fn meta_of(spec: &ModelSpec) -> ChunkMeta {
@@ -38,7 +38,7 @@ fn kv_fill(meta: &ChunkMeta) -> impl Fn(u32, u32, &mut [u8]) + '_ {
 }
 
 fn encode(meta: &ChunkMeta, codec: Codec) -> Vec<u8> {
-    encode_chunk_with(meta, codec, kv_fill(meta)).unwrap()
+    encode_chunk_coded(meta, codec, kv_fill(meta)).unwrap()
 }
 
 /// Golden bytes of a coded chunk per codec: a change to the v2 layout or a codec's stored

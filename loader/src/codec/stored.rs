@@ -428,8 +428,8 @@ pub fn encode_coded(
         &geo,
         head,
         codec,
-        table.header_len,
-        table.file_len,
+        false,
+        (table.header_len, table.file_len),
         &stored_digests,
     )?;
     let mut t = geo.table_offset as usize;

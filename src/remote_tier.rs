@@ -79,6 +79,9 @@ pub struct S3Settings {
     pub conditional_put: bool,
     /// How long a process that queued uploads waits for them when it ends.
     pub drain_on_exit_s: u64,
+    /// Codec of the objects this host uploads: `raw` or `lossless` (fewer bytes in the
+    /// bucket and on the wire; local chunks stay raw). Downloads decode either.
+    pub codec: String,
 }
 
 impl Default for S3Settings {
@@ -106,6 +109,7 @@ impl Default for S3Settings {
             max_retries: d.max_retries,
             conditional_put: d.conditional_put,
             drain_on_exit_s: 30,
+            codec: "raw".into(),
         }
     }
 }
@@ -162,6 +166,15 @@ impl S3Settings {
         c.request_timeout = Duration::from_secs(self.body_timeout_s.max(1));
         c.max_retries = self.max_retries;
         c.conditional_put = self.conditional_put;
+        c.codec = kvfs_loader::Codec::parse(&self.codec)
+            .map_err(|e| RemoteError::Config(format!("codec: {e}")))?;
+        if !c.codec.is_lossless() {
+            return Err(RemoteError::Config(format!(
+                "codec `{}` is lossy; the remote codec must be lossless (`raw` or `lossless`): \
+                 a lossy cache is a namespace of its own (the model spec's codec)",
+                self.codec
+            )));
+        }
         Ok(c)
     }
 
@@ -323,5 +336,26 @@ mod tests {
         };
         assert!(matches!(bad.to_config(), Err(RemoteError::Config(_))));
         assert!(toml::from_str::<S3Settings>("urll = \"s3://b\"").is_err());
+    }
+
+    #[test]
+    fn the_remote_codec_is_lossless_or_refused() {
+        let parse = |codec: &str| {
+            toml::from_str::<S3Settings>(&format!("url = \"s3://b\"\ncodec = \"{codec}\"\n"))
+                .unwrap()
+                .to_config()
+        };
+        assert_eq!(
+            parse("lossless").unwrap().codec,
+            kvfs_loader::Codec::Lossless
+        );
+        assert_eq!(parse("raw").unwrap().codec, kvfs_loader::Codec::Raw);
+        for bad in ["fp8", "kivi4", "gzip"] {
+            let e = parse(bad).unwrap_err();
+            assert!(
+                matches!(&e, RemoteError::Config(m) if m.contains(bad)),
+                "{e}"
+            );
+        }
     }
 }

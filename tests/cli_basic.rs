@@ -384,6 +384,59 @@ fn flags_override_env_override_config_file() {
     assert_eq!(run(c).code(), 2);
 }
 
+#[test]
+fn synth_with_a_codec_and_stat_info_show_it() {
+    let d = tempfile::tempdir().unwrap();
+    let cache = d.path();
+    // A lossy codec is its own namespace: other keys, other directory.
+    let mut spec = tiny();
+    spec.codec = kvfs_loader::Codec::Kivi4;
+    let ns = spec.namespace_dir();
+    assert_ne!(ns, tiny().namespace_dir());
+    let out = synth(cache, 512, &["--codec", "kivi4"]).stdout();
+    assert!(
+        out.contains(&format!("namespace: {}", cache.join(&ns).display())),
+        "{out}"
+    );
+    assert!(out.contains("codec: kivi4"), "{out}");
+    let tokens = kvfs::synth::prompt_tokens(0, 512);
+    let refs = chunk_keys(&spec.namespace_id(), &SaltTag::NONE, 256, &tokens);
+    let key = refs[1].key.to_hex();
+    let raw_len = kvfs_loader::ChunkMeta::for_spec(&tiny(), None, SaltTag::NONE, vec![0; 256])
+        .geometry()
+        .unwrap()
+        .file_len;
+    let stored = fs::metadata(chunk_file(cache, &ns, &key)).unwrap().len();
+    assert!(stored < raw_len, "{stored} >= {raw_len}");
+    let mut c = kvfs(cache);
+    c.args(["stat", "--json", &key]);
+    let j: serde_json::Value = serde_json::from_str(&run(c).ok().stdout()).unwrap();
+    assert_eq!(j["codec"], "kivi4");
+    assert_eq!(j["stored_bytes"], stored);
+    assert_eq!(j["raw_bytes"], raw_len);
+    let mut c = kvfs(cache);
+    c.args(["stat", &key]);
+    let st = run(c).ok().stdout();
+    assert!(st.contains("codec:          kivi4"), "{st}");
+    let mut c = kvfs(cache);
+    c.arg("info");
+    let info = run(c).ok().stdout();
+    let ratio = format!("{:.2}x", raw_len as f64 / stored as f64);
+    assert!(info.contains(&ratio), "{info} lacks {ratio}");
+    // Verification reads coded chunks as they are.
+    let mut c = kvfs(cache);
+    c.arg("verify");
+    run(c).ok();
+    // A codec this build does not know is a usage error naming it.
+    let mut c = kvfs(cache);
+    c.args([
+        "synth", "--model", "tiny", "--tokens", "256", "--codec", "zip9",
+    ]);
+    let r = run(c);
+    assert_eq!(r.code(), 2);
+    assert!(r.stderr().contains("zip9"), "{}", r.stderr());
+}
+
 /// `kvfs stat` tells a position-independent (format v2) chunk from a prefix chunk and shows
 /// its original start position.
 #[test]

@@ -326,6 +326,21 @@ fn bad_requests_are_typed_errors_and_change_nothing() {
     // the rounding of a one-row matmul against a 40-row one).
     let again = e.model.forward(&mut kv, &toks[39..], 39).unwrap();
     assert!(max_abs_diff(&good, &again) < 1e-3);
+    // Every token's logits in one pass: row i is what `forward` gives after token i.
+    let all = e.model.forward_all(&mut kv, &toks[30..], 30).unwrap();
+    let vocab = good.len();
+    assert_eq!(all.len(), 10 * vocab);
+    assert!(max_abs_diff(&all[9 * vocab..], &good) < 1e-3);
+    let at35 = e.model.forward(&mut kv, &toks[30..36], 30).unwrap();
+    assert!(max_abs_diff(&all[5 * vocab..6 * vocab], &at35) < 1e-3);
+    assert!(matches!(
+        e.model.forward_all(&mut kv, &[], 40),
+        Err(ModelError::Invalid(_))
+    ));
+    assert!(matches!(
+        e.model.forward_all(&mut kv, &toks, 40),
+        Err(ModelError::Invalid(_))
+    ));
     // A missing or unreadable model file.
     let tmp = tempfile::tempdir().unwrap();
     let junk = tmp.path().join("junk.gguf");

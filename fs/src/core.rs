@@ -84,6 +84,12 @@ pub const XATTR_TOKENS: &str = "user.kvfs.tokens";
 pub const XATTR_PARENT: &str = "user.kvfs.parent";
 pub const XATTR_DIGEST: &str = "user.kvfs.digest";
 pub const XATTR_TIER: &str = "user.kvfs.tier";
+/// The chunk's codec (`raw`, `lossless`, `fp8`, `kivi4`, `kivi2`).
+pub const XATTR_CODEC: &str = "user.kvfs.codec";
+/// Bytes of the chunk file as stored (its size).
+pub const XATTR_STORED_BYTES: &str = "user.kvfs.stored_bytes";
+/// Bytes of the chunk decoded to raw (equal to the stored bytes for a raw chunk).
+pub const XATTR_RAW_BYTES: &str = "user.kvfs.raw_bytes";
 /// The one name kvfs-loader and tools read the backing path by.
 pub const XATTR_BACKING: &str = kvfs_loader::identity::BACKING_XATTR;
 
@@ -982,6 +988,14 @@ impl KvFs {
                 d.iter().map(|b| format!("{b:02x}")).collect()
             }
             XATTR_TIER => self.backend.tier(&ns, &key)?.ok_or(FsError::NotFound)?,
+            XATTR_CODEC => self.backend.header(&ns, &key)?.codec.name().to_string(),
+            XATTR_STORED_BYTES => self.backend.header(&ns, &key)?.file_len().to_string(),
+            XATTR_RAW_BYTES => self
+                .backend
+                .header(&ns, &key)?
+                .geometry
+                .file_len
+                .to_string(),
             XATTR_BACKING => match info()?.backing {
                 Some(p) => p.to_string_lossy().into_owned(),
                 None => return Err(FsError::NoXattr),
@@ -1009,6 +1023,9 @@ impl KvFs {
                 XATTR_PARENT,
                 XATTR_DIGEST,
                 XATTR_TIER,
+                XATTR_CODEC,
+                XATTR_STORED_BYTES,
+                XATTR_RAW_BYTES,
                 XATTR_BACKING,
             ] {
                 if n != XATTR_BACKING || local {
@@ -1194,6 +1211,11 @@ mod tests {
 
         let tokens = f.fs.getxattr(e.attr.ino.0, os(XATTR_TOKENS)).unwrap();
         assert_eq!(tokens, b"64");
+        let xattr =
+            |n: &str| String::from_utf8(f.fs.getxattr(e.attr.ino.0, os(n)).unwrap()).unwrap();
+        assert_eq!(xattr(XATTR_CODEC), "raw");
+        assert_eq!(xattr(XATTR_STORED_BYTES), bytes.len().to_string());
+        assert_eq!(xattr(XATTR_RAW_BYTES), bytes.len().to_string());
         assert!(matches!(
             f.fs.getxattr(e.attr.ino.0, os(XATTR_BACKING)),
             Err(FsError::NoXattr)

@@ -234,7 +234,7 @@ mod tests {
         let path = d.path().join("c.kvc");
         std::fs::write(&path, &bytes).unwrap();
         check_chunk_file(&File::open(&path).unwrap(), &ns, &key, true).unwrap();
-        let header_len = ChunkHeader::parse(&bytes).unwrap().geometry.header_len as usize;
+        let header_len = ChunkHeader::parse(&bytes).unwrap().header_len() as usize;
         // Every byte of the fixed header fields, then strides (debug builds hash slowly).
         let offsets = (0..256)
             .chain((256..header_len).step_by(7))

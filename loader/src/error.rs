@@ -4,6 +4,7 @@
 //! the loader, the CLI) can count, report and quarantine precisely, and tests can assert the
 //! exact failure rather than "some error".
 
+use crate::codec::{Codec, CodecError};
 use std::io;
 
 /// A `.kvc` chunk file (or a name that should be one) is not what it claims to be.
@@ -43,6 +44,23 @@ pub enum FormatError {
     Misplaced { found: String, expected: String },
     #[error("`{0}` is not a valid namespace directory name")]
     BadNamespace(String),
+    #[error(
+        "chunk uses codec {value}, which this build does not know (it knows raw, lossless, fp8, kivi4, kivi2)"
+    )]
+    UnknownCodec { value: u8 },
+    #[error("chunk stored bytes ({codec}) fail their digest in layer {layer} (payload is corrupt)")]
+    StoredDigest { codec: Codec, layer: u32 },
+    #[error("chunk decoded bytes ({codec}) do not match the raw digest of layer {layer}")]
+    DecodedDigest { codec: Codec, layer: u32 },
+    #[error("chunk layer {layer} plane {plane} group {group} does not decode: {source}")]
+    Decode {
+        layer: u32,
+        plane: u32,
+        group: u32,
+        source: CodecError,
+    },
+    #[error(transparent)]
+    Codec(CodecError),
     #[error("chunk I/O failed: {0}")]
     Io(#[from] io::Error),
 }

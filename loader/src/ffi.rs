@@ -39,7 +39,9 @@ pub const KVFS_ERR_PANIC: c_int = -6;
 
 /// A model spec, field by field (see `ModelSpec`). Strings are NUL-terminated UTF-8;
 /// `revision` and `rope_scaling` may be NULL (empty). `dtype` is one of "f16", "bf16", "f32",
-/// "fp8_e4m3", "fp8_e5m2"; `kv_kind` is 1 (K and V) or 2 (MLA latent).
+/// "fp8_e4m3", "fp8_e5m2"; `kv_kind` is 1 (K and V) or 2 (MLA latent). `codec` is how chunks
+/// are stored: NULL or "raw", "lossless", "fp8", "kivi4", "kivi2" (a lossy codec is its own
+/// namespace; loads decode any codec).
 #[repr(C)]
 pub struct KvfsSpec {
     pub model: *const c_char,
@@ -55,6 +57,7 @@ pub struct KvfsSpec {
     pub chunk_tokens: u32,
     pub group_tokens: u32,
     pub kv_kind: u32,
+    pub codec: *const c_char,
 }
 
 /// An open loader (opaque to C).
@@ -169,6 +172,10 @@ unsafe fn spec_from_c(spec: &KvfsSpec) -> Result<ModelSpec, Fail> {
     s.chunk_tokens = spec.chunk_tokens;
     s.group_tokens = spec.group_tokens;
     s.kv_kind = kv_kind;
+    // SAFETY: forwarded from this function's contract.
+    if let Some(c) = unsafe { opt_str(spec.codec, "codec") }? {
+        s.codec = crate::codec::Codec::parse(c).map_err(|e| invalid(e.to_string()))?;
+    }
     Ok(s)
 }
 

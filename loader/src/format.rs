@@ -54,6 +54,8 @@ pub const MAX_LAYERS: u32 = 4096;
 pub const MAX_HEADER_LEN: u64 = align_up(
     align_up(FIXED_HEADER_LEN as u64 + 4 * MAX_CHUNK_TOKENS as u64, 8)
         + MAX_LAYERS as u64 * (2 * 16 + 32)
+        + MAX_LAYERS as u64 * 32
+        + 4 * crate::codec::stored::MAX_GROUP_ENTRIES
         + MAX_IMPORTANCE_LEN,
     ALIGN,
 );
@@ -93,12 +95,9 @@ const OFF_SALT: usize = 152;
 const OFF_PAYLOAD_DIGEST: usize = 184;
 const OFF_HEADER_CHECKSUM: usize = 216;
 
-/// How payload bytes are encoded. Only raw bytes exist in version 1.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[repr(u8)]
-pub enum Codec {
-    Raw = 0,
-}
+pub use crate::codec::Codec;
+use crate::codec::stored::StoredTable;
+use std::sync::Arc;
 
 /// Identity and shape of one chunk: everything in the header except what is derived.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -179,6 +178,16 @@ impl ChunkMeta {
             VERSION
         } else {
             VERSION_1
+        }
+    }
+
+    /// The format version of this chunk stored with `codec` (a codec other than raw is a
+    /// version-2 feature).
+    pub fn version_with(&self, codec: Codec) -> u16 {
+        if codec == Codec::Raw {
+            self.version()
+        } else {
+            VERSION
         }
     }
 
@@ -358,7 +367,9 @@ pub struct ChunkHeader {
     pub meta: ChunkMeta,
     pub geometry: Geometry,
     pub codec: Codec,
-    /// blake3 of each layer's extents, in order.
+    /// Where a coded chunk's groups are (None for raw chunks, whose layout is `geometry`).
+    pub stored: Option<Arc<StoredTable>>,
+    /// blake3 of each layer's extents (stored bytes for a coded chunk), in order.
     pub layer_digests: Vec<[u8; 32]>,
     /// Digest over all layer digests: one number for the whole payload.
     pub payload_digest: [u8; 32],
@@ -366,13 +377,13 @@ pub struct ChunkHeader {
     pub importance: Option<Importance>,
 }
 
-fn le_u16(b: &[u8], off: usize) -> u16 {
+pub(crate) fn le_u16(b: &[u8], off: usize) -> u16 {
     u16::from_le_bytes(b[off..off + 2].try_into().unwrap())
 }
-fn le_u32(b: &[u8], off: usize) -> u32 {
+pub(crate) fn le_u32(b: &[u8], off: usize) -> u32 {
     u32::from_le_bytes(b[off..off + 4].try_into().unwrap())
 }
-fn le_u64(b: &[u8], off: usize) -> u64 {
+pub(crate) fn le_u64(b: &[u8], off: usize) -> u64 {
     u64::from_le_bytes(b[off..off + 8].try_into().unwrap())
 }
 fn arr32(b: &[u8], off: usize) -> [u8; 32] {
@@ -483,10 +494,13 @@ impl ChunkHeader {
                 "an independent chunk has no parent",
             ));
         }
-        if h[OFF_CODEC] != Codec::Raw as u8 {
+        let codec = Codec::from_u8(h[OFF_CODEC]).ok_or(FormatError::UnknownCodec {
+            value: h[OFF_CODEC],
+        })?;
+        if codec != Codec::Raw && version < 2 {
             return Err(FormatError::field(
                 "codec",
-                format!("unknown value {}", h[OFF_CODEC]),
+                format!("{codec} needs format version 2, the file says {version}"),
             ));
         }
         let origin = (flags & FLAG_INDEPENDENT != 0).then(|| le_u32(h, OFF_ORIGIN));
@@ -539,10 +553,16 @@ impl ChunkHeader {
             origin,
         };
         let has_importance = flags & FLAG_IMPORTANCE != 0;
+        if has_importance && codec != Codec::Raw {
+            return Err(FormatError::field(
+                "flags",
+                format!("an importance section with codec {codec} (not supported)"),
+            ));
+        }
         let needed = if has_importance {
             VERSION
         } else {
-            meta.version()
+            meta.version_with(codec)
         };
         if needed != version {
             return Err(FormatError::field(
@@ -551,19 +571,6 @@ impl ChunkHeader {
             ));
         }
         let geometry = Geometry::with_importance(&meta, has_importance)?;
-        if geometry.header_len != header_len {
-            return Err(FormatError::field(
-                "header_len",
-                format!("{header_len}, but the shape needs {}", geometry.header_len),
-            ));
-        }
-        let file_len = le_u64(h, OFF_FILE_LEN);
-        if file_len != geometry.file_len {
-            return Err(FormatError::field(
-                "file_len",
-                format!("{file_len}, but the shape needs {}", geometry.file_len),
-            ));
-        }
         let computed = meta.computed_key();
         if computed != meta.key {
             return Err(FormatError::KeyMismatch {
@@ -571,25 +578,29 @@ impl ChunkHeader {
                 computed: computed.to_hex(),
             });
         }
-        let mut layer_digests = Vec::with_capacity(meta.num_layers as usize);
-        let mut off = geometry.table_offset as usize;
-        for layer in 0..geometry.num_layers {
-            for plane in 0..geometry.planes {
-                let e = geometry.extent(layer, plane);
-                let (start, len) = (le_u64(h, off), le_u64(h, off + 8));
-                if start != e.start || len != geometry.extent_len {
-                    return Err(FormatError::field(
-                        "extent",
-                        format!(
-                            "layer {layer} plane {plane} is {start}+{len}, the shape needs {}+{}",
-                            e.start, geometry.extent_len
-                        ),
-                    ));
-                }
-                off += 16;
-            }
-            layer_digests.push(arr32(h, off));
-            off += 32;
+        let (stored, layer_digests, mut off) = if codec == Codec::Raw {
+            let (d, off) = Self::parse_layer_table(h, &geometry)?;
+            (None, d, off)
+        } else {
+            let (t, d, off) = StoredTable::parse(h, &meta, &geometry, codec)?;
+            (Some(Arc::new(t)), d, off)
+        };
+        let (want_header, want_file) = match &stored {
+            Some(t) => (t.header_len, t.file_len),
+            None => (geometry.header_len, geometry.file_len),
+        };
+        if want_header != header_len {
+            return Err(FormatError::field(
+                "header_len",
+                format!("{header_len}, but the shape needs {want_header}"),
+            ));
+        }
+        let file_len = le_u64(h, OFF_FILE_LEN);
+        if file_len != want_file {
+            return Err(FormatError::field(
+                "file_len",
+                format!("{file_len}, but the shape needs {want_file}"),
+            ));
         }
         let importance = (flags & FLAG_IMPORTANCE != 0)
             .then(|| {
@@ -623,11 +634,65 @@ impl ChunkHeader {
             version,
             meta,
             geometry,
-            codec: Codec::Raw,
+            codec,
+            stored,
             layer_digests,
             payload_digest,
             importance,
         })
+    }
+
+    /// The raw layer table: extents checked against the shape; returns the layer digests and
+    /// where the table ends.
+    fn parse_layer_table(
+        h: &[u8],
+        geometry: &Geometry,
+    ) -> Result<(Vec<[u8; 32]>, usize), FormatError> {
+        let mut layer_digests = Vec::with_capacity(geometry.num_layers as usize);
+        let mut off = geometry.table_offset as usize;
+        for layer in 0..geometry.num_layers {
+            for plane in 0..geometry.planes {
+                let e = geometry.extent(layer, plane);
+                let (start, len) = (le_u64(h, off), le_u64(h, off + 8));
+                if start != e.start || len != geometry.extent_len {
+                    return Err(FormatError::field(
+                        "extent",
+                        format!(
+                            "layer {layer} plane {plane} is {start}+{len}, the shape needs {}+{}",
+                            e.start, geometry.extent_len
+                        ),
+                    ));
+                }
+                off += 16;
+            }
+            layer_digests.push(arr32(h, off));
+            off += 32;
+        }
+        Ok((layer_digests, off))
+    }
+
+    /// The stored layout of a coded chunk (None for raw).
+    pub fn stored(&self) -> Option<&StoredTable> {
+        self.stored.as_deref()
+    }
+
+    /// Bytes before the first layer.
+    pub fn header_len(&self) -> u64 {
+        self.stored()
+            .map_or(self.geometry.header_len, |t| t.header_len)
+    }
+
+    /// Length of the file as stored (for a coded chunk, not the raw `geometry.file_len`).
+    pub fn file_len(&self) -> u64 {
+        self.stored().map_or(self.geometry.file_len, |t| t.file_len)
+    }
+
+    /// Byte range of one layer as stored, padding included: one aligned read.
+    pub fn layer_span(&self, layer: u32) -> Range<u64> {
+        match self.stored() {
+            Some(t) => t.layer_span(layer),
+            None => self.geometry.layer_span(layer),
+        }
     }
 
     /// Reads and parses the header of an open chunk file (two small reads at most) and checks
@@ -657,7 +722,7 @@ impl ChunkHeader {
 
     /// Checks that a file of `actual` bytes holds this chunk whole.
     pub fn check_len(&self, actual: u64) -> Result<(), FormatError> {
-        let expected = self.geometry.file_len;
+        let expected = self.file_len();
         if actual < expected {
             return Err(FormatError::Truncated {
                 needed: expected,
@@ -673,6 +738,10 @@ impl ChunkHeader {
     /// Checks one layer's bytes (as read from `layer_span(layer)`) against its digest and its
     /// padding against zero.
     pub fn verify_layer(&self, layer: u32, span: &[u8]) -> Result<(), FormatError> {
+        if let Some(t) = self.stored() {
+            let digest = &self.layer_digests[layer as usize];
+            return t.verify_layer(&self.meta, &self.geometry, layer, digest, span);
+        }
         let g = &self.geometry;
         let span_start = g.layer_span(layer).start;
         let mut planes: [&[u8]; 2] = [&[], &[]];
@@ -700,7 +769,7 @@ impl ChunkHeader {
     pub fn verify_payload(&self, file_bytes: &[u8]) -> Result<(), FormatError> {
         self.check_len(file_bytes.len() as u64)?;
         for layer in 0..self.geometry.num_layers {
-            let span = self.geometry.layer_span(layer);
+            let span = self.layer_span(layer);
             self.verify_layer(layer, &file_bytes[span.start as usize..span.end as usize])?;
         }
         Ok(())
@@ -711,7 +780,7 @@ impl ChunkHeader {
         self.check_len(file.metadata()?.len())?;
         let mut buf = Vec::new();
         for layer in 0..self.geometry.num_layers {
-            let span = self.geometry.layer_span(layer);
+            let span = self.layer_span(layer);
             buf.resize((span.end - span.start) as usize, 0);
             let n = read_full_at(file, &mut buf, span.start)?;
             if n < buf.len() {
@@ -774,8 +843,14 @@ impl<'a> ChunkView<'a> {
         Ok(ChunkView { header, bytes })
     }
 
-    /// One plane of one layer: `[tokens, heads, head_dim]` elements, token-major.
+    /// One plane of one layer: `[tokens, heads, head_dim]` elements, token-major. Raw chunks
+    /// only (a coded chunk's planes must be decoded: `codec::stored::decode_plane`).
     pub fn plane(&self, layer: u32, plane: u32) -> &'a [u8] {
+        assert!(
+            self.header.stored.is_none(),
+            "ChunkView::plane of a {} chunk",
+            self.header.codec
+        );
         let e = self.header.geometry.extent(layer, plane);
         &self.bytes[e.start as usize..e.end as usize]
     }
@@ -828,6 +903,19 @@ pub fn encode_chunk_with(
     Ok(out)
 }
 
+/// Encodes a chunk with `codec`: raw (format version 1, [`encode_chunk`]) or coded (version 2,
+/// each group encoded on its own); `fill` writes each raw extent.
+pub fn encode_chunk_coded(
+    meta: &ChunkMeta,
+    codec: Codec,
+    fill: impl FnMut(u32, u32, &mut [u8]),
+) -> Result<Vec<u8>, FormatError> {
+    match codec {
+        Codec::Raw => encode_chunk(meta, fill),
+        _ => crate::codec::stored::encode_coded(meta, codec, fill),
+    }
+}
+
 /// Encodes a chunk from its planes given as slices, `planes[layer * planes_per_layer + plane]`.
 pub fn encode_chunk_from(meta: &ChunkMeta, planes: &[&[u8]]) -> Result<Vec<u8>, FormatError> {
     let g = meta.geometry()?;
@@ -872,50 +960,34 @@ fn write_header(
         }
         layer_digests.push(layer_digest(&planes[..g.planes as usize]));
     }
-    head.fill(0);
-    head[..8].copy_from_slice(&MAGIC);
-    let version = if importance.is_some() {
-        VERSION
-    } else {
-        meta.version()
-    };
-    head[OFF_VERSION..OFF_VERSION + 2].copy_from_slice(&version.to_le_bytes());
-    head[OFF_KV_KIND] = meta.kv_kind as u8;
-    head[OFF_DTYPE] = meta.dtype as u8;
-    head[OFF_HEADER_LEN..OFF_HEADER_LEN + 4].copy_from_slice(&(g.header_len as u32).to_le_bytes());
-    let mut flags = match (meta.parent.is_some(), meta.origin.is_some()) {
-        (true, _) => FLAG_HAS_PARENT,
-        (false, true) => FLAG_INDEPENDENT,
-        (false, false) => 0,
-    };
-    if importance.is_some() {
-        flags |= FLAG_IMPORTANCE;
-    }
-    head[OFF_FLAGS..OFF_FLAGS + 4].copy_from_slice(&flags.to_le_bytes());
-    head[OFF_CODEC] = Codec::Raw as u8;
-    for (off, v) in [
-        (OFF_LAYERS, meta.num_layers),
-        (OFF_HEADS, meta.num_heads),
-        (OFF_HEAD_DIM, meta.head_dim),
-        (OFF_TOKENS, g.token_count),
-        (OFF_GROUP, meta.group_tokens),
-        (OFF_ORIGIN, meta.origin.unwrap_or(0)),
-    ] {
-        head[off..off + 4].copy_from_slice(&v.to_le_bytes());
-    }
-    head[OFF_FILE_LEN..OFF_FILE_LEN + 8].copy_from_slice(&g.file_len.to_le_bytes());
-    head[OFF_NAMESPACE..OFF_NAMESPACE + 32].copy_from_slice(&meta.namespace.0);
-    head[OFF_KEY..OFF_KEY + 32].copy_from_slice(&meta.key.0);
-    if let Some(p) = &meta.parent {
-        head[OFF_PARENT..OFF_PARENT + 32].copy_from_slice(&p.0);
-    }
-    head[OFF_SALT..OFF_SALT + 32].copy_from_slice(&meta.salt.0);
-    head[OFF_PAYLOAD_DIGEST..OFF_PAYLOAD_DIGEST + 32]
-        .copy_from_slice(&payload_digest_of(&layer_digests));
-    for (i, t) in meta.tokens.iter().enumerate() {
-        let o = FIXED_HEADER_LEN + 4 * i;
-        head[o..o + 4].copy_from_slice(&t.to_le_bytes());
-    }
+    write_raw_header(meta, importance, g, head, &layer_digests)
+}
+
+/// The header of the raw chunk `meta` whose layer digests are `layer_digests` (what a lossless
+/// chunk decodes to: its raw digests are kept in its codec table).
+pub fn raw_header(meta: &ChunkMeta, layer_digests: &[[u8; 32]]) -> Result<Vec<u8>, FormatError> {
+    let g = meta.geometry()?;
+    let mut head = vec![0u8; g.header_len as usize];
+    write_raw_header(meta, None, &g, &mut head, layer_digests)?;
+    Ok(head)
+}
+
+fn write_raw_header(
+    meta: &ChunkMeta,
+    importance: Option<&Importance>,
+    g: &Geometry,
+    head: &mut [u8],
+    layer_digests: &[[u8; 32]],
+) -> Result<(), FormatError> {
+    write_fixed(
+        meta,
+        g,
+        head,
+        Codec::Raw,
+        importance.is_some(),
+        (g.header_len, g.file_len),
+        layer_digests,
+    )?;
     let mut off = g.table_offset as usize;
     for (layer, digest) in layer_digests.iter().enumerate() {
         for plane in 0..g.planes {
@@ -930,9 +1002,79 @@ fn write_header(
     if let Some(imp) = importance {
         imp.encode(&mut head[off..off + g.importance_len as usize]);
     }
+    finish_header(head);
+    Ok(())
+}
+
+/// Zeroes `head` and writes the fixed part and the token ids (version 1 for raw chunks, 2
+/// for coded ones); the caller writes the tables and then [`finish_header`].
+pub(crate) fn write_fixed(
+    meta: &ChunkMeta,
+    g: &Geometry,
+    head: &mut [u8],
+    codec: Codec,
+    importance: bool,
+    (header_len, file_len): (u64, u64),
+    layer_digests: &[[u8; 32]],
+) -> Result<(), FormatError> {
+    let computed = meta.computed_key();
+    if computed != meta.key {
+        return Err(FormatError::KeyMismatch {
+            stored: meta.key.to_hex(),
+            computed: computed.to_hex(),
+        });
+    }
+    let version = if importance {
+        VERSION
+    } else {
+        meta.version_with(codec)
+    };
+    head.fill(0);
+    head[..8].copy_from_slice(&MAGIC);
+    head[OFF_VERSION..OFF_VERSION + 2].copy_from_slice(&version.to_le_bytes());
+    head[OFF_KV_KIND] = meta.kv_kind as u8;
+    head[OFF_DTYPE] = meta.dtype as u8;
+    head[OFF_HEADER_LEN..OFF_HEADER_LEN + 4].copy_from_slice(&(header_len as u32).to_le_bytes());
+    let mut flags = match (meta.parent.is_some(), meta.origin.is_some()) {
+        (true, _) => FLAG_HAS_PARENT,
+        (false, true) => FLAG_INDEPENDENT,
+        (false, false) => 0,
+    };
+    if importance {
+        flags |= FLAG_IMPORTANCE;
+    }
+    head[OFF_FLAGS..OFF_FLAGS + 4].copy_from_slice(&flags.to_le_bytes());
+    head[OFF_CODEC] = codec as u8;
+    for (off, v) in [
+        (OFF_LAYERS, meta.num_layers),
+        (OFF_HEADS, meta.num_heads),
+        (OFF_HEAD_DIM, meta.head_dim),
+        (OFF_TOKENS, g.token_count),
+        (OFF_GROUP, meta.group_tokens),
+        (OFF_ORIGIN, meta.origin.unwrap_or(0)),
+    ] {
+        head[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    }
+    head[OFF_FILE_LEN..OFF_FILE_LEN + 8].copy_from_slice(&file_len.to_le_bytes());
+    head[OFF_NAMESPACE..OFF_NAMESPACE + 32].copy_from_slice(&meta.namespace.0);
+    head[OFF_KEY..OFF_KEY + 32].copy_from_slice(&meta.key.0);
+    if let Some(p) = &meta.parent {
+        head[OFF_PARENT..OFF_PARENT + 32].copy_from_slice(&p.0);
+    }
+    head[OFF_SALT..OFF_SALT + 32].copy_from_slice(&meta.salt.0);
+    head[OFF_PAYLOAD_DIGEST..OFF_PAYLOAD_DIGEST + 32]
+        .copy_from_slice(&payload_digest_of(layer_digests));
+    for (i, t) in meta.tokens.iter().enumerate() {
+        let o = FIXED_HEADER_LEN + 4 * i;
+        head[o..o + 4].copy_from_slice(&t.to_le_bytes());
+    }
+    Ok(())
+}
+
+/// Writes the header checksum over a complete header.
+pub(crate) fn finish_header(head: &mut [u8]) {
     let sum = header_checksum(head);
     head[OFF_HEADER_CHECKSUM..OFF_HEADER_CHECKSUM + 32].copy_from_slice(&sum);
-    Ok(())
 }
 
 /// Deterministic pseudo-KV bytes for synthetic chunks (`kvfs synth`, tests, benchmarks):
@@ -954,7 +1096,7 @@ pub fn synth_fill(key: &ChunkKey, layer: u32, plane: u32, dst: &mut [u8]) {
     rest.copy_from_slice(&x.wrapping_mul(31).to_le_bytes()[..len]);
 }
 
-/// A synthetic chunk of `spec` (see [`synth_fill`]).
+/// A synthetic chunk of `spec` (see [`synth_fill`]), written with the spec's codec.
 pub fn synth_chunk(
     spec: &ModelSpec,
     parent: Option<ChunkKey>,
@@ -963,6 +1105,6 @@ pub fn synth_chunk(
 ) -> Result<(ChunkMeta, Vec<u8>), FormatError> {
     let meta = ChunkMeta::for_spec(spec, parent, salt, tokens);
     let key = meta.key;
-    let bytes = encode_chunk(&meta, |l, p, dst| synth_fill(&key, l, p, dst))?;
+    let bytes = encode_chunk_coded(&meta, spec.codec, |l, p, dst| synth_fill(&key, l, p, dst))?;
     Ok((meta, bytes))
 }

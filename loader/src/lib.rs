@@ -21,6 +21,7 @@
 //! [`Backend`] is host memory.
 
 pub mod backend;
+pub mod codec;
 pub mod dir;
 pub mod error;
 pub mod ffi;
@@ -36,6 +37,7 @@ pub mod rope;
 pub mod selective;
 pub mod spec;
 
+pub use codec::{Codec, CodecError};
 pub use error::FormatError;
 pub use format::{
     ChunkHeader, ChunkMeta, ChunkView, Geometry, Verify, encode_chunk, encode_chunk_from,

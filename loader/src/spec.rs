@@ -8,9 +8,16 @@
 //! by the first 16 hex digits of the id, so people can tell namespaces apart with `ls` while
 //! the id keeps them unambiguous.
 //!
+//! A namespace's **codec** (`codecs`, docs/FORMAT.md) says how its chunks are written. A lossy
+//! codec (fp8, kivi4, kivi2) makes different KV, so it is part of the identity: it is appended
+//! to the canonical encoding (`"codec"`, then its byte) and so gives another namespace id, and
+//! lossy chunks never share keys with raw ones. Raw and lossless chunks hold the same KV, so
+//! those codecs leave the encoding (and every existing namespace id) as it was.
+//!
 //! The encoding is versioned by its derive-key context string: changing a field changes the
 //! context (`kvfs namespace v1` -> `v2`), never silently the ids of existing caches.
 
+use crate::codec::Codec;
 use crate::error::FormatError;
 use crate::identity::{NAMESPACE_SUFFIX_LEN, namespace_suffix};
 use std::fmt;
@@ -138,6 +145,8 @@ pub struct ModelSpec {
     pub chunk_tokens: u32,
     pub group_tokens: u32,
     pub kv_kind: KvKind,
+    /// How this namespace's chunks are written; part of the identity when lossy.
+    pub codec: Codec,
 }
 
 /// Blake3 identity of a [`ModelSpec`].
@@ -189,6 +198,7 @@ impl ModelSpec {
             chunk_tokens: DEFAULT_CHUNK_TOKENS,
             group_tokens: DEFAULT_GROUP_TOKENS,
             kv_kind: KvKind::KeyValue,
+            codec: Codec::Raw,
         }
     }
 
@@ -275,6 +285,12 @@ impl ModelSpec {
         if self.model.is_empty() {
             return Err(FormatError::field("model", "must not be empty"));
         }
+        if !self.codec.supports(self.dtype) {
+            return Err(FormatError::field(
+                "codec",
+                format!("{} cannot encode {} KV", self.codec, self.dtype),
+            ));
+        }
         Ok(())
     }
 
@@ -302,6 +318,10 @@ impl ModelSpec {
         }
         out.extend_from_slice(&self.rope_theta.to_bits().to_le_bytes());
         put_str(&mut out, &self.rope_scaling);
+        if !self.codec.is_lossless() {
+            out.extend_from_slice(b"codec");
+            out.push(self.codec as u8);
+        }
         out
     }
 
@@ -336,7 +356,7 @@ impl ModelSpec {
                 "{{\n  \"namespace_id\": \"{}\",\n  \"dir\": \"{}\",\n  \"model\": {},\n  \"revision\": {},\n",
                 "  \"dtype\": \"{}\",\n  \"kv_kind\": \"{}\",\n  \"num_layers\": {},\n  \"num_kv_heads\": {},\n",
                 "  \"head_dim\": {},\n  \"tp_size\": {},\n  \"tp_rank\": {},\n  \"rope_theta\": {:?},\n",
-                "  \"rope_scaling\": {},\n  \"chunk_tokens\": {},\n  \"group_tokens\": {}\n}}\n"
+                "  \"rope_scaling\": {},\n  \"chunk_tokens\": {},\n  \"group_tokens\": {}{}\n}}\n"
             ),
             self.namespace_id(),
             self.namespace_dir(),
@@ -353,6 +373,11 @@ impl ModelSpec {
             json_str(&self.rope_scaling),
             self.chunk_tokens,
             self.group_tokens,
+            if self.codec.is_lossless() {
+                String::new()
+            } else {
+                format!(",\n  \"codec\": \"{}\"", self.codec)
+            },
         )
     }
 }
@@ -459,6 +484,9 @@ mod tests {
             Box::new(|s| s.chunk_tokens = 128),
             Box::new(|s| s.group_tokens = 32),
             Box::new(|s| s.kv_kind = KvKind::MlaLatent),
+            Box::new(|s| s.codec = Codec::Fp8),
+            Box::new(|s| s.codec = Codec::Kivi4),
+            Box::new(|s| s.codec = Codec::Kivi2),
         ];
         for (i, f) in variants.iter().enumerate() {
             let mut s = base.clone();
@@ -469,6 +497,29 @@ mod tests {
                 "variant {i} did not change the namespace"
             );
         }
+    }
+
+    #[test]
+    fn lossy_codecs_get_their_own_namespace_and_lossless_shares_raw() {
+        let raw = ModelSpec::preset("llama-3-8b").unwrap();
+        let mut lossless = raw.clone();
+        lossless.codec = Codec::Lossless;
+        assert_eq!(lossless.namespace_id(), raw.namespace_id());
+        assert_eq!(lossless.to_json(), raw.to_json());
+        let mut ids = std::collections::HashSet::new();
+        for c in [Codec::Raw, Codec::Fp8, Codec::Kivi4, Codec::Kivi2] {
+            let mut s = raw.clone();
+            s.codec = c;
+            assert!(ids.insert(s.namespace_id()), "{c}");
+            assert_eq!(s.to_json().contains("\"codec\""), !c.is_lossless());
+        }
+        let mut fp8_kv = raw.clone();
+        fp8_kv.dtype = Dtype::Fp8E4m3;
+        fp8_kv.codec = Codec::Kivi4;
+        assert!(matches!(
+            fp8_kv.validate(),
+            Err(FormatError::BadField { field: "codec", .. })
+        ));
     }
 
     #[test]

@@ -132,6 +132,7 @@ fn open_with_spec_fields_and_bad_arguments() {
         chunk_tokens: 32,
         group_tokens: 16,
         kv_kind: 1,
+        codec: std::ptr::null(),
     };
     let mut l: *mut KvfsLoader = std::ptr::null_mut();
     // SAFETY: every pointer is valid or NULL as the contract allows.

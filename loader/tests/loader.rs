@@ -816,6 +816,243 @@ fn flat_layout_reads_backing_files_and_stores_through_the_mount() {
     assert!(mount.path().join(&ns).join("namespace.json").exists());
 }
 
+// ---- Coded chunks (codecs, format version 2) ----
+
+/// KV-like elements (a per-channel offset and a smooth wave per token) for coded chunks, so
+/// the lossless codec finds real structure; raw bytes of `dtype`.
+fn kv_like(meta: &kvfs_loader::ChunkMeta, l: u32, p: u32, dst: &mut [u8]) {
+    let n = dst.len() / meta.dtype.size();
+    let ch = (meta.num_heads * meta.head_dim) as usize;
+    let salt = meta.key.0[0] as f32;
+    let v: Vec<f32> = (0..n)
+        .map(|i| {
+            let (t, c) = (i / ch, i % ch);
+            let base = if c % 13 == 0 { 5.0 } else { 0.4 };
+            base * ((t as f32 * 0.31 + c as f32 * 1.7 + (l * 2 + p) as f32 + salt).sin())
+        })
+        .collect();
+    kvfs_loader::codec::from_f32(meta.dtype, &v, dst);
+}
+
+/// Writes chunks coded with `spec.codec` and returns each one decoded to a raw chunk: the
+/// reference a load must reproduce.
+fn write_coded_chunks(root: &Path, spec: &ModelSpec, toks: &[u32]) -> Vec<Vec<u8>> {
+    let ct = spec.chunk_tokens as usize;
+    let mut parent = None;
+    let mut out = Vec::new();
+    for c in toks.chunks_exact(ct) {
+        let meta = kvfs_loader::ChunkMeta::for_spec(spec, parent, SaltTag::NONE, c.to_vec());
+        let bytes = kvfs_loader::format::encode_chunk_coded(&meta, spec.codec, |l, p, d| {
+            kv_like(&meta, l, p, d)
+        })
+        .unwrap();
+        let path = Layout::Cache.chunk_path(root, &spec.namespace_dir(), &meta.key);
+        dir::commit_file(&path, &bytes, false).unwrap();
+        parent = Some(meta.key);
+        out.push(kvfs_loader::codec::stored::transcode(&bytes, kvfs_loader::Codec::Raw).unwrap());
+    }
+    out
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig { cases: 32, .. ProptestConfig::default() })]
+
+    /// Loads of coded chunks place exactly the decoded rows, for every codec, layout, float
+    /// dtype, block size, range, I/O mode and verification level.
+    #[test]
+    fn coded_loads_match_their_decoded_chunks(
+        codec in prop::sample::select(vec![
+            kvfs_loader::Codec::Lossless, kvfs_loader::Codec::Fp8,
+            kvfs_loader::Codec::Kivi4, kvfs_loader::Codec::Kivi2,
+        ]),
+        kind in prop_oneof![Just(Kind::FlashAttn), Just(Kind::Mla), Just(Kind::VllmCpu)],
+        dtype in prop::sample::select(vec![Dtype::F16, Dtype::Bf16, Dtype::F32]),
+        block_size in prop::sample::select(vec![1usize, 8, 16]),
+        chunks in 1usize..3,
+        start_frac in 0.0f64..1.0,
+        end_frac in 0.0f64..1.0,
+        direct in any::<bool>(),
+        full_verify in any::<bool>(),
+        seed in any::<u64>(),
+    ) {
+        let kv = if kind == Kind::Mla { KvKind::MlaLatent } else { KvKind::KeyValue };
+        let mut spec = spec(dtype, kv, 48, 16);
+        spec.codec = codec;
+        let d = tempfile::tempdir().unwrap();
+        let toks = tokens(chunks * 48 + 3, seed as u32);
+        let files = write_coded_chunks(d.path(), &spec, &toks);
+        let full = chunks * 48;
+        let end = ((full as f64 * end_frac) as usize).max(1);
+        let start = (end as f64 * start_frac) as usize;
+        let io = if direct { IoMode::Direct } else { IoMode::Buffered };
+        let loader = Loader::open_with(d.path(), spec.clone(), b"", opts(io)).unwrap();
+        prop_assert_eq!(loader.lookup(&toks), full);
+        let nb = full.div_ceil(block_size);
+        let mem = alloc(&spec, kind, nb + 2, block_size);
+        let table = shuffled_blocks(nb, nb + 2, seed);
+        let map = BlockMap::Blocks(&table);
+        let verify = Some(if full_verify { Verify::Full } else { Verify::Header });
+        let req = LoadRequest { tokens: &toks, range: Some(start..end), verify, ..Default::default() };
+        let stats = loader.load_request(&req, &Dest::host(&mem.layout, map)).unwrap().wait().unwrap();
+        prop_assert_eq!(stats.tokens, end - start);
+        prop_assert_eq!(stats.bytes_needed, ((end - start) * spec.bytes_per_token() as usize) as u64);
+        check(&mem, &map, &spec, &files, full, |_, p| (start..end).contains(&p));
+    }
+}
+
+/// A selective load of a coded chunk reads the stored bytes of exactly the chosen groups
+/// (buffered I/O: no alignment widening).
+#[test]
+fn selective_coded_loads_read_only_the_chosen_groups() {
+    let mut spec = spec(Dtype::Bf16, KvKind::KeyValue, 64, 16);
+    spec.codec = kvfs_loader::Codec::Lossless;
+    let d = tempfile::tempdir().unwrap();
+    let toks = tokens(2 * 64, 5);
+    let files = write_coded_chunks(d.path(), &spec, &toks);
+    let loader = Loader::open_with(d.path(), spec.clone(), b"", opts(IoMode::Buffered)).unwrap();
+    let mem = alloc(&spec, Kind::FlashAttn, 8, 16);
+    let table: Vec<u32> = (0..8).rev().collect();
+    let map = BlockMap::Blocks(&table);
+    let sel = Selection::new(vec![vec![0, 3, 5], vec![], vec![7]]);
+    let req = LoadRequest {
+        tokens: &toks,
+        selection: Some(&sel),
+        ..Default::default()
+    };
+    let stats = loader
+        .load_request(&req, &Dest::host(&mem.layout, map))
+        .unwrap()
+        .wait()
+        .unwrap();
+    let chosen = |layer: usize, p: usize| sel.groups(layer).contains(&((p / 16) as u32));
+    check(&mem, &map, &spec, &files, 2 * 64, chosen);
+    // Stored bytes of the chosen groups, from the files' own group tables.
+    let mut want = 0;
+    for (c, path) in (0..2).map(|c| (c, chunk_path(d.path(), &spec, &toks, c))) {
+        let bytes = std::fs::read(path).unwrap();
+        let h = kvfs_loader::ChunkHeader::parse(&bytes).unwrap();
+        let t = h.stored().unwrap();
+        for layer in 0..3u32 {
+            for &g in sel.groups(layer as usize) {
+                let (chunk, local) = (g as usize / 4, g % 4);
+                if chunk == c {
+                    for plane in 0..2 {
+                        let r = t.groups_range(layer, plane, local..local + 1);
+                        want += r.end - r.start;
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(stats.bytes_read, want);
+    assert!(
+        stats.bytes_read < stats.bytes_needed,
+        "the codec shrank what was read"
+    );
+}
+
+/// A group that does not decode is a typed error naming the place; a corrupt stored layer
+/// under full verification names the codec.
+#[test]
+fn corrupt_coded_chunks_fail_with_typed_errors() {
+    let mut spec = spec(Dtype::Bf16, KvKind::KeyValue, 32, 16);
+    spec.codec = kvfs_loader::Codec::Lossless;
+    let d = tempfile::tempdir().unwrap();
+    let toks = tokens(2 * 32, 9);
+    write_coded_chunks(d.path(), &spec, &toks);
+    let path = chunk_path(d.path(), &spec, &toks, 1);
+    let h = kvfs_loader::ChunkHeader::parse(&std::fs::read(&path).unwrap()).unwrap();
+    // Byte 4 of group 0 is the first byte of its exponent stream's zstd frame (its magic).
+    flip(&path, h.layer_span(0).start + 4);
+    let loader = Loader::open_with(d.path(), spec.clone(), b"", opts(IoMode::Buffered)).unwrap();
+    for (verify, want_full) in [(Verify::Header, false), (Verify::Full, true)] {
+        let mem = alloc(&spec, Kind::FlashAttn, 8, 8);
+        let table: Vec<u32> = (0..8).collect();
+        let req = LoadRequest {
+            tokens: &toks,
+            verify: Some(verify),
+            ..Default::default()
+        };
+        let e = loader
+            .load_request(&req, &Dest::host(&mem.layout, BlockMap::Blocks(&table)))
+            .unwrap()
+            .wait()
+            .unwrap_err();
+        let LoaderError::Chunk {
+            chunk,
+            valid_tokens,
+            source,
+            ..
+        } = &e
+        else {
+            panic!("{e}")
+        };
+        assert_eq!((*chunk, valid_tokens.clone()), (1, 0..32));
+        if want_full {
+            assert!(
+                matches!(
+                    &**source,
+                    ChunkError::Format(FormatError::StoredDigest {
+                        codec: kvfs_loader::Codec::Lossless,
+                        layer: 0
+                    })
+                ),
+                "{source}"
+            );
+        } else {
+            assert!(
+                matches!(
+                    &**source,
+                    ChunkError::Format(FormatError::Decode {
+                        layer: 0,
+                        plane: 0,
+                        group: 0,
+                        ..
+                    })
+                ),
+                "{source}"
+            );
+        }
+    }
+}
+
+/// A loader whose spec has a lossy codec stores coded chunks, and loads them back decoded.
+#[test]
+fn a_lossy_namespace_stores_and_loads_coded_chunks() {
+    let mut spec = spec(Dtype::F16, KvKind::KeyValue, 32, 16);
+    spec.codec = kvfs_loader::Codec::Fp8;
+    let d = tempfile::tempdir().unwrap();
+    let toks = tokens(64, 2);
+    let loader = Loader::open(d.path(), spec.clone(), b"").unwrap();
+    let src = alloc(&spec, Kind::FlashAttn, 8, 8);
+    let table: Vec<u32> = (0..8).collect();
+    let map = BlockMap::Blocks(&table);
+    // Fill the source blocks with KV-like f16 values.
+    let mut src = src;
+    for b in &mut src.bufs {
+        let v: Vec<f32> = (0..b.len() / 2)
+            .map(|i| ((i as f32) * 0.01).sin() * 3.0)
+            .collect();
+        kvfs_loader::codec::from_f32(Dtype::F16, &v, b);
+    }
+    loader.store(&toks, &Dest::host(&src.layout, map)).unwrap();
+    let path = chunk_path(d.path(), &spec, &toks, 1);
+    let bytes = std::fs::read(&path).unwrap();
+    let h = kvfs_loader::ChunkHeader::parse(&bytes).unwrap();
+    assert_eq!(h.codec, kvfs_loader::Codec::Fp8);
+    assert_eq!(h.meta.namespace, spec.namespace_id());
+    let decoded = kvfs_loader::codec::stored::transcode(&bytes, kvfs_loader::Codec::Raw).unwrap();
+    let dst = alloc(&spec, Kind::FlashAttn, 8, 8);
+    loader
+        .load(&toks, &Dest::host(&dst.layout, map))
+        .unwrap()
+        .wait()
+        .unwrap();
+    let first = std::fs::read(chunk_path(d.path(), &spec, &toks, 0)).unwrap();
+    let first = kvfs_loader::codec::stored::transcode(&first, kvfs_loader::Codec::Raw).unwrap();
+    check(&dst, &map, &spec, &[first, decoded], 64, |_, _| true);
+}
+
 /// Every regular file under `p` (`p` itself if it is one).
 fn walk(p: &Path) -> Vec<PathBuf> {
     if p.is_file() {

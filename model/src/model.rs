@@ -237,6 +237,18 @@ impl Model {
         if tokens.is_empty() {
             return Err(ModelError::Invalid("no tokens to run".into()));
         }
+        self.check_run(kv, tokens, start)?;
+        let mut logits = Vec::new();
+        let mut pos = start;
+        for window in tokens.chunks(PREFILL_WINDOW) {
+            logits = self.forward_window(kv, window, pos, hooks)?;
+            pos += window.len();
+        }
+        Ok(logits)
+    }
+
+    /// The positions fit the cache and the tokens the vocabulary.
+    fn check_run(&self, kv: &PagedKv, tokens: &[u32], start: usize) -> Result<(), ModelError> {
         if start + tokens.len() > kv.capacity() {
             return Err(ModelError::Invalid(format!(
                 "{} positions exceed the cache's {}",
@@ -249,13 +261,34 @@ impl Model {
                 "token id {bad} outside the vocabulary"
             )));
         }
-        let mut logits = Vec::new();
-        let mut pos = start;
-        for window in tokens.chunks(PREFILL_WINDOW) {
-            logits = self.forward_window(kv, window, pos, hooks)?;
-            pos += window.len();
+        Ok(())
+    }
+
+    /// Like [`Model::forward`] for at most [`PREFILL_WINDOW`] tokens, returning the logits of
+    /// every token (`tokens.len() * vocab`, token-major): teacher-forced scoring in one pass.
+    pub fn forward_all(
+        &self,
+        kv: &mut PagedKv,
+        tokens: &[u32],
+        start: usize,
+    ) -> Result<Vec<f32>, ModelError> {
+        if tokens.is_empty() || tokens.len() > PREFILL_WINDOW {
+            return Err(ModelError::Invalid(format!(
+                "forward_all takes 1..={PREFILL_WINDOW} tokens, not {}",
+                tokens.len()
+            )));
         }
-        Ok(logits)
+        self.check_run(kv, tokens, start)?;
+        let positions: Vec<usize> = (start..start + tokens.len()).collect();
+        let x = self.run_layers(
+            kv,
+            tokens,
+            &positions,
+            self.cfg.num_layers,
+            &mut |_| Ok(None),
+            &mut NoHooks,
+        )?;
+        Ok(self.logits_of_rows(&x.hidden)?.concat())
     }
 
     fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor, ModelError> {

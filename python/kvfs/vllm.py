@@ -158,6 +158,7 @@ def spec_for(vllm_config: VllmConfig, tp_rank: int, chunk_tokens: int) -> ModelS
         rope_scaling=json.dumps(rope, sort_keys=True, default=str) if rope else "",
         chunk_tokens=chunk_tokens,
         group_tokens=math.gcd(16, chunk_tokens),
+        codec=str(extra.get("kvfs_codec", "raw")),
     )
 
 

@@ -125,7 +125,7 @@ impl PySpec {
     #[new]
     #[pyo3(signature = (model, dtype, num_layers, num_kv_heads, head_dim, *, revision = String::new(),
         tp_size = 1, tp_rank = 0, rope_theta = 10000.0, rope_scaling = String::new(),
-        chunk_tokens = 256, group_tokens = 16, mla = false))]
+        chunk_tokens = 256, group_tokens = 16, mla = false, codec = "raw"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         model: &str,
@@ -141,6 +141,7 @@ impl PySpec {
         chunk_tokens: u32,
         group_tokens: u32,
         mla: bool,
+        codec: &str,
     ) -> PyResult<Self> {
         let mut spec = ModelSpec::new(
             model,
@@ -159,6 +160,8 @@ impl PySpec {
         if mla {
             spec.kv_kind = KvKind::MlaLatent;
         }
+        spec.codec =
+            kvfs_loader::Codec::parse(codec).map_err(|e| SpecError::new_err(e.to_string()))?;
         spec.validate()
             .map_err(|e| SpecError::new_err(e.to_string()))?;
         Ok(PySpec { spec })

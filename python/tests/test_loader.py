@@ -181,3 +181,32 @@ def test_namespace_names_what_makes_kv_reusable() -> None:
     ]
     ids = {s.namespace_id for s in others} | {base.namespace_id}
     assert len(ids) == len(others) + 1
+
+
+def test_codec_option_stores_coded_chunks_and_loads_them_decoded(tmp_path: Path) -> None:
+    layers, tokens = 2, 2 * BS
+    torch.manual_seed(1)
+    keys = [torch.randn(tokens, HEADS, DIM).to(torch.bfloat16) for _ in range(layers)]
+    values = [torch.randn(tokens, HEADS, DIM).to(torch.bfloat16) for _ in range(layers)]
+    ids = list(range(500, 500 + tokens))
+    raw = spec("bf16")
+    for codec, exact in [("lossless", True), ("fp8", False)]:
+        s = kvfs.ModelSpec("kvfs/python-test", "bf16", layers, HEADS, DIM, revision="t1", chunk_tokens=BS, codec=codec)
+        # lossless is the same cache as raw; a lossy codec is a namespace of its own
+        assert (s.namespace_id == raw.namespace_id) == exact
+        loader = kvfs.Loader(tmp_path / codec, s)
+        assert loader.store(ids, rows_layout(keys, values), list(range(tokens)))["written"] == 2
+        k_out = [torch.zeros(tokens, HEADS, DIM, dtype=torch.bfloat16) for _ in range(layers)]
+        v_out = [torch.zeros(tokens, HEADS, DIM, dtype=torch.bfloat16) for _ in range(layers)]
+        loader.load(ids, rows_layout(k_out, v_out), list(range(tokens))).wait()
+        for layer in range(layers):
+            for got, want in [(k_out[layer], keys[layer]), (v_out[layer], values[layer])]:
+                if exact:
+                    assert torch.equal(got, want)
+                else:
+                    # e4m3 keeps 3 mantissa bits (half a step: 1/16 of a value), then bf16
+                    # rounding: well within 1/8 of the largest value, and not exact
+                    err = (got.float() - want.float()).abs().amax()
+                    assert 0 < err <= want.float().abs().amax() / 8
+    with pytest.raises(kvfs.SpecError):
+        kvfs.ModelSpec("m", "bf16", 2, HEADS, DIM, codec="zip9")

@@ -431,10 +431,17 @@ impl Bucket {
             }
         };
         bump(&self.counters.bytes_fetched, bytes.len() as u64);
-        match self.verify_off_thread(bytes.clone(), ns_dir, key).await {
-            Ok(()) => {
+        let (ns, k, b) = (ns_dir.to_string(), *key, bytes.clone());
+        let checked = tokio::task::spawn_blocking(move || {
+            verify_object(&b, &ns, &k)?;
+            crate::codec::decode_download(b)
+        })
+        .await
+        .expect("verification task panicked");
+        match checked {
+            Ok(local) => {
                 bump(&self.counters.hits, 1);
-                Ok(Some(bytes))
+                Ok(Some(local))
             }
             Err(source) => {
                 bump(&self.counters.corrupt, 1);
@@ -605,6 +612,16 @@ impl Bucket {
         digest: [u8; 32],
     ) -> Result<PutOutcome, RemoteError> {
         let path = self.chunk_path(ns_dir, key);
+        let codec = self.cfg.codec;
+        let (bytes, digest) = tokio::task::spawn_blocking(move || {
+            crate::codec::encode_for_upload(codec, bytes, digest)
+        })
+        .await
+        .expect("encoding task panicked")
+        .map_err(|source| RemoteError::Corrupt {
+            path: path.to_string(),
+            source,
+        })?;
         let len = bytes.len() as u64;
         let r = async {
             if self.damage(&path).is_none() {

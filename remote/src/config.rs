@@ -108,6 +108,8 @@ pub struct S3Config {
     pub download_concurrency: usize,
     /// Parallel HEAD requests of one wave of a prefix lookup.
     pub lookup_parallelism: usize,
+    /// Lossless codec of uploaded chunks (`raw`: as they are); downloads decode any codec.
+    pub codec: kvfs_loader::Codec,
 }
 
 impl S3Config {
@@ -143,6 +145,7 @@ impl S3Config {
             upload_concurrency: 8,
             download_concurrency: 16,
             lookup_parallelism: 128,
+            codec: kvfs_loader::Codec::Raw,
         })
     }
 

@@ -26,6 +26,7 @@
 //! (single-flight: N concurrent misses cost one GET), else GETs and verifies the object.
 
 pub mod client;
+mod codec;
 pub mod config;
 pub mod error;
 mod listing;

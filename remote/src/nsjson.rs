@@ -13,6 +13,7 @@
 
 use bytes::Bytes;
 use kvfs_loader::ChunkHeader;
+use kvfs_loader::Codec;
 use kvfs_loader::spec::{Dtype, KvKind, ModelSpec};
 use serde_json::Value;
 
@@ -83,6 +84,10 @@ fn spec_of(o: &serde_json::Map<String, Value>) -> Result<ModelSpec, NamespaceJso
     s.chunk_tokens = u32_field(o, "chunk_tokens")?;
     s.group_tokens = u32_field(o, "group_tokens")?;
     s.kv_kind = kv_kind;
+    if let Some(c) = o.get("codec") {
+        let name = c.as_str().ok_or(NamespaceJsonError::BadField("codec"))?;
+        s.codec = Codec::parse(name).map_err(|_| NamespaceJsonError::BadField("codec"))?;
+    }
     Ok(s)
 }
 

@@ -11,9 +11,15 @@
 //! loader's code; only the order is streaming. The file is committed with
 //! [`kvfs_loader::dir::commit_with`] (temporary file, then link), so a chunk that fails any
 //! check, or a body cut short, leaves nothing behind.
+//!
+//! An object coded losslessly (the remote codec, `crate::codec`) is written decoded: the raw
+//! header rebuilt from the coded one (its raw layer digests) and each layer decoded as soon as
+//! its stored span is verified, then checked against its raw digest, so the local file is the
+//! raw chunk.
 
 use crate::client::check_identity;
-use kvfs_loader::{ChunkHeader, ChunkKey, FormatError};
+use kvfs_loader::codec::Coder;
+use kvfs_loader::{ChunkHeader, ChunkKey, Codec, FormatError};
 use std::fs::File;
 use std::io::Write;
 
@@ -25,6 +31,9 @@ pub(crate) struct StreamingChunk<'a> {
     pending: Vec<u8>,
     next_layer: u32,
     received: u64,
+    /// Decoder state and one decoded layer, for lossless objects.
+    coder: Option<Box<Coder>>,
+    raw: Vec<u8>,
 }
 
 impl<'a> StreamingChunk<'a> {
@@ -36,6 +45,8 @@ impl<'a> StreamingChunk<'a> {
             pending: Vec::with_capacity(4 << 20),
             next_layer: 0,
             received: 0,
+            coder: None,
+            raw: Vec::new(),
         }
     }
 
@@ -57,33 +68,60 @@ impl<'a> StreamingChunk<'a> {
                     }
                     let header = ChunkHeader::parse(&avail[..header_len])?;
                     check_identity(&header, self.ns_dir, &self.key)?;
-                    if self.received > header.geometry.file_len {
+                    if self.received > header.file_len() {
                         return Err(FormatError::SizeMismatch {
-                            expected: header.geometry.file_len,
+                            expected: header.file_len(),
                             actual: self.received,
                         });
                     }
-                    out.write_all(&avail[..header_len])?;
+                    match header.stored() {
+                        Some(t) if t.codec == Codec::Lossless => {
+                            out.write_all(&kvfs_loader::format::raw_header(
+                                &header.meta,
+                                &t.raw_digests,
+                            )?)?;
+                            self.coder = Some(Box::default());
+                        }
+                        _ => out.write_all(&avail[..header_len])?,
+                    }
                     used += header_len;
                     self.header = Some(header);
                 }
                 Some(h) => {
-                    if self.received > h.geometry.file_len {
+                    if self.received > h.file_len() {
                         return Err(FormatError::SizeMismatch {
-                            expected: h.geometry.file_len,
+                            expected: h.file_len(),
                             actual: self.received,
                         });
                     }
                     if self.next_layer >= h.geometry.num_layers {
                         break;
                     }
-                    let span = h.geometry.layer_span(self.next_layer);
+                    let span = h.layer_span(self.next_layer);
                     let span_len = (span.end - span.start) as usize;
                     if avail.len() < span_len {
                         break;
                     }
-                    h.verify_layer(self.next_layer, &avail[..span_len])?;
-                    out.write_all(&avail[..span_len])?;
+                    match (h.stored(), &mut self.coder) {
+                        (Some(t), Some(coder)) => {
+                            let l = self.next_layer;
+                            let digest = &h.layer_digests[l as usize];
+                            t.decode_layer(
+                                &h.meta,
+                                &h.geometry,
+                                l,
+                                digest,
+                                &avail[..span_len],
+                                coder,
+                                &mut self.raw,
+                            )?;
+                            out.write_all(&self.raw)?;
+                        }
+                        _ => {
+                            h.verify_layer(self.next_layer, &avail[..span_len])?;
+                            out.write_all(&avail[..span_len])?;
+                        }
+                    }
                     used += span_len;
                     self.next_layer += 1;
                 }

@@ -126,10 +126,25 @@ pub fn info(ctx: &Ctx, a: InfoArgs) -> Result<i32, CliError> {
     let namespaces = store.namespaces()?;
     let cap = store.capacity();
     let queue = crate::remote_tier::queue_summary(store.root());
+    // Raw bytes per namespace: every chunk of a namespace has the same shape, so one header
+    // gives the raw (decoded) size of all; a codec makes the stored bytes smaller.
+    let raw_bytes: Vec<Option<u64>> = namespaces
+        .iter()
+        .map(|ns| {
+            let first = store.chunks(&ns.dir).ok()?.first().copied()?;
+            let st = store.stat(&ns.dir, &first.0).ok()?;
+            Some(st.header.geometry.file_len * ns.chunks)
+        })
+        .collect();
     if a.json {
         let v = serde_json::json!({
             "cache_dir": store.root(),
             "namespaces": namespaces,
+            "raw_bytes": namespaces
+                .iter()
+                .zip(&raw_bytes)
+                .map(|(ns, r)| (ns.dir.clone(), *r))
+                .collect::<std::collections::BTreeMap<_, _>>(),
             "capacity": cap,
             "config": ctx.config,
             "upload_queue": {
@@ -167,9 +182,16 @@ pub fn info(ctx: &Ctx, a: InfoArgs) -> Result<i32, CliError> {
         ),
     }
     outln!("namespaces: {}", namespaces.len());
-    for ns in &namespaces {
+    for (ns, raw) in namespaces.iter().zip(&raw_bytes) {
+        let ratio = raw.map_or(String::new(), |r| {
+            format!(
+                " ({} raw, {:.2}x)",
+                human_bytes(r),
+                r as f64 / ns.bytes.max(1) as f64
+            )
+        });
         outln!(
-            "  {}\t{} chunks\t{}{}",
+            "  {}\t{} chunks\t{}{ratio}{}",
             ns.dir,
             ns.chunks,
             human_bytes(ns.bytes),

@@ -239,8 +239,11 @@ pub fn stat(ctx: &Ctx, a: StatArgs) -> Result<i32, CliError> {
             "heads": m.num_heads,
             "head_dim": m.head_dim,
             "group_tokens": m.group_tokens,
-            "header_len": g.header_len,
+            "header_len": st.header.header_len(),
             "size": st.len,
+            "codec": st.header.codec.name(),
+            "stored_bytes": st.len,
+            "raw_bytes": g.file_len,
             "payload_digest": hex(&st.header.payload_digest),
             "tier": st.tier,
             "priority": st.priority,
@@ -268,8 +271,15 @@ pub fn stat(ctx: &Ctx, a: StatArgs) -> Result<i32, CliError> {
         m.head_dim,
         m.group_tokens
     );
-    outln!("header length:  {}", g.header_len);
+    outln!("header length:  {}", st.header.header_len());
     outln!("size:           {} ({} bytes)", human_bytes(st.len), st.len);
+    outln!("codec:          {}", st.header.codec);
+    outln!(
+        "stored / raw:   {} / {} bytes ({:.2}x)",
+        st.len,
+        g.file_len,
+        g.file_len as f64 / st.len.max(1) as f64
+    );
     outln!("payload digest: {}", hex(&st.header.payload_digest));
     outln!("tier:           {}", st.tier);
     outln!("priority:       {}", st.priority);

@@ -7,6 +7,7 @@ use super::chunks::preset;
 use super::{CliError, Ctx};
 use crate::units::human_bytes;
 use clap::Args;
+use kvfs_loader::Codec;
 
 #[derive(Debug, Args)]
 pub struct SynthArgs {
@@ -23,10 +24,17 @@ pub struct SynthArgs {
     /// Tenant salt mixed into every key (empty: none).
     #[arg(long, default_value = "", value_name = "S")]
     pub salt: String,
+    /// How chunks are written: raw, lossless, fp8, kivi4, kivi2. A lossy codec is part of the
+    /// model spec, so its chunks go to a namespace of their own.
+    #[arg(long, default_value = "raw", value_name = "NAME")]
+    pub codec: String,
 }
 
 pub fn synth(ctx: &Ctx, a: SynthArgs) -> Result<i32, CliError> {
-    let spec = preset(&a.model)?;
+    let mut spec = preset(&a.model)?;
+    spec.codec = Codec::parse(&a.codec).map_err(|e| CliError::Usage(e.to_string()))?;
+    spec.validate()
+        .map_err(|e| CliError::Usage(format!("--codec {}: {e}", a.codec)))?;
     if a.tokens < spec.chunk_tokens as usize {
         return Err(CliError::Usage(format!(
             "--tokens {} is less than one chunk ({} tokens)",
@@ -66,6 +74,7 @@ pub fn synth(ctx: &Ctx, a: SynthArgs) -> Result<i32, CliError> {
     outln!("namespace: {}", store.root().join(&r.ns_dir).display());
     outln!("chunks: {} ({} new)", r.chunks, r.created);
     outln!("bytes: {} ({})", r.bytes, human_bytes(r.bytes));
+    outln!("codec: {}", spec.codec);
     outln!(
         "tokens: kvfs::synth::prompt_tokens(seed={}, n={}) = first {} SplitMix64 outputs of seed {} mod {}",
         a.seed,

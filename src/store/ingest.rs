@@ -94,7 +94,7 @@ impl Store {
         let header = &stream.header;
         check_ns_id(ns_dir, &header.meta.namespace)?;
         let key = header.key();
-        let len = header.geometry.file_len;
+        let len = header.file_len();
         let limit = self.capacity().limit_bytes;
         if len > limit {
             return Err(StoreError::NoSpace {

@@ -32,7 +32,7 @@ pub fn verify_payload_threads(
     let per = (layers as usize).div_ceil(threads) as u32;
     let check = |range: std::ops::Range<u32>| -> Result<(), FormatError> {
         for layer in range {
-            let span = header.geometry.layer_span(layer);
+            let span = header.layer_span(layer);
             header.verify_layer(layer, &bytes[span.start as usize..span.end as usize])?;
         }
         Ok(())

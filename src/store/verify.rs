@@ -110,7 +110,7 @@ impl Store {
         let header = ChunkHeader::read_from(&f)?;
         identity::check_identity(&header, ns, &key)?;
         header.verify_file_payload(&f)?;
-        Ok(header.geometry.file_len)
+        Ok(header.file_len())
     }
 
     pub(super) fn quarantine(&self, ns: &str, name: &str, path: &Path) -> Option<PathBuf> {

@@ -5,6 +5,8 @@
 //! through the thread's aligned buffer), and record progress and the first failure for the
 //! [`LoadHandle`](super::LoadHandle). See the parent module for how a job reads.
 
+mod decode;
+
 use super::{ChunkError, Dest, LoadHandle, LoadOrder, LoadRequest, LoadStats, Loader};
 use super::{LoaderError, LoaderOptions};
 use crate::backend::Backend;
@@ -294,6 +296,15 @@ impl LoadJob {
         }
         let planes = g.planes as usize;
         let needed: usize = ranges.iter().map(|r| (r.end - r.start) as usize).sum();
+        if let Some(t) = o.header.stored() {
+            let (placed, read) = self.read_coded_layer(o, t, pc, layer, &ranges, buf)?;
+            debug_assert!(placed <= needed * planes);
+            let tb = tb as u64;
+            self.bytes_needed
+                .fetch_add(placed as u64 * tb, Ordering::Relaxed);
+            self.bytes_read.fetch_add(read, Ordering::Relaxed);
+            return Ok(());
+        }
         let whole = ranges.len() == 1 && ranges[0] == (0..g.token_count);
         let host = self.backend.host_addressable();
         let map = self.map.as_map();

@@ -4,8 +4,9 @@
 //! result is the mount's verdict on the chunk.
 
 use super::{Dest, Loader, LoaderError};
+use crate::codec::Codec;
 use crate::dir::{self, Commit};
-use crate::format::{ChunkMeta, encode_chunk_with};
+use crate::format::{ChunkMeta, encode_chunk_coded, encode_chunk_with};
 use crate::identity::NAMESPACE_JSON;
 use crate::importance::Importance;
 use crate::layout::BlockMap;
@@ -110,7 +111,7 @@ impl Loader {
         let positions = at..at + meta.tokens.len();
         let mut runs = Vec::new();
         let mut copy_err = None;
-        let bytes = encode_chunk_with(meta, importance, |layer, plane, dst| {
+        let fill = |layer: u32, plane: u32, dst: &mut [u8]| {
             runs.clear();
             src.layout.runs(
                 &src.map,
@@ -132,7 +133,12 @@ impl Loader {
                     copy_err.get_or_insert(e);
                 }
             }
-        })
+        };
+        // A coded chunk (the spec's codec) carries no importance section.
+        let bytes = match self.spec.codec {
+            Codec::Raw => encode_chunk_with(meta, importance, fill),
+            codec => encode_chunk_coded(meta, codec, fill),
+        }
         .map_err(|e| LoaderError::Invalid(format!("cannot encode chunk: {e}")))?;
         let store_err = |source| LoaderError::Store {
             chunk: index,

@@ -1,0 +1,213 @@
+use super::*;
+
+fn shape(dtype: Dtype, plane: u32, tokens: usize) -> GroupShape {
+    GroupShape {
+        dtype,
+        plane,
+        keys_per_channel: true,
+        tokens,
+        heads: 3,
+        head_dim: 64,
+    }
+}
+
+/// KV-like values: a smooth per-channel offset (outlier channels) plus noise.
+fn values(n: usize, seed: u64) -> Vec<f32> {
+    let mut x = seed | 1;
+    (0..n)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            let noise = (x >> 11) as f32 / (1u64 << 53) as f32 - 0.5;
+            let ch = i % 192;
+            let outlier = if ch % 37 == 0 { 12.0 } else { 0.0 };
+            outlier + noise * 3.0
+        })
+        .collect()
+}
+
+fn raw_of(dtype: Dtype, v: &[f32]) -> Vec<u8> {
+    let mut out = vec![0u8; v.len() * dtype.size()];
+    from_f32(dtype, v, &mut out);
+    out
+}
+
+fn roundtrip(codec: Codec, s: &GroupShape, raw: &[u8]) -> (Vec<u8>, usize) {
+    let mut coder = Coder::new();
+    let mut stored = Vec::new();
+    coder.encode(codec, s, raw, &mut stored).unwrap();
+    let mut out = vec![0u8; raw.len()];
+    coder.decode(codec, s, &stored, &mut out).unwrap();
+    (out, stored.len())
+}
+
+#[test]
+fn lossless_is_bit_exact_for_every_dtype_and_odd_values() {
+    for dtype in [Dtype::Bf16, Dtype::F16, Dtype::F32] {
+        for tokens in [16, 5, 1] {
+            let s = shape(dtype, 1, tokens);
+            let mut v = values(s.elements(), 7);
+            v[0] = f32::NAN;
+            v[1] = f32::INFINITY;
+            v[2] = -0.0;
+            v[3] = 1e-40;
+            v[4] = f32::NEG_INFINITY;
+            let raw = raw_of(dtype, &v);
+            let (out, stored) = roundtrip(Codec::Lossless, &s, &raw);
+            assert_eq!(out, raw, "{dtype} {tokens}");
+            if tokens == 16 {
+                assert!(stored < raw.len(), "{dtype}: {stored} >= {}", raw.len());
+            }
+        }
+    }
+    // fp8 KV and incompressible bytes: stored as they are, still exact.
+    let s = shape(Dtype::Fp8E4m3, 0, 16);
+    let raw: Vec<u8> = (0..s.raw_len()).map(|i| (i * 7919 % 251) as u8).collect();
+    assert_eq!(roundtrip(Codec::Lossless, &s, &raw).0, raw);
+}
+
+#[test]
+fn e4m3_roundtrips_every_finite_byte() {
+    for b in 0..=255u8 {
+        if b & 0x7F == 0x7F {
+            assert!(fp8::e4m3_to_f32(b).is_nan());
+            continue;
+        }
+        let v = fp8::e4m3_to_f32(b);
+        let back = fp8::f32_to_e4m3(v);
+        // +0 and -0 are distinct bytes and round-trip as such.
+        assert_eq!(back, b, "byte {b:#04x} = {v}");
+    }
+    assert_eq!(fp8::e4m3_to_f32(0x7E), 448.0);
+    assert_eq!(fp8::f32_to_e4m3(1e9), 0x7E);
+    assert_eq!(fp8::f32_to_e4m3(-1e9), 0xFE);
+    // Ties go to even: 1 + 1/16 lies between 1 and 1.125.
+    assert_eq!(fp8::f32_to_e4m3(1.0625), fp8::f32_to_e4m3(1.0));
+}
+
+/// Largest error of the decoded values relative to each row's largest magnitude.
+fn worst_relative_error(codec: Codec, s: &GroupShape) -> f32 {
+    let v = values(s.elements(), 11);
+    let raw = raw_of(Dtype::F32, &v);
+    let (out, stored) = roundtrip(codec, s, &raw);
+    assert_eq!(Some(stored), codec.fixed_len(s));
+    let mut back = Vec::new();
+    to_f32(Dtype::F32, &out, &mut back);
+    let amax = v.iter().fold(0f32, |m, x| m.max(x.abs()));
+    v.iter()
+        .zip(&back)
+        .map(|(a, b)| (a - b).abs() / amax)
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn lossy_codecs_stay_within_their_step() {
+    for plane in [0, 1] {
+        let s = shape(Dtype::F32, plane, 16);
+        // e4m3: 3 mantissa bits, half a step is 1/16 relative.
+        assert!(worst_relative_error(Codec::Fp8, &s) <= 1.0 / 16.0);
+        // Integer codes: half a step of the range (~2 * amax at most).
+        assert!(worst_relative_error(Codec::Kivi4, &s) <= 2.0 / 15.0 / 2.0 * 1.01);
+        assert!(worst_relative_error(Codec::Kivi2, &s) <= 2.0 / 3.0 / 2.0 * 1.01);
+    }
+}
+
+#[test]
+fn lossy_codecs_are_smaller_by_their_nominal_ratio() {
+    let s = shape(Dtype::Bf16, 1, 16);
+    let raw = s.raw_len() as f64;
+    let ratio = |c: Codec| raw / c.fixed_len(&s).unwrap() as f64;
+    assert!(ratio(Codec::Fp8) > 1.96);
+    assert!(ratio(Codec::Kivi4) > 3.5);
+    assert!(ratio(Codec::Kivi2) > 6.0);
+}
+
+#[test]
+fn lossy_codecs_refuse_fp8_kv() {
+    let s = shape(Dtype::Fp8E4m3, 0, 16);
+    let raw = vec![0u8; s.raw_len()];
+    let err = Coder::new()
+        .encode(Codec::Kivi4, &s, &raw, &mut Vec::new())
+        .unwrap_err();
+    assert!(matches!(
+        err,
+        CodecError::Unsupported {
+            codec: Codec::Kivi4,
+            ..
+        }
+    ));
+}
+
+#[test]
+fn corrupt_groups_are_typed_errors() {
+    let s = shape(Dtype::Bf16, 0, 16);
+    let raw = raw_of(Dtype::Bf16, &values(s.elements(), 3));
+    let mut coder = Coder::new();
+    let mut stored = Vec::new();
+    coder
+        .encode(Codec::Lossless, &s, &raw, &mut stored)
+        .unwrap();
+    let mut out = vec![0u8; raw.len()];
+    // Truncated.
+    let err = coder
+        .decode(Codec::Lossless, &s, &stored[..stored.len() - 3], &mut out)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CodecError::Corrupt {
+                codec: Codec::Lossless,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // Trailing bytes.
+    let mut long = stored.clone();
+    long.push(0);
+    let err = coder
+        .decode(Codec::Lossless, &s, &long, &mut out)
+        .unwrap_err();
+    assert!(matches!(err, CodecError::Corrupt { .. }), "{err}");
+    // Decoded to another size: the same stream decoded with a shorter shape.
+    let short = shape(Dtype::Bf16, 0, 8);
+    let mut out_short = vec![0u8; short.raw_len()];
+    let err = coder
+        .decode(Codec::Lossless, &short, &stored, &mut out_short)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CodecError::DecodedSize { .. } | CodecError::Corrupt { .. }
+        ),
+        "{err}"
+    );
+    // A fixed-size codec given the wrong number of bytes.
+    let err = coder.decode(Codec::Fp8, &s, &stored, &mut out).unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CodecError::Corrupt {
+                codec: Codec::Fp8,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    // A destination of the wrong size.
+    let err = coder
+        .decode(Codec::Raw, &s, &raw, &mut out[..10])
+        .unwrap_err();
+    assert!(matches!(err, CodecError::DecodedSize { .. }), "{err}");
+}
+
+#[test]
+fn names_parse_and_unknown_names_are_errors() {
+    for c in Codec::ALL {
+        assert_eq!(Codec::parse(c.name()).unwrap(), c);
+        assert_eq!(Codec::from_u8(c as u8), Some(c));
+    }
+    assert!(matches!(Codec::parse("gzip"), Err(CodecError::UnknownName(n)) if n == "gzip"));
+    assert_eq!(Codec::from_u8(200), None);
+}

@@ -28,7 +28,9 @@ pub mod session;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use backend::{BackendError, Capacity, ChunkBackend, ChunkInfo, Committed, open_regular};
+pub use backend::{
+    BackendError, Capacity, ChunkBackend, ChunkInfo, Committed, FsOp, OpReport, open_regular,
+};
 pub use core::{FsError, KvFs};
 pub use fuse::FuseFs;
 pub use options::MountOptions;

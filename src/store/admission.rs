@@ -12,7 +12,7 @@
 //!
 //! Kept apart from the put path (mod.rs), which streams bytes it verifies itself.
 
-use super::{Store, StoreError, bump, check_ns};
+use super::{EvictReason, Store, StoreError, bump, check_ns};
 use crate::store::FsyncPolicy;
 use crate::store::disk::now_nanos;
 use kvfs_loader::ChunkKey;
@@ -42,7 +42,7 @@ impl Store {
         let fsync = inner.cfg.fsync == FsyncPolicy::Always;
         // Room first: NoSpace here costs nothing already held.
         let (reservation, victims) = inner.disk.reserve(len)?;
-        self.forget_victims(&victims);
+        self.forget_victims(&victims, EvictReason::Capacity);
         let outcome = dir::commit_link(src, &target, fsync).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOSPC) {
                 StoreError::NoSpace {
@@ -56,6 +56,9 @@ impl Store {
         // Indexed before the reservation is released, so the bytes are never unaccounted.
         inner.disk.index().insert(ns_dir, *key, len, now_nanos());
         drop(reservation);
+        if outcome == Commit::Created {
+            inner.metrics.committed(ns_dir, len);
+        }
         if outcome == Commit::Created
             && let Some(remote) = &inner.cfg.remote
         {

@@ -28,7 +28,8 @@
 //! `read` (the one memory → disk → remote fall-through, and get, read_at, stat, contains);
 //! `namespace` (namespace directories); `gc` (eviction on demand); `verify` (whole-cache
 //! verification and quarantine); `parallel` (payload checks across cores); `stats`
-//! (counters, capacity); [`disk`] and `memory` (the tiers); [`remote_seam`] (the remote
+//! (counters, capacity); `metrics` (the same as Prometheus metrics, by namespace, tier
+//! and reason); [`disk`] and `memory` (the tiers); [`remote_seam`] (the remote
 //! tier's trait). The identity check itself (key == name, namespace id == directory suffix)
 //! is kvfs-loader's [`identity::check_identity`].
 //!
@@ -44,6 +45,7 @@ mod error;
 mod gc;
 mod ingest;
 mod memory;
+mod metrics;
 mod namespace;
 mod parallel;
 mod put;
@@ -59,6 +61,7 @@ use kvfs_loader::identity;
 use kvfs_loader::spec::validate_namespace_dir;
 use kvfs_loader::{ChunkKey, FormatError, NamespaceId};
 use memory::MemoryTier;
+use metrics::StoreMetrics;
 use stats::{Counters, bump};
 use std::fs;
 use std::io;
@@ -69,6 +72,7 @@ use std::time::Duration;
 pub use error::StoreError;
 pub use gc::GcReport;
 pub use ingest::ChunkStream;
+pub use metrics::EvictReason;
 pub use namespace::NamespaceInfo;
 pub use parallel::{verify_payload_parallel, verify_payload_threads};
 pub use put::PutOutcome;
@@ -88,6 +92,7 @@ struct Inner {
     disk: DiskTier,
     memory: MemoryTier,
     counters: Counters,
+    metrics: StoreMetrics,
 }
 
 /// The tiered chunk store. See the module docs.
@@ -157,6 +162,7 @@ impl Store {
                 disk,
                 memory,
                 counters: Counters::default(),
+                metrics: StoreMetrics::default(),
             }),
         })
     }

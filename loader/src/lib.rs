@@ -8,6 +8,7 @@
 //! - [`layout`]: an engine's paged KV memory as base pointers and strides;
 //! - [`loader`]: lookup, load (layer-wise, selective) and store between chunks and blocks,
 //!   over [`io`] (O_DIRECT, aligned buffers, reader threads) and a [`backend`] (host memory);
+//! - [`metrics`]: this process's lookup, load and store counters and latency histograms;
 //! - [`selective`]: which token groups of which layer a selective load reads;
 //! - [`ffi`]: the C ABI (`include/kvfs.h`).
 //!
@@ -27,6 +28,7 @@ pub mod io;
 pub mod key;
 pub mod layout;
 pub mod loader;
+pub mod metrics;
 pub mod selective;
 pub mod spec;
 

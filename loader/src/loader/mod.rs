@@ -281,6 +281,7 @@ impl Loader {
                 _ => break,
             }
         }
+        crate::metrics::global().lookup(tokens.len(), hit);
         hit
     }
 }

@@ -108,6 +108,7 @@ impl Loader {
             }
         }
         tracing::debug!(?stats, "store finished");
+        crate::metrics::global().stored(&stats);
         Ok(stats)
     }
 

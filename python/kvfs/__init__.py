@@ -26,6 +26,7 @@ from ._native import (
     ModelSpec,
     SpecError,
     StoreError,
+    loader_metrics,
 )
 
 __all__ = [
@@ -41,6 +42,7 @@ __all__ = [
     "SpecError",
     "StoreError",
     "layout_from_views",
+    "loader_metrics",
 ]
 
 _DTYPES = {

@@ -342,3 +342,79 @@ fn bad_metrics_addresses_are_refused_with_clear_errors() {
     assert_eq!(o.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&o.stderr).contains("cannot reach the metrics endpoint"));
 }
+
+/// Every metric the daemon exports (store, S3 tier with its queue, mount) is in
+/// docs/METRICS.md, and the Grafana dashboard queries only documented metrics.
+#[test]
+fn every_metric_is_documented_and_the_dashboard_names_only_real_ones() {
+    let t = S3Target::new();
+    let d = tempfile::tempdir().unwrap();
+    kvfs::store::prepare_root(d.path(), Default::default()).unwrap();
+    let remote = Arc::new(Remote::open(t.config(), Some(d.path())).unwrap());
+    let mut sc = StoreConfig::new(d.path());
+    sc.remote = Some(Arc::new(S3Tier::new(remote, Duration::from_secs(30))));
+    let store = Store::open(sc).unwrap();
+    let backend = kvfs::mount::StoreBackend::new(store.clone());
+    let mut registry = kvfs::metrics::registry();
+    backend.register_metrics(&mut registry);
+    // Traffic, so that every family has a series: a miss (and its S3 GET), a put, a hit, a
+    // gc, a FUSE request.
+    let spec = ModelSpec::preset("tiny").unwrap();
+    let ns = spec.namespace_dir();
+    let (key, bytes) = chunk(&spec, 0);
+    assert!(store.get(&ns, &ChunkKey([9; 32])).is_err());
+    store.create_namespace(&ns, Some(&spec)).unwrap();
+    store.put(&ns, &bytes).unwrap();
+    store.get(&ns, &key).unwrap();
+    store.gc().unwrap();
+    kvfs_fs::ChunkBackend::observe_op(
+        &backend,
+        &kvfs_fs::OpReport {
+            op: kvfs_fs::FsOp::Read,
+            elapsed: Duration::from_micros(50),
+            ok: true,
+            bytes: 4096,
+        },
+    );
+    let text = kvfs::metrics::encode(&registry);
+    let exported: HashSet<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("# TYPE "))
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(exported.len() >= 25, "{exported:?}");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let doc = std::fs::read_to_string(root.join("docs/METRICS.md")).unwrap();
+    let documented: HashSet<String> = doc
+        .split('`')
+        .skip(1)
+        .step_by(2)
+        .filter(|s| {
+            s.starts_with("kvfs_") && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
+        })
+        .map(str::to_string)
+        .collect();
+    for f in &exported {
+        assert!(documented.contains(*f), "{f} is not in docs/METRICS.md");
+    }
+    let dash = std::fs::read_to_string(root.join("docs/grafana-dashboard.json")).unwrap();
+    let json: serde_json::Value = serde_json::from_str(&dash).expect("the dashboard is JSON");
+    assert!(json["panels"].as_array().is_some_and(|p| p.len() > 10));
+    let mut used = 0;
+    for (i, _) in dash.match_indices("kvfs_") {
+        if dash[..i].ends_with("vllm:") {
+            continue; // the connector's, tested in python/tests/test_stats.py
+        }
+        let name: String = dash[i..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        let base = name.strip_suffix("_bucket").unwrap_or(&name);
+        assert!(
+            documented.contains(base),
+            "the dashboard queries {name}, which is not a kvfs metric"
+        );
+        used += 1;
+    }
+    assert!(used >= 20, "{used}");
+}

@@ -21,9 +21,10 @@
 //! `stats.json`; reads that do (no passthrough, or chunks that are not local) are counted by
 //! the store when it serves them.
 
-use crate::metrics::fs::FsMetrics;
 use crate::store::{Store, StoreError, Tier};
-use kvfs_fs::{BackendError, Capacity, ChunkBackend, ChunkInfo, Committed, OpReport, open_regular};
+use kvfs_fs::{
+    BackendError, Capacity, ChunkBackend, ChunkInfo, Committed, FsMetrics, OpReport, open_regular,
+};
 use kvfs_loader::dir::Commit;
 use kvfs_loader::{ChunkHeader, ChunkKey, FormatError};
 use std::fs::File;

@@ -10,6 +10,8 @@
 //! - [`session`]: mount point checks, [`mount`] / [`spawn`] / [`unmount`].
 //! - [`incoming`]: files being written, checked in full when the writer is done.
 //! - [`inode`]: inode numbers of namespaces and chunks.
+//! - [`metrics`]: FUSE operations by kind, outcome and latency ([`FsMetrics`]), for a
+//!   backend to count what `observe_op` reports.
 //! - [`options`]: how a mount behaves ([`MountOptions`]).
 //! - `testing` (feature `testing`): an in-memory backend, a fault-injecting wrapper, and the
 //!   conformance suite every [`ChunkBackend`] must pass.
@@ -23,6 +25,7 @@ pub mod core;
 pub mod fuse;
 pub mod incoming;
 pub mod inode;
+pub mod metrics;
 pub mod options;
 pub mod session;
 #[cfg(any(test, feature = "testing"))]
@@ -33,5 +36,6 @@ pub use backend::{
 };
 pub use core::{FsError, KvFs};
 pub use fuse::FuseFs;
+pub use metrics::FsMetrics;
 pub use options::MountOptions;
 pub use session::{MountError, is_mount_point, mount, prepare_mountpoint, spawn, unmount};

@@ -18,8 +18,8 @@
 //! - the S3 tier (`kvfs_remote::metrics`, through the store's `RemoteTier` seam): requests by
 //!   operation and outcome with latency, fetch and upload results, negative-cache hits, the
 //!   upload queue's depth and oldest age;
-//! - the mount ([`fs::FsMetrics`], fed by kvfs-fs's `ChunkBackend::observe_op` hook): FUSE
-//!   operations by kind and outcome, with latency.
+//! - the mount (`kvfs_fs::FsMetrics`, which `crate::mount::StoreBackend` feeds from kvfs-fs's
+//!   `ChunkBackend::observe_op` hook): FUSE operations by kind and outcome, with latency.
 //!
 //! [`serve`] answers `GET /metrics` on a thread of its own; [`scrape`] is the client `kvfs
 //! status` uses. This module is a leaf: it uses nothing else of the crate.
@@ -31,7 +31,6 @@
 //! loader's engines usually serve a handful of models, so the bound is rarely reached; when
 //! it is, the totals stay right and only the split is coarser.
 
-pub mod fs;
 pub mod scrape;
 pub mod serve;
 

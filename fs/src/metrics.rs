@@ -1,11 +1,15 @@
-//! FUSE operations by kind and outcome, with latency, and the bytes reads and writes moved:
-//! what kvfs-fs reports through `ChunkBackend::observe_op` for every request it answers.
+//! FUSE operations by kind and outcome, with latency, and the bytes reads and writes moved,
+//! as Prometheus metrics: what the file system reports through
+//! [`ChunkBackend::observe_op`](crate::ChunkBackend::observe_op) for every request it
+//! answers. A backend that wants them (the daemon's) holds an [`FsMetrics`], forwards each
+//! report to [`FsMetrics::observe`] and registers it where its metrics are served; this
+//! crate serves nothing.
 //!
 //! Requests served by FUSE passthrough (reads of chunks on local disk, Linux 6.9+) never
 //! reach the daemon, so they are not counted here: the `read` series then counts only reads
 //! of chunks that are not local or of status files.
 
-use kvfs_fs::{FsOp, OpReport};
+use crate::backend::{FsOp, OpReport};
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;

@@ -150,6 +150,11 @@ impl ChunkBackend for StoreBackend {
         self.store.chunks(ns).map_err(to_backend)
     }
 
+    /// One fan-out directory: a listing page costs a 1/256th of the namespace.
+    fn chunk_page(&self, ns: &str, page: u8) -> Result<Vec<ChunkKey>, BackendError> {
+        self.store.chunk_page(ns, page).map_err(to_backend)
+    }
+
     /// The disk tier's file metadata when it has the chunk (no header read: `find` over
     /// 100,000 chunks must not read 100,000 headers); the store's `stat` otherwise (a chunk
     /// only in memory, or only remote, which it fetches). Each call (the kernel's lookup or

@@ -383,3 +383,42 @@ fn flags_override_env_override_config_file() {
     c.args(["--capacity", "12 parsecs", "info"]);
     assert_eq!(run(c).code(), 2);
 }
+
+/// `kvfs stat` tells a position-independent (format v2) chunk from a prefix chunk and shows
+/// its original start position.
+#[test]
+fn stat_shows_the_chunk_kind() {
+    let d = tempfile::tempdir().unwrap();
+    let spec = tiny();
+    let meta = kvfs_loader::ChunkMeta::independent(&spec, SaltTag::NONE, (5..45).collect(), 300);
+    let bytes = kvfs_loader::encode_chunk(&meta, |l, p, dst| {
+        kvfs_loader::format::synth_fill(&meta.key, l, p, dst)
+    })
+    .unwrap();
+    let mut c = kvfs(d.path());
+    c.args(["put", "--model", "tiny", "-"]);
+    run_with_stdin(c, &bytes).ok();
+    let key = meta.key.to_hex();
+    let mut c = kvfs(d.path());
+    c.args(["stat", &key]);
+    let st = run(c).ok().stdout();
+    assert!(
+        st.contains("kind:           independent, original start position 300 (format v2)"),
+        "{st}"
+    );
+    assert!(st.contains("parent:         none"), "{st}");
+    let mut c = kvfs(d.path());
+    c.args(["stat", "--json", &key]);
+    let j: serde_json::Value = serde_json::from_str(&run(c).ok().stdout()).unwrap();
+    assert_eq!(j["kind"], "independent");
+    assert_eq!(j["origin"], 300);
+    assert_eq!(j["version"], 2);
+    // A prefix chunk says so.
+    synth(d.path(), 256, &[]);
+    let tokens = kvfs::synth::prompt_tokens(0, 256);
+    let refs = chunk_keys(&spec.namespace_id(), &SaltTag::NONE, 256, &tokens);
+    let mut c = kvfs(d.path());
+    c.args(["stat", &refs[0].key.to_hex()]);
+    let st = run(c).ok().stdout();
+    assert!(st.contains("kind:           prefix (format v1)"), "{st}");
+}

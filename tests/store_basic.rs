@@ -261,7 +261,7 @@ fn priority_outranks_recency() {
 }
 
 #[test]
-fn rescan_takes_recency_from_file_times() {
+fn a_rebuilt_index_takes_recency_from_file_times() {
     let d = tempfile::tempdir().unwrap();
     let ns = ns();
     let cs = chunks(4, 8);
@@ -280,7 +280,10 @@ fn rescan_takes_recency_from_file_times() {
         f.set_times(fs::FileTimes::new().set_accessed(old).set_modified(old))
             .unwrap();
     }
+    // The index is lost: the rebuild (a background pass) reads recency from the files.
+    fs::remove_file(d.path().join(".kvfs-index.sqlite")).unwrap();
     let store = bounded(d.path(), 3, len);
+    store.wait_for_index();
     store.put(&ns, &cs[3].1).unwrap();
     assert!(!store.contains(&ns, &cs[2].0), "the oldest file went first");
     assert!(store.contains(&ns, &cs[0].0) && store.contains(&ns, &cs[1].0));

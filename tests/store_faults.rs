@@ -28,7 +28,8 @@ fn cfg(root: &Path) -> StoreConfig {
     c
 }
 
-/// Every regular file under `root` (relative paths), for "nothing else became visible".
+/// Every regular file under `root` (relative paths) but the store's own index
+/// (`.kvfs-index.sqlite` and its journal), for "nothing else became visible".
 fn files(root: &Path) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let mut stack = vec![root.to_path_buf()];
@@ -38,7 +39,11 @@ fn files(root: &Path) -> Vec<PathBuf> {
             let e = e.unwrap();
             if e.file_type().unwrap().is_dir() {
                 stack.push(e.path());
-            } else {
+            } else if !e
+                .file_name()
+                .to_string_lossy()
+                .starts_with(".kvfs-index.sqlite")
+            {
                 out.push(e.path().strip_prefix(root).unwrap().to_path_buf());
             }
         }
@@ -512,4 +517,38 @@ fn min_free_is_enforced_before_writing() {
         store.put(&ns, &b),
         Err(StoreError::NoSpace { .. })
     ));
+}
+
+#[test]
+fn a_cache_on_a_read_only_file_system_still_serves_reads() {
+    let Some(t) = Tmpfs::mount("8m") else { return };
+    let root = t.path().join("cache");
+    let ns = tiny().namespace_dir();
+    let cs: Vec<_> = (0..3).map(|i| chunk_of(&tiny(), 500 + i)).collect();
+    {
+        let store = Store::open(cfg(&root)).unwrap();
+        for (_, b) in &cs {
+            store.put(&ns, b).unwrap();
+        }
+    }
+    let ro = Command::new("mount")
+        .args(["-o", "remount,ro"])
+        .arg(t.path())
+        .status()
+        .unwrap();
+    assert!(ro.success(), "remount read-only");
+    // The index cannot be written here: reads go on without it.
+    let store = Store::open(cfg(&root)).unwrap();
+    for (k, b) in &cs {
+        assert!(
+            store.get(&ns, k).unwrap() == b[..],
+            "served from a read-only cache"
+        );
+        assert!(store.contains(&ns, k));
+    }
+    let (_, extra) = chunk_of(&tiny(), 600);
+    assert!(
+        store.put(&ns, &extra).is_err(),
+        "a put fails, as the file system says"
+    );
 }

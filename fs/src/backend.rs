@@ -231,6 +231,20 @@ pub trait ChunkBackend: Send + Sync + 'static {
     /// Keys and sizes of the chunks of a namespace, in any order.
     fn chunks(&self, ns: &str) -> Result<Vec<(ChunkKey, u64)>, BackendError>;
 
+    /// The keys of the chunks of `ns` whose first byte is `page`, sorted: one page of a
+    /// streamed directory listing ([`crate::listing`]). The default filters [`Self::chunks`];
+    /// a backend with a key-sharded layout lists one shard.
+    fn chunk_page(&self, ns: &str, page: u8) -> Result<Vec<ChunkKey>, BackendError> {
+        let mut keys: Vec<ChunkKey> = self
+            .chunks(ns)?
+            .into_iter()
+            .map(|(k, _)| k)
+            .filter(|k| k.0[0] == page)
+            .collect();
+        keys.sort_unstable();
+        Ok(keys)
+    }
+
     /// The chunk under `key`, or `None` when no tier has it. An implementation may fetch a
     /// chunk that is only remote here, so that a following open finds it local.
     fn stat(&self, ns: &str, key: &ChunkKey) -> Result<Option<ChunkInfo>, BackendError>;

@@ -51,6 +51,7 @@ use crate::inode::{
     Inodes, MOUNT_INFO_FILE, MOUNT_INFO_INO, Node, ROOT_INO, STATS_FILE, STATS_INO, STATUS_DIR,
     STATUS_DIR_INO,
 };
+use crate::listing::{ChunkListing, Listed};
 use crate::options::MountOptions;
 use fuser::{FileAttr, FileType, INodeNo};
 use kvfs_loader::{ChunkKey, FormatError};
@@ -188,8 +189,11 @@ enum Handle {
     Status(Vec<u8>),
     /// A new chunk being written.
     Write(Mutex<Incoming>),
-    /// A directory listing as of the opendir.
+    /// A directory listing as of the opendir (the root and the status directory: a few
+    /// entries).
     Dir(Arc<Vec<DirEntry>>),
+    /// A namespace directory, listed a page at a time as READDIRs come ([`ChunkListing`]).
+    Chunks(ChunkListing),
 }
 
 /// Counters shown in `/.kvfs/mount.json`.
@@ -764,7 +768,7 @@ impl KvFs {
             }),
             // A file being written is write-only until it is committed.
             Handle::Write(_) => f(Err(FsError::BadHandle)),
-            Handle::Dir(_) => f(Err(FsError::IsADirectory)),
+            Handle::Dir(_) | Handle::Chunks(_) => f(Err(FsError::IsADirectory)),
         }
     }
 
@@ -848,16 +852,55 @@ impl KvFs {
         }
     }
 
-    /// Lists a directory as of now (OPENDIR).
+    /// Opens a directory (OPENDIR): the root and the status directory are listed now; a
+    /// namespace is listed a page at a time by [`KvFs::dir_entries`].
     pub fn opendir(&self, ino: u64) -> Result<u64, FsError> {
+        if let Some(Node::Namespace(ns)) = self.inodes.get(ino) {
+            if !self.backend.namespace_exists(&ns)? {
+                return Err(FsError::NotFound);
+            }
+            return Ok(self.add_handle(Handle::Chunks(ChunkListing::new(ns))));
+        }
         let entries = self.list_dir(ino)?;
         Ok(self.add_handle(Handle::Dir(Arc::new(entries))))
     }
 
-    /// The listing taken by [`KvFs::opendir`] (READDIR, READDIRPLUS).
-    pub fn dir_entries(&self, fh: u64) -> Result<Arc<Vec<DirEntry>>, FsError> {
-        match &*self.handle(fh)? {
-            Handle::Dir(entries) => Ok(entries.clone()),
+    /// The entries of an open directory after READDIR cookie `offset`, each with its own
+    /// cookie; empty at the end. A namespace gives one page (see [`crate::listing`]).
+    pub fn dir_entries(&self, fh: u64, offset: u64) -> Result<Vec<(u64, DirEntry)>, FsError> {
+        let handle = self.handle(fh)?;
+        match &*handle {
+            Handle::Dir(entries) => Ok(entries
+                .iter()
+                .enumerate()
+                .skip(offset as usize)
+                .map(|(i, e)| (i as u64 + 1, e.clone()))
+                .collect()),
+            Handle::Chunks(listing) => {
+                let ns = listing.namespace().clone();
+                let (ns_ino, _) = self.inodes.namespace(&ns);
+                let dir = |ino, name: &str| DirEntry {
+                    ino,
+                    kind: FileType::Directory,
+                    name: name.to_string(),
+                };
+                Ok(listing
+                    .after(self.backend.as_ref(), offset)?
+                    .into_iter()
+                    .map(|(cookie, l)| {
+                        let e = match l {
+                            Listed::Dot => dir(ns_ino, "."),
+                            Listed::DotDot => dir(ROOT_INO, ".."),
+                            Listed::Chunk(key) => DirEntry {
+                                ino: self.inodes.chunk(&ns, &key),
+                                kind: FileType::RegularFile,
+                                name: key.file_name(),
+                            },
+                        };
+                        (cookie, e)
+                    })
+                    .collect())
+            }
             _ => Err(FsError::NotADirectory),
         }
     }
@@ -893,15 +936,10 @@ impl KvFs {
                 out.push(e(STATS_INO, FileType::RegularFile, STATS_FILE));
                 out.push(e(MOUNT_INFO_INO, FileType::RegularFile, MOUNT_INFO_FILE));
             }
-            Node::Namespace(ns) => {
-                let mut chunks = self.backend.chunks(&ns)?;
-                chunks.sort_unstable();
-                for (key, _) in chunks {
-                    let i = self.inodes.chunk(&ns, &key);
-                    out.push(e(i, FileType::RegularFile, &key.file_name()));
-                }
+            // Listed a page at a time (`Handle::Chunks`), never whole.
+            Node::Namespace(_) | Node::StatusFile(_) | Node::Chunk { .. } => {
+                return Err(FsError::NotADirectory);
             }
-            Node::StatusFile(_) | Node::Chunk { .. } => return Err(FsError::NotADirectory),
         }
         Ok(out)
     }
@@ -1135,10 +1173,10 @@ mod tests {
         f.backend.inner.insert(&ns, key, bytes.clone());
         let root = f.fs.opendir(ROOT_INO).unwrap();
         let names: Vec<String> =
-            f.fs.dir_entries(root)
+            f.fs.dir_entries(root, 0)
                 .unwrap()
                 .iter()
-                .map(|e| e.name.clone())
+                .map(|e| e.1.name.clone())
                 .collect();
         assert_eq!(names, [".", "..", STATUS_DIR, ns.as_str()]);
         f.fs.releasedir(root);
@@ -1149,9 +1187,10 @@ mod tests {
         assert_eq!(e.attr.perm, 0o444 & !0o022);
         assert_eq!(e.ttl, CHUNK_TTL);
         let listing = f.fs.opendir(ns_ino).unwrap();
-        let entries = f.fs.dir_entries(listing).unwrap();
+        let entries = f.fs.dir_entries(listing, 0).unwrap();
         assert_eq!(entries.len(), 3);
-        assert_eq!(entries[2].name, key.file_name());
+        assert_eq!(entries[2].1.name, key.file_name());
+        assert!(f.fs.dir_entries(listing, entries[2].0).unwrap().is_empty());
 
         let o = f.open_read(e.attr.ino.0).unwrap();
         assert_eq!(o.mode, OpenMode::KeepCache);

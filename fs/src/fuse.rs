@@ -407,12 +407,12 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.op(FsOp::Readdir, || self.core.dir_entries(fh.0)) {
+        let entries = match self.op(FsOp::Readdir, || self.core.dir_entries(fh.0, offset)) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
         };
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(e.ino), i as u64 + 1, e.kind, &e.name) {
+        for (cookie, e) in &entries {
+            if reply.add(INodeNo(e.ino), *cookie, e.kind, &e.name) {
                 break;
             }
         }
@@ -429,25 +429,39 @@ impl Filesystem for FuseFs {
     ) {
         // Names with attributes: `ls -l`, `find -printf %s` and friends then need no LOOKUP
         // round trip per entry.
-        let entries = match self.op(FsOp::Readdir, || self.core.dir_entries(fh.0)) {
-            Ok(e) => e,
-            Err(e) => return reply.error(errno(&e)),
-        };
-        for (i, e) in entries.iter().enumerate().skip(offset as usize) {
-            // An entry gone since the opendir (evicted) is skipped.
-            let Ok(a) = self.core.getattr(e.ino) else {
-                continue;
+        let mut offset = offset;
+        loop {
+            let entries = match self.op(FsOp::Readdir, || self.core.dir_entries(fh.0, offset)) {
+                Ok(e) => e,
+                Err(e) => return reply.error(errno(&e)),
             };
-            if reply.add(
-                INodeNo(e.ino),
-                i as u64 + 1,
-                &e.name,
-                &a.ttl,
-                &a.attr,
-                Generation(0),
-            ) {
+            let Some((last, _)) = entries.last() else {
+                break; // the end
+            };
+            let mut added = false;
+            for (cookie, e) in &entries {
+                // An entry gone since it was listed (evicted) is skipped.
+                let Ok(a) = self.core.getattr(e.ino) else {
+                    continue;
+                };
+                if reply.add(
+                    INodeNo(e.ino),
+                    *cookie,
+                    &e.name,
+                    &a.ttl,
+                    &a.attr,
+                    Generation(0),
+                ) {
+                    return reply.ok();
+                }
+                added = true;
+            }
+            // An empty reply means "end of directory": when every entry of this batch was
+            // gone, go on with the next.
+            if added {
                 break;
             }
+            offset = *last;
         }
         reply.ok()
     }

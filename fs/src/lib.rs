@@ -25,6 +25,7 @@ pub mod core;
 pub mod fuse;
 pub mod incoming;
 pub mod inode;
+pub mod listing;
 pub mod metrics;
 pub mod options;
 pub mod session;

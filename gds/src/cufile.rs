@@ -221,6 +221,11 @@ fn check(op: &'static str, e: CuFileError) -> Result<()> {
 #[derive(Debug)]
 pub struct FileHandle(pub(crate) *mut c_void);
 
+// SAFETY: a cuFile handle is an opaque token owned by this value alone; cuFile's API is
+// thread-safe and takes handles from any thread (the GDS engine, and with it a GpuLoader,
+// may be moved to a loading thread).
+unsafe impl Send for FileHandle {}
+
 /// A batch I/O context.
 #[derive(Debug)]
 pub struct BatchHandle(*mut c_void);

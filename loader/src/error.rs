@@ -13,7 +13,9 @@ pub enum FormatError {
     Truncated { needed: u64, have: u64 },
     #[error("not a kvfs chunk: bad magic {found:02x?}")]
     BadMagic { found: [u8; 8] },
-    #[error("unsupported chunk format version {found} (this build reads version {supported})")]
+    #[error(
+        "unsupported chunk format version {found} (this build reads versions 1 to {supported})"
+    )]
     UnsupportedVersion { found: u16, supported: u16 },
     #[error("chunk header checksum mismatch (header is corrupt)")]
     HeaderChecksum,

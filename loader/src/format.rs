@@ -32,8 +32,11 @@ use std::os::unix::fs::FileExt;
 
 /// First 8 bytes of every chunk file.
 pub const MAGIC: [u8; 8] = *b"KVFSCHNK";
-/// Format version this build writes and reads.
-pub const VERSION: u16 = 1;
+/// Newest format version this build writes and reads. A chunk that uses no version-2 feature
+/// is still written as [`VERSION_1`], so caches, keys and golden bytes of version 1 stay valid.
+pub const VERSION: u16 = 2;
+/// The first format version: prefix-chained chunks only.
+pub const VERSION_1: u16 = 1;
 /// Alignment of the header end, of every extent and of the file end: the O_DIRECT and cuFile
 /// granularity on every NVMe device and file system kvfs targets.
 pub const ALIGN: u64 = 4096;
@@ -53,6 +56,12 @@ pub const MAX_HEADER_LEN: u64 = align_up(
 );
 
 const FLAG_HAS_PARENT: u32 = 1;
+/// Version 2: a position-independent chunk (no parent, its own key derivation); the u32 at
+/// offset 44 is its original start position.
+pub const FLAG_INDEPENDENT: u32 = 1 << 1;
+/// Flag bits this build knows, per version.
+const FLAGS_V1: u32 = FLAG_HAS_PARENT;
+const FLAGS_V2: u32 = FLAG_HAS_PARENT | FLAG_INDEPENDENT;
 const PAYLOAD_CONTEXT: &str = "kvfs 2026-11 payload v1";
 
 // Offsets of the fixed header fields (see docs/FORMAT.md).
@@ -67,7 +76,9 @@ const OFF_HEADS: usize = 28;
 const OFF_HEAD_DIM: usize = 32;
 const OFF_TOKENS: usize = 36;
 const OFF_GROUP: usize = 40;
-const OFF_RESERVED: usize = 44;
+/// Reserved (zero) in version 1; in version 2 the original start position of an independent
+/// chunk (zero for other chunks).
+const OFF_ORIGIN: usize = 44;
 const OFF_FILE_LEN: usize = 48;
 const OFF_NAMESPACE: usize = 56;
 const OFF_KEY: usize = 88;
@@ -97,6 +108,10 @@ pub struct ChunkMeta {
     pub head_dim: u32,
     pub group_tokens: u32,
     pub tokens: Vec<u32>,
+    /// `Some(p)`: a position-independent chunk (format v2, [`FLAG_INDEPENDENT`]) whose KV was
+    /// computed at positions `p..p + tokens.len()`; its key has no parent
+    /// ([`ChunkKey::derive_independent`]). `None`: a prefix-chained chunk.
+    pub origin: Option<u32>,
 }
 
 impl ChunkMeta {
@@ -121,17 +136,44 @@ impl ChunkMeta {
             head_dim: spec.head_dim,
             group_tokens: spec.group_tokens,
             tokens,
+            origin: None,
         }
+    }
+
+    /// Meta of a position-independent chunk holding `tokens`, computed at positions
+    /// `origin..`, under `spec`, with its key derived.
+    pub fn independent(
+        spec: &ModelSpec,
+        salt: SaltTag,
+        tokens: Vec<u32>,
+        origin: u32,
+    ) -> ChunkMeta {
+        let mut meta = ChunkMeta::for_spec(spec, None, salt, tokens);
+        meta.origin = Some(origin);
+        meta.key = meta.computed_key();
+        meta
     }
 
     /// The key these fields imply.
     pub fn computed_key(&self) -> ChunkKey {
+        if self.origin.is_some() {
+            return ChunkKey::derive_independent(&self.namespace, &self.salt, &self.tokens);
+        }
         ChunkKey::derive(
             &self.namespace,
             self.parent.as_ref(),
             &self.salt,
             &self.tokens,
         )
+    }
+
+    /// The format version this chunk is written in: 1 unless it uses a version-2 feature.
+    pub fn version(&self) -> u16 {
+        if self.origin.is_some() {
+            VERSION
+        } else {
+            VERSION_1
+        }
     }
 
     pub fn geometry(&self) -> Result<Geometry, FormatError> {
@@ -165,6 +207,12 @@ impl ChunkMeta {
         }
         if self.group_tokens == 0 {
             return Err(FormatError::field("group_tokens", "must be positive"));
+        }
+        if self.origin.is_some() && self.parent.is_some() {
+            return Err(FormatError::field(
+                "flags",
+                "an independent chunk has no parent",
+            ));
         }
         Ok(())
     }
@@ -342,7 +390,7 @@ impl ChunkHeader {
             });
         }
         let version = le_u16(prefix, OFF_VERSION);
-        if version != VERSION {
+        if !(VERSION_1..=VERSION).contains(&version) {
             return Err(FormatError::UnsupportedVersion {
                 found: version,
                 supported: VERSION,
@@ -386,11 +434,23 @@ impl ChunkHeader {
         let dtype = Dtype::from_u8(h[OFF_DTYPE]).ok_or_else(|| {
             FormatError::field("dtype", format!("unknown value {}", h[OFF_DTYPE]))
         })?;
+        let version = le_u16(h, OFF_VERSION);
         let flags = le_u32(h, OFF_FLAGS);
-        if flags & !FLAG_HAS_PARENT != 0 {
+        let known = if version == VERSION_1 {
+            FLAGS_V1
+        } else {
+            FLAGS_V2
+        };
+        if flags & !known != 0 {
             return Err(FormatError::field(
                 "flags",
-                format!("unknown bits {flags:#x}"),
+                format!("unknown bits {flags:#x} for version {version}"),
+            ));
+        }
+        if flags & FLAG_INDEPENDENT != 0 && flags & FLAG_HAS_PARENT != 0 {
+            return Err(FormatError::field(
+                "flags",
+                "an independent chunk has no parent",
             ));
         }
         if h[OFF_CODEC] != Codec::Raw as u8 {
@@ -399,7 +459,10 @@ impl ChunkHeader {
                 format!("unknown value {}", h[OFF_CODEC]),
             ));
         }
-        if h[OFF_CODEC + 1..OFF_LAYERS] != [0, 0, 0] || le_u32(h, OFF_RESERVED) != 0 {
+        let origin = (flags & FLAG_INDEPENDENT != 0).then(|| le_u32(h, OFF_ORIGIN));
+        if h[OFF_CODEC + 1..OFF_LAYERS] != [0, 0, 0]
+            || (origin.is_none() && le_u32(h, OFF_ORIGIN) != 0)
+        {
             return Err(FormatError::field("reserved", "must be zero"));
         }
         let token_count = le_u32(h, OFF_TOKENS);
@@ -443,7 +506,17 @@ impl ChunkHeader {
             head_dim: le_u32(h, OFF_HEAD_DIM),
             group_tokens: le_u32(h, OFF_GROUP),
             tokens,
+            origin,
         };
+        if meta.version() != version {
+            return Err(FormatError::field(
+                "version",
+                format!(
+                    "{version}, but the chunk's features need version {}",
+                    meta.version()
+                ),
+            ));
+        }
         let geometry = meta.geometry()?;
         if geometry.header_len != header_len {
             return Err(FormatError::field(
@@ -730,14 +803,14 @@ fn write_header(
     }
     head.fill(0);
     head[..8].copy_from_slice(&MAGIC);
-    head[OFF_VERSION..OFF_VERSION + 2].copy_from_slice(&VERSION.to_le_bytes());
+    head[OFF_VERSION..OFF_VERSION + 2].copy_from_slice(&meta.version().to_le_bytes());
     head[OFF_KV_KIND] = meta.kv_kind as u8;
     head[OFF_DTYPE] = meta.dtype as u8;
     head[OFF_HEADER_LEN..OFF_HEADER_LEN + 4].copy_from_slice(&(g.header_len as u32).to_le_bytes());
-    let flags = if meta.parent.is_some() {
-        FLAG_HAS_PARENT
-    } else {
-        0
+    let flags = match (meta.parent.is_some(), meta.origin.is_some()) {
+        (true, _) => FLAG_HAS_PARENT,
+        (false, true) => FLAG_INDEPENDENT,
+        (false, false) => 0,
     };
     head[OFF_FLAGS..OFF_FLAGS + 4].copy_from_slice(&flags.to_le_bytes());
     head[OFF_CODEC] = Codec::Raw as u8;
@@ -747,6 +820,7 @@ fn write_header(
         (OFF_HEAD_DIM, meta.head_dim),
         (OFF_TOKENS, g.token_count),
         (OFF_GROUP, meta.group_tokens),
+        (OFF_ORIGIN, meta.origin.unwrap_or(0)),
     ] {
         head[off..off + 4].copy_from_slice(&v.to_le_bytes());
     }

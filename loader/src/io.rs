@@ -6,6 +6,13 @@
 //!   Direct reads are always issued with offset, length and buffer aligned to
 //!   [`DIRECT_ALIGN`]; a read that cannot be aligned goes through the buffered twin, so the
 //!   direct descriptor stays direct for the aligned reads other threads make.
+//! - **Page-cache hits are not re-read from the device.** O_DIRECT goes to the device even when
+//!   every byte is in the page cache (a chunk just stored, or read by another process): on
+//!   the bench VM that is 0.6 GB/s instead of ~7 GB/s from memory. So before a direct read,
+//!   [`page_cached`] asks the kernel (`cachestat(2)`, Linux 6.5+; no I/O, no readahead, unlike
+//!   a `RWF_NOWAIT` probe) whether the whole range is resident; if so it is read through the
+//!   buffered twin, else O_DIRECT as before (a cold load still reads the device once and does
+//!   not fill the cache). Kernels without `cachestat` always read direct.
 //! - The pieces under that policy (aligned buffers, the open with its fall back, the read loop,
 //!   the fall-back log and counter) are kvfs-direct's, the O_DIRECT stack kvfs-gds uses too.
 //! - [`backing_path`] reads the `user.kvfs.backing` extended attribute a kvfs mount sets on a
@@ -21,8 +28,10 @@ use std::collections::VecDeque;
 use std::ffi::CString;
 use std::fs::{File, OpenOptions};
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, OnceLock};
 use std::thread::JoinHandle;
 
@@ -101,12 +110,14 @@ impl ChunkFile {
         }
     }
 
-    /// Fills `buf` from `offset`. Direct when the file is open direct and offset, length and
-    /// address are aligned; otherwise (or if the direct read answers EINVAL) buffered. A short
+    /// Fills `buf` from `offset`. Direct when the file is open direct, offset, length and
+    /// address are aligned and the range is not all in the page cache; otherwise (or if the
+    /// direct read answers EINVAL) buffered. A short
     /// read (end of file) is an `UnexpectedEof` error.
     pub fn read_exact_at(&self, buf: &mut [u8], offset: u64) -> io::Result<()> {
         if let Some(d) = &self.direct
             && aligned(buf.as_ptr() as usize, buf.len(), offset)
+            && !page_cached(d, offset, buf.len() as u64)
         {
             match read_exact_at(d, buf, offset) {
                 Err(e) if kvfs_direct::is_einval(&e) => kvfs_direct::note_fallback(&format!(
@@ -118,6 +129,62 @@ impl ChunkFile {
         }
         read_exact_at(self.buffered()?, buf, offset)
     }
+}
+
+/// `cachestat(2)`'s system call number (the same on every architecture; libc lacks it for
+/// x86_64 glibc).
+const SYS_CACHESTAT: libc::c_long = 451;
+
+/// Cleared once the kernel answers that it has no `cachestat` (older than 6.5, or a seccomp
+/// filter): then every check says "not cached" without a system call.
+static CACHESTAT_WORKS: AtomicBool = AtomicBool::new(true);
+
+#[repr(C)]
+struct CachestatRange {
+    off: u64,
+    len: u64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct Cachestat {
+    nr_cache: u64,
+    nr_dirty: u64,
+    nr_writeback: u64,
+    nr_evicted: u64,
+    nr_recently_evicted: u64,
+}
+
+/// Whether every page of `file`'s bytes `offset .. offset + len` is in the page cache
+/// (`cachestat(2)`: a count, no I/O). `false` when the kernel cannot say.
+pub fn page_cached(file: &File, offset: u64, len: u64) -> bool {
+    if len == 0 || !CACHESTAT_WORKS.load(Ordering::Relaxed) {
+        return false;
+    }
+    let page = 4096u64;
+    let pages = (offset + len).div_ceil(page) - offset / page;
+    let range = CachestatRange { off: offset, len };
+    let mut stat = Cachestat::default();
+    // SAFETY: `range` and `stat` are live, properly laid out (`repr(C)`, the kernel's
+    // `struct cachestat_range` and `struct cachestat`) for the call; the descriptor is open.
+    let r = unsafe {
+        libc::syscall(
+            SYS_CACHESTAT,
+            file.as_raw_fd(),
+            &range as *const CachestatRange,
+            &mut stat as *mut Cachestat,
+            0u32,
+        )
+    };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        if matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EPERM)) {
+            CACHESTAT_WORKS.store(false, Ordering::Relaxed);
+            tracing::debug!(error = %e, "no cachestat(2): page-cache hits are read direct");
+        }
+        return false;
+    }
+    stat.nr_cache >= pages
 }
 
 /// The local file behind a chunk on a kvfs mount (`user.kvfs.backing`), if the file system
@@ -259,6 +326,38 @@ mod tests {
             .read_exact_at(b.slice(DIRECT_ALIGN), 3 * DIRECT_ALIGN as u64)
             .unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::UnexpectedEof);
+    }
+
+    #[test]
+    fn page_cached_sees_written_pages_and_evicted_ones() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("f");
+        let data = vec![7u8; 4 * DIRECT_ALIGN];
+        std::fs::write(&p, &data).unwrap();
+        let f = File::open(&p).unwrap();
+        if !page_cached(&f, 0, data.len() as u64) {
+            // Only a kernel without cachestat(2) (before 6.5) may say no to freshly written
+            // pages; the loader then reads direct, as it did before the check existed.
+            eprintln!("no cachestat(2) on this kernel: only the fallback is checked");
+            assert!(
+                !CACHESTAT_WORKS.load(Ordering::Relaxed),
+                "written pages not resident"
+            );
+            return;
+        }
+        // evict: write back, then drop the file's clean pages
+        f.sync_all().unwrap();
+        // SAFETY: a valid descriptor; advice only.
+        let r = unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_DONTNEED) };
+        assert_eq!(r, 0);
+        assert!(!page_cached(&f, 0, data.len() as u64));
+        assert!(!page_cached(&f, 0, 0), "an empty range is never a hit");
+        // a direct read of the evicted range still returns the bytes
+        let cf = open_chunk_file(&p, IoMode::Direct).unwrap();
+        let mut b = AlignedBuf::new();
+        let s = b.slice(2 * DIRECT_ALIGN);
+        cf.read_exact_at(s, DIRECT_ALIGN as u64).unwrap();
+        assert_eq!(s, &data[DIRECT_ALIGN..3 * DIRECT_ALIGN]);
     }
 
     #[test]

@@ -15,6 +15,18 @@
 //! as `salt_tag = blake3_derive_key("kvfs 2026-11 salt v1", salt)`, which is also stored in the
 //! chunk header, so any reader can check a key against its tokens without learning the salt
 //! itself. The all-zero tag means "no salt".
+//!
+//! **Position-independent chunks** (format v2, blending) have a key of their own derivation,
+//! with no parent: the same document tokens have the same key wherever the document lands in
+//! a prompt, so a document's KV is found again after any other documents.
+//!
+//! ```text
+//! key = blake3_derive_key("kvfs 2026-11 independent chunk key v1",
+//!         namespace_id[32] || salt_tag[32] || token_count u32 LE || tokens as u32 LE)
+//! ```
+//!
+//! A document is cut at `chunk_tokens` like a prompt, but its last, partial chunk gets a key
+//! too ([`independent_chunk_keys`]): a document ends where it ends, no later request extends it.
 
 use crate::error::FormatError;
 use crate::identity::CHUNK_EXT;
@@ -23,6 +35,7 @@ use std::fmt;
 
 const KEY_CONTEXT: &str = "kvfs 2026-11 chunk key v1";
 const SALT_CONTEXT: &str = "kvfs 2026-11 salt v1";
+const INDEPENDENT_KEY_CONTEXT: &str = "kvfs 2026-11 independent chunk key v1";
 
 /// The 32-byte identity of one chunk.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -80,15 +93,16 @@ impl ChunkKey {
             }
         }
         h.update(&salt.0);
-        h.update(&(tokens.len() as u32).to_le_bytes());
-        // Tokens as little-endian u32, hashed in stack-sized batches to avoid an allocation.
-        let mut buf = [0u8; 1024];
-        for batch in tokens.chunks(buf.len() / 4) {
-            for (dst, t) in buf.chunks_exact_mut(4).zip(batch) {
-                dst.copy_from_slice(&t.to_le_bytes());
-            }
-            h.update(&buf[..batch.len() * 4]);
-        }
+        hash_tokens(&mut h, tokens);
+        ChunkKey(*h.finalize().as_bytes())
+    }
+
+    /// Key of a position-independent chunk: namespace, salt and its own tokens only.
+    pub fn derive_independent(ns: &NamespaceId, salt: &SaltTag, tokens: &[u32]) -> ChunkKey {
+        let mut h = blake3::Hasher::new_derive_key(INDEPENDENT_KEY_CONTEXT);
+        h.update(&ns.0);
+        h.update(&salt.0);
+        hash_tokens(&mut h, tokens);
         ChunkKey(*h.finalize().as_bytes())
     }
 
@@ -127,6 +141,19 @@ impl ChunkKey {
             .and_then(|s| s.strip_suffix('.'))
             .ok_or_else(|| FormatError::BadName(name.chars().take(80).collect()))?;
         ChunkKey::from_hex(stem).map_err(|_| FormatError::BadName(name.chars().take(80).collect()))
+    }
+}
+
+/// Hashes the token count (u32 LE) and the tokens as little-endian u32, in stack-sized
+/// batches to avoid an allocation.
+fn hash_tokens(h: &mut blake3::Hasher, tokens: &[u32]) {
+    h.update(&(tokens.len() as u32).to_le_bytes());
+    let mut buf = [0u8; 1024];
+    for batch in tokens.chunks(buf.len() / 4) {
+        for (dst, t) in buf.chunks_exact_mut(4).zip(batch) {
+            dst.copy_from_slice(&t.to_le_bytes());
+        }
+        h.update(&buf[..batch.len() * 4]);
     }
 }
 
@@ -186,6 +213,28 @@ pub fn chunk_keys(
     out
 }
 
+/// Keys of the position-independent chunks of one document: every `chunk_tokens` tokens, and
+/// the last, partial chunk too. Ranges are document-relative; no chunk has a parent.
+pub fn independent_chunk_keys(
+    ns: &NamespaceId,
+    salt: &SaltTag,
+    chunk_tokens: usize,
+    document: &[u32],
+) -> Vec<ChunkRef> {
+    assert!(chunk_tokens > 0, "chunk_tokens must be positive");
+    document
+        .chunks(chunk_tokens)
+        .enumerate()
+        .map(|(index, chunk)| ChunkRef {
+            key: ChunkKey::derive_independent(ns, salt, chunk),
+            parent: None,
+            index,
+            start: index * chunk_tokens,
+            end: index * chunk_tokens + chunk.len(),
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -214,6 +263,39 @@ mod tests {
     const GOLDEN_K1: &str = "64f636eb6699f89111eaf498a3a80342310f0d2de55e8459c7d6d9de31d1c610";
     const GOLDEN_SALTED_K0: &str =
         "70b8a444df1cb4eef04862a12a2e9b2261994ca0d60f67c78b63a41e243a800e";
+
+    /// Golden vectors of independent keys: fixed forever, like `golden_keys`.
+    #[test]
+    fn golden_independent_keys() {
+        let ns = ModelSpec::preset("llama-3-8b").unwrap().namespace_id();
+        let doc: Vec<u32> = (0..300u32)
+            .map(|i| i.wrapping_mul(2654435761) % 128256)
+            .collect();
+        let keys = independent_chunk_keys(&ns, &SaltTag::NONE, 256, &doc);
+        assert_eq!(keys.len(), 2, "the partial last chunk has a key");
+        assert_eq!((keys[1].start, keys[1].end), (256, 300));
+        assert!(keys.iter().all(|k| k.parent.is_none()));
+        assert_eq!(keys[0].key.to_hex(), GOLDEN_IND_K0);
+        assert_eq!(keys[1].key.to_hex(), GOLDEN_IND_K1);
+        let salted = independent_chunk_keys(&ns, &SaltTag::of(b"tenant-a"), 256, &doc);
+        assert_eq!(salted[0].key.to_hex(), GOLDEN_IND_SALTED_K0);
+        // Not the prefix key of the same tokens, and the same wherever the document sits.
+        assert_ne!(
+            keys[0].key,
+            chunk_keys(&ns, &SaltTag::NONE, 256, &doc)[0].key
+        );
+        let mut other = vec![7u32; 40];
+        other.extend_from_slice(&doc[..256]);
+        assert_eq!(
+            ChunkKey::derive_independent(&ns, &SaltTag::NONE, &other[40..]),
+            keys[0].key
+        );
+    }
+
+    const GOLDEN_IND_K0: &str = "d33978707e0e8bdbdf52672e9d71f1b908d0cf1a13b27157602344b5ad06993d";
+    const GOLDEN_IND_K1: &str = "c2f61edfc12cc19f90da4c9ac00cfd926c180799f91ad6cbda06d697fc147ee4";
+    const GOLDEN_IND_SALTED_K0: &str =
+        "dd2dafc0924b4941660b5c969c49d0e496b06b407de2d44a7db447e31e0cb192";
 
     #[test]
     fn keys_chain_over_prefixes() {

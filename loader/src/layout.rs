@@ -705,6 +705,12 @@ impl KvLayout {
     /// to `out`: maximal ranges of positions whose rows are back to back in memory. Padding
     /// slots (negative, in a slot mapping) are left out. `map` must have passed
     /// [`KvLayout::check_map`] for these positions.
+    ///
+    /// A plane whose single row is itself scattered (not [`KvLayout::row_contiguous`]: vLLM
+    /// CPU's transposed K, or heads apart) is copied piece by piece anyway, so its runs are
+    /// maximal ranges of consecutive slots instead (row `t` of a run at `addr + t * token`
+    /// stride): the back end then moves a whole block of such a plane in one call (a tiled
+    /// transpose for vLLM CPU's K) rather than one call per token.
     pub fn runs(
         &self,
         map: &BlockMap<'_>,
@@ -713,13 +719,14 @@ impl KvLayout {
         positions: Range<usize>,
         out: &mut Vec<Run>,
     ) {
-        let row = self.row_bytes();
-        let contiguous = self.rows_contiguous(plane);
+        // Back-to-back rows have token stride == row bytes, so one rule covers both cases.
+        let step = self.strides[plane].token;
+        let contiguous = self.rows_contiguous(plane) || !self.row_contiguous(plane);
         let push = |out: &mut Vec<Run>, addr: usize, pos: usize, tokens: usize| {
             if let Some(last) = out.last_mut()
                 && contiguous
                 && last.pos + last.tokens == pos
-                && last.addr + last.tokens * row == addr
+                && last.addr + last.tokens * step == addr
             {
                 last.tokens += tokens;
                 return;
@@ -822,7 +829,9 @@ fn block_span(
     Ok(span)
 }
 
-/// A run of token positions whose rows are contiguous in the destination.
+/// A run of token positions whose rows are contiguous in the destination, or, for a plane
+/// whose rows are scattered, whose slots are consecutive (see [`KvLayout::runs`]): row `t` of
+/// the run starts at `addr + t * token stride` either way.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Run {
     /// Address of the first row.
@@ -956,7 +965,7 @@ mod tests {
         assert_eq!(l.slot_addr(0, 1, 5), base + block + bs * d + d);
         let mut runs = Vec::new();
         l.runs(&BlockMap::Blocks(&[2, 1]), 0, 0, 3..5, &mut runs);
-        assert_eq!(runs.len(), 2, "strided rows are never merged");
+        assert_eq!(runs.len(), 2, "slots of different blocks are separate runs");
         // K of position 4 (block 1, slot 0): element e of head h at h * 2*bs*D + e * bs * esz
         let pieces: Vec<_> = l.pieces(0, &runs[1]).collect();
         assert_eq!(pieces.len(), h * dim);
@@ -973,6 +982,30 @@ mod tests {
                 (base + block + bs * d + 2 * bs * d, d, d)
             ]
         );
+        // the consecutive slots of one block are one run of each plane, whose rows step by
+        // the plane's token stride
+        for plane in 0..2 {
+            runs.clear();
+            l.runs(&BlockMap::Blocks(&[2, 1]), 0, plane, 4..7, &mut runs);
+            assert_eq!(
+                runs,
+                vec![Run {
+                    addr: l.slot_addr(0, plane, 4),
+                    pos: 4,
+                    tokens: 3
+                }]
+            );
+            let pieces: Vec<_> = l.pieces(plane, &runs[0]).collect();
+            assert_eq!(pieces.len(), 3 * h * if plane == 0 { dim } else { 1 });
+            // token 2 of the run, head 1: slot 6 = block 1, token 2
+            let (per_token, i) = if plane == 0 {
+                (h * dim, 2 * h * dim + dim)
+            } else {
+                (h, 5)
+            };
+            assert_eq!(pieces.len() / 3, per_token);
+            assert_eq!(pieces[i].0, l.slot_addr(0, plane, 6) + 2 * bs * d);
+        }
         // one byte short is refused
         let short = RawRegion::new(r.ptr, mem.len() - 1);
         // SAFETY: as above.

@@ -9,6 +9,7 @@
 //! - [`loader`]: lookup, load (layer-wise, selective) and store between chunks and blocks,
 //!   over [`io`] (O_DIRECT, aligned buffers, reader threads) and a [`backend`] (host memory);
 //! - [`metrics`]: this process's lookup, load and store counters and latency histograms;
+//! - [`rope`]: re-encoding cached keys for new positions (blending);
 //! - [`selective`]: which token groups of which layer a selective load reads;
 //! - [`ffi`]: the C ABI (`include/kvfs.h`).
 //!
@@ -29,6 +30,7 @@ pub mod key;
 pub mod layout;
 pub mod loader;
 pub mod metrics;
+pub mod rope;
 pub mod selective;
 pub mod spec;
 
@@ -38,14 +40,15 @@ pub use format::{
     synth_chunk,
 };
 pub use identity::{BACKING_XATTR, NAMESPACE_JSON, check_identity, namespace_suffix};
-pub use key::{ChunkKey, ChunkRef, SaltTag, chunk_keys};
+pub use key::{ChunkKey, ChunkRef, SaltTag, chunk_keys, independent_chunk_keys};
 pub use spec::{Dtype, KvKind, ModelSpec, NamespaceId};
 
 pub use backend::{Backend, HostMemory};
 pub use io::IoMode;
 pub use layout::{BlockMap, KvLayout, LayoutError, RawRegion};
 pub use loader::{
-    ChunkError, Dest, LoadHandle, LoadOrder, LoadRequest, LoadStats, Loader, LoaderError,
-    LoaderOptions, StoreStats,
+    ChunkError, Dest, DocumentLoad, LoadHandle, LoadOrder, LoadRequest, LoadStats, Loader,
+    LoaderError, LoaderOptions, StoreStats,
 };
+pub use rope::{RopeError, RopePairing, RopeParams};
 pub use selective::Selection;

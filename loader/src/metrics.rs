@@ -160,12 +160,26 @@ impl LoaderMetrics {
 
     /// A load that finished.
     pub fn loaded(&self, s: &LoadStats) {
+        self.load_finished(s.chunks, s.tokens, s.bytes_read, s.elapsed, &s.layer_ready);
+    }
+
+    /// A load that finished, by its figures: what a load that does not return [`LoadStats`]
+    /// (a device load of kvfs-cuda) records. `layer_ready` may be empty when the time to each
+    /// layer in place is not known.
+    pub fn load_finished(
+        &self,
+        chunks: usize,
+        tokens: usize,
+        bytes_read: u64,
+        elapsed: Duration,
+        layer_ready: &[Duration],
+    ) {
         add(&self.loads, 1);
-        add(&self.chunks_loaded, s.chunks as u64);
-        add(&self.tokens_loaded, s.tokens as u64);
-        add(&self.bytes_loaded, s.bytes_read);
-        self.load_seconds.observe(s.elapsed);
-        for &d in &s.layer_ready {
+        add(&self.chunks_loaded, chunks as u64);
+        add(&self.tokens_loaded, tokens as u64);
+        add(&self.bytes_loaded, bytes_read);
+        self.load_seconds.observe(elapsed);
+        for &d in layer_ready {
             self.layer_ready_seconds.observe(d);
         }
     }

@@ -223,6 +223,14 @@ impl ModelSpec {
                 s
             }
             "tiny" => ModelSpec::new("kvfs/tiny-test", Dtype::F16, 2, 2, 64),
+            // Chunks of a few KiB (one page of header, 512 bytes of latent), so a million fit
+            // on a small disk: scripts/bench-scale.
+            "scale-micro" => {
+                let mut s = ModelSpec::new("kvfs/scale-micro", Dtype::F16, 1, 1, 16);
+                s.kv_kind = KvKind::MlaLatent;
+                s.chunk_tokens = 16;
+                s
+            }
             _ => return None,
         };
         s.revision = "main".into();
@@ -237,6 +245,7 @@ impl ModelSpec {
         "smollm2-135m",
         "deepseek-v2-lite",
         "tiny",
+        "scale-micro",
     ];
 
     /// Checks the spec describes a possible cache.

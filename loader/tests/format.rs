@@ -21,7 +21,12 @@ fn tiny_meta() -> ChunkMeta {
 fn golden_bytes() {
     let meta = tiny_meta();
     let bytes = encode_chunk(&meta, |l, p, dst| synth_fill(&meta.key, l, p, dst)).unwrap();
-    assert_eq!(format::VERSION, 1);
+    assert_eq!(
+        u16::from_le_bytes([bytes[8], bytes[9]]),
+        format::VERSION_1,
+        "a chunk without version-2 features is written as version 1"
+    );
+    assert_eq!(format::VERSION_1, 1);
     assert_eq!(
         bytes.len(),
         4096 + 2 * 2 * 8192,
@@ -78,11 +83,11 @@ fn typed_errors_for_bad_files() {
         ChunkView::parse(&corrupt(&good, 0), Verify::Header),
         Err(FormatError::BadMagic { .. })
     ));
-    let mut v2 = good.clone();
-    v2[8] = 2;
+    let mut v3 = good.clone();
+    v3[8] = 3;
     assert!(matches!(
-        ChunkView::parse(&v2, Verify::Header),
-        Err(FormatError::UnsupportedVersion { found: 2, .. })
+        ChunkView::parse(&v3, Verify::Header),
+        Err(FormatError::UnsupportedVersion { found: 3, .. })
     ));
     assert!(matches!(
         ChunkView::parse(&corrupt(&good, 300), Verify::Header),
@@ -247,3 +252,89 @@ fn meta_with_most_of_everything() -> u64 {
 
 /// Offset of `header_len` in the fixed header (docs/FORMAT.md).
 const OFF_HEADER_LEN: usize = 12;
+
+fn independent_meta() -> ChunkMeta {
+    let spec = ModelSpec::preset("tiny").unwrap();
+    ChunkMeta::independent(&spec, SaltTag::of(b"golden"), (200..220).collect(), 777)
+}
+
+/// Golden bytes of a version-2 position-independent chunk (flags bit 1, origin at offset 44,
+/// its own key derivation). Fixed like the version-1 golden bytes.
+#[test]
+fn golden_bytes_independent_v2() {
+    let meta = independent_meta();
+    let bytes = encode_chunk(&meta, |l, p, dst| synth_fill(&meta.key, l, p, dst)).unwrap();
+    assert_eq!(format::VERSION, 2);
+    assert_eq!(u16::from_le_bytes([bytes[8], bytes[9]]), 2);
+    assert_eq!(
+        u32::from_le_bytes(bytes[16..20].try_into().unwrap()),
+        format::FLAG_INDEPENDENT
+    );
+    assert_eq!(u32::from_le_bytes(bytes[44..48].try_into().unwrap()), 777);
+    let head_hex: String = bytes[..48].iter().map(|b| format!("{b:02x}")).collect();
+    assert_eq!(head_hex, GOLDEN_IND_HEAD);
+    assert_eq!(
+        blake3::hash(&bytes).to_hex().as_str(),
+        GOLDEN_IND_FILE_DIGEST
+    );
+    let view = ChunkView::parse(&bytes, Verify::Full).unwrap();
+    assert_eq!(view.header.meta, meta);
+    assert_eq!(view.header.meta.origin, Some(777));
+    assert_eq!(view.header.meta.parent, None);
+}
+
+const GOLDEN_IND_HEAD: &str = "4b56465343484e4b02000101001000000200000000000000020000000200000040000000140000001000000009030000";
+const GOLDEN_IND_FILE_DIGEST: &str =
+    "03570816a942f755b876c230b05d5b6f1ec0b01c0ebd5a64632a0f46e499e937";
+
+/// Rewrites a header field and fixes the header checksum, so the check under test is the one
+/// that fires (a forger can always recompute the checksum).
+fn forge(bytes: &[u8], at: usize, value: &[u8]) -> Vec<u8> {
+    let mut b = bytes.to_vec();
+    b[at..at + value.len()].copy_from_slice(value);
+    let header_len = u32::from_le_bytes(b[12..16].try_into().unwrap()) as usize;
+    b[216..248].fill(0);
+    let sum = blake3::hash(&b[..header_len]);
+    b[216..248].copy_from_slice(sum.as_bytes());
+    b
+}
+
+#[test]
+fn version_2_fields_are_checked() {
+    let meta = independent_meta();
+    let good = encode_chunk(&meta, |l, p, dst| synth_fill(&meta.key, l, p, dst)).unwrap();
+    let bad_field = |b: &[u8], field: &str| match ChunkView::parse(b, Verify::Header) {
+        Err(FormatError::BadField { field: f, .. }) => assert_eq!(f, field),
+        other => panic!("expected BadField({field}), got {other:?}"),
+    };
+    // The independent flag in a version-1 file: unknown in version 1.
+    bad_field(&forge(&good, 8, &1u16.to_le_bytes()), "flags");
+    // Independent and has-parent at once.
+    bad_field(&forge(&good, 16, &3u32.to_le_bytes()), "flags");
+    // A version-2 file that uses no version-2 feature must have been written as version 1.
+    let v1 = encode_chunk(&tiny_meta(), |_, _, d| d.fill(0)).unwrap();
+    bad_field(&forge(&v1, 8, &2u16.to_le_bytes()), "version");
+    // Offset 44 is reserved unless the chunk is independent.
+    bad_field(&forge(&v1, 44, &5u32.to_le_bytes()), "reserved");
+    // The origin is not part of the key; the tokens are.
+    let moved = forge(&good, 44, &0u32.to_le_bytes());
+    assert_eq!(
+        ChunkView::parse(&moved, Verify::Header)
+            .unwrap()
+            .header
+            .meta
+            .origin,
+        Some(0)
+    );
+    assert!(matches!(
+        ChunkView::parse(&forge(&good, 248, &5u32.to_le_bytes()), Verify::Header),
+        Err(FormatError::KeyMismatch { .. })
+    ));
+    // A meta with both a parent and an origin cannot be encoded.
+    let mut both = independent_meta();
+    both.parent = Some(ChunkKey([1; 32]));
+    assert!(matches!(
+        encode_chunk(&both, |_, _, d| d.fill(0)),
+        Err(FormatError::BadField { field: "flags", .. })
+    ));
+}

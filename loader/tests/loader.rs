@@ -689,6 +689,41 @@ fn o_direct_is_used_where_the_file_system_allows() {
         |_, p| p < 128,
     );
 
+    // The chunks were just written, so their pages are cached and served from memory; once
+    // evicted, the same load reads them with O_DIRECT, with the same bytes.
+    for f in std::fs::read_dir(d.path()).unwrap().flatten() {
+        for c in walk(&f.path()) {
+            let file = std::fs::File::open(&c).unwrap();
+            file.sync_all().unwrap();
+            // SAFETY: a valid descriptor; advice only.
+            let r = unsafe {
+                libc::posix_fadvise(
+                    std::os::fd::AsRawFd::as_raw_fd(&file),
+                    0,
+                    0,
+                    libc::POSIX_FADV_DONTNEED,
+                )
+            };
+            assert_eq!(r, 0);
+            assert!(!kvfs_loader::io::page_cached(&file, 0, 4096));
+        }
+    }
+    let mem = alloc(&spec, Kind::FlashAttn, 8, 16);
+    let stats = loader
+        .load(&toks, &Dest::host(&mem.layout, BlockMap::Blocks(&table)))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!((stats.direct_files, stats.buffered_files), (2, 0));
+    check(
+        &mem,
+        &BlockMap::Blocks(&table),
+        &spec,
+        &files,
+        128,
+        |_, p| p < 128,
+    );
+
     // tmpfs refused O_DIRECT before Linux 6.6 (EINVAL at open): there the loader falls back
     // to buffered reads; either way every chunk is read once and the bytes are right
     let shm = Path::new("/dev/shm");
@@ -779,4 +814,16 @@ fn flat_layout_reads_backing_files_and_stores_through_the_mount() {
     let written = std::fs::read(Layout::Flat.chunk_path(mount.path(), &ns, &k2)).unwrap();
     ChunkView::parse(&written, Verify::Full).unwrap();
     assert!(mount.path().join(&ns).join("namespace.json").exists());
+}
+
+/// Every regular file under `p` (`p` itself if it is one).
+fn walk(p: &Path) -> Vec<PathBuf> {
+    if p.is_file() {
+        return vec![p.to_path_buf()];
+    }
+    std::fs::read_dir(p)
+        .unwrap()
+        .flatten()
+        .flat_map(|e| walk(&e.path()))
+        .collect()
 }

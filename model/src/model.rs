@@ -241,55 +241,79 @@ impl Model {
         tokens: &[u32],
         start: usize,
     ) -> Result<Vec<f32>, ModelError> {
+        let positions: Vec<usize> = (start..start + tokens.len()).collect();
+        let x = self.run_layers(kv, tokens, &positions, self.cfg.num_layers, &mut |_| {
+            Ok(None)
+        })?;
+        self.logits_of_last(&x.hidden)
+    }
+
+    /// Runs `tokens` at `positions` (ascending, not necessarily contiguous) through layers
+    /// `0..layers`. In each layer the running tokens' K and V rows are written into `kv` at
+    /// their positions, then each token attends to every row of `kv` at a position up to its
+    /// own. Rows of other positions must already be in `kv`: this is how a prefill window
+    /// attends to the cache before it, and how blending recomputes a subset of tokens among
+    /// reused ones (`crate::blend`). Before a layer writes, `hook` sees its fresh K and may
+    /// return which of the running tokens go on (by index, ascending); the others stop there.
+    pub(crate) fn run_layers(
+        &self,
+        kv: &mut PagedKv,
+        tokens: &[u32],
+        positions: &[usize],
+        layers: usize,
+        hook: &mut LayerHook<'_>,
+    ) -> Result<Hidden, ModelError> {
         let cfg = &self.cfg;
         let dev = Device::Cpu;
-        let n = tokens.len();
-        let total = start + n;
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         let group = nh / nkv;
-
-        let half = hd / 2;
-        let mut cos = Vec::with_capacity(n * half);
-        let mut sin = Vec::with_capacity(n * half);
-        for p in start..total {
-            for f in &self.inv_freq {
-                let a = p as f32 * f;
-                cos.push(a.cos());
-                sin.push(a.sin());
-            }
-        }
-        let cos = Tensor::from_vec(cos, (n, 1, half, 1), &dev)?;
-        let sin = Tensor::from_vec(sin, (n, 1, half, 1), &dev)?;
-        // Causal mask over the whole sequence: query i (position start + i) sees j <= start + i.
-        let mask: Vec<f32> = (0..n)
-            .flat_map(|i| {
-                (0..total).map(move |j| {
-                    if j <= start + i {
-                        0.0
-                    } else {
-                        f32::NEG_INFINITY
-                    }
-                })
-            })
-            .collect();
-        let mask = Tensor::from_vec(mask, (n, total), &dev)?;
         let scale = 1.0 / (hd as f64).sqrt();
-
+        let mut positions = positions.to_vec();
         let ids = Tensor::new(tokens, &dev)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        for (li, l) in self.layers.iter().enumerate() {
+        let mut rope = RopeTables::new(&self.inv_freq, &positions)?;
+        for (li, l) in self.layers.iter().enumerate().take(layers) {
+            let n = positions.len();
             let h = self.rms_norm(&x, &l.attn_norm)?;
             let q = h.matmul(&l.wq.t()?)?.reshape((n, nh, hd))?;
             let k = h.matmul(&l.wk.t()?)?.reshape((n, nkv, hd))?;
             let v = h.matmul(&l.wv.t()?)?.reshape((n, nkv, hd))?;
-            let q = self.rope(&q, &cos, &sin)?;
-            let k = self.rope(&k, &cos, &sin)?;
-            kv.write(
-                li,
-                start,
-                &k.flatten_all()?.to_vec1::<f32>()?,
-                &v.flatten_all()?.to_vec1::<f32>()?,
-            );
+            let mut q = self.rope(&q, &rope.cos, &rope.sin)?;
+            let mut k = self.rope(&k, &rope.cos, &rope.sin)?;
+            let mut v = v;
+            if let Some(keep) = hook(LayerView {
+                layer: li,
+                k: &k,
+                kv,
+                positions: &positions,
+            })? {
+                if keep.is_empty() {
+                    return Err(ModelError::Invalid(format!(
+                        "layer {li}: no token left to run"
+                    )));
+                }
+                let idx = Tensor::new(keep.iter().map(|&i| i as u32).collect::<Vec<_>>(), &dev)?;
+                x = x.index_select(&idx, 0)?;
+                q = q.index_select(&idx, 0)?;
+                k = k.index_select(&idx, 0)?;
+                v = v.index_select(&idx, 0)?;
+                positions = keep.iter().map(|&i| positions[i]).collect();
+                rope = RopeTables::new(&self.inv_freq, &positions)?;
+            }
+            let n = positions.len();
+            let k_rows = k.flatten_all()?.to_vec1::<f32>()?;
+            let v_rows = v.flatten_all()?.to_vec1::<f32>()?;
+            let row = nkv * hd;
+            write_runs(kv, li, &positions, &k_rows, &v_rows, row);
+            let total = positions[n - 1] + 1;
+            // Query i (at positions[i]) sees rows j <= positions[i].
+            let mask: Vec<f32> = positions
+                .iter()
+                .flat_map(|&p| {
+                    (0..total).map(move |j| if j <= p { 0.0 } else { f32::NEG_INFINITY })
+                })
+                .collect();
+            let mask = Tensor::from_vec(mask, (n, total), &dev)?;
             let (kc, vc) = kv.gather(li, total);
             let kc = Tensor::from_vec(kc, (total, nkv, hd), &dev)?
                 .transpose(0, 1)?
@@ -316,12 +340,93 @@ impl Model {
             let u = h.matmul(&l.up.t()?)?;
             x = (x + (g * u)?.matmul(&l.down.t()?)?)?;
         }
-        let last = x.narrow(0, n - 1, 1)?;
-        let last = self.rms_norm(&last, &self.norm)?;
-        Ok(last
-            .matmul(&self.lm_head.t()?)?
-            .flatten_all()?
-            .to_vec1::<f32>()?)
+        Ok(Hidden {
+            hidden: x,
+            positions,
+        })
+    }
+
+    /// Logits of the last row of hidden states `x` (`[n, hidden]`).
+    pub(crate) fn logits_of_last(&self, x: &Tensor) -> Result<Vec<f32>, ModelError> {
+        let n = x.dims2()?.0;
+        Ok(self.logits_of_rows(&x.narrow(0, n - 1, 1)?)?.remove(0))
+    }
+
+    /// Logits of every row of hidden states `x` (`[n, hidden]`).
+    pub(crate) fn logits_of_rows(&self, x: &Tensor) -> Result<Vec<Vec<f32>>, ModelError> {
+        let x = self.rms_norm(x, &self.norm)?;
+        Ok(x.matmul(&self.lm_head.t()?)?.to_vec2::<f32>()?)
+    }
+}
+
+/// What [`Model::run_layers`] returns: the hidden states of the tokens that ran through the
+/// last layer, and their positions.
+pub(crate) struct Hidden {
+    pub hidden: Tensor,
+    pub positions: Vec<usize>,
+}
+
+/// What a [`LayerHook`] sees of one layer: its index, the running tokens' fresh K (after
+/// RoPE, `[n, kv_heads, head_dim]`), the cache before this layer's rows are written, and the
+/// tokens' positions.
+pub(crate) struct LayerView<'a> {
+    pub layer: usize,
+    pub k: &'a Tensor,
+    pub kv: &'a PagedKv,
+    pub positions: &'a [usize],
+}
+
+/// Called by [`Model::run_layers`] in each layer; `Some(indices)` keeps only those tokens.
+pub(crate) type LayerHook<'a> =
+    dyn FnMut(LayerView<'_>) -> Result<Option<Vec<usize>>, ModelError> + 'a;
+
+/// `cos` and `sin` of every (position, pair), shaped `[n, 1, head_dim / 2, 1]`.
+struct RopeTables {
+    cos: Tensor,
+    sin: Tensor,
+}
+
+impl RopeTables {
+    fn new(inv_freq: &[f32], positions: &[usize]) -> Result<RopeTables, ModelError> {
+        let (n, half) = (positions.len(), inv_freq.len());
+        let mut cos = Vec::with_capacity(n * half);
+        let mut sin = Vec::with_capacity(n * half);
+        for &p in positions {
+            for f in inv_freq {
+                let a = p as f32 * f;
+                cos.push(a.cos());
+                sin.push(a.sin());
+            }
+        }
+        Ok(RopeTables {
+            cos: Tensor::from_vec(cos, (n, 1, half, 1), &Device::Cpu)?,
+            sin: Tensor::from_vec(sin, (n, 1, half, 1), &Device::Cpu)?,
+        })
+    }
+}
+
+/// Writes rows (`row` floats each) for ascending `positions`, one call per contiguous run.
+fn write_runs(
+    kv: &mut PagedKv,
+    layer: usize,
+    positions: &[usize],
+    k: &[f32],
+    v: &[f32],
+    row: usize,
+) {
+    let mut i = 0;
+    while i < positions.len() {
+        let mut j = i + 1;
+        while j < positions.len() && positions[j] == positions[j - 1] + 1 {
+            j += 1;
+        }
+        kv.write(
+            layer,
+            positions[i],
+            &k[i * row..j * row],
+            &v[i * row..j * row],
+        );
+        i = j;
     }
 }
 

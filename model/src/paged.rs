@@ -76,6 +76,12 @@ impl PagedKv {
         }
     }
 
+    /// The K row of position `pos` in `layer` (`[kv_heads, head_dim]`).
+    pub fn k_row(&self, layer: usize, pos: usize) -> &[f32] {
+        let s = self.slot(pos);
+        &self.layers[layer][s..s + self.row()]
+    }
+
     /// Gathers K and V rows of positions `0..len` into contiguous `[len, kv_heads, head_dim]`.
     pub fn gather(&self, layer: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
         let row = self.row();
@@ -89,6 +95,17 @@ impl PagedKv {
             v.extend_from_slice(&buf[half + s..half + s + row]);
         }
         (k, v)
+    }
+
+    /// A copy of layers `0..layers` (same blocks and block table): scratch memory for a pass
+    /// that must not change this cache.
+    pub fn clone_layers(&self, layers: usize) -> PagedKv {
+        PagedKv {
+            num_layers: layers,
+            layers: self.layers[..layers].to_vec(),
+            block_table: self.block_table.clone(),
+            ..*self
+        }
     }
 
     /// The block table (logical block -> physical block).

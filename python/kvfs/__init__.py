@@ -7,6 +7,10 @@ Engine memory is given as integer addresses and byte strides. `layout_from_views
 `KvLayout` from per-layer K and V views of torch tensors (anything with `data_ptr()`,
 `stride()`, `shape` and `element_size()`), shaped `[num_blocks, num_kv_heads, block_size,
 head_dim]` in any memory order.
+
+KV caches in GPU memory (tensors with `is_cuda`) get a device layout and load through
+`CudaBackend` (GDS or pinned staging, chosen by a probe; `CudaUnavailable` says why when the
+machine has neither). The package links no CUDA: the same build serves both.
 """
 
 from __future__ import annotations
@@ -16,6 +20,10 @@ from typing import Any
 
 from ._native import (
     ChunkError,
+    CudaBackend,
+    CudaUnavailable,
+    DeviceError,
+    DeviceLoadHandle,
     InvalidRequest,
     KvfsError,
     KvfsIOError,
@@ -26,11 +34,16 @@ from ._native import (
     ModelSpec,
     SpecError,
     StoreError,
+    cuda_probe,
     loader_metrics,
 )
 
 __all__ = [
     "ChunkError",
+    "CudaBackend",
+    "CudaUnavailable",
+    "DeviceError",
+    "DeviceLoadHandle",
     "InvalidRequest",
     "KvfsError",
     "KvfsIOError",
@@ -41,6 +54,7 @@ __all__ = [
     "ModelSpec",
     "SpecError",
     "StoreError",
+    "cuda_probe",
     "layout_from_views",
     "loader_metrics",
 ]
@@ -84,6 +98,9 @@ def layout_from_views(k: Sequence[Any], v: Sequence[Any]) -> KvLayout:
     if dtype is None:
         raise LayoutError(f"unsupported KV dtype {first.dtype}")
     es = first.element_size()
+    on_cuda = {bool(getattr(t, "is_cuda", False)) for t in (*k, *v)}
+    if len(on_cuda) != 1:
+        raise LayoutError("K and V views must all be on the host or all on a CUDA device")
 
     def strides(t: Any) -> tuple[int, int, int]:
         _, sh, st, se = t.stride()
@@ -100,4 +117,5 @@ def layout_from_views(k: Sequence[Any], v: Sequence[Any]) -> KvLayout:
         block_stride=first.stride()[0] * es,
         k_strides=strides(first),
         v_strides=strides(v[0]),
+        device="cuda" if on_cuda.pop() else "cpu",
     )

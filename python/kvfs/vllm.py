@@ -24,9 +24,17 @@ Load it with::
   completes (prefill, chunked or not), with their block ids.
 - **Worker side.** `register_kv_caches` derives a `KvLayout` from the registered tensors and
   the attention back end (vLLM's CPU back end: per block and head, the block's K transposed,
-  `[head_dim, block_size]`, then its V as rows); `start_load_kv` starts the loads (reads run on kvfs threads,
+  `[head_dim, block_size]`, then its V as rows; FLASH_ATTN and FLASHINFER on a GPU: per block
+  and head `[block_size, 2 * head_dim]`, K then V in the last dim, in the tensor's own memory
+  order); `start_load_kv` starts the loads (reads run on kvfs threads,
   layer 0 of every chunk first); `wait_for_layer_load` waits for one layer; `wait_for_save`
   stores the chunks completed by this step once every layer has computed them.
+- **GPU KV caches** (`tensor.is_cuda`) load through `kvfs.CudaBackend` (GDS, else pinned
+  staging; `kvfs_gpu_path` in the extra config forces one): with `kvfs_verify` `header` the
+  chunks go straight to device blocks and `wait_for_layer_load` makes vLLM's current stream
+  wait for the layer on the GPU; `full` (digests checked on host bytes) stages through the
+  loader with one host-to-device copy per piece. A machine whose KV cache is on a GPU but
+  that has no usable CUDA path fails at start-up, saying why.
 - **Failures never reach the engine.** A missing, corrupt or unreadable chunk ends its load;
   the blocks it would have filled are reported by `get_block_ids_with_load_errors`, and with
   `kv_load_failure_policy` `recompute` vLLM recomputes them. Store errors are logged: a failed
@@ -43,6 +51,7 @@ import json
 import math
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -56,7 +65,7 @@ from vllm.logger import init_logger
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from vllm.model_executor.models.utils import extract_layer_index
 
-from . import ChunkError, KvfsError, Loader, ModelSpec, layout_from_views
+from . import CudaBackend, ChunkError, KvfsError, Loader, ModelSpec, layout_from_views
 from .vllm_stats import KvfsConnectorStats, KvfsPromMetrics, interval
 
 if TYPE_CHECKING:
@@ -181,6 +190,43 @@ def cpu_attn_views(kv: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch
     return k, v
 
 
+# GPU attention back ends whose cache is `[num_blocks, num_kv_heads, block_size, 2 * head_dim]`
+# (in any memory order), K then V in the last dim: FlashAttention's and FlashInfer's layout in
+# the vLLM this connector targets.
+_GPU_BACKENDS = frozenset({"FLASH_ATTN", "FLASHINFER"})
+
+
+def on_cuda(kv: Any) -> bool:
+    """Whether a KV tensor lives in CUDA memory (`tensor.is_cuda`)."""
+    return bool(getattr(kv, "is_cuda", False))
+
+
+def gpu_attn_views(kv: torch.Tensor, head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """K and V views, each `[blocks, heads, block_size, head_dim]`, of one layer of vLLM's GPU
+    attention cache `[blocks, heads, block_size, 2 * head_dim]` (FLASH_ATTN, FLASHINFER): the
+    two halves of the last dim, in whatever memory order the tensor has."""
+    if kv.dim() != 4 or kv.shape[-1] != 2 * head_dim:
+        raise KvfsError(
+            f"kvfs: GPU KV cache of shape {tuple(kv.shape)}: expected "
+            f"[blocks, heads, block_size, {2 * head_dim}]"
+        )
+    return kv[..., :head_dim], kv[..., head_dim:]
+
+
+def open_cuda_backend(
+    probe_dir: str, device: int, force: str | None = None
+) -> CudaBackend:
+    """The kvfs CUDA back end for a KV cache on CUDA device `device`; a `KvfsError` that says
+    why when this machine cannot load into GPU memory."""
+    try:
+        return CudaBackend(force=force, device=device, probe_dir=probe_dir)
+    except KvfsError as e:
+        raise KvfsError(
+            f"kvfs: vLLM's KV cache is on CUDA device {device}, but kvfs cannot load into "
+            f"it: {e}"
+        ) from e
+
+
 @dataclass
 class LoadSpec:
     """Load token positions `start..end` of `tokens` into `block_ids` (position p in block
@@ -287,10 +333,15 @@ class KvfsConnector(KVConnectorBase_V1):
         self._salts: dict[str, bytes] = {}
         # worker side
         self._layout = None
+        self._cuda: CudaBackend | None = None
         self._kv_caches: dict[str, torch.Tensor] = {}
         self._layer_index: dict[str, int] = {}
         self._loads: list[tuple[LoadSpec, Any]] = []
         self._failed_blocks: set[int] = set()
+        # this step's loads: when start_load_kv began, and seconds the forward spent blocked
+        # in wait_for_layer_load (logged at debug level by wait_for_save)
+        self._load_started = 0.0
+        self._load_waited = 0.0
         interval()  # the figures this process reports start here
 
     def _open(self, salt: bytes) -> list[Loader]:
@@ -313,6 +364,7 @@ class KvfsConnector(KVConnectorBase_V1):
         usable = (len(prompt) - 1) // self._block_size * self._block_size
         if usable <= num_computed_tokens:
             return 0, False
+        t = time.monotonic()
         try:
             loaders = self._open(_salt(request))
             hit = min(loader.lookup(prompt[:usable]) for loader in loaders)
@@ -323,7 +375,13 @@ class KvfsConnector(KVConnectorBase_V1):
         if hit <= num_computed_tokens:
             return 0, False
         self._hits[request.request_id] = (num_computed_tokens, hit)
-        logger.debug("kvfs: request %s hit %d of %d tokens", request.request_id, hit, len(prompt))
+        logger.debug(
+            "kvfs: request %s hit %d of %d tokens (lookup %.3f s)",
+            request.request_id,
+            hit,
+            len(prompt),
+            time.monotonic() - t,
+        )
         return hit - num_computed_tokens, False
 
     def update_state_after_alloc(
@@ -416,24 +474,27 @@ class KvfsConnector(KVConnectorBase_V1):
         cache_dtype = self._vllm_config.cache_config.cache_dtype
         if cache_dtype not in ("auto", None):
             raise KvfsError(f"kvfs: the layout of a {cache_dtype} KV cache is not verified")
-        isa = _cpu_attn_isa(first.dtype, self._block_size, spec.head_dim,
-                            self._vllm_config.cache_config.cache_dtype)
-        if isa not in _VERIFIED_ISAS:
-            raise KvfsError(
-                f"kvfs: vLLM's CPU attention uses ISA {isa!r} here, whose KV block layout kvfs "
-                f"has not verified (verified: {', '.join(sorted(_VERIFIED_ISAS))})"
-            )
+        cuda = on_cuda(first)
+        if not cuda:
+            isa = _cpu_attn_isa(first.dtype, self._block_size, spec.head_dim,
+                                self._vllm_config.cache_config.cache_dtype)
+            if isa not in _VERIFIED_ISAS:
+                raise KvfsError(
+                    f"kvfs: vLLM's CPU attention uses ISA {isa!r} here, whose KV block layout "
+                    f"kvfs has not verified (verified: {', '.join(sorted(_VERIFIED_ISAS))})"
+                )
+        backends = _GPU_BACKENDS if cuda else frozenset({"CPU_ATTN"})
         ks, vs = [], []
         for name in names:
             kv = kv_caches[name]
-            if kv.device.type != "cpu":
+            if kv.device != first.device:
                 raise KvfsError(
-                    f"kvfs: KV cache of {name} is on {kv.device}; device memory needs the kvfs "
-                    "CUDA back end (not in this release): use vLLM's CPU back end"
+                    f"kvfs: KV cache of {name} is on {kv.device}, layer {names[0]}'s on "
+                    f"{first.device}: all layers must be in host memory or all on one GPU"
                 )
             layer = ctx.get(name)
             backend = layer.attn_backend.get_name() if layer is not None else "?"
-            if backend != "CPU_ATTN":
+            if backend not in backends:
                 raise KvfsError(f"kvfs: unsupported attention back end {backend} for {name}")
             nb, heads, bs, two_d = kv.shape
             if bs != self._block_size or two_d != 2 * spec.head_dim or heads != spec.num_kv_heads:
@@ -441,17 +502,26 @@ class KvfsConnector(KVConnectorBase_V1):
                     f"kvfs: KV cache of {name} has shape {tuple(kv.shape)}, expected "
                     f"[blocks, {spec.num_kv_heads}, {self._block_size}, {2 * spec.head_dim}]"
                 )
-            k, v = cpu_attn_views(kv, spec.head_dim)
+            k, v = gpu_attn_views(kv, spec.head_dim) if cuda else cpu_attn_views(kv, spec.head_dim)
             ks.append(k)
             vs.append(v)
+        if cuda:
+            extra = self._kv_transfer_config.kv_connector_extra_config or {}
+            self._cuda = open_cuda_backend(
+                self._path, first.device.index or 0, extra.get("kvfs_gpu_path")
+            )
+            logger.info("kvfs: CUDA back end, path %s (kvfs_verify=%s%s)", self._cuda.path,
+                        self._verify, ": loads staged through host memory"
+                        if self._verify == "full" else "")
         self._layout = layout_from_views(ks, vs)
         self._kv_caches = kv_caches  # keep the memory alive as long as the layout
         self._layer_index = {name: i for i, name in enumerate(names)}
         logger.info(
-            "kvfs: %d layers, %d blocks of %d tokens (CPU attention layout)",
+            "kvfs: %d layers, %d blocks of %d tokens (%s attention layout)",
             len(names),
             self._layout.num_blocks,
             self._layout.block_size,
+            "GPU" if cuda else "CPU",
         )
 
     def _blocks_of(self, load: LoadSpec, first_token: int) -> list[int]:
@@ -474,10 +544,19 @@ class KvfsConnector(KVConnectorBase_V1):
         assert isinstance(meta, KvfsConnectorMetadata)
         if self._layout is None:
             return
+        self._load_started = time.monotonic()
+        self._load_waited = 0.0
         for load in meta.loads:
             try:
                 loader = self._open(load.salt)[0]
-                handle = loader.load(load.tokens, self._layout, load.block_ids, load.start, load.end)
+                if self._cuda is not None:
+                    handle = self._cuda.load(
+                        loader, load.tokens, self._layout, load.block_ids, load.start, load.end
+                    )
+                else:
+                    handle = loader.load(
+                        load.tokens, self._layout, load.block_ids, load.start, load.end
+                    )
             except KvfsError as e:
                 self._fail(load, [], e)
                 continue
@@ -485,12 +564,18 @@ class KvfsConnector(KVConnectorBase_V1):
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         idx = self._layer_index.get(layer_name)
-        if idx is None:
+        if idx is None or not self._loads:
             return
+        t = time.monotonic()
         pending = []
+        stream = self._engine_stream()
         for load, handle in self._loads:
             try:
-                handle.wait_layer(idx)
+                if stream is None:
+                    handle.wait_layer(idx)
+                else:
+                    # vLLM's stream waits on the GPU for this layer's copies; the host goes on
+                    handle.wait_layer(idx, stream)
             except ChunkError as e:
                 self._fail(load, e.valid_blocks, e)
                 continue
@@ -499,6 +584,15 @@ class KvfsConnector(KVConnectorBase_V1):
                 continue
             pending.append((load, handle))
         self._loads = pending
+        self._load_waited += time.monotonic() - t
+
+    def _engine_stream(self) -> int | None:
+        """vLLM's current CUDA stream (a `CUstream` as an int), or None on the host path."""
+        if self._cuda is None:
+            return None
+        import torch
+
+        return torch.cuda.current_stream().cuda_stream
 
     def save_kv_layer(
         self, layer_name: str, kv_layer: torch.Tensor, attn_metadata: Any, **kwargs: Any
@@ -510,7 +604,19 @@ class KvfsConnector(KVConnectorBase_V1):
         # Finish this step's loads first (a layer may have been skipped by the forward).
         for load, handle in self._loads:
             try:
-                interval().record_load(handle.wait())
+                stats = handle.wait()
+                interval().record_load(stats)
+                logger.debug(
+                    "kvfs: request %s loaded %d tokens (%d chunks, %d bytes) in %.3f s; the "
+                    "forward waited %.3f s for layers; start_load_kv to now %.3f s",
+                    load.req_id,
+                    stats["tokens"],
+                    stats["chunks"],
+                    stats["bytes_needed"],
+                    stats["elapsed_s"],
+                    self._load_waited,
+                    time.monotonic() - self._load_started,
+                )
             except ChunkError as e:
                 self._fail(load, e.valid_blocks, e)
             except KvfsError as e:
@@ -522,7 +628,11 @@ class KvfsConnector(KVConnectorBase_V1):
         assert isinstance(meta, KvfsConnectorMetadata)
         for save in meta.saves:
             try:
-                stats = self._open(save.salt)[0].store(save.tokens, self._layout, save.block_ids)
+                loader = self._open(save.salt)[0]
+                if self._cuda is not None:
+                    stats = self._cuda.store(loader, save.tokens, self._layout, save.block_ids)
+                else:
+                    stats = loader.store(save.tokens, self._layout, save.block_ids)
                 logger.debug("kvfs: request %s stored %s", save.req_id, stats)
             except KvfsError as e:
                 logger.warning("kvfs: store for request %s failed: %s", save.req_id, e)

@@ -134,7 +134,9 @@ class _Interval:
         """A finished load's figures (`LoadHandle.wait()`)."""
         with self._lock:
             self._series["load_seconds"].append(float(stats["elapsed_s"]))
-            self._series["layer_ready_seconds"].extend(float(x) for x in stats["layer_ready_s"])
+            # A device load (kvfs.CudaBackend) knows when layers were issued, not in place.
+            ready = stats.get("layer_ready_s", [])
+            self._series["layer_ready_seconds"].extend(float(x) for x in ready)
 
     def take(self) -> KvfsConnectorStats | None:
         """The figures since the previous call (None when nothing happened)."""

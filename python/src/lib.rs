@@ -32,6 +32,8 @@ use pyo3::types::PyDict;
 use std::path::PathBuf;
 use std::sync::Mutex;
 
+mod cuda;
+
 create_exception!(
     kvfs,
     KvfsError,
@@ -246,6 +248,9 @@ impl PySpec {
 #[pyclass(name = "KvLayout", module = "kvfs", frozen)]
 struct PyLayout {
     layout: KvLayout,
+    /// The addresses are CUDA device memory (`device="cuda"`): only `CudaBackend` moves
+    /// bytes through this layout.
+    device: bool,
 }
 
 #[pymethods]
@@ -253,10 +258,12 @@ impl PyLayout {
     /// `k` and `v`: per layer `(address, bytes)`: the base of the plane and how many bytes
     /// from there the caller's memory holds (every value must fit: checked). `k_strides` and
     /// `v_strides`: `(token, head, elem)` in bytes. The memory must stay allocated and be left
-    /// alone by others while a load or store using this layout runs.
+    /// alone by others while a load or store using this layout runs. `device`: `cpu` (host
+    /// memory, `Loader.load`) or `cuda` (device memory of the process's CUDA context, loaded
+    /// through `CudaBackend`).
     #[new]
     #[pyo3(signature = (k, v, *, dtype, num_kv_heads, head_dim, num_blocks, block_size,
-        block_stride, k_strides, v_strides))]
+        block_stride, k_strides, v_strides, device = "cpu"))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         k: Vec<(usize, usize)>,
@@ -269,8 +276,18 @@ impl PyLayout {
         block_stride: usize,
         k_strides: (usize, usize, usize),
         v_strides: (usize, usize, usize),
+        device: &str,
     ) -> PyResult<Self> {
         let dtype = parse_dtype(dtype)?;
+        let device = match device {
+            "cpu" => false,
+            "cuda" => true,
+            _ => {
+                return Err(LayoutError::new_err(format!(
+                    "device must be `cpu` or `cuda`, not `{device}`"
+                )));
+            }
+        };
         if k.len() != v.len() {
             return Err(LayoutError::new_err(format!(
                 "{} K regions but {} V regions",
@@ -307,7 +324,13 @@ impl PyLayout {
             )
         }
         .map_err(|e| LayoutError::new_err(e.to_string()))?;
-        Ok(PyLayout { layout })
+        Ok(PyLayout { layout, device })
+    }
+
+    /// `cpu` or `cuda`: where the layout's memory is.
+    #[getter]
+    fn device(&self) -> &'static str {
+        if self.device { "cuda" } else { "cpu" }
     }
 
     #[getter]
@@ -426,6 +449,18 @@ fn block_map(block_ids: &[u32]) -> BlockMap<'_> {
     BlockMap::Blocks(block_ids)
 }
 
+/// Host loads and stores refuse a device layout (its addresses are not host memory).
+fn host_layout(layout: &PyLayout) -> PyResult<()> {
+    if layout.device {
+        Err(LayoutError::new_err(
+            "this KvLayout describes CUDA memory (device=\"cuda\"): load and store it \
+             through kvfs.CudaBackend",
+        ))
+    } else {
+        Ok(())
+    }
+}
+
 #[pymethods]
 impl PyLoader {
     /// Opens `path` for `spec`. `salt` isolates a tenant. `io`: `direct` (O_DIRECT where the
@@ -515,6 +550,7 @@ impl PyLoader {
         let ct = self.loader.spec().chunk_tokens as usize;
         let end = end.unwrap_or(tokens.len() / ct * ct);
         let verify = verify.map(parse_verify).transpose()?;
+        host_layout(layout)?;
         let dest = Dest::host(&layout.layout, block_map(&block_ids));
         let req = LoadRequest {
             tokens: &tokens,
@@ -540,6 +576,7 @@ impl PyLoader {
         layout: &PyLayout,
         block_ids: Vec<u32>,
     ) -> PyResult<Bound<'py, PyDict>> {
+        host_layout(layout)?;
         let src = Dest::host(&layout.layout, block_map(&block_ids));
         let stats = py
             .detach(|| self.loader.store(&tokens, &src))
@@ -604,5 +641,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("KvfsIOError", py.get_type::<KvfsIOError>())?;
     m.add("StoreError", py.get_type::<StoreError>())?;
     m.add("ChunkError", py.get_type::<ChunkError>())?;
+    cuda::register(m)?;
     Ok(())
 }

@@ -7,11 +7,14 @@ fails.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
 import time
+import uuid
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -80,3 +83,51 @@ def fuse_ok() -> tuple[bool, str]:
     if shutil.which("fusermount3") is None and shutil.which("fusermount") is None and os.geteuid() != 0:
         return False, "no fusermount and not root"
     return True, ""
+
+
+@contextlib.contextmanager
+def s3_endpoint() -> Iterator[dict | None]:
+    """An S3 endpoint and a fresh key prefix: Garage from KVFS_TEST_S3_ENDPOINT (CI), else the
+    in-process server `target/debug/examples/s3_server` (stopped on exit), else None."""
+    prefix = f"vllm-{uuid.uuid4().hex[:12]}"
+    if os.environ.get("KVFS_TEST_S3_ENDPOINT"):
+        yield {
+            "endpoint": os.environ["KVFS_TEST_S3_ENDPOINT"],
+            "bucket": os.environ["KVFS_TEST_S3_BUCKET"],
+            "region": os.environ.get("AWS_REGION", "garage"),
+            "key": os.environ["AWS_ACCESS_KEY_ID"],
+            "secret": os.environ["AWS_SECRET_ACCESS_KEY"],
+            "prefix": prefix,
+        }
+        return
+    server = REPO / "target" / "debug" / "examples" / "s3_server"
+    if not server.exists():
+        yield None
+        return
+    proc = subprocess.Popen([str(server)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    line = proc.stdout.readline().split()
+    fields = dict(f.split("=", 1) for f in line)
+    try:
+        yield {
+            "endpoint": fields["KVFS_TEST_S3_ENDPOINT"],
+            "bucket": fields["bucket"],
+            "region": "us-east-1",
+            "key": fields["key"],
+            "secret": fields["secret"],
+            "prefix": prefix,
+        }
+    finally:
+        proc.stdin.close()
+        proc.wait(timeout=30)
+
+
+def s3_config(path: Path, s3: dict, write_through: bool = True) -> Path:
+    """A kvfs config whose [s3] table points at the server. With `write_through`, uploads
+    finish before a put returns, so another host sees a chunk as soon as the engine that
+    stored it is done; without, they are queued (`kvfs sync push` drains the queue)."""
+    path.write_text(
+        f'[s3]\nurl = "s3://{s3["bucket"]}/{s3["prefix"]}"\nendpoint = "{s3["endpoint"]}"\n'
+        f'region = "{s3["region"]}"\naccess_key_id = "{s3["key"]}"\n'
+        f'secret_access_key = "{s3["secret"]}"\nwrite_through = {str(write_through).lower()}\n'
+    )
+    return path

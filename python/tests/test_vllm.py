@@ -23,12 +23,11 @@ import subprocess
 import sys
 import time
 import urllib.request
-import uuid
 from pathlib import Path
 
 import pytest
 
-from conftest import REPO, Mount, fuse_ok, kvfs_bin, need
+from conftest import Mount, fuse_ok, kvfs_bin, need, s3_config, s3_endpoint
 
 TEXT = Path("/usr/share/common-licenses/GPL-3")  # base-files: real English, ~8,000 tokens
 PROMPT = "0:1100"
@@ -100,47 +99,8 @@ def baseline(logs: Path) -> dict:
 @pytest.fixture(scope="module")
 def s3(logs: Path):
     """An S3 endpoint and a fresh prefix: Garage (KVFS_TEST_S3_ENDPOINT) or examples/s3_server."""
-    prefix = f"vllm-{uuid.uuid4().hex[:12]}"
-    if os.environ.get("KVFS_TEST_S3_ENDPOINT"):
-        yield {
-            "endpoint": os.environ["KVFS_TEST_S3_ENDPOINT"],
-            "bucket": os.environ["KVFS_TEST_S3_BUCKET"],
-            "region": os.environ.get("AWS_REGION", "garage"),
-            "key": os.environ["AWS_ACCESS_KEY_ID"],
-            "secret": os.environ["AWS_SECRET_ACCESS_KEY"],
-            "prefix": prefix,
-        }
-        return
-    server = REPO / "target" / "debug" / "examples" / "s3_server"
-    if not server.exists():
-        yield None
-        return
-    proc = subprocess.Popen([str(server)], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    line = proc.stdout.readline().split()
-    fields = dict(f.split("=", 1) for f in line)
-    try:
-        yield {
-            "endpoint": fields["KVFS_TEST_S3_ENDPOINT"],
-            "bucket": fields["bucket"],
-            "region": "us-east-1",
-            "key": fields["key"],
-            "secret": fields["secret"],
-            "prefix": prefix,
-        }
-    finally:
-        proc.stdin.close()
-        proc.wait(timeout=30)
-
-
-def s3_config(path: Path, s3: dict) -> Path:
-    """A kvfs config whose [s3] table points at the server; uploads finish before a put returns,
-    so another host sees a chunk as soon as the engine that stored it is done."""
-    path.write_text(
-        f'[s3]\nurl = "s3://{s3["bucket"]}/{s3["prefix"]}"\nendpoint = "{s3["endpoint"]}"\n'
-        f'region = "{s3["region"]}"\naccess_key_id = "{s3["key"]}"\n'
-        f'secret_access_key = "{s3["secret"]}"\nwrite_through = true\n'
-    )
-    return path
+    with s3_endpoint() as endpoint:
+        yield endpoint
 
 
 @pytest.fixture(scope="module")

@@ -2,16 +2,19 @@
 test or benchmark checks, as JSON. Used by test_vllm.py and scripts/bench-vllm.
 
     python vllm_engine.py --model DIR --text FILE --prompt 0:1100 [--prompt 0:825,9000:275]
-        [--kv JSON] [--max-tokens 32] [--no-prefix-caching] --out OUT.json
+        [--kv JSON] [--max-tokens 32] [--no-prefix-caching] [--drop-caches] --out OUT.json
 
 A prompt is a comma-separated list of START:LEN slices of the text's token ids (the model's
-tokenizer), so two prompts can share an exact prefix. `--kv` is the kv_transfer_config.
+tokenizer), so two prompts can share an exact prefix; a prompt may be given several times
+(each is a separate timed request). `--kv` is the kv_transfer_config. OUT.json is rewritten
+after every request, so when the engine dies the requests before it are kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
 
@@ -29,6 +32,11 @@ def main() -> None:
         action="store_true",
         help="first serve a 64-token prompt from the text's end (below one block: nothing is "
         "stored or loaded), so one-time costs stay out of the timed requests",
+    )
+    ap.add_argument(
+        "--drop-caches",
+        action="store_true",
+        help="sync and drop the page cache before each timed request (needs root)",
     )
     ap.add_argument("--out", required=True)
     args = ap.parse_args()
@@ -64,6 +72,10 @@ def main() -> None:
             if s + n > len(ids):
                 raise SystemExit(f"the text has {len(ids)} tokens; {part} reaches past them")
             prompt += ids[s : s + n]
+        if args.drop_caches:
+            os.sync()
+            with open("/proc/sys/vm/drop_caches", "w") as f:
+                f.write("3\n")
         t = time.monotonic()
         out = llm.generate([TokensPrompt(prompt_token_ids=prompt)], params, use_tqdm=False)[0]
         seconds = time.monotonic() - t
@@ -80,8 +92,9 @@ def main() -> None:
                 "seconds": seconds,
             }
         )
-    with open(args.out, "w") as f:
-        json.dump({"start_s": start_s, "results": results}, f)
+        with open(args.out + ".tmp", "w") as f:
+            json.dump({"start_s": start_s, "results": results}, f)
+        os.replace(args.out + ".tmp", args.out)
 
 
 if __name__ == "__main__":

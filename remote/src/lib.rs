@@ -293,6 +293,17 @@ impl Remote {
         self.block_on(self.bucket.list_chunks(ns_dir))?
     }
 
+    /// Calls `f` with the chunks (key, size) of one namespace in the bucket as LIST pages
+    /// arrive, in key order: memory of one page, first chunk after one request. `f`
+    /// returning `Break` stops the listing.
+    pub fn for_each_chunk(
+        &self,
+        ns_dir: &str,
+        f: impl FnMut(ChunkKey, u64) -> std::ops::ControlFlow<()>,
+    ) -> Result<(), RemoteError> {
+        self.block_on(self.bucket.for_each_chunk(ns_dir, f))?
+    }
+
     /// The bucket's `namespace.json` of `ns_dir`, if any.
     pub fn namespace_json(&self, ns_dir: &str) -> Result<Option<Vec<u8>>, RemoteError> {
         Self::check_ns(ns_dir)?;

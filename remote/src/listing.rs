@@ -17,6 +17,7 @@ use crate::error::RemoteError;
 use crate::metrics::S3Op;
 use object_store::ObjectMeta;
 use object_store::list::PaginatedListOptions;
+use std::ops::ControlFlow;
 
 /// A listing: objects and (with a delimiter) common prefixes, as raw names.
 #[derive(Debug, Default)]
@@ -49,13 +50,42 @@ fn after(name: &str) -> String {
 }
 
 impl Bucket {
-    /// Every object under the raw `prefix` (with `delimiter`: one level, plus common prefixes).
+    /// Every object under the raw `prefix` (with `delimiter`: one level, plus common
+    /// prefixes), sorted, in memory. See [`Bucket::list_pages`] for a listing that streams.
     pub(crate) async fn list_raw(
         &self,
         prefix: &str,
         delimiter: bool,
     ) -> Result<Listing, RemoteError> {
         let mut out = Listing::default();
+        self.list_pages(prefix, delimiter, |page| {
+            out.objects.extend(page.objects);
+            for p in page.prefixes {
+                if !out.prefixes.contains(&p) {
+                    out.prefixes.push(p);
+                }
+            }
+            ControlFlow::Continue(())
+        })
+        .await?;
+        out.objects
+            .sort_by(|a, b| a.location.as_ref().cmp(b.location.as_ref()));
+        out.objects.dedup_by(|a, b| a.location == b.location);
+        out.prefixes.sort();
+        Ok(out)
+    }
+
+    /// The objects under the raw `prefix`, handed to `each` one LIST page at a time as they
+    /// arrive (in key order, each name once), so a listing of a million objects starts at
+    /// the first page and holds one; `each` returning `Break` stops it.
+    pub(crate) async fn list_pages(
+        &self,
+        prefix: &str,
+        delimiter: bool,
+        mut each: impl FnMut(Listing) -> ControlFlow<()>,
+    ) -> Result<(), RemoteError> {
+        // The last name handed out: a page re-asked after a bad name never repeats one.
+        let mut emitted: Option<String> = None;
         let mut offset: Option<String> = None;
         let mut token: Option<String> = None;
         let mut max_keys: Option<usize> = None;
@@ -120,23 +150,42 @@ impl Bucket {
                 }
             };
             let mut newest = last.clone();
+            let mut out = Listing::default();
             for o in page.result.objects {
                 let n = o.location.to_string();
                 if newest.as_ref().is_none_or(|l| n > *l) {
-                    newest = Some(n);
+                    newest = Some(n.clone());
                 }
-                out.objects.push(o);
+                if emitted.as_ref().is_none_or(|e| n > *e) {
+                    out.objects.push(o);
+                }
             }
             for p in page.result.common_prefixes {
                 let n = format!("{p}/");
                 if newest.as_ref().is_none_or(|l| n > *l) {
                     newest = Some(n.clone());
                 }
-                if !out.prefixes.contains(&n) {
+                if emitted.as_ref().is_none_or(|e| n > *e) {
                     out.prefixes.push(n);
                 }
             }
             last = newest;
+            out.objects
+                .sort_by(|a, b| a.location.as_ref().cmp(b.location.as_ref()));
+            out.prefixes.sort();
+            let page_last = [
+                out.objects.last().map(|o| o.location.to_string()),
+                out.prefixes.last().cloned(),
+            ]
+            .into_iter()
+            .flatten()
+            .max();
+            if let Some(l) = page_last {
+                emitted = Some(l);
+            }
+            if (!out.objects.is_empty() || !out.prefixes.is_empty()) && each(out).is_break() {
+                return Ok(());
+            }
             if bad.is_some() {
                 // Small pages until the bad name is next.
                 if page.page_token.is_none() {
@@ -151,11 +200,7 @@ impl Bucket {
                 None => break,
             }
         }
-        out.objects
-            .sort_by(|a, b| a.location.as_ref().cmp(b.location.as_ref()));
-        out.objects.dedup_by(|a, b| a.location == b.location);
-        out.prefixes.sort();
-        Ok(out)
+        Ok(())
     }
 
     /// Namespace directories present in the bucket.
@@ -184,26 +229,47 @@ impl Bucket {
         &self,
         ns_dir: &str,
     ) -> Result<Vec<(kvfs_loader::ChunkKey, u64)>, RemoteError> {
-        kvfs_loader::spec::validate_namespace_dir(ns_dir).map_err(RemoteError::Name)?;
-        let prefix = self.namespace_prefix(ns_dir);
-        let l = self.list_raw(&prefix, false).await?;
         let mut out = Vec::new();
-        for m in l.objects {
-            let full = m.location.to_string();
-            let name = full.strip_prefix(&prefix).unwrap_or(&full);
-            if name == crate::client::NAMESPACE_JSON {
-                continue;
-            }
-            match kvfs_loader::ChunkKey::from_file_name(name) {
-                Ok(k) if !name.contains('/') => out.push((k, m.size)),
-                _ => {
-                    tracing::warn!(object = %full, "skipping an object that is not a chunk of this namespace");
-                    bump(&self.counters.skipped_names, 1);
-                }
-            }
-        }
+        self.for_each_chunk(ns_dir, |k, len| {
+            out.push((k, len));
+            ControlFlow::Continue(())
+        })
+        .await?;
         out.sort();
         Ok(out)
+    }
+
+    /// Calls `f` with the chunks of one namespace (key, size) as LIST pages arrive, in key
+    /// order; `f` returning `Break` stops the listing.
+    pub async fn for_each_chunk(
+        &self,
+        ns_dir: &str,
+        mut f: impl FnMut(kvfs_loader::ChunkKey, u64) -> ControlFlow<()>,
+    ) -> Result<(), RemoteError> {
+        kvfs_loader::spec::validate_namespace_dir(ns_dir).map_err(RemoteError::Name)?;
+        let prefix = self.namespace_prefix(ns_dir);
+        self.list_pages(&prefix, false, |page| {
+            for m in page.objects {
+                let full = m.location.to_string();
+                let name = full.strip_prefix(&prefix).unwrap_or(&full);
+                if name == crate::client::NAMESPACE_JSON {
+                    continue;
+                }
+                match kvfs_loader::ChunkKey::from_file_name(name) {
+                    Ok(k) if !name.contains('/') => {
+                        if f(k, m.size).is_break() {
+                            return ControlFlow::Break(());
+                        }
+                    }
+                    _ => {
+                        tracing::warn!(object = %full, "skipping an object that is not a chunk of this namespace");
+                        bump(&self.counters.skipped_names, 1);
+                    }
+                }
+            }
+            ControlFlow::Continue(())
+        })
+        .await
     }
 }
 

@@ -57,9 +57,11 @@ pub fn ls(ctx: &Ctx, a: LsArgs) -> Result<i32, CliError> {
                     store.root().display()
                 )));
             }
-            for (key, len) in store.chunks(&ns)? {
+            // Streams: each fan-out directory is printed as it is read.
+            store.for_each_chunk(&ns, |key, len| {
                 outln!("{key}\t{len}");
-            }
+                std::ops::ControlFlow::Continue(())
+            })?;
         }
     }
     Ok(0)

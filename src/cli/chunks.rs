@@ -191,6 +191,13 @@ pub fn stat(ctx: &Ctx, a: StatArgs) -> Result<i32, CliError> {
     let m = &st.header.meta;
     let g = &st.header.geometry;
     let parent = m.parent.map_or("none".to_string(), |p| p.to_hex());
+    let kind = match m.origin {
+        Some(p) => format!(
+            "independent, original start position {p} (format v{})",
+            m.version()
+        ),
+        None => format!("prefix (format v{})", m.version()),
+    };
     let salt = if m.salt.is_none() {
         "none".to_string()
     } else {
@@ -207,6 +214,9 @@ pub fn stat(ctx: &Ctx, a: StatArgs) -> Result<i32, CliError> {
             "namespace_dir": ns_dir,
             "namespace_id": m.namespace.to_hex(),
             "parent": m.parent.map(|p| p.to_hex()),
+            "kind": if m.origin.is_some() { "independent" } else { "prefix" },
+            "origin": m.origin,
+            "version": m.version(),
             "salt_tag": (!m.salt.is_none()).then(|| hex(&m.salt.0)),
             "tokens": g.token_count,
             "dtype": m.dtype.to_string(),
@@ -229,6 +239,7 @@ pub fn stat(ctx: &Ctx, a: StatArgs) -> Result<i32, CliError> {
     }
     outln!("key:            {}", key);
     outln!("namespace:      {} (id {})", ns_dir, m.namespace.to_hex());
+    outln!("kind:           {kind}");
     outln!("parent:         {parent}");
     outln!("salt tag:       {salt}");
     outln!("tokens:         {}", g.token_count);

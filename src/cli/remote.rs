@@ -15,6 +15,7 @@ use clap::{Args, Subcommand};
 use kvfs_loader::ChunkKey;
 use kvfs_loader::spec::validate_namespace_dir;
 use kvfs_remote::{Remote, RemoteError, SyncEvent};
+use std::ops::ControlFlow;
 use std::time::Duration;
 
 fn settings(ctx: &Ctx) -> Result<&S3Settings, CliError> {
@@ -185,18 +186,29 @@ pub fn ls_remote(ctx: &Ctx, namespace: Option<&str>) -> Result<i32, CliError> {
 fn ls_remote_with(remote: &Remote, namespace: Option<&str>) -> Result<i32, CliError> {
     match namespace {
         None => {
+            // Counted as pages arrive: one page in memory, not the namespace.
             for ns in remote.list_namespaces().map_err(remote_failed)? {
-                let chunks = remote.list_chunks(&ns).map_err(remote_failed)?;
-                let bytes: u64 = chunks.iter().map(|c| c.1).sum();
-                outln!("{ns}\t{} chunks\t{}", chunks.len(), human_bytes(bytes));
+                let (mut chunks, mut bytes) = (0u64, 0u64);
+                remote
+                    .for_each_chunk(&ns, |_, len| {
+                        chunks += 1;
+                        bytes += len;
+                        ControlFlow::Continue(())
+                    })
+                    .map_err(remote_failed)?;
+                outln!("{ns}\t{chunks} chunks\t{}", human_bytes(bytes));
             }
         }
         Some(ns) => {
             let ns = ns.trim_end_matches('/');
             validate_namespace_dir(ns).map_err(|e| CliError::Usage(e.to_string()))?;
-            for (key, len) in remote.list_chunks(ns).map_err(remote_failed)? {
-                outln!("{key}\t{len}");
-            }
+            // Streams: each LIST page is printed as it arrives.
+            remote
+                .for_each_chunk(ns, |key, len| {
+                    outln!("{key}\t{len}");
+                    ControlFlow::Continue(())
+                })
+                .map_err(remote_failed)?;
         }
     }
     Ok(0)

@@ -14,7 +14,6 @@
 
 use super::{EvictReason, Store, StoreError, bump, check_ns};
 use crate::store::FsyncPolicy;
-use crate::store::disk::now_nanos;
 use kvfs_loader::ChunkKey;
 use kvfs_loader::dir::{self, Commit};
 use std::path::{Path, PathBuf};
@@ -41,7 +40,7 @@ impl Store {
             .len();
         let fsync = inner.cfg.fsync == FsyncPolicy::Always;
         // Room first: NoSpace here costs nothing already held.
-        let (reservation, victims) = inner.disk.reserve(len)?;
+        let (reservation, victims) = inner.disk.reserve(ns_dir, key, len)?;
         self.forget_victims(&victims, EvictReason::Capacity);
         let outcome = dir::commit_link(src, &target, fsync).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOSPC) {
@@ -53,9 +52,9 @@ impl Store {
                 StoreError::io(&target, e)
             }
         })?;
-        // Indexed before the reservation is released, so the bytes are never unaccounted.
-        inner.disk.index().insert(ns_dir, *key, len, now_nanos());
-        drop(reservation);
+        // The reservation becomes the chunk's row in one transaction: the bytes are never
+        // unaccounted.
+        reservation.commit(ns_dir, key, len);
         if outcome == Commit::Created {
             inner.metrics.committed(ns_dir, len);
         }
@@ -74,7 +73,7 @@ impl Store {
         let inner = &*self.inner;
         bump(&inner.counters.verify_failures, 1);
         inner.memory.remove(key);
-        inner.disk.index().remove(ns_dir, key);
+        inner.disk.index().forget(ns_dir, key);
         let path = inner.disk.path(ns_dir, key);
         // A symlink is moved as a link (rename does not follow it).
         if std::fs::symlink_metadata(&path).is_err() {

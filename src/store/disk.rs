@@ -1,33 +1,38 @@
-//! The disk tier's bookkeeping: an index of the chunk files under the cache root, their
-//! recency and priority, the space they use, and the choice of what to evict.
+//! The disk tier: chunk files under the cache root, the bounds they must keep, and the
+//! choice of what to evict.
 //!
-//! Files are the truth; the index is this process's view of them. It is built by scanning the
-//! directory at open (`<root>/<ns>/<key[0..2]>/<key>.kvc`, the [`Layout::Cache`] layout), with
-//! each file's atime/mtime (whichever is later) as its initial recency, so the least recently
-//! used chunks of the last run go first after a restart. Several processes may share one root:
-//! each keeps its own index, a miss stats the path and adopts a chunk another process
-//! committed ([`DiskIndex::insert`]), a file that vanished is dropped, and [`DiskTier::rescan`]
-//! (run by `gc` and the listings) re-syncs the whole view.
+//! Files are the truth (`<root>/<ns>/<key[0..2]>/<key>.kvc`, the [`Layout::Cache`] layout);
+//! what capacity accounting and eviction need about them (length, last use, priority, bytes
+//! per namespace, space reserved by puts in flight) is kept in the persistent index shared by
+//! every process on the root ([`super::index`]), so opening the tier costs the same at a
+//! thousand and a million chunks. A file found without a row gets one with its atime/mtime
+//! (whichever is later) as its recency; the background pass ([`super::maintenance`]) brings
+//! the two back into agreement when needed.
 //!
 //! Eviction order is lowest priority first, then least recently used. A put first *reserves*
-//! its bytes ([`DiskTier::reserve`]): the reservation counts against both bounds (capacity,
-//! and free space above `min_free` as `statvfs` reports it) while the file is written, so
-//! concurrent puts cannot overshoot together. If evicting every evictable chunk would still
-//! not make room, nothing is evicted and the put fails with `NoSpace` before writing a byte.
+//! its bytes ([`DiskTier::reserve`]): in one index transaction, which no other process's
+//! interleaves, it reads the usage and the reservations of every process, takes the coldest
+//! chunks off the eviction B-tree until the bytes fit both bounds (capacity, and free space
+//! above `min_free` as `statvfs` reports it), and records its reservation; concurrent puts of
+//! any process cannot overshoot together. If evicting every evictable chunk would still not
+//! make room, nothing is evicted and the put fails with `NoSpace` before writing a byte.
 //!
 //! [`Layout::Cache`]: kvfs_loader::dir::Layout::Cache
 
 use super::StoreError;
+use super::index::{ChunkIndex, Tx};
+use super::maintenance;
 use super::remote_seam::RemoteTier;
 use crate::units::Limit;
 use kvfs_loader::ChunkKey;
 use kvfs_loader::dir::{Layout, TMP_PREFIX};
 use kvfs_loader::spec::validate_namespace_dir;
-use std::collections::HashMap;
 use std::fs;
 use std::io;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 /// Bookkeeping of one chunk file.
@@ -56,79 +61,6 @@ fn time_nanos(t: io::Result<SystemTime>) -> u64 {
 /// Recency of a file found on disk: the later of its access and modification times.
 pub(crate) fn file_recency(md: &fs::Metadata) -> u64 {
     time_nanos(md.accessed()).max(time_nanos(md.modified()))
-}
-
-#[derive(Debug, Default)]
-pub(crate) struct DiskIndex {
-    pub namespaces: HashMap<String, HashMap<ChunkKey, DiskEntry>>,
-    pub used: u64,
-    pub reserved: u64,
-}
-
-impl DiskIndex {
-    pub fn get(&self, ns: &str, key: &ChunkKey) -> Option<DiskEntry> {
-        self.namespaces.get(ns)?.get(key).copied()
-    }
-
-    /// Adds (or refreshes) an entry, keeping the priority of an existing one.
-    pub fn insert(&mut self, ns: &str, key: ChunkKey, len: u64, last_use: u64) {
-        let chunks = self.namespaces.entry(ns.to_string()).or_default();
-        match chunks.get_mut(&key) {
-            Some(e) => {
-                self.used = self.used - e.len + len;
-                e.len = len;
-                e.last_use = e.last_use.max(last_use);
-            }
-            None => {
-                self.used += len;
-                chunks.insert(
-                    key,
-                    DiskEntry {
-                        len,
-                        last_use,
-                        priority: 0,
-                    },
-                );
-            }
-        }
-    }
-
-    pub fn remove(&mut self, ns: &str, key: &ChunkKey) -> Option<DiskEntry> {
-        let e = self.namespaces.get_mut(ns)?.remove(key)?;
-        self.used -= e.len;
-        Some(e)
-    }
-
-    pub fn touch(&mut self, ns: &str, key: &ChunkKey) {
-        if let Some(e) = self.namespaces.get_mut(ns).and_then(|c| c.get_mut(key)) {
-            e.last_use = e.last_use.max(now_nanos());
-        }
-    }
-
-    /// Replaces the entries of `ns` by what a scan found, keeping known priorities and
-    /// recencies.
-    fn replace_namespace(&mut self, ns: &str, found: Vec<(ChunkKey, u64, u64)>) {
-        let old = self.namespaces.remove(ns).unwrap_or_default();
-        self.used -= old.values().map(|e| e.len).sum::<u64>();
-        let mut fresh = HashMap::with_capacity(found.len());
-        for (key, len, recency) in found {
-            let e = match old.get(&key) {
-                Some(o) => DiskEntry {
-                    len,
-                    last_use: o.last_use.max(recency),
-                    priority: o.priority,
-                },
-                None => DiskEntry {
-                    len,
-                    last_use: recency,
-                    priority: 0,
-                },
-            };
-            self.used += len;
-            fresh.insert(key, e);
-        }
-        self.namespaces.insert(ns.to_string(), fresh);
-    }
 }
 
 /// Size and free space of a file system, from `statvfs`.
@@ -179,57 +111,86 @@ pub(crate) fn list_namespace_dirs(root: &Path) -> io::Result<Vec<String>> {
     Ok(out)
 }
 
-/// Every chunk file of `ns`: key, length, recency. Files whose names are not chunk names, or
-/// that sit in the wrong fan-out directory, are skipped (`verify` reports them).
-pub(crate) fn scan_namespace(root: &Path, ns: &str) -> io::Result<Vec<(ChunkKey, u64, u64)>> {
+/// The fan-out directories (`<ns>/<xx>/`) of namespace `ns`, sorted; none if `ns` is gone.
+pub(crate) fn fan_dirs(root: &Path, ns: &str) -> io::Result<Vec<String>> {
     let mut out = Vec::new();
-    let dir = root.join(ns);
-    let fans = match fs::read_dir(&dir) {
+    let fans = match fs::read_dir(root.join(ns)) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
         Err(e) => return Err(e),
     };
     for fan in fans {
         let fan = fan?;
-        let fan_name = fan.file_name();
-        let Some(fan_name) = fan_name.to_str() else {
+        let Ok(name) = fan.file_name().into_string() else {
             continue;
         };
-        if fan_name.len() != 2 || !fan.file_type()?.is_dir() {
+        let is_fan = name.len() == 2
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+        if is_fan && fan.file_type()?.is_dir() {
+            out.push(name);
+        }
+    }
+    out.sort_unstable();
+    Ok(out)
+}
+
+/// The chunk names of one fan-out directory of `ns` (`fan`, two hex digits), unsorted, with
+/// their directory entries; no file is opened or stat'ed. Names that are not chunk names, or
+/// that sit in the wrong fan-out directory, are skipped (`verify` reports them).
+fn fan_entries(root: &Path, ns: &str, fan: &str) -> io::Result<Vec<(ChunkKey, fs::DirEntry)>> {
+    let mut out = Vec::new();
+    let files = match fs::read_dir(root.join(ns).join(fan)) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for f in files {
+        let f = f?;
+        let name = f.file_name();
+        let Some(name) = name.to_str() else { continue };
+        if name.starts_with(TMP_PREFIX) {
             continue;
         }
-        let files = match fs::read_dir(fan.path()) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-            Err(e) => return Err(e),
+        let Ok(key) = ChunkKey::from_file_name(name) else {
+            continue;
         };
-        for f in files {
-            let f = f?;
-            let name = f.file_name();
-            let Some(name) = name.to_str() else { continue };
-            if name.starts_with(TMP_PREFIX) {
-                continue;
-            }
-            let Ok(key) = ChunkKey::from_file_name(name) else {
-                continue;
-            };
-            if !key.to_hex().starts_with(fan_name) {
-                continue;
-            }
-            let md = match f.metadata() {
-                Ok(m) => m,
-                Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
-                Err(e) => return Err(e),
-            };
-            if md.is_file() {
-                out.push((key, md.len(), file_recency(&md)));
-            }
+        if key.to_hex().starts_with(fan) {
+            out.push((key, f));
         }
     }
     Ok(out)
 }
 
-/// The disk tier: root, bounds and index.
+/// The chunk keys of one fan-out directory of `ns`, sorted (names only: a listing page).
+pub(crate) fn fan_keys(root: &Path, ns: &str, fan: &str) -> io::Result<Vec<ChunkKey>> {
+    let mut keys: Vec<ChunkKey> = fan_entries(root, ns, fan)?
+        .into_iter()
+        .map(|(k, _)| k)
+        .collect();
+    keys.sort_unstable();
+    Ok(keys)
+}
+
+/// The chunk files of one fan-out directory of `ns`: key, length, recency, sorted by key.
+pub(crate) fn scan_fan(root: &Path, ns: &str, fan: &str) -> io::Result<Vec<(ChunkKey, u64, u64)>> {
+    let mut out = Vec::new();
+    for (key, f) in fan_entries(root, ns, fan)? {
+        let md = match f.metadata() {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(e),
+        };
+        if md.is_file() {
+            out.push((key, md.len(), file_recency(&md)));
+        }
+    }
+    out.sort_unstable_by_key(|f| f.0);
+    Ok(out)
+}
+
+/// The disk tier: root, bounds, index, and the background maintenance pass.
 #[derive(Debug)]
 pub(crate) struct DiskTier {
     pub root: PathBuf,
@@ -237,18 +198,32 @@ pub(crate) struct DiskTier {
     pub min_free: Limit,
     /// Asked which chunks still wait for their upload (never evicted).
     remote: Option<Arc<dyn RemoteTier>>,
-    index: Mutex<DiskIndex>,
+    index: ChunkIndex,
+    /// The maintenance pass this process started, if any.
+    pass: Mutex<Option<JoinHandle<()>>>,
 }
 
-/// Bytes held back for a put in progress; released on drop.
+/// Bytes held back for a put in progress (a row in the index, seen by every process);
+/// released on drop unless committed.
 pub(crate) struct Reservation<'a> {
     tier: &'a DiskTier,
-    bytes: u64,
+    id: Option<i64>,
+}
+
+impl Reservation<'_> {
+    /// Turns the reservation into the chunk's row in one transaction.
+    pub fn commit(mut self, ns: &str, key: &ChunkKey, len: u64) {
+        if let Some(id) = self.id.take() {
+            self.tier.index.commit_reservation(id, ns, key, len);
+        }
+    }
 }
 
 impl Drop for Reservation<'_> {
     fn drop(&mut self) {
-        self.tier.index().reserved -= self.bytes;
+        if let Some(id) = self.id.take() {
+            self.tier.index.release(id);
+        }
     }
 }
 
@@ -260,28 +235,75 @@ pub(crate) struct Victim {
     pub len: u64,
 }
 
+fn db_err(path: &Path, e: rusqlite::Error) -> StoreError {
+    StoreError::io(path, io::Error::other(e))
+}
+
 impl DiskTier {
-    /// `remote`, when given, pins chunks whose upload is still queued (see
-    /// [`RemoteTier::upload_pending`]): eviction passes over them.
-    pub fn new(
+    /// Opens the tier's index (see [`super::index`]) and starts a maintenance pass in the
+    /// background when one is due. `remote`, when given, pins chunks whose upload is still
+    /// queued (see [`RemoteTier::upload_pending`]): eviction passes over them.
+    pub fn open(
         root: PathBuf,
         capacity: Limit,
         min_free: Limit,
         remote: Option<Arc<dyn RemoteTier>>,
-    ) -> DiskTier {
-        DiskTier {
+    ) -> Result<DiskTier, StoreError> {
+        let index = ChunkIndex::open(&root)?;
+        let tier = DiskTier {
             root,
             capacity,
             min_free,
             remote,
-            index: Mutex::new(DiskIndex::default()),
+            index,
+            pass: Mutex::new(None),
+        };
+        tier.start_maintenance();
+        Ok(tier)
+    }
+
+    /// Starts a maintenance pass on a background thread if one is due and no live process
+    /// runs one.
+    fn start_maintenance(&self) {
+        match maintenance::claim(&self.root) {
+            Ok(true) => {
+                let root = self.root.clone();
+                let handle = std::thread::Builder::new()
+                    .name("kvfs-index".into())
+                    .spawn(move || {
+                        if let Err(e) = maintenance::run_pass(&root) {
+                            tracing::warn!(root = %root.display(), error = %e, "chunk index maintenance failed");
+                        }
+                    });
+                match handle {
+                    Ok(h) => *self.pass.lock().unwrap_or_else(|p| p.into_inner()) = Some(h),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot start the chunk index maintenance")
+                    }
+                }
+            }
+            Ok(false) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot claim the chunk index maintenance"),
         }
     }
 
-    pub fn index(&self) -> MutexGuard<'_, DiskIndex> {
-        // A panic while holding the lock leaves the index consistent (every update is a few
-        // field writes), so a poisoned lock is still usable.
-        self.index.lock().unwrap_or_else(|p| p.into_inner())
+    /// Waits for the maintenance pass this process started, if any.
+    pub fn wait_maintenance(&self) {
+        let h = self.pass.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(h) = h {
+            let _ = h.join();
+        }
+    }
+
+    /// Runs a maintenance pass now (`gc`, `verify`): the index agrees with the files after.
+    pub fn resync(&self) -> Result<(), StoreError> {
+        self.wait_maintenance();
+        self.index.flush_touches();
+        maintenance::run_pass(&self.root).map(|_| ())
+    }
+
+    pub fn index(&self) -> &ChunkIndex {
+        &self.index
     }
 
     pub fn path(&self, ns: &str, key: &ChunkKey) -> PathBuf {
@@ -293,35 +315,6 @@ impl DiskTier {
             path: path.to_path_buf(),
             source,
         }
-    }
-
-    /// Re-syncs the index of one namespace with the files on disk.
-    pub fn rescan_namespace(&self, ns: &str) -> Result<(), StoreError> {
-        let found =
-            scan_namespace(&self.root, ns).map_err(|e| self.io_err(&self.root.join(ns), e))?;
-        self.index().replace_namespace(ns, found);
-        Ok(())
-    }
-
-    /// Re-syncs the whole index with the files on disk.
-    pub fn rescan(&self) -> Result<(), StoreError> {
-        let dirs = list_namespace_dirs(&self.root).map_err(|e| self.io_err(&self.root, e))?;
-        for ns in &dirs {
-            self.rescan_namespace(ns)?;
-        }
-        let mut idx = self.index();
-        let gone: Vec<String> = idx
-            .namespaces
-            .keys()
-            .filter(|k| !dirs.contains(k))
-            .cloned()
-            .collect();
-        for ns in gone {
-            if let Some(old) = idx.namespaces.remove(&ns) {
-                idx.used -= old.values().map(|e| e.len).sum::<u64>();
-            }
-        }
-        Ok(())
     }
 
     pub fn space(&self) -> Result<FsSpace, StoreError> {
@@ -336,20 +329,31 @@ impl DiskTier {
         )
     }
 
+    fn pinned(&self, v: &Victim) -> bool {
+        self.remote
+            .as_ref()
+            .is_some_and(|r| r.upload_pending(&v.ns, &v.key))
+    }
+
     /// Chooses what to evict so that `needed` more bytes fit, or says how much could fit.
-    /// Returns the victims (already removed from the index) and must be followed by deleting
-    /// their files.
+    /// Runs inside the index's write transaction: the victims' rows are removed there, and
+    /// their files must be deleted after it commits. Walks the eviction B-tree from the
+    /// coldest chunk and stops when enough is freed: its cost is the victims', not the
+    /// cache's.
     fn plan(
         &self,
-        idx: &mut DiskIndex,
+        tx: &mut Tx<'_>,
         needed: u64,
         space: FsSpace,
     ) -> Result<Vec<Victim>, StoreError> {
+        let path = self.index.path().to_path_buf();
         let (limit, min_free) = self.bounds(space);
-        let pending = idx.used + idx.reserved;
+        let used = tx.used().map_err(|e| db_err(&path, e))?;
+        let reserved = tx.reserved().map_err(|e| db_err(&path, e))?;
+        let pending = used + reserved;
         let cap_deficit = (pending + needed).saturating_sub(limit);
         let free_deficit = if min_free > 0 {
-            (min_free + idx.reserved + needed).saturating_sub(space.free)
+            (min_free + reserved + needed).saturating_sub(space.free)
         } else {
             0
         };
@@ -357,49 +361,33 @@ impl DiskTier {
         if want == 0 {
             return Ok(Vec::new());
         }
-        let mut all: Vec<(u8, u64, &str, ChunkKey, u64)> = idx
-            .namespaces
-            .iter()
-            .flat_map(|(ns, chunks)| {
-                chunks
-                    .iter()
-                    .map(move |(k, e)| (e.priority, e.last_use, ns.as_str(), *k, e.len))
-            })
-            .collect();
-        let evictable: u64 = all.iter().map(|v| v.4).sum();
+        let evictable = used;
         if evictable < want || needed > limit {
             let room_cap = limit.saturating_sub(pending);
             let room_free = if min_free > 0 {
-                space.free.saturating_sub(min_free + idx.reserved)
+                space.free.saturating_sub(min_free + reserved)
             } else {
-                space.free.saturating_sub(idx.reserved)
+                space.free.saturating_sub(reserved)
             };
             return Err(StoreError::NoSpace {
                 needed,
                 available: room_cap.min(room_free) + evictable.min(limit),
             });
         }
-        all.sort_unstable_by_key(|v| (v.0, v.1));
         let mut freed = 0;
         let mut victims = Vec::new();
-        for (_, _, ns, key, len) in all {
+        tx.coldest(|v| {
             if freed >= want {
-                break;
+                return ControlFlow::Break(());
             }
-            if self
-                .remote
-                .as_ref()
-                .is_some_and(|r| r.upload_pending(ns, &key))
-            {
-                continue; // its only copy until the upload lands
+            if !self.pinned(&v) {
+                // A pinned chunk is its only copy until the upload lands.
+                freed += v.len;
+                victims.push(v);
             }
-            freed += len;
-            victims.push(Victim {
-                ns: ns.to_string(),
-                key,
-                len,
-            });
-        }
+            ControlFlow::Continue(())
+        })
+        .map_err(|e| db_err(&path, e))?;
         if freed < want {
             // Pinned chunks (uploads still queued) make up the difference: nothing is evicted.
             return Err(StoreError::NoSpace {
@@ -408,24 +396,32 @@ impl DiskTier {
             });
         }
         for v in &victims {
-            idx.remove(&v.ns, &v.key);
+            tx.remove(&v.ns, &v.key).map_err(|e| db_err(&path, e))?;
         }
         Ok(victims)
     }
 
-    /// Makes room for `needed` bytes and holds them until the returned reservation drops.
-    /// Evicted chunks are returned so the caller can drop them from faster tiers too.
-    pub fn reserve(&self, needed: u64) -> Result<(Reservation<'_>, Vec<Victim>), StoreError> {
+    /// Makes room for `needed` bytes of chunk `key` in `ns` and holds them until the
+    /// returned reservation is committed or dropped. Evicted chunks are returned so the
+    /// caller can drop them from faster tiers too.
+    pub fn reserve(
+        &self,
+        ns: &str,
+        key: &ChunkKey,
+        needed: u64,
+    ) -> Result<(Reservation<'_>, Vec<Victim>), StoreError> {
         let space = self.space()?;
-        let victims = {
-            let mut idx = self.index();
-            let v = self.plan(&mut idx, needed, space)?;
-            idx.reserved += needed;
-            v
-        };
+        let path = self.index.path().to_path_buf();
+        let (id, victims) = self.index.write(|tx| {
+            let v = self.plan(tx, needed, space)?;
+            let id = tx
+                .reserve(needed, Some((ns, key)))
+                .map_err(|e| db_err(&path, e))?;
+            Ok((id, v))
+        })?;
         let res = Reservation {
             tier: self,
-            bytes: needed,
+            id: Some(id),
         };
         self.delete_victims(&victims);
         Ok((res, victims))
@@ -434,31 +430,12 @@ impl DiskTier {
     /// Evicts until both bounds hold (`gc`). Returns what was evicted.
     pub fn enforce(&self) -> Result<Vec<Victim>, StoreError> {
         let space = self.space()?;
-        let victims = {
-            let mut idx = self.index();
-            match self.plan(&mut idx, 0, space) {
-                Ok(v) => v,
-                // Even an empty cache cannot satisfy min_free (the file system is full of
-                // other data): evict everything we hold, which is the best gc can do.
-                Err(StoreError::NoSpace { .. }) => {
-                    let all: Vec<Victim> = idx
-                        .namespaces
-                        .iter()
-                        .flat_map(|(ns, c)| {
-                            c.iter().map(move |(k, e)| Victim {
-                                ns: ns.clone(),
-                                key: *k,
-                                len: e.len,
-                            })
-                        })
-                        .collect();
-                    for v in &all {
-                        idx.remove(&v.ns, &v.key);
-                    }
-                    all
-                }
-                Err(e) => return Err(e),
-            }
+        let victims = match self.index.write(|tx| self.plan(tx, 0, space)) {
+            Ok(v) => v,
+            // Even an empty cache cannot satisfy min_free (the file system is full of
+            // other data): evict everything we hold, which is the best gc can do.
+            Err(StoreError::NoSpace { .. }) => return Ok(self.evict_bytes(u64::MAX)),
+            Err(e) => return Err(e),
         };
         self.delete_victims(&victims);
         Ok(victims)
@@ -467,29 +444,28 @@ impl DiskTier {
     /// Evicts up to `bytes` of the coldest chunks regardless of bounds (used to retry a write
     /// the file system refused with ENOSPC).
     pub fn evict_bytes(&self, bytes: u64) -> Vec<Victim> {
-        let victims = {
-            let mut idx = self.index();
-            let mut all: Vec<(u8, u64, String, ChunkKey, u64)> = idx
-                .namespaces
-                .iter()
-                .flat_map(|(ns, c)| {
-                    c.iter()
-                        .map(move |(k, e)| (e.priority, e.last_use, ns.clone(), *k, e.len))
-                })
-                .collect();
-            all.sort_unstable_by_key(|v| (v.0, v.1));
-            let mut freed = 0;
+        let path = self.index.path().to_path_buf();
+        let r = self.index.write(|tx| {
+            let mut freed = 0u64;
             let mut out = Vec::new();
-            for (_, _, ns, key, len) in all {
+            tx.coldest(|v| {
                 if freed >= bytes {
-                    break;
+                    return ControlFlow::Break(());
                 }
-                freed += len;
-                idx.remove(&ns, &key);
-                out.push(Victim { ns, key, len });
+                freed = freed.saturating_add(v.len);
+                out.push(v);
+                ControlFlow::Continue(())
+            })
+            .map_err(|e| db_err(&path, e))?;
+            for v in &out {
+                tx.remove(&v.ns, &v.key).map_err(|e| db_err(&path, e))?;
             }
-            out
-        };
+            Ok(out)
+        });
+        let victims = r.unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot choose chunks to evict");
+            Vec::new()
+        });
         self.delete_victims(&victims);
         victims
     }

@@ -15,21 +15,23 @@ pub struct GcReport {
 }
 
 impl Store {
-    /// Eviction hint: chunks with a higher priority are evicted later (0 = default).
+    /// Eviction hint: chunks with a higher priority are evicted later (0 = default). Kept in
+    /// the disk tier's index, so it survives a restart and every process sharing the cache
+    /// evicts by it. A chunk not held locally is ignored.
     pub fn set_priority(&self, ns_dir: &str, key: &ChunkKey, priority: u8) {
         if !self.contains(ns_dir, key) {
             return;
         }
-        let mut idx = self.inner.disk.index();
-        if let Some(e) = idx.namespaces.get_mut(ns_dir).and_then(|c| c.get_mut(key)) {
-            e.priority = priority;
+        if let Err(e) = self.inner.disk.index().set_priority(ns_dir, key, priority) {
+            tracing::warn!(ns_dir, %key, error = %e, "priority not recorded");
         }
     }
 
-    /// Rescans the disk and evicts until the capacity and free-space bounds hold.
+    /// Brings the index into agreement with the files (a full pass), then evicts until the
+    /// capacity and free-space bounds hold.
     pub fn gc(&self) -> Result<GcReport, StoreError> {
         let disk = &self.inner.disk;
-        disk.rescan()?;
+        disk.resync()?;
         let victims = disk.enforce()?;
         self.forget_victims(&victims, EvictReason::Gc);
         let space = disk.space()?;
@@ -37,7 +39,7 @@ impl Store {
         Ok(GcReport {
             evicted: victims.len() as u64,
             freed_bytes: victims.iter().map(|v| v.len).sum(),
-            used_bytes: disk.index().used,
+            used_bytes: disk.index().used(),
             limit_bytes: limit,
         })
     }

@@ -33,17 +33,23 @@
 //! tier's trait). The identity check itself (key == name, namespace id == directory suffix)
 //! is kvfs-loader's [`identity::check_identity`].
 //!
-//! ## Several processes
-//! Each process has its own index ([`disk`]); files are the shared truth. A miss stats the path
-//! and adopts a chunk another process committed; a chunk another process evicted is dropped
-//! from the index and reported as [`StoreError::NotFound`]. At open, temporary files of dead
-//! writers (and any older than an hour) are removed.
+//! ## The index, and several processes
+//! Files are the shared truth; what capacity and eviction need about them is kept in one
+//! persistent index per cache root (`index`: SQLite beside the chunks), shared by every
+//! process that opens the root, so that opening a store reads no directory and every process
+//! sees one usage figure. A miss stats the path and adopts a chunk another process (or an
+//! engine's loader) committed; a chunk another process evicted is dropped from the index and
+//! reported as [`StoreError::NotFound`]. A background pass (`maintenance`) rebuilds a missing
+//! or damaged index and removes temporary files of dead writers (and any older than an hour)
+//! without delaying a read.
 
 mod admission;
 pub mod disk;
 mod error;
 mod gc;
+mod index;
 mod ingest;
+mod maintenance;
 mod memory;
 mod metrics;
 mod namespace;
@@ -67,7 +73,6 @@ use std::fs;
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
 pub use error::StoreError;
 pub use gc::GcReport;
@@ -84,8 +89,6 @@ pub use verify::{BadChunk, QUARANTINE_DIR, VerifyReport};
 
 /// Name of the spec file written into a namespace directory.
 pub use kvfs_loader::identity::NAMESPACE_JSON;
-/// Temporary files older than this are removed at open even if their writer may be alive.
-const STALE_TMP_AGE: Duration = Duration::from_secs(3600);
 
 struct Inner {
     cfg: StoreConfig,
@@ -143,18 +146,13 @@ pub fn prepare_root(root: &Path, access: dir::Access) -> Result<(), StoreError> 
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `cfg.root`: removes temporaries of dead
-    /// writers, then scans the disk tier.
+    /// Opens (creating if needed) the store at `cfg.root`. Reads no chunk directory: the
+    /// disk tier's index is opened, and rebuilt in the background if it is missing or
+    /// damaged (see the module docs).
     pub fn open(cfg: StoreConfig) -> Result<Store, StoreError> {
         let root = cfg.root.clone();
         prepare_root(&root, cfg.access)?;
-        let swept =
-            dir::sweep_temporaries(&root, STALE_TMP_AGE).map_err(|e| StoreError::io(&root, e))?;
-        if swept > 0 {
-            tracing::info!(root = %root.display(), swept, "removed temporary files of interrupted writers");
-        }
-        let disk = DiskTier::new(root, cfg.capacity, cfg.min_free, cfg.remote.clone());
-        disk.rescan()?;
+        let disk = DiskTier::open(root, cfg.capacity, cfg.min_free, cfg.remote.clone())?;
         let memory = MemoryTier::new(cfg.memory_bytes);
         Ok(Store {
             inner: Arc::new(Inner {
@@ -173,6 +171,13 @@ impl Store {
 
     pub fn config(&self) -> &StoreConfig {
         &self.inner.cfg
+    }
+
+    /// Waits until the index maintenance pass this process started (when it opened an index
+    /// that was new, damaged or due a check) is done: usage and namespace totals count every
+    /// file after it. Reads never need to wait.
+    pub fn wait_for_index(&self) {
+        self.inner.disk.wait_maintenance();
     }
 
     /// Where the disk tier keeps (or would keep) a chunk.
@@ -204,7 +209,7 @@ impl Store {
         let inner = &*self.inner;
         check_ns(ns_dir)?;
         inner.memory.remove(key);
-        inner.disk.index().remove(ns_dir, key);
+        inner.disk.index().forget(ns_dir, key);
         let path = inner.disk.path(ns_dir, key);
         match fs::remove_file(&path) {
             Ok(()) => Ok(true),

@@ -88,7 +88,7 @@ impl Store {
         };
         if path.exists() {
             verify_payload_parallel(&header, bytes).map_err(fail)?;
-            inner.disk.index().insert(ns_dir, key, len, now_nanos());
+            inner.disk.index().record(ns_dir, &key, len, now_nanos());
             to_memory();
             bump(&inner.counters.puts_existing, 1);
             return Ok(PutOutcome {
@@ -103,7 +103,7 @@ impl Store {
         let mut evicted = 0;
         let mut retried = false;
         let commit = loop {
-            let (reservation, victims) = inner.disk.reserve(len)?;
+            let (reservation, victims) = inner.disk.reserve(ns_dir, &key, len)?;
             evicted += self.forget_victims(&victims, EvictReason::Capacity);
             let r = dir::commit_with(&path, fsync, |f| {
                 std::thread::scope(|s| {
@@ -119,19 +119,23 @@ impl Store {
                     written
                 })
             });
-            drop(reservation);
             match r {
-                Ok(c) => break c,
+                Ok(c) => {
+                    // The reservation becomes the chunk's row in one transaction.
+                    reservation.commit(ns_dir, &key, len);
+                    break c;
+                }
                 Err(e) if e.get_ref().is_some_and(|i| i.is::<VerifyFailed>()) => {
                     let inner_err = e.into_inner().expect("checked above");
                     let VerifyFailed(fe) = *inner_err.downcast::<VerifyFailed>().expect("checked");
                     return Err(fail(fe));
                 }
                 Err(e) if is_no_space(&e) => {
+                    drop(reservation);
                     // Evict and retry once, but only if evicting could make room at all:
                     // a hopeless put must not cost committed chunks.
                     let free = inner.disk.space().map_or(0, |s| s.free);
-                    let evictable = inner.disk.index().used;
+                    let evictable = inner.disk.index().used();
                     if !retried && free + evictable >= len {
                         retried = true;
                         let v = inner.disk.evict_bytes(len);
@@ -149,7 +153,6 @@ impl Store {
                 Err(e) => return Err(StoreError::io(&path, e)),
             }
         };
-        inner.disk.index().insert(ns_dir, key, len, now_nanos());
         to_memory();
         let created = commit == Commit::Created;
         if created {

@@ -86,7 +86,7 @@ impl Store {
         match File::open(&path) {
             Ok(f) => Ok(Found::Disk(f, path)),
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                inner.disk.index().remove(ns_dir, key);
+                inner.disk.index().forget(ns_dir, key);
                 match reach {
                     Reach::Read => Ok(Found::Bytes(self.fetch_remote(ns_dir, key)?, Tier::Remote)),
                     Reach::Look => Err(StoreError::NotFound {
@@ -132,7 +132,8 @@ impl Store {
                 inner
                     .disk
                     .index()
-                    .insert(ns_dir, *key, bytes.len() as u64, now_nanos());
+                    .adopt(ns_dir, key, bytes.len() as u64, now_nanos());
+                inner.disk.index().touch(ns_dir, key);
                 inner.memory.insert(ns_dir, *key, bytes.clone());
                 Ok(bytes)
             }
@@ -308,7 +309,7 @@ impl Store {
         let priority = inner
             .disk
             .index()
-            .get(ns_dir, key)
+            .entry(ns_dir, key)
             .map_or(0, |e| e.priority);
         let (f, path) = match self.locate(ns_dir, key, Reach::Look)? {
             Found::Bytes(b, tier) => {
@@ -334,7 +335,7 @@ impl Store {
         inner
             .disk
             .index()
-            .insert(ns_dir, *key, md.len(), disk::file_recency(&md));
+            .adopt(ns_dir, key, md.len(), disk::file_recency(&md));
         Ok(ChunkStat {
             ns_dir: ns_dir.to_string(),
             header,
@@ -362,11 +363,11 @@ impl Store {
                 inner
                     .disk
                     .index()
-                    .insert(ns_dir, *key, md.len(), disk::file_recency(&md));
+                    .adopt(ns_dir, key, md.len(), disk::file_recency(&md));
                 true
             }
             _ => {
-                inner.disk.index().remove(ns_dir, key);
+                inner.disk.index().forget(ns_dir, key);
                 false
             }
         }

@@ -76,7 +76,7 @@ impl Store {
             evicted_bytes: l(&c.evicted_bytes),
             verify_failures: l(&c.verify_failures),
             memory_bytes: self.inner.memory.weighted_size(),
-            disk_bytes: self.inner.disk.index().used,
+            disk_bytes: self.inner.disk.index().used(),
         }
     }
 
@@ -87,7 +87,7 @@ impl Store {
         let (limit, min_free) = disk.bounds(space);
         CapacityInfo {
             limit_bytes: limit,
-            used_bytes: disk.index().used,
+            used_bytes: disk.index().used(),
             min_free_bytes: min_free,
             fs_total_bytes: space.total,
             fs_free_bytes: space.free,

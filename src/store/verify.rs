@@ -35,6 +35,9 @@ impl Store {
     /// Checks every file of the disk tier in full; moves bad ones to `<root>/.quarantine/`.
     /// `progress(done, total)` is called after each file.
     pub fn verify_all(&self, progress: &dyn Fn(u64, u64)) -> Result<VerifyReport, StoreError> {
+        // The full pass first: the index agrees with the files and dead writers'
+        // temporaries are gone before the files are checked.
+        self.inner.disk.resync()?;
         let root = self.root().to_path_buf();
         let mut files = Vec::new();
         for ns in disk::list_namespace_dirs(&root).map_err(|e| StoreError::io(&root, e))? {
@@ -74,7 +77,7 @@ impl Store {
                     tracing::debug!(path = %path.display(), error = %e, "bad chunk file");
                     if let Ok(key) = ChunkKey::from_file_name(&name) {
                         self.inner.memory.remove(&key);
-                        self.inner.disk.index().remove(&ns, &key);
+                        self.inner.disk.index().forget(&ns, &key);
                     }
                     let quarantined_to = self.quarantine(&ns, &name, &path);
                     report.bad.push(BadChunk {

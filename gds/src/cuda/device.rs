@@ -183,6 +183,36 @@ impl Device {
             .map_err(cuda_err("cuEventCreate"))
     }
 
+    /// Makes `stream` wait (on the GPU) for the work recorded by `ev`, without blocking the
+    /// host.
+    ///
+    /// # Safety
+    /// `ev` must be a live event of this device's context (a layer event of a loader still
+    /// alive) and `stream` a live stream of the same context (or 0, the legacy stream).
+    pub unsafe fn wait_event(&self, stream: RawStream, ev: RawEvent) -> Result<()> {
+        self.bind()?;
+        // SAFETY: ev and stream are live per the caller's contract.
+        unsafe {
+            cu::stream::wait_event(
+                stream as sys::CUstream,
+                ev as sys::CUevent,
+                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
+            )
+        }
+        .map_err(cuda_err("cuStreamWaitEvent"))
+    }
+
+    /// Blocks the host until the work recorded by `ev` is done.
+    ///
+    /// # Safety
+    /// As [`Device::wait_event`] for `ev`.
+    pub unsafe fn event_synchronize(&self, ev: RawEvent) -> Result<()> {
+        self.bind()?;
+        // SAFETY: ev is live per the caller's contract.
+        unsafe { cu::event::synchronize(ev as sys::CUevent) }
+            .map_err(cuda_err("cuEventSynchronize"))
+    }
+
     /// Records `ev` on the loader's stream (e.g. a start mark for timing).
     pub fn record(&self, ev: &CudaEvent) -> Result<()> {
         ev.record(&self.stream).map_err(cuda_err("cuEventRecord"))
@@ -351,10 +381,16 @@ impl RunTable {
     }
 }
 
+/// Called with each layer and its raw event right after the event is recorded, on the
+/// thread running the load (see [`GpuLoader::set_layer_hook`](super::GpuLoader::set_layer_hook)).
+pub type LayerHook = Box<dyn FnMut(usize, RawEvent) + Send>;
+
 /// Per-layer events, re-recorded by each load.
+#[derive(Default)]
 pub(super) struct LayerEvents {
     pub(super) events: Vec<CudaEvent>,
     pub(super) recorded: usize,
+    pub(super) hook: Option<LayerHook>,
 }
 
 impl LayerEvents {
@@ -366,6 +402,9 @@ impl LayerEvents {
             .record(&dev.stream)
             .map_err(cuda_err("cuEventRecord"))?;
         self.recorded = self.recorded.max(layer + 1);
+        if let Some(hook) = &mut self.hook {
+            hook(layer, self.events[layer].cu_event() as RawEvent);
+        }
         Ok(())
     }
 

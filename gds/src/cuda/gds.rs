@@ -64,10 +64,7 @@ impl GdsEngine {
             slot_events: vec![None, None],
             buf_size: buf_size as u64,
             runs: RunTable { buf: None },
-            layers: LayerEvents {
-                events: Vec::new(),
-                recorded: 0,
-            },
+            layers: LayerEvents::default(),
             handles: HashMap::new(),
         })
     }

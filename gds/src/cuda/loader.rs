@@ -3,14 +3,12 @@
 
 use std::sync::Arc;
 
-use cudarc::driver::result as cu;
-use cudarc::driver::sys;
 use tracing::{debug, info};
 
-use super::device::Device;
+use super::device::{Device, LayerHook};
 use super::gds::GdsEngine;
 use super::staging::CudaSink;
-use super::{RawEvent, RawStream, cuda_err};
+use super::{RawEvent, RawStream};
 use crate::error::{GdsError, Result};
 use crate::plan::{ReadExtent, WriteExtent};
 use crate::probe::{GpuPath, Probe, ProbeOptions, select};
@@ -162,6 +160,19 @@ impl GpuLoader {
         }
     }
 
+    /// Installs (or with `None` removes) a hook called on the loading thread right after
+    /// each layer's event is recorded, with the layer and its raw event: an engine that runs
+    /// [`GpuLoader::load_extents`] on a thread of its own learns there when layer `l` may be
+    /// waited on (the event is recorded; the copies behind it may still be running). No-op
+    /// on the host-only path, which records no events.
+    pub fn set_layer_hook(&mut self, hook: Option<LayerHook>) {
+        match &mut self.engine {
+            Engine::Host => {}
+            Engine::Staging(r) => r.sink_mut().layers.hook = hook,
+            Engine::Gds(g) => g.layers.hook = hook,
+        }
+    }
+
     /// Makes `stream` (an engine's `CUstream`) wait until layer `layer` of the last load is
     /// in place, without blocking the host.
     ///
@@ -171,18 +182,12 @@ impl GpuLoader {
         let ev = self.layer_event(layer).ok_or_else(|| {
             GdsError::Config(format!("layer {layer} has no event (not loaded yet?)"))
         })?;
-        if let Some(d) = &self.dev {
-            d.bind()?;
-        }
+        let dev = self
+            .dev
+            .as_ref()
+            .ok_or(GdsError::NoDevice { op: "wait_layer" })?;
         // SAFETY: ev is a live event of ours; stream per the caller's contract.
-        unsafe {
-            cu::stream::wait_event(
-                stream as sys::CUstream,
-                ev as sys::CUevent,
-                sys::CUevent_wait_flags::CU_EVENT_WAIT_DEFAULT,
-            )
-        }
-        .map_err(cuda_err("cuStreamWaitEvent"))
+        unsafe { dev.wait_event(stream, ev) }
     }
 
     /// Blocks until every queued copy of the loader is done.

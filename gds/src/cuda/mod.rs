@@ -43,7 +43,7 @@ use std::ffi::c_void;
 
 use crate::error::GdsError;
 
-pub use device::{Device, DeviceBuf, PinnedBuf};
+pub use device::{Device, DeviceBuf, LayerHook, PinnedBuf};
 pub use gds::{BATCH_MAX, BATCH_MIN_PIECES, GdsEngine};
 pub use loader::{GpuLoader, GpuOptions};
 pub use staging::CudaSink;

@@ -41,10 +41,7 @@ impl CudaSink {
             slot_events: Vec::new(),
             runs: RunTable { buf: None },
             runs_ptr: 0,
-            layers: LayerEvents {
-                events: Vec::new(),
-                recorded: 0,
-            },
+            layers: LayerEvents::default(),
         }
     }
 }

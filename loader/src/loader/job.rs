@@ -538,7 +538,7 @@ fn read_header(f: &ChunkFile, buf: &mut AlignedBuf) -> Result<ChunkHeader, Chunk
 }
 
 /// Checks a parsed header is the chunk that was asked for, in the loader's spec.
-fn check_header(
+pub(super) fn check_header(
     h: &ChunkHeader,
     spec: &ModelSpec,
     ns: &NamespaceId,

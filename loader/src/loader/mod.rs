@@ -41,13 +41,16 @@
 //! lives), its options and the load request types; `error` the errors ([`LoaderError`],
 //! [`ChunkError`]); `store` writing chunks and `namespace.json`; `job` the load plan and the
 //! job that reads it (reader threads, header checks, progress); `handle` the [`LoadHandle`]
-//! an engine waits on.
+//! an engine waits on; `document` the position-independent chunks of documents (blending):
+//! store, look up, and load at a new place with the keys re-encoded ([`crate::rope`]).
 
+mod document;
 mod error;
 mod handle;
 mod job;
 mod store;
 
+pub use document::DocumentLoad;
 pub use error::{ChunkError, LoaderError};
 pub use handle::LoadHandle;
 pub use store::StoreStats;
@@ -269,6 +272,17 @@ impl Loader {
     /// Where the chunk of `key` lives.
     pub fn chunk_path(&self, key: &ChunkKey) -> PathBuf {
         self.layout.chunk_path(&self.root, &self.ns_dir, key)
+    }
+
+    /// Checks a header that a caller read itself (a device back end reading chunk files
+    /// with its own I/O) against this loader's spec, namespace and the expected `key`: the
+    /// checks every [`Loader::load`] makes on each chunk.
+    pub fn check_chunk_header(
+        &self,
+        header: &crate::format::ChunkHeader,
+        key: &ChunkKey,
+    ) -> Result<(), ChunkError> {
+        job::check_header(header, &self.spec, &self.ns, key)
     }
 
     /// How many leading tokens of `tokens` are cached: full chunks present, up to the first

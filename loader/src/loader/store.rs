@@ -10,6 +10,7 @@ use crate::identity::NAMESPACE_JSON;
 use crate::layout::BlockMap;
 use std::fs::OpenOptions;
 use std::io::Write;
+use std::ops::Range;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::io::IntoRawFd;
 use std::path::Path;
@@ -31,26 +32,15 @@ impl Loader {
     pub fn store(&self, tokens: &[u32], src: &Dest<'_>) -> Result<StoreStats, LoaderError> {
         let ct = self.spec.chunk_tokens as usize;
         let full = tokens.len() / ct * ct;
-        src.layout.check_spec(&self.spec)?;
-        src.layout.check_map(&src.map, 0..full)?;
-        if let BlockMap::Slots(s) = src.map
-            && let Some(p) = s[..full].iter().position(|&x| x < 0)
-        {
-            return Err(LoaderError::Invalid(format!(
-                "position {p} maps to a padding slot; a stored chunk needs every row"
-            )));
-        }
+        self.check_source(src, 0..full)?;
         let mut stats = StoreStats::default();
         let keys = self.chunk_keys(&tokens[..full]);
         if keys.is_empty() {
             return Ok(stats);
         }
         self.write_namespace_json();
-        let row = src.layout.row_bytes();
-        let mut runs = Vec::new();
         for c in keys {
-            let path = self.chunk_path(&c.key);
-            if path.exists() {
+            if self.chunk_path(&c.key).exists() {
                 stats.present += 1;
                 continue;
             }
@@ -60,59 +50,95 @@ impl Loader {
                 self.salt,
                 tokens[c.start..c.end].to_vec(),
             );
-            let mut copy_err = None;
-            let bytes = encode_chunk(&meta, |layer, plane, dst| {
-                runs.clear();
-                src.layout.runs(
-                    &src.map,
-                    layer as usize,
-                    plane as usize,
-                    c.start..c.end,
-                    &mut runs,
-                );
-                for r in &runs {
-                    let at = (r.pos - c.start) * row;
-                    let out = &mut dst[at..at + r.tokens * row];
-                    // SAFETY: `check_map` proved every run lies inside a layout region, and
-                    // the layout's contract keeps the region readable during this call.
-                    let copied = unsafe {
-                        src.backend
-                            .copy_rows_out(src.layout, plane as usize, r, out)
-                    };
-                    if let Err(e) = copied {
-                        copy_err.get_or_insert(e);
-                    }
-                }
-            })
-            .map_err(|e| LoaderError::Invalid(format!("cannot encode chunk: {e}")))?;
-            let store_err = |source| LoaderError::Store {
-                chunk: c.index,
-                path: path.clone(),
-                source,
-            };
-            if let Some(e) = copy_err {
-                return Err(store_err(e));
-            }
-            let created = match self.layout {
-                dir::Layout::Cache => {
-                    dir::commit_file(&path, &bytes, self.opts.fsync).map_err(store_err)?
-                        == Commit::Created
-                }
-                dir::Layout::Flat => write_through_mount(&path, &bytes).map_err(store_err)?,
-            };
-            if created {
-                stats.written += 1;
-                stats.bytes_written += bytes.len() as u64;
-            } else {
-                stats.present += 1;
-            }
+            self.store_chunk(&meta, c.index, src, c.start, &mut stats)?;
         }
         tracing::debug!(?stats, "store finished");
         crate::metrics::global().stored(&stats);
         Ok(stats)
     }
 
-    fn write_namespace_json(&self) {
+    /// Checks that `src` holds rows of this spec for every position of `positions`.
+    pub(super) fn check_source(
+        &self,
+        src: &Dest<'_>,
+        positions: Range<usize>,
+    ) -> Result<(), LoaderError> {
+        src.layout.check_spec(&self.spec)?;
+        src.layout.check_map(&src.map, positions.clone())?;
+        if let BlockMap::Slots(s) = src.map
+            && let Some(p) = s[positions].iter().position(|&x| x < 0)
+        {
+            return Err(LoaderError::Invalid(format!(
+                "position {p} maps to a padding slot; a stored chunk needs every row"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Encodes one chunk from the rows of positions `at..at + meta.tokens.len()` of `src` and
+    /// commits it create-once, counting it in `stats`. `index` names the chunk in errors.
+    pub(super) fn store_chunk(
+        &self,
+        meta: &ChunkMeta,
+        index: usize,
+        src: &Dest<'_>,
+        at: usize,
+        stats: &mut StoreStats,
+    ) -> Result<(), LoaderError> {
+        let path = self.chunk_path(&meta.key);
+        let row = src.layout.row_bytes();
+        let positions = at..at + meta.tokens.len();
+        let mut runs = Vec::new();
+        let mut copy_err = None;
+        let bytes = encode_chunk(meta, |layer, plane, dst| {
+            runs.clear();
+            src.layout.runs(
+                &src.map,
+                layer as usize,
+                plane as usize,
+                positions.clone(),
+                &mut runs,
+            );
+            for r in &runs {
+                let off = (r.pos - at) * row;
+                let out = &mut dst[off..off + r.tokens * row];
+                // SAFETY: the caller's `check_map` proved every run lies inside a layout
+                // region, and the layout's contract keeps the region readable during this call.
+                let copied = unsafe {
+                    src.backend
+                        .copy_rows_out(src.layout, plane as usize, r, out)
+                };
+                if let Err(e) = copied {
+                    copy_err.get_or_insert(e);
+                }
+            }
+        })
+        .map_err(|e| LoaderError::Invalid(format!("cannot encode chunk: {e}")))?;
+        let store_err = |source| LoaderError::Store {
+            chunk: index,
+            path: path.clone(),
+            source,
+        };
+        if let Some(e) = copy_err {
+            return Err(store_err(e));
+        }
+        let created = match self.layout {
+            dir::Layout::Cache => {
+                dir::commit_file(&path, &bytes, self.opts.fsync).map_err(store_err)?
+                    == Commit::Created
+            }
+            dir::Layout::Flat => write_through_mount(&path, &bytes).map_err(store_err)?,
+        };
+        if created {
+            stats.written += 1;
+            stats.bytes_written += bytes.len() as u64;
+        } else {
+            stats.present += 1;
+        }
+        Ok(())
+    }
+
+    pub(super) fn write_namespace_json(&self) {
         if self.namespace_written.swap(true, Ordering::Relaxed) {
             return;
         }

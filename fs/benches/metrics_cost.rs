@@ -12,67 +12,14 @@
 //! `RUNS` (5).
 
 use kvfs_fs::testing::MemBackend;
-use kvfs_fs::{
-    BackendError, Capacity, ChunkBackend, ChunkInfo, Committed, FsMetrics, FsOp, MountOptions,
-    OpReport,
-};
-use kvfs_loader::{ChunkKey, ModelSpec, SaltTag, synth_chunk};
+use kvfs_fs::{ChunkBackend, FsMetrics, FsOp, MountOptions, OpReport};
+use kvfs_loader::{ModelSpec, SaltTag, synth_chunk};
 use std::fs::File;
 use std::io::Read;
 use std::os::unix::io::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
-
-/// A backend that forwards to `MemBackend` and, when `metrics` is set, counts each request.
-struct Metered {
-    inner: MemBackend,
-    metrics: Option<FsMetrics>,
-}
-
-impl ChunkBackend for Metered {
-    fn namespaces(&self) -> Result<Vec<String>, BackendError> {
-        self.inner.namespaces()
-    }
-    fn create_namespace(&self, ns: &str) -> Result<(), BackendError> {
-        self.inner.create_namespace(ns)
-    }
-    fn chunks(&self, ns: &str) -> Result<Vec<(ChunkKey, u64)>, BackendError> {
-        self.inner.chunks(ns)
-    }
-    fn stat(&self, ns: &str, key: &ChunkKey) -> Result<Option<ChunkInfo>, BackendError> {
-        self.inner.stat(ns, key)
-    }
-    fn read_at(
-        &self,
-        ns: &str,
-        key: &ChunkKey,
-        offset: u64,
-        buf: &mut [u8],
-    ) -> Result<usize, BackendError> {
-        self.inner.read_at(ns, key, offset, buf)
-    }
-    fn incoming_dir(&self) -> PathBuf {
-        self.inner.incoming_dir()
-    }
-    fn commit(&self, ns: &str, key: &ChunkKey, path: &Path) -> Result<Committed, BackendError> {
-        self.inner.commit(ns, key, path)
-    }
-    fn remove(&self, ns: &str, key: &ChunkKey) -> Result<bool, BackendError> {
-        self.inner.remove(ns, key)
-    }
-    fn capacity(&self) -> Result<Capacity, BackendError> {
-        self.inner.capacity()
-    }
-    fn stats_json(&self) -> Result<String, BackendError> {
-        self.inner.stats_json()
-    }
-    fn observe_op(&self, report: &OpReport) {
-        if let Some(m) = &self.metrics {
-            m.observe(report);
-        }
-    }
-}
 
 fn env(name: &str, default: usize) -> usize {
     std::env::var(name)
@@ -112,14 +59,17 @@ fn main() {
     let spec = ModelSpec::preset("llama-3-8b").unwrap();
     let ns = spec.namespace_dir();
     let tmp = tempfile::tempdir().unwrap();
-    let backends: Vec<Arc<Metered>> = [false, true]
+    let metrics = FsMetrics::default();
+    let backends: Vec<Arc<MemBackend>> = [false, true]
         .iter()
         .map(|&on| {
             let incoming = tmp.path().join(format!("incoming-{on}"));
             std::fs::create_dir_all(&incoming).unwrap();
-            Arc::new(Metered {
-                inner: MemBackend::new(&incoming, u64::MAX),
-                metrics: on.then(FsMetrics::default),
+            let b = MemBackend::new(&incoming, u64::MAX);
+            Arc::new(if on {
+                b.with_metrics(metrics.clone())
+            } else {
+                b
             })
         })
         .collect();
@@ -132,7 +82,7 @@ fn main() {
         let (meta, chunk) = synth_chunk(&spec, None, SaltTag::NONE, tokens).unwrap();
         bytes += chunk.len();
         for b in &backends {
-            b.inner.insert(&ns, meta.key, chunk.clone());
+            b.insert(&ns, meta.key, chunk.clone());
         }
         names.push(meta.key.file_name());
     }
@@ -166,9 +116,8 @@ fn main() {
     let gib_s = |t: Duration| total as f64 / t.as_secs_f64() / (1u64 << 30) as f64;
     let reads = {
         // The requests a pass makes: measured by the metered mount itself.
-        let m = backends[1].metrics.as_ref().unwrap();
         let mut reg = prometheus_client::registry::Registry::default();
-        m.register(&mut reg);
+        metrics.register(&mut reg);
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &reg).unwrap();
         text.lines()

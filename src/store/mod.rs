@@ -29,7 +29,8 @@
 //! `namespace` (namespace directories); `gc` (eviction on demand); `verify` (whole-cache
 //! verification and quarantine); `parallel` (payload checks across cores); `stats`
 //! (counters, capacity); `metrics` (the same as Prometheus metrics, by namespace, tier
-//! and reason); [`disk`] and `memory` (the tiers); [`remote_seam`] (the remote
+//! and reason); [`disk`] and `memory` (the tiers); `retain` (holding a chunk's
+//! important groups in memory without the rest, issue 14); [`remote_seam`] (the remote
 //! tier's trait). The identity check itself (key == name, namespace id == directory suffix)
 //! is kvfs-loader's [`identity::check_identity`].
 //!
@@ -57,6 +58,7 @@ mod parallel;
 mod put;
 mod read;
 pub mod remote_seam;
+mod retain;
 mod settings;
 mod stats;
 mod verify;
@@ -83,6 +85,7 @@ pub use parallel::{verify_payload_parallel, verify_payload_threads};
 pub use put::PutOutcome;
 pub use read::{ChunkStat, Tier};
 pub use remote_seam::RemoteTier;
+pub use retain::RetainReport;
 pub use settings::{FsyncPolicy, StoreConfig};
 pub use stats::{CapacityInfo, StoreStats};
 pub use verify::{BadChunk, QUARANTINE_DIR, VerifyReport};

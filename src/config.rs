@@ -77,6 +77,9 @@ pub struct Config {
     pub group_access: bool,
     /// The S3 remote tier (`[s3]` table); none: local tiers only.
     pub s3: Option<S3Settings>,
+    /// Where `kvfs mount` serves Prometheus metrics (`HOST:PORT`, or a bare `PORT` on
+    /// loopback) and where `kvfs status` reads them; none: no endpoint.
+    pub metrics_addr: Option<String>,
 }
 
 impl Default for Config {
@@ -90,6 +93,7 @@ impl Default for Config {
             verify_reads: false,
             group_access: false,
             s3: None,
+            metrics_addr: None,
         }
     }
 }
@@ -117,6 +121,7 @@ pub struct Overrides {
     pub group_access: Option<bool>,
     /// `s3://bucket/prefix` of the remote tier.
     pub s3: Option<String>,
+    pub metrics_addr: Option<String>,
 }
 
 fn parse_bool(s: &str) -> Result<bool, String> {
@@ -160,6 +165,7 @@ impl Overrides {
             verify_reads: field(get, "KVFS_VERIFY_READS", parse_bool)?,
             group_access: field(get, "KVFS_GROUP_ACCESS", parse_bool)?,
             s3: get("KVFS_S3").filter(|s| !s.is_empty()),
+            metrics_addr: get("KVFS_METRICS_ADDR").filter(|s| !s.is_empty()),
         })
     }
 
@@ -187,6 +193,9 @@ impl Overrides {
         }
         if let Some(v) = &self.s3 {
             c.s3.get_or_insert_with(Default::default).url = v.clone();
+        }
+        if let Some(v) = &self.metrics_addr {
+            c.metrics_addr = Some(v.clone());
         }
     }
 }

@@ -22,7 +22,9 @@
 //! the store when it serves them.
 
 use crate::store::{Store, StoreError, Tier};
-use kvfs_fs::{BackendError, Capacity, ChunkBackend, ChunkInfo, Committed, open_regular};
+use kvfs_fs::{
+    BackendError, Capacity, ChunkBackend, ChunkInfo, Committed, FsMetrics, OpReport, open_regular,
+};
 use kvfs_loader::dir::Commit;
 use kvfs_loader::{ChunkHeader, ChunkKey, FormatError};
 use std::fs::File;
@@ -37,12 +39,24 @@ pub const INCOMING_DIR: &str = ".incoming";
 pub struct StoreBackend {
     store: Store,
     incoming: PathBuf,
+    fs_metrics: FsMetrics,
 }
 
 impl StoreBackend {
     pub fn new(store: Store) -> StoreBackend {
         let incoming = store.root().join(INCOMING_DIR);
-        StoreBackend { store, incoming }
+        StoreBackend {
+            store,
+            incoming,
+            fs_metrics: FsMetrics::default(),
+        }
+    }
+
+    /// Registers the mount's metrics (FUSE operations) and the store's (with its remote
+    /// tier's) with `registry`: what `kvfs mount --metrics-addr` serves.
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.store.register_metrics(registry);
+        self.fs_metrics.register(registry);
     }
 
     pub fn store(&self) -> &Store {
@@ -54,14 +68,21 @@ impl StoreBackend {
     }
 
     /// Stat, fetching a chunk that is only remote (so that the open that follows a lookup
-    /// finds it local).
+    /// finds it local). With `count`, a chunk found locally or nowhere is counted as a
+    /// lookup (a fetch is counted by the store's `get` either way).
     fn stat_or_fetch(
         &self,
         ns: &str,
         key: &ChunkKey,
+        count: bool,
     ) -> Result<Option<crate::ChunkStat>, BackendError> {
         match self.store.stat(ns, key) {
-            Ok(s) => Ok(Some(s)),
+            Ok(s) => {
+                if count {
+                    self.store.count_lookup(ns, Some(s.tier));
+                }
+                Ok(Some(s))
+            }
             Err(StoreError::NotFound { .. }) if self.has_remote() => {
                 match self.store.get(ns, key) {
                     Ok(_) => self.store.stat(ns, key).map(Some).map_err(to_backend),
@@ -69,7 +90,12 @@ impl StoreBackend {
                     Err(e) => Err(to_backend(e)),
                 }
             }
-            Err(StoreError::NotFound { .. }) => Ok(None),
+            Err(StoreError::NotFound { .. }) => {
+                if count {
+                    self.store.count_lookup(ns, None);
+                }
+                Ok(None)
+            }
             Err(e) => Err(to_backend(e)),
         }
     }
@@ -131,13 +157,15 @@ impl ChunkBackend for StoreBackend {
 
     /// The disk tier's file metadata when it has the chunk (no header read: `find` over
     /// 100,000 chunks must not read 100,000 headers); the store's `stat` otherwise (a chunk
-    /// only in memory, or only remote, which it fetches).
+    /// only in memory, or only remote, which it fetches). Each call (the kernel's lookup or
+    /// getattr of a chunk name) is counted as a lookup in the store's metrics.
     fn stat(&self, ns: &str, key: &ChunkKey) -> Result<Option<ChunkInfo>, BackendError> {
         let path = self.store.backing_path(ns, key);
         // Not followed: a symlink planted in the cache is not a disk-tier chunk (its open
         // is refused, and it is quarantined).
         match std::fs::symlink_metadata(&path) {
             Ok(md) if md.is_file() => {
+                self.store.count_lookup(ns, Some(Tier::Disk));
                 return Ok(Some(ChunkInfo {
                     len: md.len(),
                     mtime: md.modified().unwrap_or_else(|_| SystemTime::now()),
@@ -150,7 +178,7 @@ impl ChunkBackend for StoreBackend {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {}
             Err(e) => return Err(e.into()),
         }
-        Ok(self.stat_or_fetch(ns, key)?.map(|s| {
+        Ok(self.stat_or_fetch(ns, key, true)?.map(|s| {
             let local = s.tier != Tier::Remote && s.path.is_file();
             ChunkInfo {
                 len: s.len,
@@ -163,11 +191,13 @@ impl ChunkBackend for StoreBackend {
     }
 
     fn tier(&self, ns: &str, key: &ChunkKey) -> Result<Option<String>, BackendError> {
-        Ok(self.stat_or_fetch(ns, key)?.map(|s| s.tier.to_string()))
+        Ok(self
+            .stat_or_fetch(ns, key, false)?
+            .map(|s| s.tier.to_string()))
     }
 
     fn header(&self, ns: &str, key: &ChunkKey) -> Result<ChunkHeader, BackendError> {
-        match self.stat_or_fetch(ns, key)? {
+        match self.stat_or_fetch(ns, key, false)? {
             Some(s) => Ok(s.header),
             None => Err(BackendError::NotFound),
         }
@@ -188,7 +218,7 @@ impl ChunkBackend for StoreBackend {
         match open_regular(&path)? {
             Some(f) => Ok(Some(f)),
             // Only remote (or only in memory): fetch it to disk, then open that.
-            None if self.stat_or_fetch(ns, key)?.is_some() => open_regular(&path),
+            None if self.stat_or_fetch(ns, key, false)?.is_some() => open_regular(&path),
             None => Ok(None),
         }
     }
@@ -239,6 +269,10 @@ impl ChunkBackend for StoreBackend {
             "capacity": self.store.capacity(),
         });
         serde_json::to_string_pretty(&doc).map_err(|e| BackendError::Other(e.to_string()))
+    }
+
+    fn observe_op(&self, report: &OpReport) {
+        self.fs_metrics.observe(report);
     }
 }
 

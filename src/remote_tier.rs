@@ -233,6 +233,10 @@ impl RemoteTier for S3Tier {
         self.remote.upload_pending(ns_dir, key)
     }
 
+    fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        self.remote.register_metrics(registry);
+    }
+
     fn namespaces_holding(&self, key: &ChunkKey) -> Result<Vec<String>, StoreError> {
         let remote_err = |e: RemoteError| StoreError::Remote(e.to_string());
         let mut found = Vec::new();

@@ -226,12 +226,16 @@ impl DeviceLoad {
             t.join()
                 .map_err(|_| CudaError::Handle("the load thread panicked"))?;
         }
-        let io = self.finished()?;
+        let metrics = kvfs_loader::metrics::global();
+        let io = self.finished().inspect_err(|_| metrics.load_failed())?;
         if let Some(f) = &self.failure {
+            metrics.load_failed();
             return Err(f.error().into());
         }
         let st = self.shared.lock();
         let f = &self.figures;
+        // Counted with the loader's other loads; layers are issued, not known in place, here.
+        metrics.load_finished(f.chunks, f.tokens, io.io_bytes, st.elapsed, &[]);
         Ok(DeviceLoadStats {
             path: self.backend.path(),
             chunks: f.chunks,

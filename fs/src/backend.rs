@@ -17,7 +17,7 @@ use kvfs_loader::{ChunkHeader, ChunkKey, FormatError};
 use std::fs::File;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 /// What the adapter shows for one chunk (`stat`, xattrs).
 #[derive(Debug, Clone)]
@@ -131,6 +131,90 @@ pub fn open_regular(path: &Path) -> Result<Option<File>, BackendError> {
 ///
 /// Namespaces are given by their directory name (`<slug>-<16 hex>`, already checked with
 /// `kvfs_loader::spec::validate_namespace_dir` by the adapter).
+/// The kind of a FUSE request, as [`ChunkBackend::observe_op`] reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum FsOp {
+    Lookup,
+    Getattr,
+    Setattr,
+    Mkdir,
+    Unlink,
+    Open,
+    Read,
+    Write,
+    Flush,
+    Release,
+    Opendir,
+    Readdir,
+    Statfs,
+    Getxattr,
+    Listxattr,
+    Access,
+    Create,
+    /// A change the file system refuses whatever it names (mknod, rmdir, rename,
+    /// setxattr, removexattr).
+    Refused,
+}
+
+impl FsOp {
+    /// Every kind, for tables and tests.
+    pub const ALL: [FsOp; 18] = [
+        FsOp::Lookup,
+        FsOp::Getattr,
+        FsOp::Setattr,
+        FsOp::Mkdir,
+        FsOp::Unlink,
+        FsOp::Open,
+        FsOp::Read,
+        FsOp::Write,
+        FsOp::Flush,
+        FsOp::Release,
+        FsOp::Opendir,
+        FsOp::Readdir,
+        FsOp::Statfs,
+        FsOp::Getxattr,
+        FsOp::Listxattr,
+        FsOp::Access,
+        FsOp::Create,
+        FsOp::Refused,
+    ];
+
+    /// Lower-case name (`lookup`, `read`, ...).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FsOp::Lookup => "lookup",
+            FsOp::Getattr => "getattr",
+            FsOp::Setattr => "setattr",
+            FsOp::Mkdir => "mkdir",
+            FsOp::Unlink => "unlink",
+            FsOp::Open => "open",
+            FsOp::Read => "read",
+            FsOp::Write => "write",
+            FsOp::Flush => "flush",
+            FsOp::Release => "release",
+            FsOp::Opendir => "opendir",
+            FsOp::Readdir => "readdir",
+            FsOp::Statfs => "statfs",
+            FsOp::Getxattr => "getxattr",
+            FsOp::Listxattr => "listxattr",
+            FsOp::Access => "access",
+            FsOp::Create => "create",
+            FsOp::Refused => "refused",
+        }
+    }
+}
+
+/// How one FUSE request went, as [`ChunkBackend::observe_op`] hears it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpReport {
+    pub op: FsOp,
+    /// From the request's arrival in the file system to its answer.
+    pub elapsed: Duration,
+    pub ok: bool,
+    /// Bytes the request moved: data answered to a read, taken from a write (else 0).
+    pub bytes: u64,
+}
+
 pub trait ChunkBackend: Send + Sync + 'static {
     /// Namespace directory names, in any order.
     fn namespaces(&self) -> Result<Vec<String>, BackendError>;
@@ -244,4 +328,9 @@ pub trait ChunkBackend: Send + Sync + 'static {
 
     /// Store statistics as a JSON document (served as `/.kvfs/stats.json`).
     fn stats_json(&self) -> Result<String, BackendError>;
+
+    /// Called after each FUSE request with its kind, how long the file system took to answer
+    /// it, whether it succeeded and the bytes it moved: where a daemon counts operations (its
+    /// metrics). Must be cheap; the default does nothing.
+    fn observe_op(&self, _report: &OpReport) {}
 }

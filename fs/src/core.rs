@@ -45,7 +45,7 @@
 //! Chunk entries and attributes live 60 s: a chunk's bytes and size never change, new chunks
 //! are never negatively cached, and an evicted one still fails `open` with ENOENT.
 
-use crate::backend::{BackendError, ChunkBackend, ChunkInfo};
+use crate::backend::{BackendError, ChunkBackend, ChunkInfo, OpReport};
 use crate::incoming::Incoming;
 use crate::inode::{
     Inodes, MOUNT_INFO_FILE, MOUNT_INFO_INO, Node, ROOT_INO, STATS_FILE, STATS_INO, STATUS_DIR,
@@ -263,6 +263,11 @@ pub struct KvFs {
 }
 
 impl KvFs {
+    /// Tells the backend how a request went ([`ChunkBackend::observe_op`]).
+    pub fn observe(&self, report: &OpReport) {
+        self.backend.observe_op(report);
+    }
+
     /// A file system over `backend`. Temporary files older than ten minutes left in the
     /// backend's incoming directory by a crashed daemon are removed.
     pub fn new(backend: Arc<dyn ChunkBackend>, opts: MountOptions) -> KvFs {

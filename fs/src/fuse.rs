@@ -5,7 +5,7 @@
 //! its open handles as the kernel requires, dropped with the last one), and the buffer-size
 //! rules of READDIR and GETXATTR.
 
-use crate::backend::BackendError;
+use crate::backend::{BackendError, FsOp, OpReport};
 use crate::core::{FsError, KvFs, OpenMode, Released};
 use fuser::{
     BackingId, Errno, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, InitFlags,
@@ -16,7 +16,7 @@ use fuser::{
 use std::collections::HashMap;
 use std::ffi::OsStr;
 use std::sync::{Arc, Mutex};
-use std::time::SystemTime;
+use std::time::{Instant, SystemTime};
 
 /// The errno an application sees for `e`.
 pub fn errno(e: &FsError) -> Errno {
@@ -82,6 +82,30 @@ impl FuseFs {
 
     pub fn core(&self) -> &Arc<KvFs> {
         &self.core
+    }
+
+    /// Runs one request's call into the core, telling the backend its kind, time and
+    /// outcome ([`KvFs::observe`]).
+    fn op<T>(&self, op: FsOp, f: impl FnOnce() -> Result<T, FsError>) -> Result<T, FsError> {
+        let started = Instant::now();
+        let r = f();
+        self.observe(op, started, r.is_ok(), 0);
+        r
+    }
+
+    fn observe(&self, op: FsOp, started: Instant, ok: bool, bytes: u64) {
+        self.core.observe(&OpReport {
+            op,
+            elapsed: started.elapsed(),
+            ok,
+            bytes,
+        });
+    }
+
+    /// A refused change (mknod, rmdir, rename, setxattr, removexattr), observed as such.
+    fn refused(&self) -> FsError {
+        self.observe(FsOp::Refused, Instant::now(), false, 0);
+        self.core.refuse_change()
     }
 
     fn release_backing(&self, ino: u64) {
@@ -158,14 +182,14 @@ impl Filesystem for FuseFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.core.lookup(parent.0, name) {
+        match self.op(FsOp::Lookup, || self.core.lookup(parent.0, name)) {
             Ok(e) => reply.entry(&e.ttl, &e.attr, Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
-        match self.core.getattr(ino.0) {
+        match self.op(FsOp::Getattr, || self.core.getattr(ino.0)) {
             Ok(e) => reply.attr(&e.ttl, &e.attr),
             Err(e) => reply.error(errno(&e)),
         }
@@ -191,7 +215,7 @@ impl Filesystem for FuseFs {
     ) {
         let other =
             mode.is_some() || uid.is_some() || gid.is_some() || atime.is_some() || mtime.is_some();
-        match self.core.setattr(ino.0, size, other) {
+        match self.op(FsOp::Setattr, || self.core.setattr(ino.0, size, other)) {
             Ok(e) => reply.attr(&e.ttl, &e.attr),
             Err(e) => reply.error(errno(&e)),
         }
@@ -207,7 +231,7 @@ impl Filesystem for FuseFs {
         _rdev: u32,
         reply: ReplyEntry,
     ) {
-        reply.error(errno(&self.core.refuse_change()));
+        reply.error(errno(&self.refused()));
     }
 
     fn mkdir(
@@ -219,21 +243,21 @@ impl Filesystem for FuseFs {
         _umask: u32,
         reply: ReplyEntry,
     ) {
-        match self.core.mkdir(parent.0, name) {
+        match self.op(FsOp::Mkdir, || self.core.mkdir(parent.0, name)) {
             Ok(e) => reply.entry(&e.ttl, &e.attr, Generation(0)),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.core.unlink(parent.0, name) {
+        match self.op(FsOp::Unlink, || self.core.unlink(parent.0, name)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
     }
 
     fn rmdir(&self, _req: &Request, _parent: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(&self.core.refuse_change()));
+        reply.error(errno(&self.refused()));
     }
 
     fn rename(
@@ -246,7 +270,7 @@ impl Filesystem for FuseFs {
         _flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        reply.error(errno(&self.core.refuse_change()));
+        reply.error(errno(&self.refused()));
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
@@ -268,7 +292,7 @@ impl Filesystem for FuseFs {
             *id.lock().unwrap() = Some(shared);
             Ok(())
         };
-        match self.core.open(ino.0, flags.0, &register) {
+        match self.op(FsOp::Open, || self.core.open(ino.0, flags.0, &register)) {
             Ok(o) if o.mode == OpenMode::Passthrough => {
                 let id = id
                     .into_inner()
@@ -292,9 +316,14 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        self.core.read_with(fh.0, offset, size, |r| match r {
-            Ok(data) => reply.data(data),
-            Err(e) => reply.error(errno(&e)),
+        let started = Instant::now();
+        self.core.read_with(fh.0, offset, size, |r| {
+            let bytes = r.as_ref().map_or(0, |d| d.len() as u64);
+            self.observe(FsOp::Read, started, r.is_ok(), bytes);
+            match r {
+                Ok(data) => reply.data(data),
+                Err(e) => reply.error(errno(&e)),
+            }
         })
     }
 
@@ -310,7 +339,11 @@ impl Filesystem for FuseFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.core.write(fh.0, offset, data) {
+        let started = Instant::now();
+        let r = self.core.write(fh.0, offset, data);
+        let bytes = r.as_ref().map_or(0, |&n| u64::from(n));
+        self.observe(FsOp::Write, started, r.is_ok(), bytes);
+        match r {
             Ok(n) => reply.written(n),
             Err(e) => reply.error(errno(&e)),
         }
@@ -324,7 +357,7 @@ impl Filesystem for FuseFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        match self.core.flush(ino.0, fh.0, req.pid()) {
+        match self.op(FsOp::Flush, || self.core.flush(ino.0, fh.0, req.pid())) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -340,7 +373,8 @@ impl Filesystem for FuseFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if self.core.release(ino.0, fh.0) == Released::Passthrough {
+        let released = self.op(FsOp::Release, || Ok(self.core.release(ino.0, fh.0)));
+        if released.ok() == Some(Released::Passthrough) {
             self.release_backing(ino.0);
         }
         reply.ok();
@@ -359,7 +393,7 @@ impl Filesystem for FuseFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        match self.core.opendir(ino.0) {
+        match self.op(FsOp::Opendir, || self.core.opendir(ino.0)) {
             Ok(fh) => reply.opened(FileHandle(fh), FopenFlags::empty()),
             Err(e) => reply.error(errno(&e)),
         }
@@ -373,7 +407,7 @@ impl Filesystem for FuseFs {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let entries = match self.core.dir_entries(fh.0, offset) {
+        let entries = match self.op(FsOp::Readdir, || self.core.dir_entries(fh.0, offset)) {
             Ok(e) => e,
             Err(e) => return reply.error(errno(&e)),
         };
@@ -397,7 +431,7 @@ impl Filesystem for FuseFs {
         // round trip per entry.
         let mut offset = offset;
         loop {
-            let entries = match self.core.dir_entries(fh.0, offset) {
+            let entries = match self.op(FsOp::Readdir, || self.core.dir_entries(fh.0, offset)) {
                 Ok(e) => e,
                 Err(e) => return reply.error(errno(&e)),
             };
@@ -445,7 +479,7 @@ impl Filesystem for FuseFs {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
-        match self.core.statfs() {
+        match self.op(FsOp::Statfs, || self.core.statfs()) {
             Ok(s) => reply.statfs(
                 s.blocks, s.bfree, s.bavail, s.files, s.ffree, s.bsize, s.namelen, s.bsize,
             ),
@@ -463,11 +497,11 @@ impl Filesystem for FuseFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        reply.error(errno(&self.core.refuse_change()));
+        reply.error(errno(&self.refused()));
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
-        match self.core.getxattr(ino.0, name) {
+        match self.op(FsOp::Getxattr, || self.core.getxattr(ino.0, name)) {
             Ok(v) if size == 0 => reply.size(v.len() as u32),
             Ok(v) if v.len() > size as usize => reply.error(Errno::ERANGE),
             Ok(v) => reply.data(&v),
@@ -476,7 +510,9 @@ impl Filesystem for FuseFs {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
-        let names = self.core.listxattr(ino.0);
+        let names = self
+            .op(FsOp::Listxattr, || Ok(self.core.listxattr(ino.0)))
+            .unwrap_or_default();
         if size == 0 {
             reply.size(names.len() as u32)
         } else if names.len() > size as usize {
@@ -487,14 +523,12 @@ impl Filesystem for FuseFs {
     }
 
     fn removexattr(&self, _req: &Request, _ino: INodeNo, _name: &OsStr, reply: ReplyEmpty) {
-        reply.error(errno(&self.core.refuse_change()));
+        reply.error(errno(&self.refused()));
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, mask: fuser::AccessFlags, reply: ReplyEmpty) {
-        match self
-            .core
-            .access(ino.0, mask.contains(fuser::AccessFlags::W_OK))
-        {
+        let write = mask.contains(fuser::AccessFlags::W_OK);
+        match self.op(FsOp::Access, || self.core.access(ino.0, write)) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(errno(&e)),
         }
@@ -525,7 +559,7 @@ impl Filesystem for FuseFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        match self.core.create(parent.0, name) {
+        match self.op(FsOp::Create, || self.core.create(parent.0, name)) {
             Ok((e, o)) => reply.created(
                 &e.ttl,
                 &e.attr,

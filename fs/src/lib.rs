@@ -10,6 +10,8 @@
 //! - [`session`]: mount point checks, [`mount`] / [`spawn`] / [`unmount`].
 //! - [`incoming`]: files being written, checked in full when the writer is done.
 //! - [`inode`]: inode numbers of namespaces and chunks.
+//! - [`metrics`]: FUSE operations by kind, outcome and latency ([`FsMetrics`]), for a
+//!   backend to count what `observe_op` reports.
 //! - [`options`]: how a mount behaves ([`MountOptions`]).
 //! - `testing` (feature `testing`): an in-memory backend, a fault-injecting wrapper, and the
 //!   conformance suite every [`ChunkBackend`] must pass.
@@ -24,13 +26,17 @@ pub mod fuse;
 pub mod incoming;
 pub mod inode;
 pub mod listing;
+pub mod metrics;
 pub mod options;
 pub mod session;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
-pub use backend::{BackendError, Capacity, ChunkBackend, ChunkInfo, Committed, open_regular};
+pub use backend::{
+    BackendError, Capacity, ChunkBackend, ChunkInfo, Committed, FsOp, OpReport, open_regular,
+};
 pub use core::{FsError, KvFs};
 pub use fuse::FuseFs;
+pub use metrics::FsMetrics;
 pub use options::MountOptions;
 pub use session::{MountError, is_mount_point, mount, prepare_mountpoint, spawn, unmount};

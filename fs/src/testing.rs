@@ -11,7 +11,8 @@
 //!
 //! Compiled for this crate's tests, and for other crates with the `testing` feature.
 
-use crate::backend::{BackendError, Capacity, ChunkBackend, ChunkInfo, Committed};
+use crate::backend::{BackendError, Capacity, ChunkBackend, ChunkInfo, Committed, OpReport};
+use crate::metrics::FsMetrics;
 use kvfs_loader::ChunkKey;
 use std::collections::{BTreeMap, HashMap};
 use std::fs::File;
@@ -32,6 +33,8 @@ pub struct MemBackend {
     misses: AtomicU64,
     commits: AtomicU64,
     removals: AtomicU64,
+    /// Counts the requests the file system reports, as the daemon's backend does.
+    metrics: Option<FsMetrics>,
 }
 
 impl MemBackend {
@@ -45,7 +48,14 @@ impl MemBackend {
             misses: AtomicU64::new(0),
             commits: AtomicU64::new(0),
             removals: AtomicU64::new(0),
+            metrics: None,
         }
+    }
+
+    /// Counts every request the file system reports in `metrics` (`observe_op`).
+    pub fn with_metrics(mut self, metrics: FsMetrics) -> MemBackend {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// Adds a chunk directly (creating its namespace), as another writer would.
@@ -184,6 +194,12 @@ impl ChunkBackend for MemBackend {
             n(&self.commits),
             n(&self.removals)
         ))
+    }
+
+    fn observe_op(&self, report: &OpReport) {
+        if let Some(m) = &self.metrics {
+            m.observe(report);
+        }
     }
 }
 

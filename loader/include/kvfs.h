@@ -33,6 +33,10 @@
 // A bug: the library panicked.
 #define KVFS_ERR_PANIC -6
 
+// Buckets of each latency histogram of [`KvfsMetrics`]: one per bound
+// ([`kvfs_latency_bound`]), and a last one for what exceeds them all.
+#define KVFS_LATENCY_BUCKETS 15
+
 // A load in progress (opaque to C): from `kvfs_load_start` until `kvfs_load_finish`.
 typedef struct kvfs_load_handle kvfs_load_handle;
 
@@ -72,6 +76,34 @@ typedef struct kvfs_blocks {
   const uint32_t *block_table;
   size_t table_len;
 } kvfs_blocks;
+
+// A latency histogram: per-bucket counts (not cumulative), their total, and the sum of the
+// observations in seconds.
+typedef struct KvfsHistogram {
+  uint64_t buckets[KVFS_LATENCY_BUCKETS];
+  uint64_t count;
+  double sum_seconds;
+} KvfsHistogram;
+
+// This process's loader counters since it started (every field only grows; see
+// `kvfs_loader::metrics`): lookups, the tokens asked about and the cached tokens found;
+// loads finished and failed, with the chunks, tokens and bytes of the finished ones and their
+// latency per request and per layer (time to each layer in place); stores.
+typedef struct KvfsMetrics {
+  uint64_t lookups;
+  uint64_t lookup_tokens;
+  uint64_t hit_tokens;
+  uint64_t loads;
+  uint64_t load_failures;
+  uint64_t chunks_loaded;
+  uint64_t tokens_loaded;
+  uint64_t bytes_loaded;
+  struct KvfsHistogram load_seconds;
+  struct KvfsHistogram layer_ready_seconds;
+  uint64_t stores;
+  uint64_t chunks_stored;
+  uint64_t bytes_stored;
+} KvfsMetrics;
 
 #ifdef __cplusplus
 extern "C" {
@@ -169,6 +201,16 @@ int kvfs_store(const struct kvfs_loader *loader,
                size_t num_tokens,
                const struct kvfs_blocks *blocks,
                size_t *written);
+
+// Copies this process's loader counters into `*out`.
+//
+// # Safety
+// `out` is NULL (then `KVFS_ERR_INVALID`) or points to writable memory for a `KvfsMetrics`.
+int kvfs_metrics(struct KvfsMetrics *out);
+
+// Upper bound in seconds of latency bucket `i` of a [`KvfsHistogram`] (infinity for the
+// last bucket and past it).
+double kvfs_latency_bound(size_t i);
 
 // Tokens per chunk of the loader's model (lookups and stores work in these units).
 //

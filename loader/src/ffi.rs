@@ -473,6 +473,91 @@ pub unsafe extern "C" fn kvfs_store(
     })
 }
 
+/// Buckets of each latency histogram of [`KvfsMetrics`]: one per bound
+/// ([`kvfs_latency_bound`]), and a last one for what exceeds them all.
+pub const KVFS_LATENCY_BUCKETS: usize = 15;
+const _: () = assert!(KVFS_LATENCY_BUCKETS == crate::metrics::LATENCY_BUCKETS);
+
+/// A latency histogram: per-bucket counts (not cumulative), their total, and the sum of the
+/// observations in seconds.
+#[repr(C)]
+pub struct KvfsHistogram {
+    pub buckets: [u64; KVFS_LATENCY_BUCKETS],
+    pub count: u64,
+    pub sum_seconds: f64,
+}
+
+/// This process's loader counters since it started (every field only grows; see
+/// `kvfs_loader::metrics`): lookups, the tokens asked about and the cached tokens found;
+/// loads finished and failed, with the chunks, tokens and bytes of the finished ones and their
+/// latency per request and per layer (time to each layer in place); stores.
+#[repr(C)]
+pub struct KvfsMetrics {
+    pub lookups: u64,
+    pub lookup_tokens: u64,
+    pub hit_tokens: u64,
+    pub loads: u64,
+    pub load_failures: u64,
+    pub chunks_loaded: u64,
+    pub tokens_loaded: u64,
+    pub bytes_loaded: u64,
+    pub load_seconds: KvfsHistogram,
+    pub layer_ready_seconds: KvfsHistogram,
+    pub stores: u64,
+    pub chunks_stored: u64,
+    pub bytes_stored: u64,
+}
+
+fn histogram(h: &crate::metrics::HistogramSnapshot) -> KvfsHistogram {
+    KvfsHistogram {
+        buckets: h.buckets,
+        count: h.count,
+        sum_seconds: h.sum_seconds,
+    }
+}
+
+/// Copies this process's loader counters into `*out`.
+///
+/// # Safety
+/// `out` is NULL (then `KVFS_ERR_INVALID`) or points to writable memory for a `KvfsMetrics`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvfs_metrics(out: *mut KvfsMetrics) -> c_int {
+    guard(|| {
+        if out.is_null() {
+            return Err(invalid("out is NULL"));
+        }
+        let m = crate::metrics::global().snapshot();
+        let v = KvfsMetrics {
+            lookups: m.lookups,
+            lookup_tokens: m.lookup_tokens,
+            hit_tokens: m.hit_tokens,
+            loads: m.loads,
+            load_failures: m.load_failures,
+            chunks_loaded: m.chunks_loaded,
+            tokens_loaded: m.tokens_loaded,
+            bytes_loaded: m.bytes_loaded,
+            load_seconds: histogram(&m.load_seconds),
+            layer_ready_seconds: histogram(&m.layer_ready_seconds),
+            stores: m.stores,
+            chunks_stored: m.chunks_stored,
+            bytes_stored: m.bytes_stored,
+        };
+        // SAFETY: non-null and writable per the contract.
+        unsafe { out.write(v) };
+        Ok(())
+    })
+}
+
+/// Upper bound in seconds of latency bucket `i` of a [`KvfsHistogram`] (infinity for the
+/// last bucket and past it).
+#[unsafe(no_mangle)]
+pub extern "C" fn kvfs_latency_bound(i: usize) -> f64 {
+    crate::metrics::LATENCY_BOUNDS
+        .get(i)
+        .copied()
+        .unwrap_or(f64::INFINITY)
+}
+
 /// Tokens per chunk of the loader's model (lookups and stores work in these units).
 ///
 /// # Safety

@@ -8,6 +8,7 @@
 //! - [`layout`]: an engine's paged KV memory as base pointers and strides;
 //! - [`loader`]: lookup, load (layer-wise, selective) and store between chunks and blocks,
 //!   over [`io`] (O_DIRECT, aligned buffers, reader threads) and a [`backend`] (host memory);
+//! - [`metrics`]: this process's lookup, load and store counters and latency histograms;
 //! - [`rope`]: re-encoding cached keys for new positions (blending);
 //! - [`selective`]: which token groups of which layer a selective load reads;
 //! - [`importance`]: per-group attention mass stored in chunk headers (format v2), and
@@ -32,6 +33,7 @@ pub mod io;
 pub mod key;
 pub mod layout;
 pub mod loader;
+pub mod metrics;
 pub mod prefetch;
 pub mod rope;
 pub mod selective;

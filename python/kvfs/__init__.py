@@ -35,6 +35,7 @@ from ._native import (
     SpecError,
     StoreError,
     cuda_probe,
+    loader_metrics,
 )
 
 __all__ = [
@@ -55,6 +56,7 @@ __all__ = [
     "StoreError",
     "cuda_probe",
     "layout_from_views",
+    "loader_metrics",
 ]
 
 _DTYPES = {

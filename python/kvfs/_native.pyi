@@ -27,11 +27,35 @@ class LoadStats(TypedDict):
     buffered_files: int
     backing_files: int
     elapsed_s: float
+    layer_ready_s: list[float]
 
 class StoreStats(TypedDict):
     written: int
     present: int
     bytes_written: int
+
+class LatencyHistogram(TypedDict):
+    bounds: list[float]
+    buckets: list[int]
+    count: int
+    sum_seconds: float
+
+class LoaderMetrics(TypedDict):
+    lookups: int
+    lookup_tokens: int
+    hit_tokens: int
+    loads: int
+    load_failures: int
+    chunks_loaded: int
+    tokens_loaded: int
+    bytes_loaded: int
+    load_seconds: LatencyHistogram
+    layer_ready_seconds: LatencyHistogram
+    stores: int
+    chunks_stored: int
+    bytes_stored: int
+
+def loader_metrics() -> LoaderMetrics: ...
 
 class ModelSpec:
     def __init__(

@@ -39,6 +39,9 @@ Load it with::
   the blocks it would have filled are reported by `get_block_ids_with_load_errors`, and with
   `kv_load_failure_policy` `recompute` vLLM recomputes them. Store errors are logged: a failed
   save is a future miss.
+- **Metrics.** `get_kv_connector_stats` reports the loader's counters and load latencies for
+  each interval through vLLM's connector stats, which vLLM logs and exports on its own
+  `/metrics` (`build_prom_metrics`; see `kvfs.vllm_stats`).
 """
 
 from __future__ import annotations
@@ -63,6 +66,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from vllm.model_executor.models.utils import extract_layer_index
 
 from . import CudaBackend, ChunkError, KvfsError, Loader, ModelSpec, layout_from_views
+from .vllm_stats import KvfsConnectorStats, KvfsPromMetrics, interval
 
 if TYPE_CHECKING:
     import torch
@@ -339,6 +343,7 @@ class KvfsConnector(KVConnectorBase_V1):
         # in wait_for_layer_load (logged at debug level by wait_for_save)
         self._load_started = 0.0
         self._load_waited = 0.0
+        interval()  # the figures this process reports start here
 
     def _open(self, salt: bytes) -> list[Loader]:
         loaders = self._loaders.get(salt)
@@ -601,6 +606,7 @@ class KvfsConnector(KVConnectorBase_V1):
         for load, handle in self._loads:
             try:
                 stats = handle.wait()
+                interval().record_load(stats)
                 logger.debug(
                     "kvfs: request %s loaded %d tokens (%d chunks, %d bytes) in %.3f s; the "
                     "forward waited %.3f s for layers; start_load_kv to now %.3f s",
@@ -635,3 +641,22 @@ class KvfsConnector(KVConnectorBase_V1):
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()
         return failed
+
+    # ---------------------------------------------------------------- metrics
+
+    def get_kv_connector_stats(self) -> KvfsConnectorStats | None:
+        return interval().take()
+
+    @classmethod
+    def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> KvfsConnectorStats:
+        return KvfsConnectorStats(data=data or {})
+
+    @classmethod
+    def build_prom_metrics(
+        cls,
+        vllm_config: VllmConfig,
+        metric_types: dict[Any, Any],
+        labelnames: list[str],
+        per_engine_labelvalues: dict[int, list[object]],
+    ) -> KvfsPromMetrics:
+        return KvfsPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)

@@ -11,6 +11,8 @@
 //! - [`PyLoader`] (`kvfs.Loader`): `lookup`, `load` (returns a [`PyLoadHandle`] at once; reads
 //!   run on the loader's threads) and `store`.
 //! - [`PyLoadHandle`] (`kvfs.LoadHandle`): `wait_layer(i)` per layer, `wait()` for the rest.
+//! - [`loader_metrics`] (`kvfs.loader_metrics()`): this process's loader counters and latency
+//!   histograms (`kvfs_loader::metrics`), which the vLLM connector reports.
 //!
 //! Every call that does I/O or waits releases the GIL (`Python::detach`), so an engine's other
 //! Python threads run meanwhile. Errors are typed Python exceptions, all subclasses of
@@ -371,6 +373,8 @@ fn stats_dict<'py>(py: Python<'py>, s: &LoadStats) -> PyResult<Bound<'py, PyDict
     d.set_item("buffered_files", s.buffered_files)?;
     d.set_item("backing_files", s.backing_files)?;
     d.set_item("elapsed_s", s.elapsed.as_secs_f64())?;
+    let ready: Vec<f64> = s.layer_ready.iter().map(|d| d.as_secs_f64()).collect();
+    d.set_item("layer_ready_s", ready)?;
     Ok(d)
 }
 
@@ -584,6 +588,47 @@ impl PyLoader {
     }
 }
 
+fn histogram_dict<'py>(
+    py: Python<'py>,
+    h: &kvfs_loader::metrics::HistogramSnapshot,
+) -> PyResult<Bound<'py, PyDict>> {
+    let d = PyDict::new(py);
+    d.set_item("bounds", kvfs_loader::metrics::LATENCY_BOUNDS.to_vec())?;
+    d.set_item("buckets", h.buckets.to_vec())?;
+    d.set_item("count", h.count)?;
+    d.set_item("sum_seconds", h.sum_seconds)?;
+    Ok(d)
+}
+
+/// This process's loader counters since it started (every value only grows): lookups,
+/// `lookup_tokens` asked about and `hit_tokens` found; `loads` finished and `load_failures`,
+/// with the chunks, tokens and bytes loaded; `load_seconds` (per request) and
+/// `layer_ready_seconds` (per layer: time to the layer in place) as histograms
+/// (`bounds`, per-bucket `buckets` with one more for the overflow, `count`, `sum_seconds`);
+/// stores, chunks and bytes stored.
+#[pyfunction]
+fn loader_metrics(py: Python<'_>) -> PyResult<Bound<'_, PyDict>> {
+    let m = kvfs_loader::metrics::global().snapshot();
+    let d = PyDict::new(py);
+    d.set_item("lookups", m.lookups)?;
+    d.set_item("lookup_tokens", m.lookup_tokens)?;
+    d.set_item("hit_tokens", m.hit_tokens)?;
+    d.set_item("loads", m.loads)?;
+    d.set_item("load_failures", m.load_failures)?;
+    d.set_item("chunks_loaded", m.chunks_loaded)?;
+    d.set_item("tokens_loaded", m.tokens_loaded)?;
+    d.set_item("bytes_loaded", m.bytes_loaded)?;
+    d.set_item("load_seconds", histogram_dict(py, &m.load_seconds)?)?;
+    d.set_item(
+        "layer_ready_seconds",
+        histogram_dict(py, &m.layer_ready_seconds)?,
+    )?;
+    d.set_item("stores", m.stores)?;
+    d.set_item("chunks_stored", m.chunks_stored)?;
+    d.set_item("bytes_stored", m.bytes_stored)?;
+    Ok(d)
+}
+
 #[pymodule]
 fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     let py = m.py();
@@ -591,6 +636,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyLayout>()?;
     m.add_class::<PyLoader>()?;
     m.add_class::<PyLoadHandle>()?;
+    m.add_function(wrap_pyfunction!(loader_metrics, m)?)?;
     m.add("KvfsError", py.get_type::<KvfsError>())?;
     m.add("SpecError", py.get_type::<SpecError>())?;
     m.add("LayoutError", py.get_type::<LayoutError>())?;

@@ -7,7 +7,8 @@ a fresh process (vllm_engine.py):
    tokens (and first-token logprob within tolerance) as an engine without a connector;
 3. host B, an empty cache mounted over the same bucket, gets the same hit and tokens;
 4. a chunk corrupted on disk is reported, recomputed, and the tokens stay the same;
-5. the OpenAI-compatible server answers two requests, the second with cached tokens.
+5. the OpenAI-compatible server answers two requests, the second with cached tokens, and its
+   /metrics shows the connector's figures (vllm:kvfs_*).
 
 Needs the venv of scripts/install-vllm (KVFS_REQUIRE name `vllm`), the converted model
 (`model`), /dev/fuse and the kvfs binary (`fuse`), and an S3 server for 3 (`s3`): Garage from
@@ -196,6 +197,15 @@ def post(url: str, body: dict) -> dict:
         return json.loads(r.read())
 
 
+def metric(text: str, name: str) -> float:
+    """The sum of the samples of `name` (any labels) in a Prometheus exposition."""
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") or line.startswith(name + " "):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
 def test_openai_server_answers_the_second_request_from_kvfs(logs) -> None:
     store = logs / "server-dir"
     store.mkdir()
@@ -232,6 +242,18 @@ def test_openai_server_answers_the_second_request_from_kvfs(logs) -> None:
         n = first["usage"]["prompt_tokens"]
         assert cached(second) == (n - 1) // BLOCK * BLOCK, second["usage"]
         assert second["choices"][0]["text"] == first["choices"][0]["text"]
+        # The connector's figures reach vLLM's own /metrics (kvfs.vllm_stats): the second
+        # request's hit and its load. Stats arrive with the engine's step outputs: poll briefly.
+        deadline = time.monotonic() + 60
+        while True:
+            with urllib.request.urlopen(base + "/metrics", timeout=10) as r:
+                text = r.read().decode()
+            hit, loads = metric(text, "vllm:kvfs_hit_tokens_total"), metric(text, "vllm:kvfs_loads_total")
+            if (hit >= cached(second) and loads >= 1) or time.monotonic() > deadline:
+                break
+            time.sleep(1)
+        assert hit >= cached(second) and loads >= 1, [ln for ln in text.splitlines() if "kvfs" in ln]
+        assert metric(text, "vllm:kvfs_load_seconds_count") >= 1
     finally:
         proc.terminate()
         try:

@@ -39,6 +39,7 @@
 
 use crate::config::S3Config;
 use crate::error::{RemoteError, classify, is_not_implemented};
+use crate::metrics::{RequestMetrics, S3Op};
 use bytes::Bytes;
 use kvfs_loader::{ChunkKey, ChunkView, FormatError, Verify};
 use object_store::list::PaginatedListStore;
@@ -182,6 +183,8 @@ pub(crate) struct Bucket {
     pub cfg: S3Config,
     pub store: Arc<dyn S3Store>,
     pub counters: Counters,
+    /// S3 requests by operation and outcome, with latency (see [`crate::metrics`]).
+    pub metrics: RequestMetrics,
     /// False once the server answered 501 to a conditional put.
     conditional: AtomicBool,
     /// True once a LIST showed that the bucket exists (a 404 is then a miss).
@@ -220,6 +223,7 @@ impl Bucket {
             cfg,
             store,
             counters: Counters::default(),
+            metrics: RequestMetrics::default(),
             bucket_seen: AtomicBool::new(false),
             down_until: Mutex::new(None),
             ns_written: Mutex::new(HashSet::new()),
@@ -273,7 +277,11 @@ impl Bucket {
         key: &'static str,
         f: impl Future<Output = object_store::Result<T>>,
     ) -> Result<T, RemoteError> {
-        match tokio::time::timeout(limit, f).await {
+        match self
+            .metrics
+            .observe(S3Op::of(op), tokio::time::timeout(limit, f))
+            .await
+        {
             Ok(r) => r.map_err(|e| self.classify(e)),
             Err(_) => Err(RemoteError::Timeout {
                 op,
@@ -292,7 +300,11 @@ impl Bucket {
         key: &'static str,
         f: impl Future<Output = object_store::Result<T>>,
     ) -> Result<Option<T>, RemoteError> {
-        match tokio::time::timeout(limit, f).await {
+        match self
+            .metrics
+            .observe(S3Op::of(op), tokio::time::timeout(limit, f))
+            .await
+        {
             Ok(Ok(v)) => Ok(Some(v)),
             Ok(Err(object_store::Error::NotFound { .. })) => {
                 self.confirm_bucket().await?;
@@ -318,12 +330,17 @@ impl Bucket {
             ..Default::default()
         };
         let prefix = self.root_prefix();
-        let r = tokio::time::timeout(
-            self.cfg.list_timeout,
-            self.store
-                .list_paginated((!prefix.is_empty()).then_some(prefix.as_str()), opts),
-        )
-        .await;
+        let r = self
+            .metrics
+            .observe(
+                S3Op::List,
+                tokio::time::timeout(
+                    self.cfg.list_timeout,
+                    self.store
+                        .list_paginated((!prefix.is_empty()).then_some(prefix.as_str()), opts),
+                ),
+            )
+            .await;
         match r {
             // Names that do not parse still prove the bucket is there.
             Ok(Ok(_)) | Ok(Err(object_store::Error::InvalidPath { .. })) => {
@@ -517,11 +534,11 @@ impl Bucket {
             ..Default::default()
         };
         let limit = self.cfg.first_byte_timeout + self.cfg.request_timeout;
-        match tokio::time::timeout(
-            limit,
-            self.store.put_opts(path, PutPayload::from(bytes), opts),
-        )
-        .await
+        let put = self.store.put_opts(path, PutPayload::from(bytes), opts);
+        match self
+            .metrics
+            .observe(S3Op::Put, tokio::time::timeout(limit, put))
+            .await
         {
             Ok(r) => r.map(|_| ()),
             Err(_) => Err(object_store::Error::Generic {

@@ -13,6 +13,8 @@
 //! - [`nsjson`]: `namespace.json` checked before it is committed or uploaded;
 //! - [`queue`]: the write-behind upload queue, persisted as marker files on local disk;
 //! - [`lookup`]: how many leading chunks of a prompt exist remotely, in a few round trips;
+//! - [`metrics`]: S3 requests by operation and outcome with latency, and the tier's counters
+//!   and queue as Prometheus metrics;
 //! - [`sync`]: bulk `push` / `pull` between a cache directory and the bucket, and the
 //!   bucket scrub of `push --verify`.
 //!
@@ -31,6 +33,7 @@ pub mod config;
 pub mod error;
 mod listing;
 pub mod lookup;
+pub mod metrics;
 pub mod nsjson;
 pub mod queue;
 mod stream;
@@ -357,6 +360,17 @@ impl Remote {
                 return false;
             }
         }
+    }
+
+    /// Registers the tier's Prometheus metrics (S3 requests, fetch and upload results, the
+    /// upload queue) with `registry`; see [`metrics`].
+    pub fn register_metrics(&self, registry: &mut prometheus_client::registry::Registry) {
+        metrics::register(registry, &self.bucket, self.queue.as_ref());
+    }
+
+    /// S3 requests counted so far under `op` and `outcome`.
+    pub fn request_count(&self, op: metrics::S3Op, outcome: metrics::Outcome) -> u64 {
+        self.bucket.metrics.count(op, outcome)
     }
 
     pub(crate) fn bucket(&self) -> &Arc<Bucket> {

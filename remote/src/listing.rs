@@ -14,6 +14,7 @@
 
 use crate::client::{Bucket, bump};
 use crate::error::RemoteError;
+use crate::metrics::S3Op;
 use object_store::ObjectMeta;
 use object_store::list::PaginatedListOptions;
 use std::ops::ControlFlow;
@@ -103,12 +104,16 @@ impl Bucket {
                 page_token: token.clone(),
                 ..Default::default()
             };
-            let page = tokio::time::timeout(
-                self.cfg.list_timeout,
-                self.store
-                    .list_paginated((!prefix.is_empty()).then_some(prefix), opts),
-            )
-            .await;
+            let list = self
+                .store
+                .list_paginated((!prefix.is_empty()).then_some(prefix), opts);
+            let page = self
+                .metrics
+                .observe(
+                    S3Op::List,
+                    tokio::time::timeout(self.cfg.list_timeout, list),
+                )
+                .await;
             let page = match page {
                 Err(_) => {
                     return Err(RemoteError::Timeout {

@@ -121,6 +121,15 @@ impl Queue {
         Ok(names)
     }
 
+    /// Length and oldest entry, read from the marker files (see [`status`]); the counter
+    /// alone when the directory cannot be read.
+    pub fn status(&self) -> QueueStatus {
+        status(&self.root).unwrap_or(QueueStatus {
+            pending: self.pending(),
+            oldest: None,
+        })
+    }
+
     /// Failed upload batches since open.
     pub fn failed_batches(&self) -> u64 {
         self.failed_batches.load(Ordering::SeqCst)

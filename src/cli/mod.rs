@@ -3,7 +3,7 @@
 //! One [`Command`] variant per command; each command group lives in its own module
 //! ([`chunks`]: put, get, stat, rm; [`cache`]: ls, verify, gc, info; [`synth`]; [`demo`];
 //! [`mount`]: mount, umount and the daemon; [`doctor`]; [`remote`]: sync and the S3 parts of
-//! ls and stat). A new command is one variant here plus one arm in [`run`].
+//! ls and stat; [`status`]: a running daemon's metrics). A new command is one variant here plus one arm in [`run`].
 //!
 //! This is the only module that knows the CLI's [`Ctx`] and [`CliError`]: the library modules
 //! it calls (the store, the mount backend, the S3 tier, the doctor's report) return their
@@ -45,6 +45,7 @@ pub mod doctor;
 pub mod importance;
 pub mod mount;
 pub mod remote;
+pub mod status;
 pub mod synth;
 
 use crate::config::{self, Config, ConfigError, Overrides};
@@ -165,6 +166,9 @@ pub enum Command {
     Doctor(doctor::DoctorArgs),
     /// Copy chunks between the cache and the S3 bucket (push or pull); resumable.
     Sync(remote::SyncArgs),
+    /// A running daemon's hit rate, upload queue and errors, read from its metrics endpoint
+    /// (`kvfs mount --metrics-addr`).
+    Status(status::StatusArgs),
 }
 
 /// A command's failure; decides the exit code.
@@ -268,6 +272,7 @@ pub fn run(cli: Cli) -> Result<i32, CliError> {
         Command::Mount(a) => mount::mount(&ctx, a),
         Command::Umount(a) => mount::umount(&ctx, a),
         Command::Doctor(a) => doctor::doctor(&ctx, a),
+        Command::Status(a) => status::status(&ctx, a),
         Command::Sync(a) => remote::sync(&ctx, a),
     }
 }
@@ -289,6 +294,7 @@ impl Ctx {
             verify_reads: cli.verify_reads.then_some(true),
             group_access: None,
             s3: cli.s3.clone(),
+            metrics_addr: None,
         };
         let config = Config::load(cli.config.as_deref(), &flags, &config::process_env)?;
         let cache_dir = config.cache_dir(&config::process_env)?;

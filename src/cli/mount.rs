@@ -13,6 +13,7 @@
 //! What the mount serves is [`crate::mount::StoreBackend`] over the store this command opens.
 
 use super::{CliError, Ctx};
+use crate::metrics::{self, MetricsServer, serve::parse_addr};
 use crate::mount::StoreBackend;
 use crate::store::Store;
 use kvfs_fs::{MountError, MountOptions};
@@ -62,6 +63,10 @@ pub struct MountArgs {
     /// this process and the page cache).
     #[arg(long)]
     pub no_passthrough: bool,
+    /// Serve Prometheus metrics at http://ADDR/metrics (HOST:PORT, or PORT on loopback);
+    /// default: the `metrics_addr` setting, else no endpoint.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_addr: Option<String>,
 }
 
 /// Arguments of `kvfs umount`.
@@ -116,8 +121,25 @@ pub fn mount(ctx: &Ctx, args: MountArgs) -> Result<i32, CliError> {
         }
         e => failed(e),
     })?;
+    let metrics_addr = match args
+        .metrics_addr
+        .as_ref()
+        .or(ctx.config.metrics_addr.as_ref())
+    {
+        Some(a) => Some(parse_addr(a).map_err(|e| CliError::Usage(e.to_string()))?),
+        None => None,
+    };
     let store = Store::open(ctx.store_config()?)?;
     let backend = Arc::new(StoreBackend::new(store));
+    // Bound before the mount exists: an address in use fails the command, not a log line.
+    let _metrics = match metrics_addr {
+        Some(addr) => {
+            let mut registry = metrics::registry();
+            backend.register_metrics(&mut registry);
+            Some(MetricsServer::start(addr, registry).map_err(failed)?)
+        }
+        None => None,
+    };
     let opts = mount_options(&args);
     let mut session = kvfs_fs::mount(backend, &dir, &opts)
         .map_err(|e| failed(format!("cannot mount on {}: {e}", dir.display())))?;

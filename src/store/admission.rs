@@ -12,7 +12,7 @@
 //!
 //! Kept apart from the put path (mod.rs), which streams bytes it verifies itself.
 
-use super::{Store, StoreError, bump, check_ns};
+use super::{EvictReason, Store, StoreError, bump, check_ns};
 use crate::store::FsyncPolicy;
 use kvfs_loader::ChunkKey;
 use kvfs_loader::dir::{self, Commit};
@@ -41,7 +41,7 @@ impl Store {
         let fsync = inner.cfg.fsync == FsyncPolicy::Always;
         // Room first: NoSpace here costs nothing already held.
         let (reservation, victims) = inner.disk.reserve(ns_dir, key, len)?;
-        self.forget_victims(&victims);
+        self.forget_victims(&victims, EvictReason::Capacity);
         let outcome = dir::commit_link(src, &target, fsync).map_err(|e| {
             if e.raw_os_error() == Some(libc::ENOSPC) {
                 StoreError::NoSpace {
@@ -55,6 +55,9 @@ impl Store {
         // The reservation becomes the chunk's row in one transaction: the bytes are never
         // unaccounted.
         reservation.commit(ns_dir, key, len);
+        if outcome == Commit::Created {
+            inner.metrics.committed(ns_dir, len);
+        }
         if outcome == Commit::Created
             && let Some(remote) = &inner.cfg.remote
         {

@@ -1,7 +1,7 @@
 //! Eviction on demand: [`Store::gc`] enforces the capacity and free-space bounds now, and
 //! [`Store::set_priority`] is the engine's hint of what to keep longer.
 
-use super::{Store, StoreError};
+use super::{EvictReason, Store, StoreError};
 use kvfs_loader::ChunkKey;
 use serde::Serialize;
 
@@ -33,7 +33,7 @@ impl Store {
         let disk = &self.inner.disk;
         disk.resync()?;
         let victims = disk.enforce()?;
-        self.forget_victims(&victims);
+        self.forget_victims(&victims, EvictReason::Gc);
         let space = disk.space()?;
         let (limit, _) = disk.bounds(space);
         Ok(GcReport {

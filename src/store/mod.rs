@@ -28,7 +28,8 @@
 //! `read` (the one memory → disk → remote fall-through, and get, read_at, stat, contains);
 //! `namespace` (namespace directories); `gc` (eviction on demand); `verify` (whole-cache
 //! verification and quarantine); `parallel` (payload checks across cores); `stats`
-//! (counters, capacity); [`disk`] and `memory` (the tiers); `retain` (holding a chunk's
+//! (counters, capacity); `metrics` (the same as Prometheus metrics, by namespace, tier
+//! and reason); [`disk`] and `memory` (the tiers); `retain` (holding a chunk's
 //! important groups in memory without the rest, issue 14); [`remote_seam`] (the remote
 //! tier's trait). The identity check itself (key == name, namespace id == directory suffix)
 //! is kvfs-loader's [`identity::check_identity`].
@@ -51,6 +52,7 @@ mod index;
 mod ingest;
 mod maintenance;
 mod memory;
+mod metrics;
 mod namespace;
 mod parallel;
 mod put;
@@ -67,6 +69,7 @@ use kvfs_loader::identity;
 use kvfs_loader::spec::validate_namespace_dir;
 use kvfs_loader::{ChunkKey, FormatError, NamespaceId};
 use memory::MemoryTier;
+use metrics::StoreMetrics;
 use stats::{Counters, bump};
 use std::fs;
 use std::io;
@@ -76,6 +79,7 @@ use std::sync::Arc;
 pub use error::StoreError;
 pub use gc::GcReport;
 pub use ingest::ChunkStream;
+pub use metrics::EvictReason;
 pub use namespace::NamespaceInfo;
 pub use parallel::{verify_payload_parallel, verify_payload_threads};
 pub use put::PutOutcome;
@@ -94,6 +98,7 @@ struct Inner {
     disk: DiskTier,
     memory: MemoryTier,
     counters: Counters,
+    metrics: StoreMetrics,
 }
 
 /// The tiered chunk store. See the module docs.
@@ -158,6 +163,7 @@ impl Store {
                 disk,
                 memory,
                 counters: Counters::default(),
+                metrics: StoreMetrics::default(),
             }),
         })
     }

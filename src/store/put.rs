@@ -9,7 +9,7 @@
 use super::disk::{Victim, now_nanos};
 use super::parallel::{cores, verify_payload_parallel, verify_payload_threads};
 use super::stats::bump;
-use super::{FsyncPolicy, Store, StoreError, check_ns, check_ns_id};
+use super::{EvictReason, FsyncPolicy, Store, StoreError, check_ns, check_ns_id};
 use bytes::Bytes;
 use kvfs_loader::dir::{self, Commit};
 use kvfs_loader::format::ChunkHeader;
@@ -104,7 +104,7 @@ impl Store {
         let mut retried = false;
         let commit = loop {
             let (reservation, victims) = inner.disk.reserve(ns_dir, &key, len)?;
-            evicted += self.forget_victims(&victims);
+            evicted += self.forget_victims(&victims, EvictReason::Capacity);
             let r = dir::commit_with(&path, fsync, |f| {
                 std::thread::scope(|s| {
                     // The writer keeps one core busy; verification gets the others.
@@ -140,7 +140,7 @@ impl Store {
                         retried = true;
                         let v = inner.disk.evict_bytes(len);
                         if !v.is_empty() {
-                            evicted += self.forget_victims(&v);
+                            evicted += self.forget_victims(&v, EvictReason::DiskFull);
                             tracing::info!(needed = len, "disk full: evicted and retrying");
                             continue;
                         }
@@ -158,6 +158,7 @@ impl Store {
         if created {
             bump(&inner.counters.puts, 1);
             bump(&inner.counters.put_bytes, len);
+            inner.metrics.committed(ns_dir, len);
             if notify_remote && let Some(r) = &inner.cfg.remote {
                 r.committed(ns_dir, &key, &path);
             }
@@ -173,8 +174,9 @@ impl Store {
         })
     }
 
-    pub(super) fn forget_victims(&self, victims: &[Victim]) -> usize {
+    pub(super) fn forget_victims(&self, victims: &[Victim], reason: EvictReason) -> usize {
         for v in victims {
+            self.inner.metrics.evicted(reason, v.len);
             self.inner.memory.remove(&v.key);
             bump(&self.inner.counters.evictions, 1);
             bump(&self.inner.counters.evicted_bytes, v.len);

@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
 /// The tier a chunk was found in.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Tier {
     Memory,
@@ -78,6 +78,7 @@ impl Store {
         if let Some(b) = inner.memory.get(ns_dir, key) {
             if reach == Reach::Read {
                 bump(&inner.counters.memory_hits, 1);
+                inner.metrics.hit(ns_dir, Tier::Memory);
             }
             return Ok(Found::Bytes(b, Tier::Memory));
         }
@@ -115,6 +116,7 @@ impl Store {
         match self.locate(ns_dir, key, Reach::Read)? {
             Found::Bytes(b, Tier::Memory) => {
                 bump(&inner.counters.read_bytes, b.len() as u64);
+                inner.metrics.read(Tier::Memory, b.len() as u64);
                 inner.disk.index().touch(ns_dir, key);
                 Ok(b)
             }
@@ -125,6 +127,8 @@ impl Store {
                 let bytes = self.read_verified(ns_dir, key, &path, &f, full)?;
                 bump(&inner.counters.disk_hits, 1);
                 bump(&inner.counters.read_bytes, bytes.len() as u64);
+                inner.metrics.hit(ns_dir, Tier::Disk);
+                inner.metrics.read(Tier::Disk, bytes.len() as u64);
                 inner
                     .disk
                     .index()
@@ -180,6 +184,7 @@ impl Store {
         let inner = &*self.inner;
         let not_found = || {
             bump(&inner.counters.misses, 1);
+            inner.metrics.miss(ns_dir);
             StoreError::NotFound {
                 ns_dir: ns_dir.to_string(),
                 key: *key,
@@ -215,6 +220,8 @@ impl Store {
         }
         bump(&inner.counters.remote_hits, 1);
         bump(&inner.counters.read_bytes, bytes.len() as u64);
+        inner.metrics.hit(ns_dir, Tier::Remote);
+        inner.metrics.read(Tier::Remote, bytes.len() as u64);
         Ok(bytes)
     }
 
@@ -236,10 +243,11 @@ impl Store {
             return Ok(n);
         }
         let (f, path) = match self.locate(ns_dir, key, Reach::Read)? {
-            Found::Bytes(b, _) => {
+            Found::Bytes(b, tier) => {
                 let start = (offset.min(b.len() as u64)) as usize;
                 let n = buf.len().min(b.len() - start);
                 buf[..n].copy_from_slice(&b[start..start + n]);
+                inner.metrics.read(tier, n as u64);
                 return Ok(n);
             }
             Found::Disk(f, path) => (f, path),
@@ -256,6 +264,8 @@ impl Store {
         let n = read_full_at(&f, buf, offset).map_err(|e| StoreError::io(&path, e))?;
         bump(&inner.counters.disk_hits, 1);
         bump(&inner.counters.read_bytes, n as u64);
+        inner.metrics.hit(ns_dir, Tier::Disk);
+        inner.metrics.read(Tier::Disk, n as u64);
         inner.disk.index().touch(ns_dir, key);
         Ok(n)
     }

@@ -31,6 +31,10 @@ pub trait RemoteTier: Send + Sync + std::fmt::Debug {
         false
     }
 
+    /// Registers the tier's Prometheus metrics with `registry` (see
+    /// [`Store::register_metrics`](super::Store::register_metrics)); the default has none.
+    fn register_metrics(&self, _registry: &mut prometheus_client::registry::Registry) {}
+
     /// The namespace directories under which the remote holds `key`: how a bare `KEY` is
     /// found on a host that has never seen its namespace. One listing plus one existence
     /// check per namespace; for commands, not for hot paths.

@@ -126,7 +126,10 @@ impl Store {
             n += 1;
         }
         match fs::rename(path, &target) {
-            Ok(()) => Some(target),
+            Ok(()) => {
+                self.inner.metrics.quarantined();
+                Some(target)
+            }
             Err(e) => {
                 tracing::error!(path = %path.display(), error = %e, "cannot quarantine");
                 None

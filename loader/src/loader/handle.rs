@@ -64,9 +64,17 @@ impl LoadHandle {
         while p.jobs_left > 0 {
             p = self.job.changed.wait(p).unwrap();
         }
+        let m = crate::metrics::global();
         match self.job.error(&p) {
-            Some(e) => Err(e),
-            None => Ok(self.job.stats(&p)),
+            Some(e) => {
+                m.load_failed();
+                Err(e)
+            }
+            None => {
+                let stats = self.job.stats(&p);
+                m.loaded(&stats);
+                Ok(stats)
+            }
         }
     }
 }

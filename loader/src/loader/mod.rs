@@ -295,6 +295,7 @@ impl Loader {
                 _ => break,
             }
         }
+        crate::metrics::global().lookup(tokens.len(), hit);
         hit
     }
 }

@@ -74,6 +74,7 @@ impl Loader {
             )?;
         }
         tracing::debug!(?stats, "store finished");
+        crate::metrics::global().stored(&stats);
         Ok(stats)
     }
 

@@ -732,3 +732,44 @@ fn umount_ends_the_daemon_without_a_warning() {
         m.stderr()
     );
 }
+
+#[test]
+fn a_namespace_of_many_pages_lists_every_chunk_once_in_order() {
+    if !support::require::fuse() {
+        return;
+    }
+    let e = env();
+    // 400 chunks of 8 KiB over the 256 listing pages: most pages hold one or more, some
+    // none (both are walked).
+    ok(kvfs(
+        &e.cache,
+        &["synth", "--model", "scale-micro", "--tokens", "6400"],
+    ));
+    let ns = kvfs_loader::ModelSpec::preset("scale-micro")
+        .unwrap()
+        .namespace_dir();
+    let mut expected: Vec<String> = chunk_files(&e.cache)
+        .iter()
+        .map(|p| p.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    expected.sort();
+    assert_eq!(expected.len(), 400);
+    let m = Mount::start(&e.cache, &e.mnt, &[]);
+    let nsdir = e.mnt.join(&ns);
+    // READDIR through the kernel, resumed page after page by cookie.
+    let listed: Vec<String> = fs::read_dir(&nsdir)
+        .unwrap()
+        .map(|d| d.unwrap().file_name().into_string().unwrap())
+        .collect();
+    assert_eq!(listed, expected, "every chunk once, in key order");
+    // READDIRPLUS (`ls -l` asks for attributes): the sizes are the files'.
+    let ls = ok(Command::new("ls").arg("-l").arg(&nsdir).output().unwrap());
+    let sizes: Vec<&str> = ls
+        .lines()
+        .filter(|l| l.ends_with(".kvc"))
+        .map(|l| l.split_whitespace().nth(4).unwrap())
+        .collect();
+    assert_eq!(sizes.len(), 400);
+    assert!(sizes.iter().all(|s| *s == "8192"), "{:?}", &sizes[..3]);
+    drop(m);
+}

@@ -265,7 +265,7 @@ impl DiskTier {
     /// Starts a maintenance pass on a background thread if one is due and no live process
     /// runs one.
     fn start_maintenance(&self) {
-        match maintenance::claim(&self.root) {
+        match self.index.claim_maintenance() {
             Ok(true) => {
                 let root = self.root.clone();
                 let handle = std::thread::Builder::new()

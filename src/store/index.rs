@@ -601,6 +601,14 @@ impl ChunkIndex {
         });
     }
 
+    /// Claims the next maintenance pass for this process if one is due
+    /// ([`super::maintenance::claim`]).
+    pub fn claim_maintenance(&self) -> Result<bool, StoreError> {
+        self.with("claiming the maintenance", |st| {
+            super::maintenance::claim(&st.conn)
+        })
+    }
+
     /// The row of a chunk, if indexed.
     pub fn entry(&self, ns: &str, key: &ChunkKey) -> Option<DiskEntry> {
         self.with("reading a chunk's row", |st| {

@@ -37,34 +37,36 @@ fn db_err(path: &Path, e: rusqlite::Error) -> StoreError {
     StoreError::io(path, io::Error::other(e))
 }
 
-/// Claims the next pass for this process if one is due and nobody alive runs one.
-pub(crate) fn claim(root: &Path) -> Result<bool, StoreError> {
-    let path = root.join(index::INDEX_FILE);
-    let conn = index::connect(root, &path).map_err(|e| db_err(&path, e))?;
-    let r = (|| {
-        let tx = rusqlite::Transaction::new_unchecked(&conn, TransactionBehavior::Immediate)?;
-        let now = now_nanos() as i64;
-        let complete = meta(&tx, META_COMPLETE)? == Some(1);
-        let maintained = meta(&tx, META_MAINTAINED)?.unwrap_or(0);
-        let due =
-            !complete || now.saturating_sub(maintained) > MAINTENANCE_PERIOD.as_nanos() as i64;
-        if !due {
-            return Ok(false);
-        }
-        let holder = meta(&tx, META_MAINTAINER)?.unwrap_or(0);
-        let since = meta(&tx, META_MAINTAINER_SINCE)?.unwrap_or(0);
-        let held = holder > 0
-            && process_alive(holder as i32)
-            && now.saturating_sub(since) < MAINTENANCE_PERIOD.as_nanos() as i64;
-        if held {
-            return Ok(false);
-        }
-        set_meta(&tx, META_MAINTAINER, i64::from(std::process::id()))?;
-        set_meta(&tx, META_MAINTAINER_SINCE, now)?;
-        tx.commit()?;
-        Ok(true)
-    })();
-    r.map_err(|e| db_err(&path, e))
+/// Whether a pass is due: the index was never completed, or was last checked over
+/// [`MAINTENANCE_PERIOD`] ago, and nobody alive runs one.
+fn due(conn: &Connection, now: i64) -> rusqlite::Result<bool> {
+    let complete = meta(conn, META_COMPLETE)? == Some(1);
+    let maintained = meta(conn, META_MAINTAINED)?.unwrap_or(0);
+    let period = MAINTENANCE_PERIOD.as_nanos() as i64;
+    if complete && now.saturating_sub(maintained) <= period {
+        return Ok(false);
+    }
+    let holder = meta(conn, META_MAINTAINER)?.unwrap_or(0);
+    let since = meta(conn, META_MAINTAINER_SINCE)?.unwrap_or(0);
+    let held = holder > 0 && process_alive(holder as i32) && now.saturating_sub(since) < period;
+    Ok(!held)
+}
+
+/// Claims the next pass for this process if one is due and nobody alive runs one. The
+/// common case (not due) is one read, no write lock.
+pub(crate) fn claim(conn: &Connection) -> rusqlite::Result<bool> {
+    let now = now_nanos() as i64;
+    if !due(conn, now)? {
+        return Ok(false);
+    }
+    let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
+    if !due(&tx, now)? {
+        return Ok(false); // another process claimed it meanwhile
+    }
+    set_meta(&tx, META_MAINTAINER, i64::from(std::process::id()))?;
+    set_meta(&tx, META_MAINTAINER_SINCE, now)?;
+    tx.commit()?;
+    Ok(true)
 }
 
 /// What a pass found.

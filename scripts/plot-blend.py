@@ -6,7 +6,7 @@ quality against the share of document tokens recomputed (left: mean first-token 
 prefill, log scale; middle: first-token and 32-token agreement) and TTFT relative to the full
 prefill at each size (right). Needs matplotlib, which the vLLM venv lacks: make a venv of your
 own (`python3 -m venv /tmp/mpl && /tmp/mpl/bin/pip install matplotlib`) and run this script
-with its python. Usage: plot-blend.py RESULTS.jsonl [OUT.png]
+with its python. Usage: plot-blend.py RESULTS.jsonl [OUT.png]   (prompts appearing twice count once)
 """
 
 import json
@@ -19,8 +19,11 @@ def main():
     rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
     png = sys.argv[2] if len(sys.argv) > 2 else "docs/blend.png"
     q = defaultdict(list)
+    seen = set()
     for r in rows:
-        if r["kind"] == "quality":
+        # A prompt measured twice (the set split over processes) counts once, first run kept.
+        if r["kind"] == "quality" and (r["prompt"], r["method"]) not in seen:
+            seen.add((r["prompt"], r["method"]))
             q[r["method"]].append(r)
     order = sorted(q, key=lambda m: -q[m][0]["ratio"])
     n = len(q["full"])

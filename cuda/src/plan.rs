@@ -8,6 +8,10 @@
 //! missing, corrupt or unreadable: the chunks before it are loaded, and the load's result is
 //! the loader's [`LoaderError::Chunk`] naming the valid prefix, as a host load reports it.
 //!
+//! Files are opened with O_DIRECT under `IoMode::Direct`, except a chunk whose every page is
+//! already in the page cache (`cachestat`, the host loader's rule): re-reading it from the
+//! device would be several times slower than copying it out of memory.
+//!
 //! It then lists, **layer-major** (layer 0 of every chunk, then layer 1, ...), the byte
 //! ranges to read as kvfs-gds [`ReadExtent`]s, whose bytes back to back form the source
 //! stream, and where each byte goes as [`ScatterRun`]s (destination = the layout's address,
@@ -377,7 +381,11 @@ fn open_path(loader: &Loader, key: &ChunkKey, path: &Path) -> Result<Opened, Chu
             header.codec
         )));
     }
+    let cached = kvfs_loader::io::page_cached(&f, 0, header.geometry.file_len);
     let (file, direct) = match loader.options().io {
+        // The loader's policy, per file: a chunk wholly in the page cache (just stored, or
+        // read by another process) is read through it rather than from the device again.
+        IoMode::Direct if cached => (f, false),
         IoMode::Direct => {
             let o = kvfs_direct::open_with(path, OpenOptions::new().read(true))
                 .map_err(|e| ChunkError::Io(std::io::Error::other(e)))?;

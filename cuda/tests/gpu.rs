@@ -22,7 +22,8 @@ use kvfs_loader::{Dtype, IoMode};
 
 mod common;
 use common::{
-    Kind, Rng, SENTINEL, arena_len, layout_at, open, random_case, spec, tokens, write_chunks,
+    Kind, Rng, SENTINEL, arena_len, drop_from_cache, layout_at, open, random_case, spec, tokens,
+    write_chunks,
 };
 
 /// Test files live on a real disk file system (cuFile wants O_DIRECT).
@@ -85,6 +86,10 @@ fn device_loads_and_stores_match_the_host_loader() {
         let root = dir.path().join(format!("case{case_no}"));
         std::fs::create_dir_all(&root).unwrap();
         let originals = write_chunks(&root, &c.spec, &c.toks);
+        if c.io == IoMode::Direct && rng.below(2) == 0 {
+            // O_DIRECT (and on the gds path cuFile's direct reads) rather than the page cache
+            drop_from_cache(&originals);
+        }
         let loader = open(&root, &c.spec, c.io);
         let map = BlockMap::Blocks(&c.table);
         let req = LoadRequest {
@@ -216,7 +221,8 @@ fn an_engine_stream_waits_for_one_layer_while_later_ones_load() {
     let toks = tokens(32 * 64, 11);
     let root = dir.path().join("layers");
     std::fs::create_dir_all(&root).unwrap();
-    write_chunks(&root, &s, &toks);
+    let paths = write_chunks(&root, &s, &toks);
+    drop_from_cache(&paths); // cold: later layers are still being read from the device
     let loader = open(&root, &s, IoMode::Direct);
     let (nb, bs) = (toks.len() / 16, 16);
     let mut table: Vec<u32> = (0..nb as u32).collect();

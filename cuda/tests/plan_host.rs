@@ -20,7 +20,8 @@ use std::path::Path;
 
 mod common;
 use common::{
-    Kind, Rng, SENTINEL, arena_len, layout_at, open, random_case, spec, tokens, write_chunks,
+    Kind, Rng, SENTINEL, arena_len, drop_from_cache, layout_at, open, random_case, spec, tokens,
+    write_chunks,
 };
 
 /// One host arena holding every layer, and a layout over it.
@@ -70,7 +71,10 @@ fn device_plans_place_what_the_host_loader_places() {
     for i in 0..60 {
         let c = random_case(&mut rng);
         let dir = tempfile::tempdir_in(common::test_root()).unwrap();
-        write_chunks(dir.path(), &c.spec, &c.toks);
+        let paths = write_chunks(dir.path(), &c.spec, &c.toks);
+        if c.io == IoMode::Direct && rng.below(2) == 0 {
+            drop_from_cache(&paths);
+        }
         let loader = open(dir.path(), &c.spec, c.io);
         let block_size = c.block_size;
         let map = BlockMap::Blocks(&c.table);
@@ -350,4 +354,46 @@ fn on_a_mount_the_plan_reads_the_backing_files() {
     assert!(plan.failure().is_none(), "{:?}", plan.failure());
     run_on_host(&plan, &mut dev, 2, 8192);
     assert!(dev.bytes == host.bytes);
+}
+
+/// O_DIRECT where the chunk is not in the page cache; the page cache where all of it is (the
+/// host loader's rule), which the plan reports as buffered files.
+#[test]
+fn chunks_in_the_page_cache_are_read_through_it() {
+    let s = spec(Kind::FlashAttn, Dtype::F16, 2, 16, 8);
+    let dir = tempfile::tempdir_in(common::test_root()).unwrap();
+    let toks = tokens(48, 21);
+    let paths = write_chunks(dir.path(), &s, &toks);
+    let loader = open(dir.path(), &s, IoMode::Direct);
+    let mem = arena(&s, Kind::FlashAttn, 12, 4);
+    let table: Vec<u32> = (0..12).collect();
+    let req = LoadRequest {
+        tokens: &toks,
+        ..Default::default()
+    };
+    // Written just now: resident, unless the kernel cannot tell (no cachestat).
+    let f = std::fs::File::open(&paths[0]).unwrap();
+    let len = f.metadata().unwrap().len();
+    let resident = kvfs_loader::io::page_cached(&f, 0, len);
+    let plan = DevicePlan::build(&loader, &req, &mem.layout, &BlockMap::Blocks(&table)).unwrap();
+    if resident {
+        assert_eq!(
+            plan.direct_files(),
+            0,
+            "resident chunks must be read through the cache"
+        );
+    }
+    // Dropped from the cache: O_DIRECT (if the file system takes it).
+    drop_from_cache(&paths);
+    let direct_ok = kvfs_direct::open_with(&paths[0], std::fs::OpenOptions::new().read(true))
+        .unwrap()
+        .direct;
+    let plan = DevicePlan::build(&loader, &req, &mem.layout, &BlockMap::Blocks(&table)).unwrap();
+    if direct_ok {
+        assert_eq!(plan.direct_files(), 3, "cold chunks are read with O_DIRECT");
+    }
+    assert!(
+        resident || direct_ok,
+        "neither case could be checked on this file system"
+    );
 }

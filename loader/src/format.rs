@@ -24,6 +24,7 @@
 //!   check exactly what it read.
 
 use crate::error::FormatError;
+use crate::importance::{self, Importance, MAX_IMPORTANCE_LEN};
 use crate::key::{ChunkKey, SaltTag};
 use crate::spec::{Dtype, KvKind, ModelSpec, NamespaceId};
 use std::fs::File;
@@ -33,7 +34,8 @@ use std::os::unix::fs::FileExt;
 /// First 8 bytes of every chunk file.
 pub const MAGIC: [u8; 8] = *b"KVFSCHNK";
 /// Newest format version this build writes and reads. A chunk that uses no version-2 feature
-/// is still written as [`VERSION_1`], so caches, keys and golden bytes of version 1 stay valid.
+/// (position independence, importance) is still written as [`VERSION_1`], so caches, keys and
+/// golden bytes of version 1 stay valid.
 pub const VERSION: u16 = 2;
 /// The first format version: prefix-chained chunks only.
 pub const VERSION_1: u16 = 1;
@@ -51,7 +53,8 @@ pub const MAX_LAYERS: u32 = 4096;
 /// allocates the header, so a corrupt or hostile length cannot ask for gigabytes.
 pub const MAX_HEADER_LEN: u64 = align_up(
     align_up(FIXED_HEADER_LEN as u64 + 4 * MAX_CHUNK_TOKENS as u64, 8)
-        + MAX_LAYERS as u64 * (2 * 16 + 32),
+        + MAX_LAYERS as u64 * (2 * 16 + 32)
+        + MAX_IMPORTANCE_LEN,
     ALIGN,
 );
 
@@ -59,9 +62,12 @@ const FLAG_HAS_PARENT: u32 = 1;
 /// Version 2: a position-independent chunk (no parent, its own key derivation); the u32 at
 /// offset 44 is its original start position.
 pub const FLAG_INDEPENDENT: u32 = 1 << 1;
+/// Flag bit 2 (format version 2): the header carries an importance section after the layer
+/// table ([`crate::importance`]).
+pub const FLAG_IMPORTANCE: u32 = 1 << 2;
 /// Flag bits this build knows, per version.
 const FLAGS_V1: u32 = FLAG_HAS_PARENT;
-const FLAGS_V2: u32 = FLAG_HAS_PARENT | FLAG_INDEPENDENT;
+const FLAGS_V2: u32 = FLAG_HAS_PARENT | FLAG_INDEPENDENT | FLAG_IMPORTANCE;
 const PAYLOAD_CONTEXT: &str = "kvfs 2026-11 payload v1";
 
 // Offsets of the fixed header fields (see docs/FORMAT.md).
@@ -233,6 +239,10 @@ pub struct Geometry {
     pub extent_stride: u64,
     /// Where the layer table starts inside the header.
     pub table_offset: u64,
+    /// Where the importance section starts (the end of the layer table) and its length (0:
+    /// no section).
+    pub importance_offset: u64,
+    pub importance_len: u64,
     /// Header length, 4096-aligned; the first extent starts here.
     pub header_len: u64,
     /// Total file length, 4096-aligned.
@@ -245,6 +255,11 @@ pub(crate) const fn align_up(v: u64, a: u64) -> u64 {
 
 impl Geometry {
     fn new(meta: &ChunkMeta) -> Result<Geometry, FormatError> {
+        Geometry::with_importance(meta, false)
+    }
+
+    /// The geometry of `meta`'s chunk with (`true`) or without an importance section.
+    pub fn with_importance(meta: &ChunkMeta, importance: bool) -> Result<Geometry, FormatError> {
         meta.validate()?;
         let planes = meta.kv_kind.planes() as u64;
         let token_bytes = (meta.num_heads as u64)
@@ -257,7 +272,16 @@ impl Geometry {
         let extent_stride = align_up(extent_len, ALIGN);
         let table_offset = align_up(FIXED_HEADER_LEN as u64 + 4 * meta.tokens.len() as u64, 8);
         let table_len = meta.num_layers as u64 * (planes * 16 + 32);
-        let header_len = align_up(table_offset + table_len, ALIGN);
+        let importance_offset = table_offset + table_len;
+        let importance_len = if importance {
+            importance::section_len(
+                meta.num_layers,
+                meta.tokens.len().div_ceil(meta.group_tokens as usize) as u32,
+            )
+        } else {
+            0
+        };
+        let header_len = align_up(importance_offset + importance_len, ALIGN);
         let payload = extent_stride
             .checked_mul(planes * meta.num_layers as u64)
             .ok_or_else(|| FormatError::field("num_layers", "shape overflows"))?;
@@ -274,6 +298,8 @@ impl Geometry {
             extent_len,
             extent_stride,
             table_offset,
+            importance_offset,
+            importance_len,
             header_len,
             file_len,
         })
@@ -327,6 +353,8 @@ impl Geometry {
 /// A parsed, checked header.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ChunkHeader {
+    /// [`VERSION_1`], or [`VERSION`] when a version-2 feature is used.
+    pub version: u16,
     pub meta: ChunkMeta,
     pub geometry: Geometry,
     pub codec: Codec,
@@ -334,6 +362,8 @@ pub struct ChunkHeader {
     pub layer_digests: Vec<[u8; 32]>,
     /// Digest over all layer digests: one number for the whole payload.
     pub payload_digest: [u8; 32],
+    /// Per layer and group, the attention mass the groups received (flag bit 2).
+    pub importance: Option<Importance>,
 }
 
 fn le_u16(b: &[u8], off: usize) -> u16 {
@@ -508,16 +538,19 @@ impl ChunkHeader {
             tokens,
             origin,
         };
-        if meta.version() != version {
+        let has_importance = flags & FLAG_IMPORTANCE != 0;
+        let needed = if has_importance {
+            VERSION
+        } else {
+            meta.version()
+        };
+        if needed != version {
             return Err(FormatError::field(
                 "version",
-                format!(
-                    "{version}, but the chunk's features need version {}",
-                    meta.version()
-                ),
+                format!("{version}, but the chunk's features need version {needed}"),
             ));
         }
-        let geometry = meta.geometry()?;
+        let geometry = Geometry::with_importance(&meta, has_importance)?;
         if geometry.header_len != header_len {
             return Err(FormatError::field(
                 "header_len",
@@ -558,6 +591,17 @@ impl ChunkHeader {
             layer_digests.push(arr32(h, off));
             off += 32;
         }
+        let importance = (flags & FLAG_IMPORTANCE != 0)
+            .then(|| {
+                let s = geometry.importance_offset as usize;
+                Importance::decode(
+                    &h[s..s + geometry.importance_len as usize],
+                    meta.num_layers,
+                    geometry.groups(),
+                )
+            })
+            .transpose()?;
+        off += geometry.importance_len as usize;
         for pad in [
             tokens_end as usize..geometry.table_offset as usize,
             off..h.len(),
@@ -576,11 +620,13 @@ impl ChunkHeader {
             ));
         }
         Ok(ChunkHeader {
+            version,
             meta,
             geometry,
             codec: Codec::Raw,
             layer_digests,
             payload_digest,
+            importance,
         })
     }
 
@@ -743,9 +789,33 @@ impl<'a> ChunkView<'a> {
 /// Returns the whole file.
 pub fn encode_chunk(
     meta: &ChunkMeta,
+    fill: impl FnMut(u32, u32, &mut [u8]),
+) -> Result<Vec<u8>, FormatError> {
+    encode_chunk_with(meta, None, fill)
+}
+
+/// [`encode_chunk`] with the version-2 importance section when `importance` is given (its
+/// shape must be the chunk's: `num_layers` x groups).
+pub fn encode_chunk_with(
+    meta: &ChunkMeta,
+    importance: Option<&Importance>,
     mut fill: impl FnMut(u32, u32, &mut [u8]),
 ) -> Result<Vec<u8>, FormatError> {
-    let g = meta.geometry()?;
+    let g = Geometry::with_importance(meta, importance.is_some())?;
+    if let Some(imp) = importance
+        && (imp.num_layers() != g.num_layers || imp.groups() != g.groups())
+    {
+        return Err(FormatError::field(
+            "importance",
+            format!(
+                "{} layers x {} groups, the chunk has {} x {}",
+                imp.num_layers(),
+                imp.groups(),
+                g.num_layers,
+                g.groups()
+            ),
+        ));
+    }
     let mut out = vec![0u8; g.file_len as usize];
     for layer in 0..g.num_layers {
         for plane in 0..g.planes {
@@ -754,7 +824,7 @@ pub fn encode_chunk(
         }
     }
     let (head, payload) = out.split_at_mut(g.header_len as usize);
-    write_header(meta, &g, head, payload)?;
+    write_header(meta, importance, &g, head, payload)?;
     Ok(out)
 }
 
@@ -780,6 +850,7 @@ pub fn encode_chunk_from(meta: &ChunkMeta, planes: &[&[u8]]) -> Result<Vec<u8>, 
 
 fn write_header(
     meta: &ChunkMeta,
+    importance: Option<&Importance>,
     g: &Geometry,
     head: &mut [u8],
     payload: &[u8],
@@ -803,15 +874,23 @@ fn write_header(
     }
     head.fill(0);
     head[..8].copy_from_slice(&MAGIC);
-    head[OFF_VERSION..OFF_VERSION + 2].copy_from_slice(&meta.version().to_le_bytes());
+    let version = if importance.is_some() {
+        VERSION
+    } else {
+        meta.version()
+    };
+    head[OFF_VERSION..OFF_VERSION + 2].copy_from_slice(&version.to_le_bytes());
     head[OFF_KV_KIND] = meta.kv_kind as u8;
     head[OFF_DTYPE] = meta.dtype as u8;
     head[OFF_HEADER_LEN..OFF_HEADER_LEN + 4].copy_from_slice(&(g.header_len as u32).to_le_bytes());
-    let flags = match (meta.parent.is_some(), meta.origin.is_some()) {
+    let mut flags = match (meta.parent.is_some(), meta.origin.is_some()) {
         (true, _) => FLAG_HAS_PARENT,
         (false, true) => FLAG_INDEPENDENT,
         (false, false) => 0,
     };
+    if importance.is_some() {
+        flags |= FLAG_IMPORTANCE;
+    }
     head[OFF_FLAGS..OFF_FLAGS + 4].copy_from_slice(&flags.to_le_bytes());
     head[OFF_CODEC] = Codec::Raw as u8;
     for (off, v) in [
@@ -847,6 +926,9 @@ fn write_header(
         }
         head[off..off + 32].copy_from_slice(digest);
         off += 32;
+    }
+    if let Some(imp) = importance {
+        imp.encode(&mut head[off..off + g.importance_len as usize]);
     }
     let sum = header_checksum(head);
     head[OFF_HEADER_CHECKSUM..OFF_HEADER_CHECKSUM + 32].copy_from_slice(&sum);

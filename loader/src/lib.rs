@@ -10,6 +10,8 @@
 //!   over [`io`] (O_DIRECT, aligned buffers, reader threads) and a [`backend`] (host memory);
 //! - [`rope`]: re-encoding cached keys for new positions (blending);
 //! - [`selective`]: which token groups of which layer a selective load reads;
+//! - [`importance`]: per-group attention mass stored in chunk headers (format v2), and
+//!   [`prefetch`]: importance-guided selective loads that prefetch across layer periods;
 //! - [`ffi`]: the C ABI (`include/kvfs.h`).
 //!
 //! It owns what a chunk is and how an engine reads and writes one: identity, format, layouts,
@@ -24,10 +26,12 @@ pub mod error;
 pub mod ffi;
 pub mod format;
 pub mod identity;
+pub mod importance;
 pub mod io;
 pub mod key;
 pub mod layout;
 pub mod loader;
+pub mod prefetch;
 pub mod rope;
 pub mod selective;
 pub mod spec;
@@ -35,7 +39,7 @@ pub mod spec;
 pub use error::FormatError;
 pub use format::{
     ChunkHeader, ChunkMeta, ChunkView, Geometry, Verify, encode_chunk, encode_chunk_from,
-    synth_chunk,
+    encode_chunk_with, synth_chunk,
 };
 pub use identity::{BACKING_XATTR, NAMESPACE_JSON, check_identity, namespace_suffix};
 pub use key::{ChunkKey, ChunkRef, SaltTag, chunk_keys, independent_chunk_keys};

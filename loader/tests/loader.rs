@@ -827,3 +827,120 @@ fn walk(p: &Path) -> Vec<PathBuf> {
         .flat_map(|e| walk(&e.path()))
         .collect()
 }
+
+/// Issue 14: a prefetching selective load guided by the importance in the chunk headers
+/// reads exactly the chosen groups, under every prefetch mode, and refuses bad requests
+/// with typed errors.
+#[test]
+fn importance_guided_prefetching_load_reads_exactly_the_chosen_groups() {
+    use kvfs_loader::format::{encode_chunk_with, synth_fill};
+    use kvfs_loader::importance::Importance;
+    use kvfs_loader::prefetch::{Periods, Prefetch, PrefetchError};
+    use kvfs_loader::{ChunkMeta, encode_chunk};
+
+    let dir = tempfile::tempdir().unwrap();
+    // 3 layers, 128-token chunks in 32-token groups of 4096 bytes per plane: 3 chunks, 12
+    // groups; importance differs per chunk and layer
+    let spec = spec(Dtype::F16, KvKind::KeyValue, 128, 32);
+    let toks = tokens(3 * 128, 5);
+    let mut parent = None;
+    let mut files = Vec::new();
+    for (c, t) in toks.chunks_exact(128).enumerate() {
+        let meta = ChunkMeta::for_spec(&spec, parent, SaltTag::NONE, t.to_vec());
+        let scores = (0..3 * 4)
+            .map(|i| ((i * 5 + c * 3) % 7) as f32 / 40.0)
+            .collect();
+        let imp = Importance::new(3, 4, 32, scores).unwrap();
+        let bytes =
+            encode_chunk_with(&meta, Some(&imp), |l, p, d| synth_fill(&meta.key, l, p, d)).unwrap();
+        let path = Layout::Cache.chunk_path(dir.path(), &spec.namespace_dir(), &meta.key);
+        dir::commit_file(&path, &bytes, false).unwrap();
+        parent = Some(meta.key);
+        files.push(bytes);
+    }
+    let loader = Loader::open_with(dir.path(), spec.clone(), b"", opts(IoMode::Direct)).unwrap();
+    assert_eq!(loader.chunk_headers(&toks, 384).unwrap().len(), 3);
+    let sel = loader.importance_selection(&toks, 384, 0.25).unwrap();
+    for layer in 0..3 {
+        assert_eq!(sel.groups(layer).len(), 3, "a quarter of 12 groups");
+    }
+    let table: Vec<u32> = (0..24).rev().collect();
+    for mode in [Prefetch::Off, Prefetch::IntraPeriod, Prefetch::Full] {
+        let mem = alloc(&spec, Kind::FlashAttn, 24, 16);
+        let map = BlockMap::Blocks(&table);
+        let req = LoadRequest {
+            tokens: &toks,
+            range: Some(0..384),
+            selection: Some(&sel),
+            verify: None,
+        };
+        let periods = Periods::uniform(3, 2).unwrap();
+        let mut load = loader
+            .load_prefetching(&req, Dest::host(&mem.layout, map), periods, mode)
+            .unwrap();
+        for layer in 0..3 {
+            load.wait_layer(layer).unwrap();
+        }
+        let stats = load.finish().unwrap();
+        // 3 layers x 3 groups x 2 planes x 4096 bytes, nothing more
+        assert_eq!(stats.bytes_read, 3 * 3 * 2 * 4096, "{mode:?}");
+        assert_eq!(stats.read_amplification(), 1.0);
+        let in_sel = |layer: usize, p: usize| sel.groups(layer).contains(&((p / 32) as u32));
+        check(&mem, &BlockMap::Blocks(&table), &spec, &files, 384, in_sel);
+    }
+
+    // typed errors
+    for bad in [0.0, 1.5, f64::NAN] {
+        assert!(matches!(
+            loader.importance_selection(&toks, 384, bad),
+            Err(PrefetchError::Budget(_))
+        ));
+    }
+    let mem = alloc(&spec, Kind::FlashAttn, 24, 16);
+    let req = LoadRequest {
+        tokens: &toks,
+        range: Some(0..384),
+        selection: Some(&sel),
+        verify: None,
+    };
+    let wrong = Periods::uniform(5, 2).unwrap();
+    assert!(matches!(
+        loader.load_prefetching(
+            &req,
+            Dest::host(&mem.layout, BlockMap::Blocks(&table)),
+            wrong,
+            Prefetch::Full
+        ),
+        Err(PrefetchError::Periods(_))
+    ));
+    let no_sel = LoadRequest {
+        selection: None,
+        ..req.clone()
+    };
+    let periods = Periods::uniform(3, 1).unwrap();
+    assert!(matches!(
+        loader.load_prefetching(
+            &no_sel,
+            Dest::host(&mem.layout, BlockMap::Blocks(&table)),
+            periods,
+            Prefetch::Off
+        ),
+        Err(PrefetchError::Loader(LoaderError::Invalid(_)))
+    ));
+    // a prefix whose chunks carry no importance
+    let plain = tempfile::tempdir().unwrap();
+    let meta = ChunkMeta::for_spec(&spec, None, SaltTag::NONE, toks[..128].to_vec());
+    let v1 = encode_chunk(&meta, |l, p, d| synth_fill(&meta.key, l, p, d)).unwrap();
+    let path = Layout::Cache.chunk_path(plain.path(), &spec.namespace_dir(), &meta.key);
+    dir::commit_file(&path, &v1, false).unwrap();
+    let l2 = Loader::open(plain.path(), spec.clone(), b"").unwrap();
+    assert!(matches!(
+        l2.importance_selection(&toks, 128, 0.5),
+        Err(PrefetchError::NoImportance { chunk: 0, .. })
+    ));
+    // beyond the stored chunks: the header is missing
+    assert!(matches!(
+        l2.importance_selection(&toks, 256, 0.5),
+        Err(PrefetchError::Header { chunk: 1, .. })
+    ));
+}

@@ -5,7 +5,7 @@
 //! blend answer --doc FILE [--doc FILE ...] --question TEXT [--ratio 0.15] [--check-layer 1]
 //!              [--cache DIR] [--max-new 64]
 //! blend bench --dataset FILE --out FILE [--cache DIR] [--ratios 0.05,0.15,0.3]
-//!             [--ttft-sizes 2048,4096] [--reps 2]
+//!             [--ttft-sizes 2048,4096|none] [--reps 2] [--skip N] [--prompts N]
 //! ```
 //!
 //! `answer` stores each document as position-independent chunks in the cache directory (a
@@ -304,7 +304,14 @@ fn bench(args: &Args) -> Res<()> {
     let dataset = args.value("--dataset").ok_or("--dataset is required")?;
     let out_path = args.value("--out").ok_or("--out is required")?;
     let ratios = args.list("--ratios", "0.05,0.15,0.3")?;
-    let sizes = args.list("--ttft-sizes", "2048,4096")?;
+    let sizes = match args.value("--ttft-sizes").as_deref() {
+        Some("none") => Vec::new(),
+        _ => args.list("--ttft-sizes", "2048,4096")?,
+    };
+    let prompt_limit: usize = args
+        .value("--prompts")
+        .map_or(Ok(usize::MAX), |s| s.parse())?;
+    let prompt_skip: usize = args.value("--skip").map_or(Ok(0), |s| s.parse())?;
     let reps: usize = args.value("--reps").map_or(Ok(2), |s| s.parse())?;
     let engine = Engine::load(&locate_gguf()?)?;
     let (dir, _tmp) = cache_dir(args)?;
@@ -384,7 +391,7 @@ fn bench(args: &Args) -> Res<()> {
         eprintln!("size {size}: best full prefill {full_best:.2} s");
     }
     let mut skipped = 0;
-    for pr in &prompts {
+    for pr in prompts.iter().skip(prompt_skip).take(prompt_limit) {
         if !pr.docs.iter().all(|&d| usable(d)) {
             skipped += 1;
             continue;

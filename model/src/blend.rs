@@ -29,7 +29,7 @@
 //! recomputes every document token in every layer over an exact prefix, which is a full
 //! prefill; a ratio of 0 runs only the question over the reused cache, which is naive reuse.
 
-use crate::model::{LayerView, PREFILL_WINDOW};
+use crate::model::{LayerView, NoHooks, PREFILL_WINDOW};
 use crate::{Engine, ModelError, PagedKv};
 use candle_core::Tensor;
 use kvfs_loader::{Dest, DocumentLoad, Loader, RopePairing, RopeParams, StoreStats};
@@ -262,7 +262,7 @@ impl Engine {
                 Ok(None)
             };
             self.model
-                .run_layers(&mut scratch, toks, pos, check + 1, &mut hook)?;
+                .run_layers(&mut scratch, toks, pos, check + 1, &mut hook, &mut NoHooks)?;
         }
         drop(scratch);
         let keep = top_indices(&devs, share_of(devs.len(), cfg.ratio));
@@ -303,6 +303,7 @@ impl Engine {
             &positions,
             self.model.cfg.num_layers,
             &mut hook,
+            &mut NoHooks,
         )?;
         let logits = self.model.logits_of_last(&out.hidden)?;
         let final_recomputed = out.positions.iter().filter(|&&p| p < span.end).count();
@@ -350,11 +351,14 @@ impl Engine {
             )));
         }
         let positions: Vec<usize> = (prompt_len..prompt_len + feed.len()).collect();
-        let out =
-            self.model
-                .run_layers(kv, feed, &positions, self.model.cfg.num_layers, &mut |_| {
-                    Ok(None)
-                })?;
+        let out = self.model.run_layers(
+            kv,
+            feed,
+            &positions,
+            self.model.cfg.num_layers,
+            &mut |_| Ok(None),
+            &mut NoHooks,
+        )?;
         for (row, &next) in self.model.logits_of_rows(&out.hidden)?.iter().zip(rest) {
             total += log_softmax_at(row, next);
         }

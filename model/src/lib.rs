@@ -19,13 +19,17 @@
 //! selective recompute of the tokens whose KV deviates most.
 
 pub mod blend;
+pub mod importance;
 pub mod model;
 pub mod paged;
+pub mod pruned;
 pub mod tokenizer;
 
 pub use blend::{BlendConfig, BlendOutcome, BlendPrompt};
-pub use model::{Config, Model, argmax};
+pub use importance::ImportanceCollector;
+pub use model::{Config, ForwardHooks, Model, NoHooks, argmax};
 pub use paged::PagedKv;
+pub use pruned::{PruneOptions, PrunedOutcome, PrunedPrefix};
 pub use tokenizer::Tokenizer;
 
 use kvfs_loader::{Dest, LoadRequest, LoadStats, Loader, LoaderError, ModelSpec, StoreStats};
@@ -64,6 +68,8 @@ pub enum ModelError {
     Loader(#[from] LoaderError),
     #[error(transparent)]
     Layout(#[from] kvfs_loader::LayoutError),
+    #[error(transparent)]
+    Prefetch(#[from] kvfs_loader::prefetch::PrefetchError),
     #[error(transparent)]
     Rope(#[from] kvfs_loader::RopeError),
 }
@@ -177,6 +183,33 @@ impl Engine {
         self.model.forward(kv, tokens, 0)
     }
 
+    /// [`Engine::prefill`] that also measures each group's importance ([`importance`]).
+    pub fn prefill_scored(
+        &self,
+        kv: &mut PagedKv,
+        tokens: &[u32],
+    ) -> Result<(Vec<f32>, ImportanceCollector), ModelError> {
+        let mut scores = ImportanceCollector::new(self.model.cfg.num_layers, tokens.len());
+        let logits = self.model.forward_hooked(kv, tokens, 0, &mut scores)?;
+        Ok((logits, scores))
+    }
+
+    /// [`Engine::store`] with each chunk's importance in its header (format v2).
+    pub fn store_scored(
+        &self,
+        loader: &Loader,
+        kv: &mut PagedKv,
+        tokens: &[u32],
+        scores: &ImportanceCollector,
+    ) -> Result<StoreStats, ModelError> {
+        let spec = loader.spec();
+        let imps =
+            scores.chunk_importance(spec.chunk_tokens as usize, spec.group_tokens as usize)?;
+        let layout = kv.layout()?;
+        let dest = Dest::host(&layout, kv.block_map());
+        Ok(loader.store_with_importance(tokens, &dest, &imps)?)
+    }
+
     /// Stores the full chunks of `tokens` (prefilled into `kv`) through `loader`.
     pub fn store(
         &self,
@@ -250,6 +283,18 @@ impl Engine {
         logits: &[f32],
         n: usize,
     ) -> Result<Vec<u32>, ModelError> {
+        self.generate_with(kv, prompt_len, logits, n, &mut NoHooks)
+    }
+
+    /// [`Engine::generate`] with [`ForwardHooks`] on every step.
+    pub fn generate_with(
+        &self,
+        kv: &mut PagedKv,
+        prompt_len: usize,
+        logits: &[f32],
+        n: usize,
+        hooks: &mut dyn ForwardHooks,
+    ) -> Result<Vec<u32>, ModelError> {
         let mut out = Vec::with_capacity(n);
         let mut next = argmax(logits);
         let mut pos = prompt_len;
@@ -258,7 +303,7 @@ impl Engine {
             if Some(next) == self.tokenizer.eos || out.len() == n {
                 break;
             }
-            let l = self.model.forward(kv, &[next], pos)?;
+            let l = self.model.forward_hooked(kv, &[next], pos, hooks)?;
             pos += 1;
             next = argmax(&l);
         }

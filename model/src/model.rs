@@ -20,6 +20,35 @@ use std::path::Path;
 /// Tokens per prefill window.
 pub const PREFILL_WINDOW: usize = 512;
 
+/// What a caller may do around each layer's attention (issue 14): observe the attention
+/// probabilities ([`crate::importance::ImportanceCollector`]) and hide pruned cached
+/// positions ([`crate::pruned`]). The default methods do nothing, which is [`Model::forward`].
+pub trait ForwardHooks {
+    /// Called before layer `layer` attends. `Some((upto, kept))`: of the positions `0..upto`
+    /// the layer attends only to `kept` (sorted, each below `upto`); positions from `upto` on
+    /// are attended as usual. The call may block until the layer's cached rows are in place.
+    fn before_attention(&mut self, _layer: usize) -> Result<Option<(usize, &[u32])>, ModelError> {
+        Ok(None)
+    }
+
+    /// Layer `layer`'s attention probabilities `[kv_heads, heads per kv head, n, columns]`
+    /// for queries at `positions` (ascending); `cols` names the columns' positions (`None`:
+    /// `0..columns`).
+    fn after_attention(
+        &mut self,
+        _layer: usize,
+        _probs: &Tensor,
+        _cols: Option<&[u32]>,
+        _positions: &[usize],
+    ) -> Result<(), ModelError> {
+        Ok(())
+    }
+}
+
+/// No hooks: a plain forward pass.
+pub struct NoHooks;
+impl ForwardHooks for NoHooks {}
+
 /// Model shape from the GGUF metadata.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Config {
@@ -194,6 +223,17 @@ impl Model {
         tokens: &[u32],
         start: usize,
     ) -> Result<Vec<f32>, ModelError> {
+        self.forward_hooked(kv, tokens, start, &mut NoHooks)
+    }
+
+    /// [`Model::forward`] with [`ForwardHooks`] around each layer's attention.
+    pub fn forward_hooked(
+        &self,
+        kv: &mut PagedKv,
+        tokens: &[u32],
+        start: usize,
+        hooks: &mut dyn ForwardHooks,
+    ) -> Result<Vec<f32>, ModelError> {
         if tokens.is_empty() {
             return Err(ModelError::Invalid("no tokens to run".into()));
         }
@@ -212,7 +252,7 @@ impl Model {
         let mut logits = Vec::new();
         let mut pos = start;
         for window in tokens.chunks(PREFILL_WINDOW) {
-            logits = self.forward_window(kv, window, pos)?;
+            logits = self.forward_window(kv, window, pos, hooks)?;
             pos += window.len();
         }
         Ok(logits)
@@ -240,11 +280,17 @@ impl Model {
         kv: &mut PagedKv,
         tokens: &[u32],
         start: usize,
+        hooks: &mut dyn ForwardHooks,
     ) -> Result<Vec<f32>, ModelError> {
         let positions: Vec<usize> = (start..start + tokens.len()).collect();
-        let x = self.run_layers(kv, tokens, &positions, self.cfg.num_layers, &mut |_| {
-            Ok(None)
-        })?;
+        let x = self.run_layers(
+            kv,
+            tokens,
+            &positions,
+            self.cfg.num_layers,
+            &mut |_| Ok(None),
+            hooks,
+        )?;
         self.logits_of_last(&x.hidden)
     }
 
@@ -262,6 +308,7 @@ impl Model {
         positions: &[usize],
         layers: usize,
         hook: &mut LayerHook<'_>,
+        hooks: &mut dyn ForwardHooks,
     ) -> Result<Hidden, ModelError> {
         let cfg = &self.cfg;
         let dev = Device::Cpu;
@@ -281,6 +328,10 @@ impl Model {
             let mut q = self.rope(&q, &rope.cos, &rope.sin)?;
             let mut k = self.rope(&k, &rope.cos, &rope.sin)?;
             let mut v = v;
+            // before anything touches this layer's rows: a load may be filling them until then
+            let pruned = hooks
+                .before_attention(li)?
+                .map(|(upto, kept)| (upto, kept.to_vec()));
             if let Some(keep) = hook(LayerView {
                 layer: li,
                 k: &k,
@@ -314,11 +365,22 @@ impl Model {
                 })
                 .collect();
             let mask = Tensor::from_vec(mask, (n, total), &dev)?;
-            let (kc, vc) = kv.gather(li, total);
-            let kc = Tensor::from_vec(kc, (total, nkv, hd), &dev)?
+            let cols = pruned.map(|(upto, kept)| crate::pruned::columns(upto, &kept, total));
+            let (kc, vc, mask) = match &cols {
+                None => {
+                    let (kc, vc) = kv.gather(li, total);
+                    (kc, vc, mask)
+                }
+                Some(cols) => {
+                    let (kc, vc) = kv.gather_positions(li, cols);
+                    (kc, vc, crate::pruned::causal_mask(&positions, cols)?)
+                }
+            };
+            let width = cols.as_ref().map_or(total, Vec::len);
+            let kc = Tensor::from_vec(kc, (width, nkv, hd), &dev)?
                 .transpose(0, 1)?
                 .contiguous()?;
-            let vc = Tensor::from_vec(vc, (total, nkv, hd), &dev)?
+            let vc = Tensor::from_vec(vc, (width, nkv, hd), &dev)?
                 .transpose(0, 1)?
                 .contiguous()?;
             // [nh, n, hd] -> [nkv, group * n, hd]: query heads of one KV head side by side.
@@ -326,9 +388,10 @@ impl Model {
                 .transpose(0, 1)?
                 .contiguous()?
                 .reshape((nkv, group * n, hd))?;
-            let att = (q.matmul(&kc.t()?)? * scale)?.reshape((nkv, group, n, total))?;
-            let att = att.broadcast_add(&mask)?;
-            let att = softmax_last(&att)?.reshape((nkv, group * n, total))?;
+            let att = (q.matmul(&kc.t()?)? * scale)?.reshape((nkv, group, n, width))?;
+            let att = softmax_last(&att.broadcast_add(&mask)?)?;
+            hooks.after_attention(li, &att, cols.as_deref(), &positions)?;
+            let att = att.reshape((nkv, group * n, width))?;
             let o = att
                 .matmul(&vc)?
                 .reshape((nh, n, hd))?

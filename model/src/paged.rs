@@ -97,6 +97,21 @@ impl PagedKv {
         (k, v)
     }
 
+    /// Gathers K and V rows of the given positions, in order, into `[len, kv_heads, head_dim]`.
+    pub fn gather_positions(&self, layer: usize, positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
+        let row = self.row();
+        let half = self.half();
+        let buf = &self.layers[layer];
+        let mut k = Vec::with_capacity(positions.len() * row);
+        let mut v = Vec::with_capacity(positions.len() * row);
+        for &pos in positions {
+            let s = self.slot(pos as usize);
+            k.extend_from_slice(&buf[s..s + row]);
+            v.extend_from_slice(&buf[half + s..half + s + row]);
+        }
+        (k, v)
+    }
+
     /// A copy of layers `0..layers` (same blocks and block table): scratch memory for a pass
     /// that must not change this cache.
     pub fn clone_layers(&self, layers: usize) -> PagedKv {

@@ -68,11 +68,13 @@ class Outcome:
 
 
 def crash_reason(log: Path) -> str:
-    """The last exception line of an engine's log, shortened."""
+    """The root cause an engine's log names: the first `SomethingError: message` line (vLLM
+    ends with a generic EngineDeadError that points back to it), shortened."""
     lines = [l.strip() for l in log.read_text(errors="replace").splitlines()]
-    errs = [l for l in lines if re.search(r"(Error|Exception)\b.*:", l)]
-    reason = (errs or lines or ["no output"])[-1]
-    return reason[-200:].replace("|", "/")
+    errs = [m.group(1) for l in lines if (m := re.search(r"\b(\w*(?:Error|Exception): .*)", l))]
+    specific = [e for e in errs if not e.startswith("EngineDeadError")]
+    reason = (specific or errs or lines or ["no output"])[0]
+    return reason[:200].replace("|", "/")
 
 
 def engine(args, work: Path, name: str, seq: list[str], kv: dict | None, *, drop=False,

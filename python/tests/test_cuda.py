@@ -226,6 +226,10 @@ class RecordingBackend:
 
             def wait(self):
                 backend.calls.append(("wait",))
+                # the keys DeviceLoadHandle.wait() returns, which the connector logs
+                return {"path": "staging", "chunks": 2, "tokens": 2 * BS, "bytes_needed": 0,
+                        "bytes_read": 0, "direct_files": 2, "buffered_files": 0,
+                        "elapsed_s": 0.0, "layer_issued_s": [0.0, 0.0]}
 
         return Handle()
 

@@ -53,6 +53,9 @@ pub struct StatArgs {
     /// Print JSON instead of text.
     #[arg(long)]
     pub json: bool,
+    /// Share of groups per layer the importance summary lists (chunks with importance).
+    #[arg(long, value_name = "SHARE", default_value_t = 0.2)]
+    pub top: f64,
 }
 
 #[derive(Debug, Args)]
@@ -208,6 +211,17 @@ pub fn stat(ctx: &Ctx, a: StatArgs) -> Result<i32, CliError> {
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| d.as_secs());
     let remote = super::remote::remote_presence(ctx, &ns_dir, &key);
+    if !(a.top > 0.0 && a.top <= 1.0) {
+        return Err(CliError::Usage(format!(
+            "--top {} is not a share in (0, 1]",
+            a.top
+        )));
+    }
+    let importance = st
+        .header
+        .importance
+        .as_ref()
+        .map(|imp| super::importance::summarize(imp, a.top));
     if a.json {
         let v = serde_json::json!({
             "key": key.to_hex(),
@@ -233,6 +247,8 @@ pub fn stat(ctx: &Ctx, a: StatArgs) -> Result<i32, CliError> {
             "path": st.path,
             "mtime": mtime,
             "remote": remote,
+            "version": st.header.version,
+            "importance": importance.as_ref().map(|i| i.json()),
         });
         outln!("{}", serde_json::to_string_pretty(&v).expect("json"));
         return Ok(0);
@@ -263,6 +279,11 @@ pub fn stat(ctx: &Ctx, a: StatArgs) -> Result<i32, CliError> {
     }
     if let Some(r) = remote {
         outln!("remote:         {r}");
+    }
+    outln!("format version: {}", st.header.version);
+    match &importance {
+        Some(i) => i.lines().iter().for_each(|l| outln!("{l}")),
+        None => outln!("importance:     none"),
     }
     Ok(0)
 }

@@ -42,6 +42,7 @@ pub mod cache;
 pub mod chunks;
 pub mod demo;
 pub mod doctor;
+pub mod importance;
 pub mod mount;
 pub mod remote;
 pub mod synth;

@@ -28,7 +28,8 @@
 //! `read` (the one memory → disk → remote fall-through, and get, read_at, stat, contains);
 //! `namespace` (namespace directories); `gc` (eviction on demand); `verify` (whole-cache
 //! verification and quarantine); `parallel` (payload checks across cores); `stats`
-//! (counters, capacity); [`disk`] and `memory` (the tiers); [`remote_seam`] (the remote
+//! (counters, capacity); [`disk`] and `memory` (the tiers); `retain` (holding a chunk's
+//! important groups in memory without the rest, issue 14); [`remote_seam`] (the remote
 //! tier's trait). The identity check itself (key == name, namespace id == directory suffix)
 //! is kvfs-loader's [`identity::check_identity`].
 //!
@@ -55,6 +56,7 @@ mod parallel;
 mod put;
 mod read;
 pub mod remote_seam;
+mod retain;
 mod settings;
 mod stats;
 mod verify;
@@ -79,6 +81,7 @@ pub use parallel::{verify_payload_parallel, verify_payload_threads};
 pub use put::PutOutcome;
 pub use read::{ChunkStat, Tier};
 pub use remote_seam::RemoteTier;
+pub use retain::RetainReport;
 pub use settings::{FsyncPolicy, StoreConfig};
 pub use stats::{CapacityInfo, StoreStats};
 pub use verify::{BadChunk, QUARANTINE_DIR, VerifyReport};

@@ -230,6 +230,11 @@ impl Store {
         buf: &mut [u8],
     ) -> Result<usize, StoreError> {
         let inner = &*self.inner;
+        if let Some(n) = inner.memory.read_retained(ns_dir, key, offset, buf) {
+            bump(&inner.counters.memory_hits, 1);
+            bump(&inner.counters.read_bytes, n as u64);
+            return Ok(n);
+        }
         let (f, path) = match self.locate(ns_dir, key, Reach::Read)? {
             Found::Bytes(b, _) => {
                 let start = (offset.min(b.len() as u64)) as usize;

@@ -191,3 +191,22 @@ pub fn open(root: &Path, spec: &ModelSpec, io: IoMode) -> Loader {
     };
     Loader::open_with(root, spec.clone(), b"", opts).unwrap()
 }
+
+/// Writes `paths` back and drops them from the page cache, so O_DIRECT opens stay O_DIRECT
+/// (a resident chunk is read through the cache).
+pub fn drop_from_cache(paths: &[PathBuf]) {
+    for p in paths {
+        let f = std::fs::File::open(p).unwrap();
+        f.sync_all().unwrap();
+        // SAFETY: plain advice on an open descriptor; no memory is passed.
+        let r = unsafe {
+            libc::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&f),
+                0,
+                0,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        assert_eq!(r, 0, "posix_fadvise");
+    }
+}

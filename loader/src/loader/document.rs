@@ -77,7 +77,7 @@ impl Loader {
                 document[c.start..c.end].to_vec(),
                 (at + c.start) as u32,
             );
-            self.store_chunk(&meta, c.index, src, at + c.start, &mut stats)?;
+            self.store_chunk(&meta, c.index, src, at + c.start, None, &mut stats)?;
         }
         tracing::debug!(?stats, tokens = document.len(), "document stored");
         Ok(stats)

@@ -5,8 +5,9 @@
 
 use super::{Dest, Loader, LoaderError};
 use crate::dir::{self, Commit};
-use crate::format::{ChunkMeta, encode_chunk};
+use crate::format::{ChunkMeta, encode_chunk_with};
 use crate::identity::NAMESPACE_JSON;
+use crate::importance::Importance;
 use crate::layout::BlockMap;
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -30,6 +31,18 @@ impl Loader {
     /// Stores the full chunks of `tokens` that are not present yet, reading their KV from
     /// `src` (positions `0..` of the sequence). Writes `namespace.json` beside the chunks once.
     pub fn store(&self, tokens: &[u32], src: &Dest<'_>) -> Result<StoreStats, LoaderError> {
+        self.store_with_importance(tokens, src, &[])
+    }
+
+    /// [`Loader::store`] that writes `importance[i]` into chunk `i`'s header (format v2;
+    /// chunks past the end of `importance` get none). A chunk already present keeps what it
+    /// has: chunks are immutable.
+    pub fn store_with_importance(
+        &self,
+        tokens: &[u32],
+        src: &Dest<'_>,
+        importance: &[Importance],
+    ) -> Result<StoreStats, LoaderError> {
         let ct = self.spec.chunk_tokens as usize;
         let full = tokens.len() / ct * ct;
         self.check_source(src, 0..full)?;
@@ -50,7 +63,14 @@ impl Loader {
                 self.salt,
                 tokens[c.start..c.end].to_vec(),
             );
-            self.store_chunk(&meta, c.index, src, c.start, &mut stats)?;
+            self.store_chunk(
+                &meta,
+                c.index,
+                src,
+                c.start,
+                importance.get(c.index),
+                &mut stats,
+            )?;
         }
         tracing::debug!(?stats, "store finished");
         Ok(stats)
@@ -82,6 +102,7 @@ impl Loader {
         index: usize,
         src: &Dest<'_>,
         at: usize,
+        importance: Option<&Importance>,
         stats: &mut StoreStats,
     ) -> Result<(), LoaderError> {
         let path = self.chunk_path(&meta.key);
@@ -89,7 +110,7 @@ impl Loader {
         let positions = at..at + meta.tokens.len();
         let mut runs = Vec::new();
         let mut copy_err = None;
-        let bytes = encode_chunk(meta, |layer, plane, dst| {
+        let bytes = encode_chunk_with(meta, importance, |layer, plane, dst| {
             runs.clear();
             src.layout.runs(
                 &src.map,

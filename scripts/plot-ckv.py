@@ -1,0 +1,132 @@
+#!/usr/bin/env python3
+"""Tables and plot of scripts/bench-ckv's results (issue 14, docs/BENCHMARKS.md).
+
+Usage: scripts/plot-ckv.py [RESULTS.jsonl] [OUT.png]
+  defaults: target/bench-ckv.jsonl, docs/ckv.png
+Prints Markdown tables (quality, bytes, time) to stdout and draws quality and time against
+the budget for the three selections. Needs matplotlib, e.g. in a venv of its own:
+  python3 -m venv ~/.cache/kvfs/plot-venv && ~/.cache/kvfs/plot-venv/bin/pip install matplotlib
+  ~/.cache/kvfs/plot-venv/bin/python scripts/plot-ckv.py
+"""
+import json
+import statistics as st
+import sys
+from collections import defaultdict
+
+src = sys.argv[1] if len(sys.argv) > 1 else "target/bench-ckv.jsonl"
+out = sys.argv[2] if len(sys.argv) > 2 else "docs/ckv.png"
+rows = [json.loads(line) for line in open(src) if line.strip()]
+quality = [r for r in rows if r["kind"] == "quality"]
+times = [r for r in rows if r["kind"] == "time"]
+sizes = sorted({r["n"] for r in quality})
+sels = ["importance", "random", "token"]
+budgets = sorted({r["budget"] for r in quality})
+
+
+def mean(xs):
+    return st.mean(xs) if xs else float("nan")
+
+
+def pick(n, sel, b):
+    # at 100% every selection is everything: the importance row stands for all three
+    return [r for r in quality if r["n"] == n and r["budget"] == b
+            and (r["selection"] == sel or b == 1.0)]
+
+
+print("### Quality against the full reuse (mean over prompts)\n")
+print("| tokens | selection | budget | prompts | first-token KL | top-1 same | 32-token agreement |")
+print("|---:|---|---:|---:|---:|---:|---:|")
+for n in sizes:
+    for sel in sels:
+        for b in budgets:
+            rs = pick(n, sel, b)
+            if not rs:
+                continue
+            print(f"| {n} | {sel} | {b:.0%} | {len(rs)} | {mean([r['kl'] for r in rs]):.4f} | "
+                  f"{sum(r['top1'] for r in rs)}/{len(rs)} | {mean([r['gen_agree'] for r in rs]):.2f} |")
+
+print("\n### Bytes read (mean per prompt, MB) and read amplification\n")
+print("| tokens | selection | budget | kvfs groups read | needed | amplification | "
+      "token-granular store (4 KiB pages) | its amplification |")
+print("|---:|---|---:|---:|---:|---:|---:|---:|")
+for n in sizes:
+    for sel in ["importance", "token"]:
+        for b in budgets:
+            if b == 1.0:
+                continue
+            rs = pick(n, sel, b)
+            if not rs:
+                continue
+            rd = mean([r["bytes_read"] for r in rs]) / 1e6
+            nd = mean([r["bytes_needed"] for r in rs]) / 1e6
+            tk = mean([r["token_store_bytes"] for r in rs]) / 1e6
+            tn = mean([r["token_needed"] for r in rs]) / 1e6
+            print(f"| {n} | {sel} | {b:.0%} | {rd:.1f} | {nd:.1f} | {rd / nd:.3f} | {tk:.1f} | {tk / tn:.2f} |")
+
+print("\n### Time (median over prompts, seconds; ratio to the full reuse of the same prompt)\n")
+print("| tokens | cache | budget | full reuse | pruned, no prefetch | pruned, prefetch | "
+      "ratio (prefetch) | I/O blocked, no prefetch | blocked, prefetch | I/O hidden |")
+print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+tsel = defaultdict(list)
+for r in times:
+    tsel[(r["state"], r["n"], r["budget"], r["mode"], r["prompt"])].append(r)
+ratios = defaultdict(list)
+for n in sizes:
+    for state in ["warm", "cold"]:
+        tbudgets = sorted({r["budget"] for r in times if r["mode"] != "full"})
+        # prompts whose runs all finished (an interrupted run leaves a partial prompt)
+        prompts = sorted(p for p in {r["prompt"] for r in times if r["n"] == n}
+                         if tsel[(state, n, 1.0, "full", p)]
+                         and all(tsel[(state, n, b, m, p)] for b in tbudgets for m in ["off", "prefetch"]))
+        if not prompts:
+            continue
+        full = {p: tsel[(state, n, 1.0, "full", p)][0]["seconds"] for p in prompts}
+        for b in tbudgets:
+            off = [tsel[(state, n, b, "off", p)][0] for p in prompts]
+            pre = [tsel[(state, n, b, "prefetch", p)][0] for p in prompts]
+            ratio = [pr["seconds"] / full[p] for pr, p in zip(pre, prompts)]
+            ratios[(state, n, "prefetch")].append((b, st.median(ratio)))
+            ratios[(state, n, "off")].append(
+                (b, st.median([o["seconds"] / full[p] for o, p in zip(off, prompts)])))
+            bo = st.median([o["blocked_seconds"] for o in off])
+            bp = st.median([p["blocked_seconds"] for p in pre])
+            print(f"| {n} | {state} | {b:.0%} | {st.median(full.values()):.3f} | "
+                  f"{st.median([o['seconds'] for o in off]):.3f} | {st.median([p['seconds'] for p in pre]):.3f} | "
+                  f"{st.median(ratio):.2f} | {bo:.3f} | {bp:.3f} | {1 - bp / bo if bo else float('nan'):.0%} |")
+
+try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+except ImportError:
+    sys.exit("matplotlib missing: see this script's docstring")
+
+fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+marks = {"importance": "o-", "random": "s--", "token": "^-."}
+for n in sizes:
+    for sel in sels:
+        xs = [b for b in budgets if pick(n, sel, b)]
+        pruned = [b for b in xs if b < 1.0]  # at 100% the KL is exactly 0: off a log axis
+        axes[0].plot([100 * b for b in pruned], [mean([r["kl"] for r in pick(n, sel, b)]) for b in pruned],
+                     marks[sel], label=f"{sel}, {n} tok")
+        axes[1].plot([100 * b for b in xs], [mean([r["gen_agree"] for r in pick(n, sel, b)]) for b in xs],
+                     marks[sel], label=f"{sel}, {n} tok")
+    for state in ["warm", "cold"]:
+        for mode, style in [("prefetch", "o-"), ("off", "x:")]:
+            pts = ratios[(state, n, mode)] + [(1.0, 1.0)]
+            axes[2].plot([100 * b for b, _ in pts], [r for _, r in pts], style,
+                         label=f"{n} tok, {state}, {'prefetch' if mode == 'prefetch' else 'no prefetch'}")
+axes[0].set(xlabel="budget (% of groups per layer)", ylabel="first-token KL vs full reuse",
+            yscale="log", title="first-token KL (lower is better; 0 at 100%)")
+axes[1].set(xlabel="budget (% of groups per layer)", ylabel="share of 32 greedy tokens equal",
+            ylim=(0, 1.05), title="32-token greedy agreement")
+axes[2].axhline(0.35, color="grey", lw=0.8, ls="--")
+axes[2].set(xlabel="budget (% of groups per layer)", ylabel="re-prefill time / full reuse time",
+            title="importance-pruned re-prefill time")
+for ax in axes:
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+fig.suptitle("SmolLM2-135M, ContiguousKV-style pruned re-prefill (scripts/bench-ckv)")
+fig.tight_layout()
+fig.savefig(out, dpi=110)
+print(f"\nplot: {out}", file=sys.stderr)

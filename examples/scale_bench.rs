@@ -277,7 +277,7 @@ fn ops(root: &Path, kvfs: &Path, reps: usize, cold: bool) {
                 None,
                 SaltTag::NONE,
                 single_tokens(
-                    10_000_000_000 + r as u64 + (cold as u64) * 1000,
+                    10_000_000_000 + u64::from(std::process::id()) * 100_000 + r as u64,
                     spec.chunk_tokens as usize,
                 ),
             )

@@ -58,7 +58,7 @@ fn main() {
             let mut planes = Vec::new();
             for l in 0..g.num_layers {
                 for p in 0..g.planes {
-                    let src = v.plane(l, p);
+                    let src = v.plane(l, p).unwrap();
                     to_f32(meta.dtype, src, &mut values);
                     let mut out = vec![0u8; values.len() * dtype.size()];
                     from_f32(dtype, &values, &mut out);

@@ -59,6 +59,8 @@ pub enum FormatError {
         group: u32,
         source: CodecError,
     },
+    #[error("chunk is {codec}-coded: its planes are decoded, not borrowed")]
+    Coded { codec: Codec },
     #[error(transparent)]
     Codec(CodecError),
     #[error("chunk I/O failed: {0}")]

@@ -843,16 +843,37 @@ impl<'a> ChunkView<'a> {
         Ok(ChunkView { header, bytes })
     }
 
-    /// One plane of one layer: `[tokens, heads, head_dim]` elements, token-major. Raw chunks
-    /// only (a coded chunk's planes must be decoded: `codec::stored::decode_plane`).
-    pub fn plane(&self, layer: u32, plane: u32) -> &'a [u8] {
-        assert!(
-            self.header.stored.is_none(),
-            "ChunkView::plane of a {} chunk",
-            self.header.codec
-        );
+    /// One plane of one layer: `[tokens, heads, head_dim]` elements, token-major, borrowed
+    /// from the file's bytes. A coded chunk has no such bytes (its planes must be decoded:
+    /// [`ChunkView::decoded_plane`]): [`FormatError::Coded`].
+    pub fn plane(&self, layer: u32, plane: u32) -> Result<&'a [u8], FormatError> {
+        if self.header.stored.is_some() {
+            return Err(FormatError::Coded {
+                codec: self.header.codec,
+            });
+        }
         let e = self.header.geometry.extent(layer, plane);
-        &self.bytes[e.start as usize..e.end as usize]
+        Ok(&self.bytes[e.start as usize..e.end as usize])
+    }
+
+    /// One plane of one layer as raw bytes, whatever the chunk's codec: borrowed from the file
+    /// for a raw chunk, decoded into `scratch` (resized to `extent_len`) for a coded one.
+    pub fn decoded_plane<'s>(
+        &self,
+        coder: &mut crate::codec::Coder,
+        layer: u32,
+        plane: u32,
+        scratch: &'s mut Vec<u8>,
+    ) -> Result<&'s [u8], FormatError>
+    where
+        'a: 's,
+    {
+        if self.header.stored.is_none() {
+            return self.plane(layer, plane);
+        }
+        scratch.resize(self.header.geometry.extent_len as usize, 0);
+        crate::codec::stored::decode_plane(coder, &self.header, self.bytes, layer, plane, scratch)?;
+        Ok(&scratch[..])
     }
 
     pub fn bytes(&self) -> &'a [u8] {

@@ -129,7 +129,9 @@ fn every_codec_round_trips_every_dtype_and_kind() {
                 let planes = decoded_planes(&bytes);
                 let g = &h.geometry;
                 for (i, plane) in planes.iter().enumerate() {
-                    let want = raw_view.plane(i as u32 / g.planes, i as u32 % g.planes);
+                    let want = raw_view
+                        .plane(i as u32 / g.planes, i as u32 % g.planes)
+                        .unwrap();
                     if codec == Codec::Lossless {
                         assert_eq!(plane, want, "{dtype} {preset} lossless is exact");
                     } else {
@@ -317,4 +319,36 @@ fn file_reader_reads_and_verifies_coded_chunks() {
     let h = ChunkHeader::read_from(&f).unwrap();
     assert_eq!(h.codec, Codec::Kivi4);
     h.verify_file_payload(&f).unwrap();
+}
+
+/// A coded chunk's planes cannot be borrowed from the file: `plane` is a typed error naming
+/// the codec (never a panic on a file read from disk), and `decoded_plane` gives the raw bytes.
+#[test]
+fn a_coded_chunks_plane_is_decoded_not_borrowed() {
+    let spec = ModelSpec::preset("tiny").unwrap();
+    let meta = meta_of(&spec);
+    let raw = format::encode_chunk(&meta, kv_fill(&meta)).unwrap();
+    let raw_view = ChunkView::parse(&raw, Verify::Full).unwrap();
+    let bytes = encode(&meta, Codec::Lossless);
+    let view = ChunkView::parse(&bytes, Verify::Full).unwrap();
+    let e = view.plane(0, 1).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            kvfs_loader::FormatError::Coded {
+                codec: Codec::Lossless
+            }
+        ),
+        "{e}"
+    );
+    assert!(e.to_string().contains("lossless"), "{e}");
+    let mut coder = Coder::new();
+    let mut scratch = Vec::new();
+    let got = view.decoded_plane(&mut coder, 0, 1, &mut scratch).unwrap();
+    assert_eq!(got, raw_view.plane(0, 1).unwrap());
+    // A raw chunk's decoded plane is the borrowed one.
+    let got = raw_view
+        .decoded_plane(&mut coder, 0, 1, &mut scratch)
+        .unwrap();
+    assert_eq!(got, raw_view.plane(0, 1).unwrap());
 }

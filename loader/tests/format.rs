@@ -137,7 +137,7 @@ fn mla_chunks_have_one_plane() {
     let v = ChunkView::parse(&bytes, Verify::Full).unwrap();
     assert_eq!(v.header.geometry.planes, 1);
     assert_eq!(v.header.meta.kv_kind, KvKind::MlaLatent);
-    assert_eq!(v.plane(26, 0).len(), 256 * 576 * 2);
+    assert_eq!(v.plane(26, 0).unwrap().len(), 256 * 576 * 2);
     assert_eq!(meta.key, v.header.key());
 }
 
@@ -205,7 +205,7 @@ proptest! {
             for p in 0..g.planes {
                 let mut expect = vec![0u8; g.extent_len as usize];
                 synth_fill(&meta.key, l, p, &mut expect);
-                prop_assert_eq!(v.plane(l, p), &expect[..]);
+                prop_assert_eq!(v.plane(l, p).unwrap(), &expect[..]);
             }
         }
     }

@@ -179,7 +179,8 @@ fn check(
                 }
                 touched.insert((layer, plane, s));
                 let t = p % ct;
-                let want = &views[p / ct].plane(layer as u32, plane as u32)[t * row..(t + 1) * row];
+                let want = &views[p / ct].plane(layer as u32, plane as u32).unwrap()
+                    [t * row..(t + 1) * row];
                 assert_eq!(
                     row_at(mem, layer, plane, s),
                     want.to_vec(),
@@ -482,7 +483,7 @@ fn corrupt_payload_fails_with_the_valid_prefix() {
         let t = p % 32;
         assert_eq!(
             row_at(&mem, 1, 1, s),
-            &v[p / 32].plane(1, 1)[t * 128..(t + 1) * 128]
+            &v[p / 32].plane(1, 1).unwrap()[t * 128..(t + 1) * 128]
         );
     }
 
@@ -653,7 +654,10 @@ fn layer_wise_wait_and_drop_mid_load() {
     // layer 0 is complete now, whatever the state of the others
     let v = ChunkView::parse(&files[7], Verify::Header).unwrap();
     let s = slot(&map, 16, 7 * 64 + 63).unwrap();
-    assert_eq!(row_at(&mem, 0, 1, s), &v.plane(0, 1)[63 * 256..64 * 256]);
+    assert_eq!(
+        row_at(&mem, 0, 1, s),
+        &v.plane(0, 1).unwrap()[63 * 256..64 * 256]
+    );
     h.wait_layer(2).unwrap();
     assert!(h.wait_layer(3).is_err(), "out-of-range layer");
     let stats = h.wait().unwrap();

@@ -118,6 +118,9 @@ impl Loader {
             elapsed: Duration::ZERO,
         };
         let mut runs = Vec::new();
+        // A coded chunk's planes are decoded here, one at a time.
+        let mut coder = crate::codec::Coder::new();
+        let mut decoded = Vec::new();
         for c in self.document_chunks(document) {
             let path = self.chunk_path(&c.key);
             let fail = |source: ChunkError| LoaderError::Chunk {
@@ -147,7 +150,9 @@ impl Loader {
             for layer in 0..meta.num_layers {
                 for plane in 0..view.header.geometry.planes {
                     let mut rotated;
-                    let mut rows = view.plane(layer, plane);
+                    let mut rows = view
+                        .decoded_plane(&mut coder, layer, plane, &mut decoded)
+                        .map_err(|e| fail(ChunkError::Format(e)))?;
                     if plane == 0 {
                         rotated = rows.to_vec();
                         rope.rotate_bytes(meta.dtype, &mut rotated, delta)

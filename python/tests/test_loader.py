@@ -194,6 +194,7 @@ def test_codec_option_stores_coded_chunks_and_loads_them_decoded(tmp_path: Path)
         s = kvfs.ModelSpec("kvfs/python-test", "bf16", layers, HEADS, DIM, revision="t1", chunk_tokens=BS, codec=codec)
         # lossless is the same cache as raw; a lossy codec is a namespace of its own
         assert (s.namespace_id == raw.namespace_id) == exact
+        (tmp_path / codec).mkdir()
         loader = kvfs.Loader(tmp_path / codec, s)
         assert loader.store(ids, rows_layout(keys, values), list(range(tokens)))["written"] == 2
         k_out = [torch.zeros(tokens, HEADS, DIM, dtype=torch.bfloat16) for _ in range(layers)]

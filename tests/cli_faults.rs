@@ -297,7 +297,8 @@ fn kill_9_during_synth_leaves_only_valid_chunks() {
     let visible = count_chunks(cache, &ns);
     assert!((2..64).contains(&visible), "{visible}");
 
-    // Reopening (any command) sweeps the dead writer's temporaries; everything visible verifies.
+    // `verify` runs the index maintenance pass, which sweeps the dead writer's temporaries
+    // (a plain open no longer walks the cache); everything visible verifies.
     let mut c = kvfs(cache);
     c.arg("verify");
     let o = run(c);

@@ -295,6 +295,15 @@ impl Remote {
         self.run_jobs(jobs, bucket.cfg.upload_concurrency, report, progress)
     }
 
+    /// The namespaces a bucket-wide command works on: the one named, else every namespace
+    /// in the bucket.
+    fn bucket_namespaces(&self, namespace: Option<&str>) -> Result<Vec<String>, RemoteError> {
+        match namespace {
+            Some(ns) => Ok(vec![ns.to_string()]),
+            None => self.list_namespaces(),
+        }
+    }
+
     /// Reads every object of the bucket (of `namespace`, or of all namespaces) back and
     /// verifies it in full; a damaged one is repaired from this cache's verified copy when
     /// there is one, else reported (`kvfs sync push --verify`).
@@ -304,10 +313,7 @@ impl Remote {
         namespace: Option<&str>,
         progress: &(dyn Fn(SyncEvent) + Sync),
     ) -> Result<SyncReport, RemoteError> {
-        let namespaces = match namespace {
-            Some(ns) => vec![ns.to_string()],
-            None => self.list_namespaces()?,
-        };
+        let namespaces = self.bucket_namespaces(namespace)?;
         let mut plan = Vec::new();
         let mut bytes = 0;
         for ns in &namespaces {
@@ -462,10 +468,7 @@ impl Remote {
         namespace: Option<&str>,
         progress: &(dyn Fn(SyncEvent) + Sync),
     ) -> Result<SyncReport, RemoteError> {
-        let namespaces = match namespace {
-            Some(ns) => vec![ns.to_string()],
-            None => self.list_namespaces()?,
-        };
+        let namespaces = self.bucket_namespaces(namespace)?;
         let mut plan: Vec<(String, ChunkKey, PathBuf, u64)> = Vec::new();
         let mut report = SyncReport {
             namespaces: namespaces.len() as u64,

@@ -1,7 +1,7 @@
 //! Codec ratio and speed on real KV chunks (issue 12, docs/BENCHMARKS.md "Codecs"); run by
 //! `scripts/bench-codecs` in a release build.
 //!
-//! `codec_speed DIR [CODEC,...]`: reads every raw `.kvc` chunk under DIR (made by the `codec_quality kv`
+//! `codec_speed DIR [CODEC,...] [DTYPE,...]`: reads every raw `.kvc` chunk under DIR (made by the `codec_quality kv`
 //! example: SmolLM2 KV of real English text, f32), and for the KV as it is (f32) and converted
 //! to bf16 measures, on one thread, per codec: the ratio of raw to stored group bytes and of
 //! raw to coded file bytes (headers and padding included), encode and decode speed in GB/s of
@@ -73,7 +73,12 @@ fn main() {
     paths.sort();
     assert!(!paths.is_empty(), "no chunks under {}", dir.display());
     let raw_files: Vec<Vec<u8>> = paths.iter().map(|p| std::fs::read(p).unwrap()).collect();
-    for dtype in [Dtype::F32, Dtype::Bf16] {
+    // Optional: the KV dtypes to measure, `f32,bf16` by default.
+    let dtypes: Vec<Dtype> = match std::env::args().nth(3) {
+        Some(s) => s.split(',').map(|d| Dtype::parse(d).unwrap()).collect(),
+        None => vec![Dtype::F32, Dtype::Bf16],
+    };
+    for dtype in dtypes {
         let mut chunks = Vec::new();
         let mut values = Vec::new();
         for bytes in &raw_files {

@@ -1,9 +1,13 @@
 //! Quality of the delivery codecs on real KV (issue 12, docs/BENCHMARKS.md "Codecs"), and the
 //! real KV the codec speed benchmark measures. Run by `scripts/bench-codecs`.
 //!
-//! - `kv --text FILE --tokens N --out DIR`: prefills the first N tokens of FILE with
-//!   SmolLM2-135M (candle, f32 KV) and stores its full chunks raw in cache directory DIR.
-//! - `quality --docs JSON --prompts P --prompt-tokens T --held H [--keep DIR]`: for P
+//! - `kv --text FILE --tokens N --out DIR [--dtype bf16]`: prefills the first N tokens of FILE
+//!   with SmolLM2-135M (candle, f32 KV) and stores its full chunks raw in cache directory DIR;
+//!   with `--dtype bf16` the chunks are those of a bf16 engine (the model's spec with bf16 KV,
+//!   its own namespace and keys; values rounded to nearest even), the dtype serving engines
+//!   hold (scripts/bench-codecs-sync).
+//! - `quality --docs JSON --prompts P --prompt-tokens T --held H [--keep DIR] [--codecs LIST]`:
+//!   for P
 //!   documents (a JSON
 //!   list of `[name, text]`), prefills the first T + 8 tokens, then for each codec stores the
 //!   first T tokens' KV with that codec (its own namespace for lossy codecs), loads it into a
@@ -127,12 +131,25 @@ fn main() {
             let mut kv = e.new_cache(n + 16);
             let t0 = std::time::Instant::now();
             e.prefill(&mut kv, toks).unwrap();
-            let loader = Loader::open(&out, e.spec.clone(), b"").unwrap();
+            let bf16 = match arg("--dtype").as_deref() {
+                None | Some("f32") => false,
+                Some("bf16") => true,
+                Some(d) => panic!("--dtype f32|bf16, not {d}"),
+            };
+            let f32_root = if bf16 { out.join(".f32") } else { out.clone() };
+            std::fs::create_dir_all(&f32_root).unwrap();
+            let loader = Loader::open(&f32_root, e.spec.clone(), b"").unwrap();
             let s = e.store(&loader, &mut kv, toks).unwrap();
+            let mut spec = e.spec.clone();
+            if bf16 {
+                spec.dtype = kvfs_loader::Dtype::Bf16;
+                store_as(&e.spec, &f32_root, &spec, &out, toks);
+                std::fs::remove_dir_all(&f32_root).unwrap();
+            }
             println!(
                 "RESULT {}",
                 serde_json::json!({"mode": "kv", "tokens": n, "chunks": s.written,
-                    "prefill_s": t0.elapsed().as_secs_f64(), "spec": e.spec.namespace_dir()})
+                    "prefill_s": t0.elapsed().as_secs_f64(), "spec": spec.namespace_dir()})
             );
         }
         "quality" => quality(&e),
@@ -270,6 +287,41 @@ fn transform_chunks(v: Variant, from: &std::path::Path, to: &std::path::Path) {
     }
 }
 
+/// Rewrites the chunks of `tokens` stored under `from` with spec `a` as chunks of spec `b`
+/// (another dtype: its own namespace and keys) under `to`.
+fn store_as(
+    a: &kvfs_loader::ModelSpec,
+    from: &std::path::Path,
+    b: &kvfs_loader::ModelSpec,
+    to: &std::path::Path,
+    tokens: &[u32],
+) {
+    use kvfs_loader::dir::{Layout, commit_file};
+    use kvfs_loader::{ChunkMeta, SaltTag, chunk_keys};
+    Loader::open(to, b.clone(), b"").unwrap();
+    let ct = a.chunk_tokens as usize;
+    let mut parent = None;
+    for c in chunk_keys(&a.namespace_id(), &SaltTag::NONE, ct, tokens) {
+        let path = Layout::Cache.chunk_path(from, &a.namespace_dir(), &c.key);
+        let bytes = std::fs::read(&path).unwrap();
+        let view = ChunkView::parse(&bytes, Verify::Full).unwrap();
+        let meta = ChunkMeta::for_spec(b, parent, SaltTag::NONE, tokens[c.start..c.end].to_vec());
+        let file = encode_chunk(&meta, |l, p, dst| {
+            let mut v = Vec::new();
+            to_f32(a.dtype, view.plane(l, p).unwrap(), &mut v);
+            from_f32(b.dtype, &v, dst);
+        })
+        .unwrap();
+        commit_file(
+            &Layout::Cache.chunk_path(to, &b.namespace_dir(), &meta.key),
+            &file,
+            false,
+        )
+        .unwrap();
+        parent = Some(meta.key);
+    }
+}
+
 fn quality(e: &Engine) {
     let docs: Vec<(String, String)> =
         serde_json::from_str(&std::fs::read_to_string(arg("--docs").expect("--docs")).unwrap())
@@ -277,7 +329,7 @@ fn quality(e: &Engine) {
     let prompts = num("--prompts", 20);
     let t = num("--prompt-tokens", 512);
     let held_n = num("--held", 32);
-    let codecs = [
+    let all = [
         Variant::Codec(Codec::Raw),
         Variant::Bf16,
         Variant::Codec(Codec::Fp8),
@@ -287,6 +339,22 @@ fn quality(e: &Engine) {
         Variant::Codec(Codec::Kivi4),
         Variant::Codec(Codec::Kivi2),
     ];
+    // `--codecs a,b,...`: the codecs and variants to measure (all by default; raw always).
+    let codecs: Vec<Variant> = match arg("--codecs") {
+        None => all.to_vec(),
+        Some(list) => {
+            let names: Vec<&str> = list.split(',').collect();
+            for n in &names {
+                assert!(
+                    all.iter().any(|v| v.name() == *n),
+                    "unknown codec or variant {n}"
+                );
+            }
+            all.into_iter()
+                .filter(|v| *v == Variant::Codec(Codec::Raw) || names.contains(&v.name()))
+                .collect()
+        }
+    };
     let mut sums: Vec<[f64; 7]> = vec![[0.0; 7]; codecs.len()];
     let mut used = 0;
     let work = tempfile::tempdir().unwrap();

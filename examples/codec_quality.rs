@@ -25,8 +25,10 @@
 //! rounded by a transform and stored raw (the loader then reads them as any raw chunk), to
 //! see what an 8-bit codec could reach before changing the format. `bf16` (every value
 //! rounded to bf16) is the floor: no 8-bit code changes the cache less than 16-bit rounding
-//! does. `fp8-pow2` is e4m3 with the power-of-two scale per token and head the fp8 codec
-//! stored first (`fp8` itself now stores a scale with 3 mantissa bits); `fp8-key-channel` scales keys
+//! does. `fp8-pow2` is e4m3 with a power-of-two scale per token and head (the fp8 codec's
+//! own rounding, done outside it: a check); `fp8-scale-byte` a scale with 3 mantissa bits,
+//! `2^e * (1 + m / 8)`, the smallest such at least `absmax / 448` (a one-byte scale the codec
+//! could store instead; tried and measured worse); `fp8-key-channel` scales keys
 //! per channel over the group's tokens (`absmax / 448`), values as the codec does; `int8` is
 //! symmetric 8-bit integers with scale `absmax / 127` per token and head (the same bytes as
 //! fp8 plus a scale; not an fp8 format).
@@ -164,6 +166,7 @@ enum Variant {
     Codec(Codec),
     Bf16,
     Fp8Pow2,
+    Fp8ScaleByte,
     Fp8KeyChannel,
     Int8,
 }
@@ -174,10 +177,27 @@ impl Variant {
             Variant::Codec(c) => c.name(),
             Variant::Bf16 => "bf16",
             Variant::Fp8Pow2 => "fp8-pow2",
+            Variant::Fp8ScaleByte => "fp8-scale-byte",
             Variant::Fp8KeyChannel => "fp8-key-channel",
             Variant::Int8 => "int8",
         }
     }
+}
+
+/// The smallest `2^e * (1 + m / 8)` (`m` in 0..8) at least `want` (> 0).
+fn scale_byte_value(want: f32) -> f32 {
+    let e = want.log2().floor() as i32;
+    let mut m = ((want / f32::powi(2.0, e) - 1.0) * 8.0).ceil().max(0.0);
+    let mut e = e;
+    if m >= 8.0 {
+        m = 0.0;
+        e += 1;
+    }
+    let mut s = f32::powi(2.0, e) * (1.0 + m / 8.0);
+    if s < want {
+        s = f32::powi(2.0, e) * (1.0 + (m + 1.0) / 8.0);
+    }
+    s
 }
 
 /// e4m3 round trip of `x` with scale `s` (> 0).
@@ -197,7 +217,7 @@ fn transform_group(v: Variant, shape: &GroupShape, values: &mut [f32], coder: &m
             to_f32(kvfs_loader::Dtype::Bf16, &bytes, &mut back);
             values.copy_from_slice(&back);
         }
-        Variant::Fp8Pow2 | Variant::Int8 => {
+        Variant::Fp8Pow2 | Variant::Fp8ScaleByte | Variant::Int8 => {
             for row in values.chunks_exact_mut(d) {
                 let a = amax(&mut row.iter().copied());
                 if a == 0.0 {
@@ -207,8 +227,10 @@ fn transform_group(v: Variant, shape: &GroupShape, values: &mut [f32], coder: &m
                     *x = if v == Variant::Int8 {
                         let s = a / 127.0;
                         (*x / s).round_ties_even().clamp(-127.0, 127.0) * s
-                    } else {
+                    } else if v == Variant::Fp8Pow2 {
                         e4m3_round(*x, f32::powi(2.0, (a / 448.0).log2().ceil() as i32))
+                    } else {
+                        e4m3_round(*x, scale_byte_value(a / 448.0))
                     };
                 }
             }
@@ -334,6 +356,7 @@ fn quality(e: &Engine) {
         Variant::Bf16,
         Variant::Codec(Codec::Fp8),
         Variant::Fp8Pow2,
+        Variant::Fp8ScaleByte,
         Variant::Fp8KeyChannel,
         Variant::Int8,
         Variant::Codec(Codec::Kivi4),

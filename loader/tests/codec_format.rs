@@ -72,7 +72,7 @@ const GOLDEN: [(Codec, usize, &str); 4] = [
     (
         Codec::Fp8,
         28672,
-        "a6c4e6fde05a79a5329643d05aef8017f423a6f25b63fdb67469bee4af138ec8",
+        "66a071a76ad00ee4688bae70f9be2fb537fccd5a8d0bf54cb370c2b82a3603f2",
     ),
     (
         Codec::Kivi4,

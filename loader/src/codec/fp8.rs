@@ -1,61 +1,27 @@
-//! The fp8 codec: every element as an OCP e4m3 byte, with a scale per token and head stored
-//! in one byte as a small float (5-bit exponent, 3-bit mantissa).
+//! The fp8 codec: every element as an OCP e4m3 byte, with a power-of-two scale per token and
+//! head.
 //!
-//! e4m3 keeps 3 mantissa bits over exponents -9..8 (largest finite 448). The scale of a
-//! (token, head) row is the smallest representable scale with `max |x| / scale <= 448`, so the
-//! row's largest value lands within 1/8 of 448. The first form used a power-of-two scale
-//! (exact scaling, the largest value anywhere in (224, 448]); measured on SmolLM2 against an
-//! exact `absmax / 448` scale it lost agreement (docs/BENCHMARKS.md, "Codecs"), so the scale
-//! byte now carries 3 mantissa bits at the same cost: `scale = 2^(e - 20) * (1 + m / 8)`,
-//! byte `e << 3 | m`, covering 2^-20 (rows smaller than that keep every value above 1.5e-8
-//! normal) to 3840 (rows above 448 * 3840 = 1.7e6 saturate). A scale per token and head
-//! (rather than per channel) follows the rows engines write: each row is encoded from itself
-//! alone (a per-channel key scale was measured too, and was worse).
+//! e4m3 keeps 3 mantissa bits over exponents -9..8 (largest finite 448), so what matters is
+//! that each head's values sit in its range: the scale `2^s` of a (token, head) row is the
+//! smallest power of two with `max |x| / 2^s <= 448`. A power of two makes scaling exact and
+//! costs one signed byte; because e4m3's relative precision is the same across its normal
+//! range, a finer (non power-of-two) scale does not round values any better. Measured on
+//! SmolLM2 (docs/BENCHMARKS.md, "Codecs"): a scale byte with 3 mantissa bits (the row's
+//! largest value within 1/8 of 448), a per-channel scale for keys, and an exact `absmax / 448`
+//! scale changed which values round which way, not how well: none beat the power of two over
+//! the prompts measured. A scale per token and head (rather than per channel) follows the rows
+//! engines write: each row is encoded from itself alone. Rounding is to nearest, ties to even.
 //!
-//! Stored group: `tokens * heads` scale bytes, then `tokens * heads * head_dim` e4m3 bytes,
-//! token-major like the raw plane.
+//! Stored group: `tokens * heads` scale exponents (`i8`), then `tokens * heads * head_dim`
+//! e4m3 bytes, token-major like the raw plane.
 
 use super::GroupShape;
 
 /// Largest finite e4m3 magnitude.
 const E4M3_MAX: f32 = 448.0;
-/// Scale byte: `2^(e - SCALE_BIAS) * (1 + m / 8)`.
-const SCALE_BIAS: i32 = 20;
 
 pub(super) fn stored_len(shape: &GroupShape) -> usize {
     shape.tokens * shape.heads * (1 + shape.head_dim)
-}
-
-/// The scale a scale byte stands for.
-pub(super) fn scale_of(b: u8) -> f32 {
-    f32::powi(2.0, (b >> 3) as i32 - SCALE_BIAS) * (1.0 + (b & 7) as f32 / 8.0)
-}
-
-/// The smallest scale byte whose scale is at least `amax / 448` (saturating at both ends).
-pub(super) fn scale_byte(amax: f32) -> u8 {
-    if amax.is_nan() || amax <= 0.0 {
-        return 0;
-    }
-    if amax.is_infinite() {
-        return 0xFF;
-    }
-    let want = amax / E4M3_MAX;
-    let e = want.log2().floor() as i32;
-    if e < -SCALE_BIAS {
-        return 0;
-    }
-    if e > 31 - SCALE_BIAS {
-        return 0xFF;
-    }
-    let m = ((want / f32::powi(2.0, e) - 1.0) * 8.0)
-        .ceil()
-        .clamp(0.0, 8.0) as u32;
-    let mut b = ((e + SCALE_BIAS) as u32 * 8 + m).min(0xFF) as u8;
-    // Float rounding in log2 or the division may leave the scale a step short.
-    while b < 0xFF && scale_of(b) < want {
-        b += 1;
-    }
-    b
 }
 
 pub(super) fn encode(shape: &GroupShape, values: &[f32], out: &mut Vec<u8>) {
@@ -70,10 +36,15 @@ pub(super) fn encode(shape: &GroupShape, values: &[f32], out: &mut Vec<u8>) {
         .zip(codes.chunks_exact_mut(d))
     {
         let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        *s = scale_byte(amax);
-        let scale = scale_of(*s);
+        let exp = if amax > 0.0 && amax.is_finite() {
+            (amax / E4M3_MAX).log2().ceil().clamp(-126.0, 127.0) as i32
+        } else {
+            0
+        };
+        *s = exp as i8 as u8;
+        let inv = f32::powi(2.0, -exp);
         for (o, v) in c.iter_mut().zip(row) {
-            *o = f32_to_e4m3(v / scale);
+            *o = f32_to_e4m3(v * inv);
         }
     }
 }
@@ -88,7 +59,7 @@ pub(super) fn decode(shape: &GroupShape, stored: &[u8], values: &mut [f32]) {
         .zip(scales.iter())
         .zip(codes.chunks_exact(d))
     {
-        let scale = scale_of(s);
+        let scale = f32::powi(2.0, s as i8 as i32);
         for (v, &b) in row.iter_mut().zip(c) {
             *v = lut[b as usize] * scale;
         }

@@ -10,7 +10,7 @@
 //! - [`Codec::Lossless`] (`lossless.rs`): each float's exponent as a 4-bit index into a
 //!   per-group table of its 15 most frequent exponents, sign and mantissa bits as they are;
 //!   decodes bit-exact, at several GB/s per core;
-//! - [`Codec::Fp8`] (`fp8.rs`): e4m3 with a one-byte float scale per token and head;
+//! - [`Codec::Fp8`] (`fp8.rs`): e4m3 with a power-of-two scale per token and head;
 //! - [`Codec::Kivi4`], [`Codec::Kivi2`] (`kivi.rs`): KIVI-style asymmetric integer
 //!   quantization, keys per channel over the group, values per token and head.
 //!
@@ -41,7 +41,7 @@ pub enum Codec {
     Raw = 0,
     /// 4-bit exponent indices + sign/mantissa bits; bit-exact.
     Lossless = 1,
-    /// fp8 e4m3, a one-byte float scale per token and head.
+    /// fp8 e4m3, power-of-two scale per token and head.
     Fp8 = 2,
     /// 4-bit KIVI-style group quantization.
     Kivi4 = 3,

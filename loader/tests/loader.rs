@@ -370,6 +370,110 @@ fn store_then_load_round_trips_and_is_create_once() {
     }
 }
 
+/// A prompt's trailing partial chunk (vLLM reuses up to the last prompt token): stored with
+/// `store_with_tail`, found by `lookup` of exactly these tokens and not by a prompt that
+/// extends or changes the tail, loaded like any chunk up to any position inside it; missing,
+/// it ends the load with the full chunks valid.
+#[test]
+fn trailing_partial_chunk_round_trips_and_is_found_only_by_its_tail() {
+    let spec = spec(Dtype::Bf16, KvKind::KeyValue, 32, 16);
+    let d = tempfile::tempdir().unwrap();
+    let loader = Loader::open(d.path(), spec.clone(), b"").unwrap();
+    let toks = tokens(100, 7); // 3 full chunks + 4 tokens
+    let mut src = alloc(&spec, Kind::VllmCpu, 8, 16);
+    let mut pattern = 0u8;
+    for b in src.bufs.iter_mut() {
+        for x in b.iter_mut() {
+            pattern = pattern.wrapping_mul(29).wrapping_add(11);
+            *x = pattern;
+        }
+    }
+    let table = [5u32, 2, 7, 0, 1, 3, 4];
+    let map = BlockMap::Blocks(&table);
+    // `store` keeps to full chunks: the tail is not found
+    let st = loader.store(&toks, &Dest::host(&src.layout, map)).unwrap();
+    assert_eq!((st.written, st.present), (3, 0));
+    assert_eq!(loader.lookup(&toks), 96);
+    // a load reaching into the missing tail fails at it, the full chunks valid
+    let dst = alloc(&spec, Kind::FlashAttn, 7, 16);
+    let t2 = [6u32, 1, 0, 4, 5, 2, 3];
+    let m2 = BlockMap::Blocks(&t2);
+    let req = LoadRequest {
+        tokens: &toks,
+        range: Some(0..99),
+        ..Default::default()
+    };
+    match loader
+        .load_request(&req, &Dest::host(&dst.layout, m2))
+        .unwrap()
+        .wait()
+    {
+        Err(LoaderError::Chunk {
+            chunk,
+            valid_tokens,
+            source,
+            ..
+        }) => {
+            assert_eq!((chunk, valid_tokens), (3, 0..96));
+            assert!(matches!(*source, ChunkError::Missing), "{source}");
+        }
+        other => panic!("expected a missing tail chunk, got {other:?}"),
+    }
+
+    let st = loader
+        .store_with_tail(&toks, &Dest::host(&src.layout, map))
+        .unwrap();
+    assert_eq!((st.written, st.present), (1, 3));
+    assert_eq!(loader.lookup(&toks), 100);
+    let st = loader
+        .store_with_tail(&toks, &Dest::host(&src.layout, map))
+        .unwrap();
+    assert_eq!((st.written, st.present), (0, 4), "create-once");
+    // only the same tail finds it: not an extension, not a shorter or changed tail
+    assert_eq!(loader.lookup(&tokens(110, 7)), 96);
+    assert_eq!(loader.lookup(&toks[..99]), 96);
+    let mut changed = toks.clone();
+    changed[98] ^= 1;
+    assert_eq!(loader.lookup(&changed), 96);
+    // the file: 4 tokens chained to chunk 2, in a version-1 header
+    let chunks = loader.prompt_chunks(&toks);
+    let bytes = std::fs::read(loader.chunk_path(&chunks[3].key)).unwrap();
+    let view = ChunkView::parse(&bytes, Verify::Full).unwrap();
+    assert_eq!(view.header.meta.tokens, toks[96..]);
+    assert_eq!(view.header.meta.parent, Some(chunks[2].key));
+    assert_eq!(view.header.meta.version(), kvfs_loader::format::VERSION_1);
+
+    // load up to the last token (as vLLM does), checked against the source row by row
+    let stats = loader
+        .load_request(
+            &LoadRequest {
+                verify: Some(Verify::Full),
+                ..req.clone()
+            },
+            &Dest::host(&dst.layout, m2),
+        )
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!((stats.chunks, stats.tokens), (4, 99));
+    for l in 0..3 {
+        for p in 0..2 {
+            for pos in 0..99 {
+                assert_eq!(
+                    row_at(&dst, l, p, slot(&m2, 16, pos).unwrap()),
+                    row_at(&src, l, p, slot(&map, 16, pos).unwrap()),
+                    "layer {l} plane {p} position {pos}"
+                );
+            }
+            let last = row_at(&dst, l, p, slot(&m2, 16, 99).unwrap());
+            assert!(
+                last.iter().all(|&b| b == SENTINEL),
+                "position 99 was not requested"
+            );
+        }
+    }
+}
+
 #[test]
 fn final_partial_block_and_prefix_inside_a_block() {
     // 300 cached tokens (3 chunks of 100), block size 16: the last block holds 12 tokens.
@@ -536,10 +640,22 @@ fn bad_requests_are_refused_before_any_read() {
     let mem = alloc(&spec, Kind::FlashAttn, 4, 8);
     let table = [0u32, 1, 2, 3];
     let dest = Dest::host(&mem.layout, BlockMap::Blocks(&table));
-    // beyond the full chunks
+    // beyond the sequence (past the full chunks is the trailing partial chunk, below)
+    let req = LoadRequest {
+        tokens: &toks,
+        range: Some(0..41),
+        ..Default::default()
+    };
+    assert!(matches!(
+        loader.load_request(&req, &dest),
+        Err(LoaderError::Invalid(_))
+    ));
+    // a selective load that reaches into the partial chunk
+    let sel = Selection::same_for_all(3, vec![0]);
     let req = LoadRequest {
         tokens: &toks,
         range: Some(0..40),
+        selection: Some(&sel),
         ..Default::default()
     };
     assert!(matches!(

@@ -54,7 +54,7 @@ pub use io::IoMode;
 pub use layout::{BlockMap, KvLayout, LayoutError, RawRegion};
 pub use loader::{
     ChunkError, Dest, DocumentLoad, LoadHandle, LoadOrder, LoadRequest, LoadStats, Loader,
-    LoaderError, LoaderOptions, StoreStats,
+    LoaderError, LoaderOptions, StoreSnapshot, StoreStats,
 };
 pub use rope::{RopeError, RopePairing, RopeParams};
 pub use selective::Selection;

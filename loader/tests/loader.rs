@@ -474,6 +474,95 @@ fn trailing_partial_chunk_round_trips_and_is_found_only_by_its_tail() {
     }
 }
 
+/// A store split in two: the snapshot copies the rows out, the engine may then overwrite its
+/// blocks, and the later `store_snapshot` writes what the blocks held at the snapshot. Chunks
+/// present at the snapshot are not copied; another namespace or salt refuses the snapshot.
+#[test]
+fn a_snapshot_stores_the_rows_of_its_time() {
+    let spec = spec(Dtype::F16, KvKind::KeyValue, 32, 16);
+    let d = tempfile::tempdir().unwrap();
+    let loader = Loader::open(d.path(), spec.clone(), b"").unwrap();
+    let toks = tokens(100, 3); // 3 full chunks + 4 tokens
+    let mut src = alloc(&spec, Kind::VllmCpu, 8, 16);
+    let mut pattern = 1u8;
+    for b in src.bufs.iter_mut() {
+        for x in b.iter_mut() {
+            pattern = pattern.wrapping_mul(13).wrapping_add(5);
+            *x = pattern;
+        }
+    }
+    let table = [3u32, 6, 1, 0, 2, 7, 4];
+    let map = BlockMap::Blocks(&table);
+    // chunk 0 is present already: the snapshot holds positions 32..100 only
+    loader
+        .store(&toks[..32], &Dest::host(&src.layout, map))
+        .unwrap();
+    let snap = loader
+        .snapshot(&toks, &Dest::host(&src.layout, map), true)
+        .unwrap();
+    assert_eq!(snap.positions(), 32..100);
+    assert_eq!(snap.bytes(), 3 * 2 * 68 * src.layout.row_bytes());
+    let before: Vec<Vec<Vec<u8>>> = (0..3)
+        .map(|l| {
+            (0..100)
+                .map(|pos| row_at(&src, l, 0, slot(&map, 16, pos).unwrap()))
+                .collect()
+        })
+        .collect();
+    let v_before: Vec<Vec<u8>> = (0..100)
+        .map(|pos| row_at(&src, 2, 1, slot(&map, 16, pos).unwrap()))
+        .collect();
+    // the engine reuses its blocks
+    for b in src.bufs.iter_mut() {
+        b.fill(0x3C);
+    }
+    assert_eq!(
+        loader.lookup(&toks),
+        32,
+        "nothing is visible before the store"
+    );
+    let other = Loader::open(d.path(), spec.clone(), b"tenant").unwrap();
+    assert!(matches!(
+        other.store_snapshot(&snap),
+        Err(LoaderError::Invalid(_))
+    ));
+    let st = loader.store_snapshot(&snap).unwrap();
+    assert_eq!((st.written, st.present), (3, 0));
+    assert_eq!(loader.lookup(&toks), 100);
+    let dst = alloc(&spec, Kind::FlashAttn, 8, 16);
+    let m2 = BlockMap::Blocks(&table);
+    let req = LoadRequest {
+        tokens: &toks,
+        range: Some(32..100),
+        verify: Some(Verify::Full),
+        ..Default::default()
+    };
+    loader
+        .load_request(&req, &Dest::host(&dst.layout, m2))
+        .unwrap()
+        .wait()
+        .unwrap();
+    for pos in 32..100 {
+        for (l, rows) in before.iter().enumerate() {
+            assert_eq!(
+                row_at(&dst, l, 0, slot(&m2, 16, pos).unwrap()),
+                rows[pos],
+                "K of layer {l} at {pos}"
+            );
+        }
+        assert_eq!(
+            row_at(&dst, 2, 1, slot(&m2, 16, pos).unwrap()),
+            v_before[pos]
+        );
+    }
+    // everything present: an empty snapshot, an empty store
+    let again = loader
+        .snapshot(&toks, &Dest::host(&src.layout, map), true)
+        .unwrap();
+    assert_eq!((again.positions(), again.bytes()), (100..100, 0));
+    assert_eq!(loader.store_snapshot(&again).unwrap(), Default::default());
+}
+
 #[test]
 fn final_partial_block_and_prefix_inside_a_block() {
     // 300 cached tokens (3 chunks of 100), block size 16: the last block holds 12 tokens.

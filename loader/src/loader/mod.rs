@@ -43,18 +43,22 @@
 //! lives), its options and the load request types; `error` the errors ([`LoaderError`],
 //! [`ChunkError`]); `store` writing chunks and `namespace.json`; `job` the load plan and the
 //! job that reads it (reader threads, header checks, progress); `handle` the [`LoadHandle`]
-//! an engine waits on; `document` the position-independent chunks of documents (blending):
+//! an engine waits on; `snapshot` stores split in two (copy the rows out of the engine's
+//! blocks now, encode and write them later on another thread); `document` the
+//! position-independent chunks of documents (blending):
 //! store, look up, and load at a new place with the keys re-encoded ([`crate::rope`]).
 
 mod document;
 mod error;
 mod handle;
 mod job;
+mod snapshot;
 mod store;
 
 pub use document::DocumentLoad;
 pub use error::{ChunkError, LoaderError};
 pub use handle::LoadHandle;
+pub use snapshot::StoreSnapshot;
 pub use store::StoreStats;
 
 use crate::backend::{Backend, HostMemory};

@@ -32,7 +32,7 @@ impl Loader {
     /// Stores the full chunks of `tokens` that are not present yet, reading their KV from
     /// `src` (positions `0..` of the sequence). Writes `namespace.json` beside the chunks once.
     pub fn store(&self, tokens: &[u32], src: &Dest<'_>) -> Result<StoreStats, LoaderError> {
-        self.store_chunks(tokens, src, &[], false)
+        self.store_chunks(tokens, src, &[], 0, false)
     }
 
     /// [`Loader::store`], and the trailing partial chunk of `tokens` too when `tokens` ends
@@ -45,7 +45,7 @@ impl Loader {
         tokens: &[u32],
         src: &Dest<'_>,
     ) -> Result<StoreStats, LoaderError> {
-        self.store_chunks(tokens, src, &[], true)
+        self.store_chunks(tokens, src, &[], 0, true)
     }
 
     /// [`Loader::store`] that writes `importance[i]` into chunk `i`'s header (format v2;
@@ -57,26 +57,38 @@ impl Loader {
         src: &Dest<'_>,
         importance: &[Importance],
     ) -> Result<StoreStats, LoaderError> {
-        self.store_chunks(tokens, src, importance, false)
+        self.store_chunks(tokens, src, importance, 0, false)
     }
 
-    /// Stores the full chunks of `tokens` and, with `tail`, its trailing partial chunk.
-    fn store_chunks(
+    /// Where a store of `tokens` ends: after the last full chunk, or with `tail` after the
+    /// trailing partial chunk too.
+    pub(super) fn store_end(&self, tokens: &[u32], tail: bool) -> usize {
+        let ct = self.spec.chunk_tokens as usize;
+        if tail {
+            tokens.len()
+        } else {
+            tokens.len() / ct * ct
+        }
+    }
+
+    /// Stores the full chunks of `tokens` that start at `from` (a chunk boundary) or later
+    /// and, with `tail`, its trailing partial chunk; `src` needs rows for `from..` only.
+    pub(super) fn store_chunks(
         &self,
         tokens: &[u32],
         src: &Dest<'_>,
         importance: &[Importance],
+        from: usize,
         tail: bool,
     ) -> Result<StoreStats, LoaderError> {
-        let ct = self.spec.chunk_tokens as usize;
-        let end = if tail {
-            tokens.len()
-        } else {
-            tokens.len() / ct * ct
-        };
-        self.check_source(src, 0..end)?;
+        let end = self.store_end(tokens, tail);
+        self.check_source(src, from.min(end)..end)?;
         let mut stats = StoreStats::default();
-        let keys = self.prompt_chunks(&tokens[..end]);
+        let keys: Vec<_> = self
+            .prompt_chunks(&tokens[..end])
+            .into_iter()
+            .filter(|c| c.start >= from)
+            .collect();
         if keys.is_empty() {
             return Ok(stats);
         }

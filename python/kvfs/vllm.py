@@ -9,19 +9,23 @@ Load it with::
 
 `kvfs_path` is a kvfs mount or a plain cache directory. Design (docs/VLLM.md has the details):
 
-- **Chunks are vLLM blocks.** A kvfs chunk holds `chunk_tokens` tokens; the connector makes
-  it vLLM's block size (`kvfs_chunk_tokens` in the extra config may pick a multiple of it), so
-  a prompt is reused up to its last full block, as far as vLLM itself can reuse: a 4,096-token
-  prompt at block size 128 reuses 3,968 tokens (vLLM always computes the last token).
+- **Chunks are vLLM blocks, and a prompt is reused up to its last token.** A kvfs chunk holds
+  `chunk_tokens` tokens; the connector makes it vLLM's block size (`kvfs_chunk_tokens` in the
+  extra config may pick a multiple of it). When a prompt's prefill is complete its trailing
+  partial chunk is stored too (keyed by its parent and its own tokens), so a repeat of the
+  prompt reuses `len(prompt) - 1` tokens (vLLM computes the last one): 4,095 of 4,096, 8,190
+  of 8,191. A load may end inside a chunk and a block; vLLM allocates the partial block.
 - **Namespace.** The `ModelSpec` names the model directory, a digest of its weights and config
   files (or `kvfs_revision`), the KV dtype, the layer count, the KV heads of this rank, the
   head dim, RoPE, and the tensor-parallel size and rank: two models never share chunks.
   `cache_salt` of a request isolates its tenant (the loader's salt).
 - **Scheduler side.** `get_num_new_matched_tokens` looks the prompt up (on a mount a lookup
-  fetches from S3) and offers whole blocks beyond vLLM's own prefix cache;
+  fetches from S3: the full chunks, then one probe for the partial one) and offers what is
+  cached beyond vLLM's own prefix cache, up to the last prompt token;
   `update_state_after_alloc` records the load; `build_connector_meta` hands the worker each
   load (tokens, block ids, token range) and each save: the prompt chunks that this step
-  completes (prefill, chunked or not), with their block ids.
+  completes (prefill, chunked or not), with their block ids, and the partial last chunk in
+  the step that completes the prompt.
 - **Worker side.** `register_kv_caches` derives a `KvLayout` from the registered tensors and
   the attention back end (vLLM's CPU back end: per block and head, the block's K transposed,
   `[head_dim, block_size]`, then its V as rows; FLASH_ATTN and FLASHINFER on a GPU: per block
@@ -243,12 +247,14 @@ class LoadSpec:
 
 @dataclass
 class SaveSpec:
-    """Store the full chunks of `tokens` (a whole number of chunks) from `block_ids`."""
+    """Store the full chunks of `tokens` from `block_ids`, and with `tail` (the whole prompt,
+    computed) its trailing partial chunk too."""
 
     req_id: str
     salt: bytes
     tokens: list[int]
     block_ids: list[int]
+    tail: bool = False
 
 
 @dataclass
@@ -265,6 +271,8 @@ class _ReqState:
     salt: bytes
     block_ids: list[int]
     saved_end: int = 0
+    # the trailing partial chunk is in kvfs (stored, or loaded from there)
+    tail_saved: bool = False
 
 
 def _salt(request: Any) -> bytes:
@@ -361,18 +369,20 @@ class KvfsConnector(KVConnectorBase_V1):
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         prompt = list(request.prompt_token_ids or [])
-        # vLLM computes at least the last prompt token; reuse whole blocks before it.
-        usable = (len(prompt) - 1) // self._block_size * self._block_size
+        # vLLM computes at least the last prompt token; everything before it may be loaded,
+        # up to inside a block (vLLM allocates the partial block for the external tokens).
+        usable = len(prompt) - 1
         if usable <= num_computed_tokens:
             return 0, False
         t = time.monotonic()
         try:
             loaders = self._open(_salt(request))
-            hit = min(loader.lookup(prompt[:usable]) for loader in loaders)
+            # whole chunks, then the prompt's partial last chunk if it was stored
+            hit = min(loader.lookup(prompt) for loader in loaders)
         except KvfsError as e:
             logger.warning("kvfs: lookup failed, computing the prompt: %s", e)
             return 0, False
-        hit = min(hit, usable) // self._block_size * self._block_size
+        hit = min(hit, usable)
         if hit <= num_computed_tokens:
             return 0, False
         self._hits[request.request_id] = (num_computed_tokens, hit)
@@ -434,23 +444,34 @@ class KvfsConnector(KVConnectorBase_V1):
         if load is None:
             return
         start, end = load
+        # the chunks the range touches: past the prompt's last full chunk, that is the
+        # partial chunk of the whole prompt (its key covers every tail token)
         full = math.ceil(end / self._chunk) * self._chunk
         nblocks = math.ceil(end / self._block_size)
         meta.loads.append(
             LoadSpec(req_id, st.salt, st.prompt[:full], st.block_ids[:nblocks], start, end)
         )
         # the loaded chunks are in kvfs already
-        st.saved_end = max(st.saved_end, end // self._chunk * self._chunk)
+        st.saved_end = max(st.saved_end, min(full, len(st.prompt)) // self._chunk * self._chunk)
+        if full > len(st.prompt):
+            st.tail_saved = True
 
     def _add_save(self, meta: KvfsConnectorMetadata, req_id: str, st: _ReqState, done: int) -> None:
-        complete = min(done, len(st.prompt)) // self._chunk * self._chunk
-        if complete <= st.saved_end:
+        n = len(st.prompt)
+        complete = min(done, n) // self._chunk * self._chunk
+        # the step that computes the last prompt token completes the partial last chunk
+        tail = done >= n and n % self._chunk != 0 and not st.tail_saved
+        if complete <= st.saved_end and not tail:
             return
-        nblocks = complete // self._block_size
+        end = n if tail else complete
+        nblocks = math.ceil(end / self._block_size)
         if len(st.block_ids) < nblocks:
             return
-        meta.saves.append(SaveSpec(req_id, st.salt, st.prompt[:complete], st.block_ids[:nblocks]))
-        st.saved_end = complete
+        meta.saves.append(
+            SaveSpec(req_id, st.salt, st.prompt[:end], st.block_ids[:nblocks], tail=tail)
+        )
+        st.saved_end = max(st.saved_end, complete)
+        st.tail_saved = st.tail_saved or tail
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         # Saves happen as prefill completes chunks (wait_for_save of that step): nothing is
@@ -551,8 +572,18 @@ class KvfsConnector(KVConnectorBase_V1):
             try:
                 loader = self._open(load.salt)[0]
                 if self._cuda is not None:
+                    # The device load reads full chunks only: the blocks of a partial last
+                    # chunk are recomputed (reported as failed).
+                    end = min(load.end, len(load.tokens) // self._chunk * self._chunk)
+                    if end < load.end:
+                        bs = self._block_size
+                        self._failed_blocks.update(
+                            load.block_ids[end // bs : math.ceil(load.end / bs)]
+                        )
+                    if end <= load.start:
+                        continue
                     handle = self._cuda.load(
-                        loader, load.tokens, self._layout, load.block_ids, load.start, load.end
+                        loader, load.tokens, self._layout, load.block_ids, load.start, end
                     )
                 else:
                     handle = loader.load(
@@ -631,9 +662,12 @@ class KvfsConnector(KVConnectorBase_V1):
             try:
                 loader = self._open(save.salt)[0]
                 if self._cuda is not None:
+                    # the device store keeps to full chunks (no partial last chunk yet)
                     stats = self._cuda.store(loader, save.tokens, self._layout, save.block_ids)
                 else:
-                    stats = loader.store(save.tokens, self._layout, save.block_ids)
+                    stats = loader.store(
+                        save.tokens, self._layout, save.block_ids, tail=save.tail
+                    )
                 logger.debug("kvfs: request %s stored %s", save.req_id, stats)
             except KvfsError as e:
                 logger.warning("kvfs: store for request %s failed: %s", save.req_id, e)

@@ -32,7 +32,9 @@ Load it with::
   and head `[block_size, 2 * head_dim]`, K then V in the last dim, in the tensor's own memory
   order); `start_load_kv` starts the loads (reads run on kvfs threads,
   layer 0 of every chunk first); `wait_for_layer_load` waits for one layer; `wait_for_save`
-  stores the chunks completed by this step once every layer has computed them.
+  copies the rows of the chunks completed by this step out of the blocks once every layer has
+  computed them (`Loader.snapshot`), and a writer thread encodes, hashes and writes them
+  (`Loader.store_snapshot`), so the step does not wait on the disk (`kvfs_store_async`).
 - **GPU KV caches** (`tensor.is_cuda`) load through `kvfs.CudaBackend` (GDS, else pinned
   staging; `kvfs_gpu_path` in the extra config forces one): with `kvfs_verify` `header` the
   chunks go straight to device blocks and `wait_for_layer_load` makes vLLM's current stream
@@ -50,6 +52,7 @@ Load it with::
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
@@ -69,7 +72,15 @@ from vllm.logger import init_logger
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from vllm.model_executor.models.utils import extract_layer_index
 
-from . import CudaBackend, ChunkError, KvfsError, Loader, ModelSpec, layout_from_views
+from . import (
+    ChunkError,
+    CudaBackend,
+    KvfsError,
+    Loader,
+    ModelSpec,
+    StoreSnapshot,
+    layout_from_views,
+)
 from .vllm_stats import KvfsConnectorStats, KvfsPromMetrics, interval
 
 if TYPE_CHECKING:
@@ -275,6 +286,48 @@ class _ReqState:
     tail_saved: bool = False
 
 
+class ChunkWriter:
+    """Stores snapshots (`Loader.store_snapshot`, the GIL released) on a thread of its own,
+    in the order they were queued, so a step hands its chunks over and goes on. The thread runs
+    while snapshots are queued and ends when none is left; it is not a daemon, so a process
+    that exits normally stores what it queued first. A failed store is logged: the chunk is a
+    future miss. (A process killed before its snapshots are stored loses them: misses, never
+    wrong chunks.)"""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._pending: collections.deque[tuple[Loader, StoreSnapshot, str]] = collections.deque()
+        self._thread: threading.Thread | None = None
+
+    def put(self, loader: Loader, snap: StoreSnapshot, req_id: str) -> None:
+        with self._lock:
+            self._pending.append((loader, snap, req_id))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kvfs-writer")
+                self._thread.start()
+
+    def drain(self) -> None:
+        """Returns once every snapshot queued so far is stored (or failed)."""
+        with self._lock:
+            while self._thread is not None:
+                self._idle.wait()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._thread = None
+                    self._idle.notify_all()
+                    return
+                loader, snap, req_id = self._pending.popleft()
+            try:
+                stats = loader.store_snapshot(snap)
+                logger.debug("kvfs: request %s stored %s", req_id, stats)
+            except KvfsError as e:
+                logger.warning("kvfs: store for request %s failed: %s", req_id, e)
+
+
 def _salt(request: Any) -> bytes:
     salt = getattr(request, "cache_salt", None)
     return salt.encode() if isinstance(salt, str) else (salt or b"")
@@ -310,6 +363,11 @@ class KvfsConnector(KVConnectorBase_V1):
         # "full" checks every layer's digest on load (a flipped payload bit is a recompute,
         # not a wrong token); "header" only checks headers.
         self._verify = str(extra.get("kvfs_verify", "full"))
+        # Stores: the step copies the rows out and a writer thread stores them (True), or the
+        # step stores them itself (False).
+        self._store_async = str(extra.get("kvfs_store_async", "true")).lower() not in (
+            "0", "false", "no", "off"
+        )
         self._tp_size = vllm_config.parallel_config.tensor_parallel_size
         if role == KVConnectorRole.SCHEDULER:
             # The scheduler serves every rank: a hit needs each rank's chunks.
@@ -347,6 +405,7 @@ class KvfsConnector(KVConnectorBase_V1):
         self._layer_index: dict[str, int] = {}
         self._loads: list[tuple[LoadSpec, Any]] = []
         self._failed_blocks: set[int] = set()
+        self._writer = ChunkWriter()
         # this step's loads: when start_load_kv began, and seconds the forward spent blocked
         # in wait_for_layer_load (logged at debug level by wait_for_save)
         self._load_started = 0.0
@@ -664,6 +723,15 @@ class KvfsConnector(KVConnectorBase_V1):
                 if self._cuda is not None:
                     # the device store keeps to full chunks (no partial last chunk yet)
                     stats = self._cuda.store(loader, save.tokens, self._layout, save.block_ids)
+                elif self._store_async:
+                    # The rows leave the blocks now (vLLM may free them after this step); the
+                    # writer encodes, hashes and writes them meanwhile.
+                    snap = loader.snapshot(
+                        save.tokens, self._layout, save.block_ids, tail=save.tail
+                    )
+                    if snap.bytes:
+                        self._writer.put(loader, snap, save.req_id)
+                    continue
                 else:
                     stats = loader.store(
                         save.tokens, self._layout, save.block_ids, tail=save.tail
@@ -671,6 +739,10 @@ class KvfsConnector(KVConnectorBase_V1):
                 logger.debug("kvfs: request %s stored %s", save.req_id, stats)
             except KvfsError as e:
                 logger.warning("kvfs: store for request %s failed: %s", save.req_id, e)
+
+    def shutdown(self) -> None:
+        # Chunks handed to the writer are stored before the worker goes.
+        self._writer.drain()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()

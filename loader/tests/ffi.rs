@@ -225,13 +225,33 @@ fn open_with_spec_fields_and_bad_arguments() {
     assert_eq!(rc, KVFS_ERR_IO);
 }
 
+/// `kvfs_open` of `dir` with a preset, asserting it opens.
+fn open_preset(dir: &Path, preset: &str) -> *mut kvfs_loader::ffi::KvfsLoader {
+    use std::ffi::CString;
+    let dir = CString::new(dir.to_str().unwrap()).unwrap();
+    let preset = CString::new(preset).unwrap();
+    let mut l = std::ptr::null_mut();
+    // SAFETY: valid strings and out pointer.
+    let rc = unsafe {
+        kvfs_loader::ffi::kvfs_open(
+            dir.as_ptr(),
+            preset.as_ptr(),
+            std::ptr::null(),
+            std::ptr::null(),
+            0,
+            &mut l,
+        )
+    };
+    assert_eq!(rc, kvfs_loader::ffi::KVFS_OK);
+    l
+}
+
 /// Missing and corrupt chunks through `kvfs_load`: the code says which, `*loaded` says how far
 /// the valid prefix goes.
 #[test]
 fn load_errors_report_the_valid_prefix() {
     use kvfs_loader::dir::{Layout, commit_file};
     use kvfs_loader::ffi::*;
-    use std::ffi::CString;
     let spec = kvfs_loader::ModelSpec::preset("tiny").unwrap();
     let d = tempfile::tempdir().unwrap();
     let tokens: Vec<u32> = (0..768).collect();
@@ -246,21 +266,7 @@ fn load_errors_report_the_valid_prefix() {
         parent = Some(meta.key);
         paths.push(p);
     }
-    let dir = CString::new(d.path().to_str().unwrap()).unwrap();
-    let preset = CString::new("tiny").unwrap();
-    let mut l: *mut KvfsLoader = std::ptr::null_mut();
-    // SAFETY: valid strings and out pointer.
-    let rc = unsafe {
-        kvfs_open(
-            dir.as_ptr(),
-            preset.as_ptr(),
-            std::ptr::null(),
-            std::ptr::null(),
-            0,
-            &mut l,
-        )
-    };
-    assert_eq!(rc, KVFS_OK);
+    let l = open_preset(d.path(), "tiny");
     // tiny: 2 layers, rows of 256 bytes; 48 blocks of 16 tokens
     let layer_bytes = 2 * 48 * 16 * 256;
     let mut mem: Vec<Vec<u8>> = vec![vec![0u8; layer_bytes]; 2];
@@ -321,23 +327,9 @@ fn load_errors_report_the_valid_prefix() {
 #[test]
 fn a_prompt_tail_round_trips_through_the_c_abi() {
     use kvfs_loader::ffi::*;
-    use std::ffi::CString;
     let d = tempfile::tempdir().unwrap();
-    let dir = CString::new(d.path().to_str().unwrap()).unwrap();
-    let preset = CString::new("tiny").unwrap(); // 2 layers, 256-token chunks, 256-byte rows
-    let mut l: *mut KvfsLoader = std::ptr::null_mut();
-    // SAFETY: valid strings and out pointer.
-    let rc = unsafe {
-        kvfs_open(
-            dir.as_ptr(),
-            preset.as_ptr(),
-            std::ptr::null(),
-            std::ptr::null(),
-            0,
-            &mut l,
-        )
-    };
-    assert_eq!(rc, KVFS_OK);
+    // tiny: 2 layers, 256-token chunks, 256-byte rows
+    let l = open_preset(d.path(), "tiny");
     // SAFETY: `l` is open.
     assert_eq!(unsafe { kvfs_chunk_tokens(l) }, 256);
     let tokens: Vec<u32> = (100..620).collect(); // 2 full chunks + 8 tokens

@@ -307,6 +307,18 @@ proptest! {
     }
 }
 
+/// Fills every byte of `mem` with a pseudo-random pattern `x = x * mul + add` from `seed`
+/// (the heap buffers do not move, so the layout stays valid).
+fn fill_pattern(mem: &mut Mem, seed: u8, mul: u8, add: u8) {
+    let mut x = seed;
+    for b in mem.bufs.iter_mut() {
+        for v in b.iter_mut() {
+            x = x.wrapping_mul(mul).wrapping_add(add);
+            *v = x;
+        }
+    }
+}
+
 #[test]
 fn store_then_load_round_trips_and_is_create_once() {
     let spec = spec(Dtype::Bf16, KvKind::KeyValue, 32, 16);
@@ -316,13 +328,7 @@ fn store_then_load_round_trips_and_is_create_once() {
     // The source keeps a token's heads apart (vLLM CPU): the store gathers them.
     let mut src = alloc(&spec, Kind::VllmCpu, 8, 16);
     // fill the source blocks with a pattern (the heap buffers do not move)
-    let mut pattern = 0u8;
-    for b in src.bufs.iter_mut() {
-        for x in b.iter_mut() {
-            pattern = pattern.wrapping_mul(31).wrapping_add(7);
-            *x = pattern;
-        }
-    }
+    fill_pattern(&mut src, 0, 31, 7);
     let table = [5u32, 2, 7, 0, 1, 3, 4];
     let map = BlockMap::Blocks(&table);
     let st = loader.store(&toks, &Dest::host(&src.layout, map)).unwrap();
@@ -381,13 +387,7 @@ fn trailing_partial_chunk_round_trips_and_is_found_only_by_its_tail() {
     let loader = Loader::open(d.path(), spec.clone(), b"").unwrap();
     let toks = tokens(100, 7); // 3 full chunks + 4 tokens
     let mut src = alloc(&spec, Kind::VllmCpu, 8, 16);
-    let mut pattern = 0u8;
-    for b in src.bufs.iter_mut() {
-        for x in b.iter_mut() {
-            pattern = pattern.wrapping_mul(29).wrapping_add(11);
-            *x = pattern;
-        }
-    }
+    fill_pattern(&mut src, 0, 29, 11);
     let table = [5u32, 2, 7, 0, 1, 3, 4];
     let map = BlockMap::Blocks(&table);
     // `store` keeps to full chunks: the tail is not found
@@ -484,13 +484,7 @@ fn a_snapshot_stores_the_rows_of_its_time() {
     let loader = Loader::open(d.path(), spec.clone(), b"").unwrap();
     let toks = tokens(100, 3); // 3 full chunks + 4 tokens
     let mut src = alloc(&spec, Kind::VllmCpu, 8, 16);
-    let mut pattern = 1u8;
-    for b in src.bufs.iter_mut() {
-        for x in b.iter_mut() {
-            pattern = pattern.wrapping_mul(13).wrapping_add(5);
-            *x = pattern;
-        }
-    }
+    fill_pattern(&mut src, 1, 13, 5);
     let table = [3u32, 6, 1, 0, 2, 7, 4];
     let map = BlockMap::Blocks(&table);
     // chunk 0 is present already: the snapshot holds positions 32..100 only

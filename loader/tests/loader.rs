@@ -1165,8 +1165,8 @@ fn corrupt_coded_chunks_fail_with_typed_errors() {
     write_coded_chunks(d.path(), &spec, &toks);
     let path = chunk_path(d.path(), &spec, &toks, 1);
     let h = kvfs_loader::ChunkHeader::parse(&std::fs::read(&path).unwrap()).unwrap();
-    // Byte 4 of group 0 is the first byte of its exponent stream's zstd frame (its magic).
-    flip(&path, h.layer_span(0).start + 4);
+    // Byte 0 of group 0 is its mode (raw or coded); no other value is defined.
+    flip(&path, h.layer_span(0).start);
     let loader = Loader::open_with(d.path(), spec.clone(), b"", opts(IoMode::Buffered)).unwrap();
     for (verify, want_full) in [(Verify::Header, false), (Verify::Full, true)] {
         let mem = alloc(&spec, Kind::FlashAttn, 8, 8);

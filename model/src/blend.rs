@@ -32,7 +32,7 @@
 use crate::model::{LayerView, NoHooks, PREFILL_WINDOW};
 use crate::{Engine, ModelError, PagedKv};
 use candle_core::Tensor;
-use kvfs_loader::{Dest, DocumentLoad, Loader, RopePairing, RopeParams, StoreStats};
+use kvfs_loader::{Dest, LoadStats, Loader, RopePairing, RopeParams, StoreStats};
 use std::time::{Duration, Instant};
 
 /// How much to recompute, and where to decide it.
@@ -209,7 +209,7 @@ impl Engine {
         loader: &Loader,
         kv: &mut PagedKv,
         prompt: &BlendPrompt<'_>,
-    ) -> Result<Vec<DocumentLoad>, ModelError> {
+    ) -> Result<Vec<LoadStats>, ModelError> {
         let rope = self.rope_params()?;
         let layout = kv.layout()?;
         let dest = Dest::host(&layout, kv.block_map());

@@ -50,7 +50,6 @@ mod handle;
 mod job;
 mod store;
 
-pub use document::DocumentLoad;
 pub use error::{ChunkError, LoaderError};
 pub use handle::LoadHandle;
 pub use store::StoreStats;

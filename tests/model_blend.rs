@@ -19,7 +19,7 @@ mod support {
 }
 
 use kvfs_loader::Loader;
-use kvfs_model::blend::log_softmax_at;
+use kvfs_model::blend::{Deviation, log_softmax_at};
 use kvfs_model::{BlendConfig, BlendPrompt, Engine, ModelError, PagedKv, argmax, max_abs_diff};
 use std::path::Path;
 
@@ -193,9 +193,10 @@ fn blending_ends_are_exact_and_chooses_the_largest_deviations() {
     let (k_got, v_got) = kv.gather(29, cap);
     assert!(max_abs_diff(&k_got, &k_ref) < 1e-3 && max_abs_diff(&v_got, &v_ref) < 1e-3);
 
-    // 15%: the chosen tokens are those of largest deviation at the check layer.
+    // 15%: the chosen tokens are those of largest deviation at the check layer (LMCache's
+    // choice: K deviation alone).
     let mut kv = reused_cache(&e, &loader, &p, cap);
-    let part = e.blend(&mut kv, &p, &BlendConfig::default()).unwrap();
+    let part = e.blend(&mut kv, &p, &lmcache(0.15)).unwrap();
     assert_eq!(part.selected.len(), 56, "15% of 370 document tokens");
     assert_eq!(part.deviations.len(), 370);
     let chosen: Vec<bool> = (0..370)
@@ -236,6 +237,134 @@ fn blending_ends_are_exact_and_chooses_the_largest_deviations() {
     );
 }
 
+/// LMCache's selection: K deviation at layer 1 alone, nothing forced, no question weight.
+fn lmcache(ratio: f64) -> BlendConfig {
+    BlendConfig {
+        ratio,
+        check_layer: 1,
+        schedule: Vec::new(),
+        deviation: Deviation::K,
+        chunk_head_tokens: 0,
+        question_weighted: false,
+        keep_check_kv: false,
+    }
+}
+
+#[test]
+fn blend_options_keep_the_ends_exact_and_choose_as_documented() {
+    let Some(e) = engine() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let loader = Loader::open(dir.path(), e.spec.clone(), b"").unwrap();
+    let t = text_tokens(&e);
+    let prefix = &t[..16];
+    let docs = vec![t[1500..1800].to_vec(), t[2500..2600].to_vec()]; // chunks 256 + 44, 100
+    let question = &t[4100..4110];
+    let p = BlendPrompt {
+        prefix,
+        documents: &docs,
+        question,
+    };
+    let full = p.tokens();
+    let cap = full.len();
+    e.store_documents(&loader, &docs).unwrap();
+    let mut reference = e.new_cache(cap);
+    let full_logits = e.prefill(&mut reference, &full).unwrap();
+    let mut naive_kv = reused_cache(&e, &loader, &p, cap);
+    let naive = e.naive_reuse(&mut naive_kv, &p).unwrap();
+    let all_on = |ratio| BlendConfig {
+        ratio,
+        deviation: Deviation::KV,
+        chunk_head_tokens: 4,
+        question_weighted: true,
+        ..Default::default()
+    };
+    let run = |cfg: &BlendConfig| {
+        let mut kv = reused_cache(&e, &loader, &p, cap);
+        e.blend(&mut kv, &p, cfg).unwrap()
+    };
+    // Every option keeps both ends exact: ratio 0 is naive reuse, ratio 1 the full prefill.
+    let zero = run(&all_on(0.0));
+    assert!(zero.selected.is_empty(), "forced heads count in the ratio");
+    assert_eq!(max_abs_diff(&zero.logits, &naive), 0.0);
+    let one = run(&all_on(1.0));
+    assert_eq!(one.selected.len(), 400);
+    assert!(max_abs_diff(&one.logits, &full_logits) < 1e-3);
+
+    // Chunk heads: the first 4 tokens of each of the three chunks are always chosen, within
+    // the 15% (60 tokens).
+    let heads = run(&BlendConfig {
+        chunk_head_tokens: 4,
+        ..lmcache(0.15)
+    });
+    assert_eq!(heads.selected.len(), 60);
+    for start in [16, 16 + 256, 16 + 300] {
+        for pos in start..start + 4 {
+            assert!(heads.selected.contains(&pos), "chunk head {pos} not chosen");
+        }
+    }
+
+    // Keeping the check pass's KV: layers 0 and 1 of every document token hold what the full
+    // prefill computes there; layer 2 of an unchosen token is still the reused row.
+    let mut kv = reused_cache(&e, &loader, &p, cap);
+    let kept = e
+        .blend(
+            &mut kv,
+            &p,
+            &BlendConfig {
+                keep_check_kv: true,
+                ..lmcache(0.15)
+            },
+        )
+        .unwrap();
+    for layer in 0..=1 {
+        let (k, v) = kv.gather(layer, cap);
+        let (k_ref, v_ref) = reference.gather(layer, cap);
+        assert!(max_abs_diff(&k, &k_ref) < 1e-3 && max_abs_diff(&v, &v_ref) < 1e-3);
+    }
+    let unchosen = (16..416).find(|q| !kept.selected.contains(q)).unwrap();
+    assert_eq!(kv.k_row(2, unchosen), naive_kv.k_row(2, unchosen));
+    assert!(max_abs_diff(kv.k_row(2, unchosen), reference.k_row(2, unchosen)) > 1e-3);
+
+    // Question-weighted: the choice ranks deviation times the question's attention at the
+    // check layer, so it follows the scores, not the deviations alone.
+    let qw = run(&BlendConfig {
+        question_weighted: true,
+        ..lmcache(0.15)
+    });
+    let plain = &kept; // LMCache's choice: keeping the check KV changes no selection
+    assert_eq!(qw.deviations, plain.deviations, "same check pass");
+    let top = kvfs_model::blend::top_indices(&qw.scores, 60);
+    assert_eq!(qw.selected, top.iter().map(|&i| 16 + i).collect::<Vec<_>>());
+    assert!(
+        qw.scores
+            .iter()
+            .zip(&qw.deviations)
+            .all(|(s, d)| *s >= 0.0 && *s <= *d * (e.model.cfg.num_heads * question.len()) as f32),
+        "attention mass per token is at most the question's length per head pair"
+    );
+    assert_ne!(qw.selected, plain.selected, "the question moves the choice");
+
+    // K and V: the deviation adds V's term to K's.
+    let kv_dev = run(&BlendConfig {
+        deviation: Deviation::KV,
+        ..lmcache(0.15)
+    });
+    assert!(
+        kv_dev
+            .deviations
+            .iter()
+            .zip(&plain.deviations)
+            .all(|(a, b)| a >= b)
+    );
+    assert!(
+        kv_dev
+            .deviations
+            .iter()
+            .zip(&plain.deviations)
+            .any(|(a, b)| a > b)
+    );
+}
+
 #[test]
 fn bad_blend_requests_get_typed_errors_and_change_nothing() {
     let Some(e) = engine() else { return };
@@ -268,6 +397,7 @@ fn bad_blend_requests_get_typed_errors_and_change_nothing() {
         ratio,
         check_layer,
         schedule,
+        ..Default::default()
     };
     invalid(&mut kv, &p, cfg(1.5, 1, vec![]), "ratio");
     invalid(&mut kv, &p, cfg(-0.1, 1, vec![]), "ratio");

@@ -53,8 +53,8 @@ pub use backend::{Backend, HostMemory};
 pub use io::IoMode;
 pub use layout::{BlockMap, KvLayout, LayoutError, RawRegion};
 pub use loader::{
-    ChunkError, Dest, DocumentLoad, LoadHandle, LoadOrder, LoadRequest, LoadStats, Loader,
-    LoaderError, LoaderOptions, StoreSnapshot, StoreStats,
+    ChunkError, Dest, LoadHandle, LoadOrder, LoadRequest, LoadStats, Loader, LoaderError,
+    LoaderOptions, StoreSnapshot, StoreStats,
 };
 pub use rope::{RopeError, RopePairing, RopeParams};
 pub use selective::Selection;

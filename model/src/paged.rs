@@ -82,6 +82,12 @@ impl PagedKv {
         &self.layers[layer][s..s + self.row()]
     }
 
+    /// The V row of position `pos` in `layer` (`[kv_heads, head_dim]`).
+    pub fn v_row(&self, layer: usize, pos: usize) -> &[f32] {
+        let s = self.half() + self.slot(pos);
+        &self.layers[layer][s..s + self.row()]
+    }
+
     /// Gathers K and V rows of positions `0..len` into contiguous `[len, kv_heads, head_dim]`.
     pub fn gather(&self, layer: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
         let row = self.row();

@@ -55,7 +55,6 @@ mod job;
 mod snapshot;
 mod store;
 
-pub use document::DocumentLoad;
 pub use error::{ChunkError, LoaderError};
 pub use handle::LoadHandle;
 pub use snapshot::StoreSnapshot;

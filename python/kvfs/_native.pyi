@@ -162,7 +162,15 @@ class Loader:
         end: int | None = None,
         verify: Literal["header", "full"] | None = None,
     ) -> LoadHandle: ...
-    def store(self, tokens: list[int], layout: KvLayout, block_ids: list[int]) -> StoreStats: ...
+    def store(
+        self,
+        tokens: list[int],
+        layout: KvLayout,
+        block_ids: list[int],
+        importance: list[list[list[float]]] | None = None,
+        observed_queries: int = 32,
+    ) -> StoreStats: ...
+    def importance_selection(self, tokens: list[int], upto: int, share: float) -> list[list[int]]: ...
 
 class DeviceLoadStats(TypedDict):
     path: str

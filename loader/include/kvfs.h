@@ -33,6 +33,9 @@
 // A bug: the library panicked.
 #define KVFS_ERR_PANIC -6
 
+// A chunk carries no importance (written without it, or format version 1).
+#define KVFS_ERR_NO_IMPORTANCE -7
+
 // Buckets of each latency histogram of [`KvfsMetrics`]: one per bound
 // ([`kvfs_latency_bound`]), and a last one for what exceeds them all.
 #define KVFS_LATENCY_BUCKETS 15
@@ -232,6 +235,48 @@ double kvfs_latency_bound(size_t i);
 // # Safety
 // `loader` came from `kvfs_open`.
 size_t kvfs_chunk_tokens(const struct kvfs_loader *loader);
+
+// The importance stored in the headers of the chunks covering positions `[0, upto)` of
+// `tokens[0..num_tokens]` (no payload is read): for each chunk, each layer and each group of
+// `group_tokens` tokens, the share of the writing prompt's attention the group drew, as
+// `scores[(chunk * num_layers + layer) * groups_per_chunk + group]`. `*num_chunks` and
+// `*groups_per_chunk` are set first; pass `scores = NULL` to learn the size
+// (`num_chunks * num_layers * groups_per_chunk` floats), then call again with `capacity` at
+// least that. Errors: `KVFS_ERR_NO_IMPORTANCE` (a chunk has none), `KVFS_ERR_MISSING`,
+// `KVFS_ERR_CORRUPT`, `KVFS_ERR_INVALID` (`upto` past the full chunks, a short buffer).
+//
+// # Safety
+// `loader` came from `kvfs_open`; `tokens` is readable for `num_tokens` values; `scores` is
+// NULL or writable for `capacity` floats; `num_chunks` and `groups_per_chunk` are writable.
+int kvfs_importance(const struct kvfs_loader *loader,
+                    const uint32_t *tokens,
+                    size_t num_tokens,
+                    size_t upto,
+                    float *scores,
+                    size_t capacity,
+                    size_t *num_chunks,
+                    size_t *groups_per_chunk);
+
+// The groups a pruned load keeps: per layer, the best `share` (in `(0, 1]`) of the groups
+// of positions `[0, upto)` by the importance in the chunk headers, ranked over the whole
+// prefix (`Loader::importance_selection`). Groups are numbered over the prefix chunk by
+// chunk (group `g` is group `g % groups_per_chunk` of chunk `g / groups_per_chunk`); every
+// layer keeps the same count, `*per_layer`, written to `groups` layer by layer, each layer's
+// ascending: `groups[layer * *per_layer + i]`. Pass `groups = NULL` to learn `*per_layer`
+// (the buffer needs `num_layers * *per_layer` values). Errors as `kvfs_importance`, and
+// `KVFS_ERR_INVALID` for a share outside `(0, 1]`.
+//
+// # Safety
+// `loader` came from `kvfs_open`; `tokens` is readable for `num_tokens` values; `groups` is
+// NULL or writable for `capacity` values; `per_layer` is writable.
+int kvfs_importance_selection(const struct kvfs_loader *loader,
+                              const uint32_t *tokens,
+                              size_t num_tokens,
+                              size_t upto,
+                              double share,
+                              uint32_t *groups,
+                              size_t capacity,
+                              size_t *per_layer);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -90,7 +90,15 @@ fn c_example_runs_against_the_cdylib() {
     );
     let cache = work.path().join("cache");
     std::fs::create_dir(&cache).unwrap();
-    let run = |dir: &Path| Command::new(&exe).arg(dir).output().unwrap();
+    // LD_LIBRARY_PATH (cargo sets one, which may name a stale copy in target/<profile>/)
+    // would win over the rpath: point it at this run's cdylib alone.
+    let run = |dir: &Path| {
+        Command::new(&exe)
+            .env("LD_LIBRARY_PATH", &libdir)
+            .arg(dir)
+            .output()
+            .unwrap()
+    };
     let out = run(&cache);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(

@@ -163,8 +163,16 @@ class Loader:
         verify: Literal["header", "full"] | None = None,
     ) -> LoadHandle: ...
     def store(
-        self, tokens: list[int], layout: KvLayout, block_ids: list[int], *, tail: bool = False
+        self,
+        tokens: list[int],
+        layout: KvLayout,
+        block_ids: list[int],
+        importance: list[list[list[float]]] | None = None,
+        observed_queries: int = 32,
+        *,
+        tail: bool = False,
     ) -> StoreStats: ...
+    def importance_selection(self, tokens: list[int], upto: int, share: float) -> list[list[int]]: ...
     def snapshot(
         self, tokens: list[int], layout: KvLayout, block_ids: list[int], *, tail: bool = False
     ) -> StoreSnapshot: ...

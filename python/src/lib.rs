@@ -9,7 +9,8 @@
 //!   constructor checks every region against the shape (as the Rust constructors do) and the
 //!   Python caller keeps the tensors alive (`kvfs.vllm` holds them for the engine's life).
 //! - [`PyLoader`] (`kvfs.Loader`): `lookup`, `load` (returns a [`PyLoadHandle`] at once; reads
-//!   run on the loader's threads) and `store`.
+//!   run on the loader's threads), `store` (optionally with each chunk's importance) and
+//!   `importance_selection` (the groups a pruned load keeps, from the headers: [`importance`]).
 //! - [`PyLoadHandle`] (`kvfs.LoadHandle`): `wait_layer(i)` per layer, `wait()` for the rest.
 //! - [`PySnapshot`] (`kvfs.StoreSnapshot`): the rows of a store copied out of engine memory
 //!   (`Loader.snapshot`), stored later by `Loader.store_snapshot` on any thread, so an engine's
@@ -36,6 +37,7 @@ use std::path::PathBuf;
 use std::sync::Mutex;
 
 mod cuda;
+mod importance;
 
 create_exception!(
     kvfs,
@@ -600,26 +602,31 @@ impl PyLoader {
     /// Stores the full chunks of `tokens` not present yet, reading positions `0..` from the
     /// blocks `block_ids`; with `tail`, the trailing partial chunk of `tokens` too (store it
     /// once the prompt is complete: a later `lookup` of exactly these tokens then finds all of
-    /// them). Returns `{"written", "present", "bytes_written"}`.
-    #[pyo3(signature = (tokens, layout, block_ids, *, tail = false))]
+    /// them). `importance`: per chunk, per layer, per group the attention mass the group drew
+    /// (shares of one unit per layer over the prompt) from the prompt's last
+    /// `observed_queries` queries, written into chunk headers (format v2; chunks past the list
+    /// get none). Returns `{"written", "present", "bytes_written"}`.
+    #[pyo3(signature = (tokens, layout, block_ids, importance = None, observed_queries = 32, *, tail = false))]
+    #[allow(clippy::too_many_arguments)]
     fn store<'py>(
         &self,
         py: Python<'py>,
         tokens: Vec<u32>,
         layout: &PyLayout,
         block_ids: Vec<u32>,
+        importance: Option<Vec<Vec<Vec<f32>>>>,
+        observed_queries: u32,
         tail: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
         host_layout(layout)?;
+        let imps = importance::from_lists(
+            &self.loader,
+            importance.unwrap_or_default(),
+            observed_queries,
+        )?;
         let src = Dest::host(&layout.layout, block_map(&block_ids));
         let stats = py
-            .detach(|| {
-                if tail {
-                    self.loader.store_with_tail(&tokens, &src)
-                } else {
-                    self.loader.store(&tokens, &src)
-                }
-            })
+            .detach(|| self.loader.store_with(&tokens, &src, &imps, tail))
             .map_err(to_py)?;
         store_dict(py, &stats)
     }
@@ -656,6 +663,24 @@ impl PyLoader {
             .detach(|| self.loader.store_snapshot(&snapshot.snap))
             .map_err(to_py)?;
         store_dict(py, &stats)
+    }
+
+    /// Per layer, the groups a pruned load of positions `0..upto` keeps: the best `share` of
+    /// the prefix's groups by the importance in the chunk headers (no payload is read),
+    /// numbered over the prefix chunk by chunk ([`importance`]).
+    fn importance_selection(
+        &self,
+        py: Python<'_>,
+        tokens: Vec<u32>,
+        upto: usize,
+        share: f64,
+    ) -> PyResult<Vec<Vec<u32>>> {
+        let sel = py
+            .detach(|| self.loader.importance_selection(&tokens, upto, share))
+            .map_err(importance::to_py)?;
+        Ok((0..sel.num_layers())
+            .map(|l| sel.groups(l).to_vec())
+            .collect())
     }
 }
 

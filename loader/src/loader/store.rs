@@ -60,6 +60,19 @@ impl Loader {
         self.store_chunks(tokens, src, importance, 0, false)
     }
 
+    /// The general store: the full chunks of `tokens` not present yet, with `tail` the
+    /// trailing partial chunk too ([`Loader::store_with_tail`]), `importance[i]` written into
+    /// chunk `i`'s header ([`Loader::store_with_importance`]).
+    pub fn store_with(
+        &self,
+        tokens: &[u32],
+        src: &Dest<'_>,
+        importance: &[Importance],
+        tail: bool,
+    ) -> Result<StoreStats, LoaderError> {
+        self.store_chunks(tokens, src, importance, 0, tail)
+    }
+
     /// Where a store of `tokens` ends: after the last full chunk, or with `tail` after the
     /// trailing partial chunk too.
     pub(super) fn store_end(&self, tokens: &[u32], tail: bool) -> usize {

@@ -3,7 +3,10 @@
 
 mod support {
     pub mod cli;
+    pub mod store;
 }
+
+use support::store::temporaries;
 
 use kvfs_loader::{ChunkKey, ModelSpec, SaltTag, chunk_keys};
 use std::fs;
@@ -50,23 +53,6 @@ fn synth_tiny(cache: &Path, chunks: usize) -> (String, Vec<ChunkKey>) {
 
 fn path_of(cache: &Path, ns: &str, k: &ChunkKey) -> PathBuf {
     kvfs_loader::dir::Layout::Cache.chunk_path(cache, ns, k)
-}
-
-/// Every file under `root` whose name starts with `.tmp-`.
-fn temporaries(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        let Ok(rd) = fs::read_dir(&d) else { continue };
-        for e in rd.flatten() {
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else if e.file_name().to_string_lossy().starts_with(".tmp-") {
-                out.push(e.path());
-            }
-        }
-    }
-    out
 }
 
 #[test]

@@ -3,59 +3,21 @@
 //! remote-tier seam.
 
 use kvfs::config::Limit;
-use kvfs::store::{FsyncPolicy, RemoteTier, Store, StoreConfig, StoreError, Tier};
-use kvfs_loader::{ChunkKey, ModelSpec, SaltTag, synth_chunk};
+use kvfs::store::{RemoteTier, Store, StoreConfig, StoreError, Tier};
+use kvfs_loader::{ChunkKey, ModelSpec};
 use std::collections::HashMap;
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::{Arc, Mutex};
 
-fn tiny() -> ModelSpec {
-    ModelSpec::preset("tiny").unwrap()
+mod support {
+    pub mod store;
 }
 
-/// `n` chained chunks of the tiny model for prompt `seed`.
-fn chunks(n: usize, seed: u64) -> Vec<(ChunkKey, Vec<u8>)> {
-    let spec = tiny();
-    let tokens = kvfs::synth::prompt_tokens(seed, n * 256);
-    let mut parent = None;
-    tokens
-        .chunks_exact(256)
-        .map(|t| {
-            let (meta, bytes) = synth_chunk(&spec, parent, SaltTag::NONE, t.to_vec()).unwrap();
-            parent = Some(meta.key);
-            (meta.key, bytes)
-        })
-        .collect()
-}
+use support::store::{chunks, ns, temporaries, tiny};
 
 fn cfg(root: &Path) -> StoreConfig {
-    let mut c = StoreConfig::new(root);
-    c.capacity = Limit::Bytes(1 << 30);
-    c.min_free = Limit::Bytes(0);
-    c.fsync = FsyncPolicy::Never;
-    c.memory_bytes = 64 << 20;
-    c
-}
-
-fn ns() -> String {
-    tiny().namespace_dir()
-}
-
-fn tmp_files(root: &Path) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(d) = stack.pop() {
-        for e in fs::read_dir(&d).unwrap() {
-            let e = e.unwrap();
-            if e.file_type().unwrap().is_dir() {
-                stack.push(e.path());
-            } else if e.file_name().to_string_lossy().starts_with(".tmp-") {
-                out.push(e.path());
-            }
-        }
-    }
-    out
+    support::store::config(root, 1 << 30, 64 << 20)
 }
 
 #[test]
@@ -123,7 +85,7 @@ fn put_get_stat_read_at_remove() {
         Err(StoreError::NotFound { .. })
     ));
     assert!(!store.remove(&ns, &key).unwrap());
-    assert!(tmp_files(d.path()).is_empty());
+    assert!(temporaries(d.path()).is_empty());
 }
 
 #[test]
@@ -208,7 +170,7 @@ fn concurrent_writers_of_one_key_leave_one_file() {
     assert_eq!(created, 1, "exactly one writer creates the file");
     let store = Store::open(cfg(d.path())).unwrap();
     assert_eq!(fs::read(store.backing_path(&ns, &k)).unwrap(), bytes);
-    assert!(tmp_files(d.path()).is_empty());
+    assert!(temporaries(d.path()).is_empty());
     let fan = store.backing_path(&ns, &k).parent().unwrap().to_path_buf();
     assert_eq!(fs::read_dir(fan).unwrap().count(), 1);
 }
@@ -313,7 +275,7 @@ fn put_larger_than_capacity_is_no_space_and_leaves_nothing() {
     );
     assert!(!small.contains(&ns, &cs[0].0));
     assert!(small.contains(&ns, &cs[1].0), "nothing evicted in vain");
-    assert!(tmp_files(d.path()).is_empty());
+    assert!(temporaries(d.path()).is_empty());
 }
 
 #[test]

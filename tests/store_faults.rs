@@ -3,7 +3,7 @@
 //! (they need root; without it they print why they skip).
 
 use kvfs::config::Limit;
-use kvfs::store::{FsyncPolicy, Store, StoreConfig, StoreError};
+use kvfs::store::{Store, StoreConfig, StoreError};
 use kvfs_loader::{ChunkKey, FormatError, ModelSpec, SaltTag, synth_chunk};
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -15,17 +15,14 @@ fn chunk_of(spec: &ModelSpec, seed: u64) -> (ChunkKey, Vec<u8>) {
     (meta.key, bytes)
 }
 
-fn tiny() -> ModelSpec {
-    ModelSpec::preset("tiny").unwrap()
+mod support {
+    pub mod store;
 }
 
+use support::store::tiny;
+
 fn cfg(root: &Path) -> StoreConfig {
-    let mut c = StoreConfig::new(root);
-    c.capacity = Limit::Bytes(1 << 30);
-    c.min_free = Limit::Bytes(0);
-    c.fsync = FsyncPolicy::Never;
-    c.memory_bytes = 16 << 20;
-    c
+    support::store::config(root, 1 << 30, 16 << 20)
 }
 
 /// Every regular file under `root` (relative paths) but the store's own index

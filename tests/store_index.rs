@@ -6,9 +6,8 @@
 //! The child processes are this test binary run again with `KVFS_INDEX_CHILD` set (see
 //! [`child`]), so no helper binary is needed.
 
-use kvfs::config::Limit;
-use kvfs::store::{FsyncPolicy, Store, StoreConfig};
-use kvfs_loader::{ChunkKey, ModelSpec, SaltTag, synth_chunk};
+use kvfs::store::{Store, StoreConfig};
+use kvfs_loader::ChunkKey;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -16,36 +15,14 @@ use std::time::{Duration, Instant};
 
 const INDEX: &str = ".kvfs-index.sqlite";
 
-fn tiny() -> ModelSpec {
-    ModelSpec::preset("tiny").unwrap()
+mod support {
+    pub mod store;
 }
 
-fn ns() -> String {
-    tiny().namespace_dir()
-}
-
-/// `n` chained chunks of the tiny model for prompt `seed`.
-fn chunks(n: usize, seed: u64) -> Vec<(ChunkKey, Vec<u8>)> {
-    let spec = tiny();
-    let tokens = kvfs::synth::prompt_tokens(seed, n * 256);
-    let mut parent = None;
-    tokens
-        .chunks_exact(256)
-        .map(|t| {
-            let (meta, bytes) = synth_chunk(&spec, parent, SaltTag::NONE, t.to_vec()).unwrap();
-            parent = Some(meta.key);
-            (meta.key, bytes)
-        })
-        .collect()
-}
+use support::store::{chunks, ns};
 
 fn cfg(root: &Path, capacity: u64) -> StoreConfig {
-    let mut c = StoreConfig::new(root);
-    c.capacity = Limit::Bytes(capacity);
-    c.min_free = Limit::Bytes(0);
-    c.fsync = FsyncPolicy::Never;
-    c.memory_bytes = 0;
-    c
+    support::store::config(root, capacity, 0)
 }
 
 /// Every chunk file under the namespace: (key, length).

@@ -2,19 +2,17 @@
 //! groups held in memory without the rest serve a pruned reuse's reads, with the disk file
 //! gone; what is not held is not served; chunks without importance are refused.
 
-use kvfs::config::Limit;
-use kvfs::store::{FsyncPolicy, Store, StoreConfig, StoreError};
+use kvfs::store::{Store, StoreConfig, StoreError};
 use kvfs_loader::format::{ChunkHeader, encode_chunk, encode_chunk_with, synth_fill};
 use kvfs_loader::importance::{Importance, top_groups};
 use kvfs_loader::{ChunkMeta, FormatError, ModelSpec, SaltTag};
 
+mod support {
+    pub mod store;
+}
+
 fn cfg(root: &std::path::Path) -> StoreConfig {
-    let mut c = StoreConfig::new(root);
-    c.capacity = Limit::Bytes(1 << 30);
-    c.min_free = Limit::Bytes(0);
-    c.fsync = FsyncPolicy::Never;
-    c.memory_bytes = 64 << 20;
-    c
+    support::store::config(root, 1 << 30, 64 << 20)
 }
 
 /// A SmolLM2-shaped chunk (30 layers, 16 groups of 16 tokens) with uneven importance that

@@ -26,14 +26,6 @@ mod tests {
     use crate::GdsError;
 
     #[test]
-    fn rounding() {
-        assert_eq!(align_down(0, 4096), 0);
-        assert_eq!(align_down(4097, 4096), 4096);
-        assert_eq!(align_up(1, 4096), 4096);
-        assert_eq!(align_up(8192, 4096), 8192);
-    }
-
-    #[test]
     fn buffer_is_aligned_and_zeroed() {
         let b = aligned_buf(3 * 4096 + 5).unwrap();
         assert_eq!(b.as_ptr() as usize % DIRECT_ALIGN as usize, 0);

@@ -60,6 +60,30 @@ pub use kvfs_loader::identity::NAMESPACE_JSON;
 /// Object metadata key (`x-amz-meta-…`) holding the chunk's payload digest, in hex.
 pub const DIGEST_METADATA: &str = "kvfs-payload-digest";
 
+/// Object metadata key holding the payload digest of the raw chunk an object was coded from
+/// by the remote codec, in hex: lets `sync push` see that a coded object holds its local raw
+/// chunk without encoding the chunk again.
+pub const RAW_DIGEST_METADATA: &str = "kvfs-raw-payload-digest";
+
+/// The digests an upload records as object metadata.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct ObjectDigests {
+    /// The payload digest of the bytes stored.
+    pub stored: [u8; 32],
+    /// The raw chunk's payload digest, when the stored bytes were coded from it.
+    pub raw: Option<[u8; 32]>,
+}
+
+impl ObjectDigests {
+    /// An object stored as the chunk it is.
+    pub fn stored(digest: [u8; 32]) -> ObjectDigests {
+        ObjectDigests {
+            stored: digest,
+            raw: None,
+        }
+    }
+}
+
 /// What the remote tier needs of an object store: objects, and raw paginated listings (so a
 /// listing can step over a name it cannot parse instead of failing whole; see `listing`).
 pub trait S3Store: ObjectStore + PaginatedListStore {}
@@ -170,6 +194,17 @@ pub(crate) struct Head {
     pub e_tag: Option<String>,
     /// The payload digest the uploader recorded, when it did.
     pub digest: Option<[u8; 32]>,
+    /// The raw chunk's payload digest, when the remote codec coded the object from it.
+    pub raw_digest: Option<[u8; 32]>,
+}
+
+impl Head {
+    /// Whether the uploader recorded `payload_digest` (a local chunk's) for this object, as
+    /// the object's own digest or as the raw chunk it was coded from.
+    pub fn records(&self, payload_digest: &[u8; 32]) -> bool {
+        self.digest.as_ref() == Some(payload_digest)
+            || self.raw_digest.as_ref() == Some(payload_digest)
+    }
 }
 
 /// A damaged object this process saw: why it failed verification.
@@ -503,30 +538,41 @@ impl Bucket {
                 self.store.get_opts(path, opts),
             )
             .await?;
-        Ok(r.map(|r| Head {
-            size: r.meta.size,
-            e_tag: r.meta.e_tag.clone(),
-            digest: r
-                .attributes
-                .get(&Attribute::Metadata(DIGEST_METADATA.into()))
-                .and_then(|v| unhex(v.as_ref())),
+        Ok(r.map(|r| {
+            let digest_of = |name: &'static str| {
+                r.attributes
+                    .get(&Attribute::Metadata(name.into()))
+                    .and_then(|v| unhex(v.as_ref()))
+            };
+            Head {
+                size: r.meta.size,
+                e_tag: r.meta.e_tag.clone(),
+                digest: digest_of(DIGEST_METADATA),
+                raw_digest: digest_of(RAW_DIGEST_METADATA),
+            }
         }))
     }
 
-    /// One PUT under the first-byte + body timeout, with the digest as metadata when known.
+    /// One PUT under the first-byte + body timeout, with the digests as metadata when known.
     async fn put(
         &self,
         path: &Path,
         bytes: Bytes,
         mode: PutMode,
-        digest: Option<&[u8; 32]>,
+        digests: Option<&ObjectDigests>,
     ) -> object_store::Result<()> {
         let mut attributes = Attributes::new();
-        if let Some(d) = digest {
+        if let Some(d) = digests {
             attributes.insert(
                 Attribute::Metadata(DIGEST_METADATA.into()),
-                AttributeValue::from(hex(d)),
+                AttributeValue::from(hex(&d.stored)),
             );
+            if let Some(raw) = &d.raw {
+                attributes.insert(
+                    Attribute::Metadata(RAW_DIGEST_METADATA.into()),
+                    AttributeValue::from(hex(raw)),
+                );
+            }
         }
         let opts = PutOptions {
             mode,
@@ -556,10 +602,13 @@ impl Bucket {
         &self,
         path: &Path,
         bytes: Bytes,
-        digest: Option<&[u8; 32]>,
+        digests: Option<&ObjectDigests>,
     ) -> Result<bool, RemoteError> {
         if self.conditional.load(Ordering::Relaxed) {
-            match self.put(path, bytes.clone(), PutMode::Create, digest).await {
+            match self
+                .put(path, bytes.clone(), PutMode::Create, digests)
+                .await
+            {
                 Ok(()) => return Ok(true),
                 Err(object_store::Error::AlreadyExists { .. })
                 | Err(object_store::Error::Precondition { .. }) => return Ok(false),
@@ -572,7 +621,7 @@ impl Bucket {
             }
         }
         bump(&self.counters.conditional_fallbacks, 1);
-        self.put(path, bytes, PutMode::Overwrite, digest)
+        self.put(path, bytes, PutMode::Overwrite, digests)
             .await
             .map_err(|e| self.classify(e))?;
         Ok(true)
@@ -630,7 +679,7 @@ impl Bucket {
     ) -> Result<PutOutcome, RemoteError> {
         let path = self.chunk_path(ns_dir, key);
         let codec = self.cfg.codec;
-        let (bytes, digest) = tokio::task::spawn_blocking(move || {
+        let (bytes, digests) = tokio::task::spawn_blocking(move || {
             crate::codec::encode_for_upload(codec, bytes, digest)
         })
         .await
@@ -643,7 +692,7 @@ impl Bucket {
         let r = async {
             if self.damage(&path).is_none() {
                 let found = match self.head_meta(&path).await? {
-                    None if self.create(&path, bytes.clone(), Some(&digest)).await? => {
+                    None if self.create(&path, bytes.clone(), Some(&digests)).await? => {
                         return Ok(PutOutcome::Created);
                     }
                     // Created by another writer meanwhile.
@@ -652,14 +701,15 @@ impl Bucket {
                 };
                 if let Some(h) = found
                     && h.size == len
-                    && h.digest == Some(digest)
+                    && h.digest == Some(digests.stored)
                 {
                     return Ok(PutOutcome::AlreadyPresent);
                 }
             }
             // Wrong size, no or another digest, or known damaged: read it back, verify it,
             // and replace it only if it fails.
-            self.repair(ns_dir, key, bytes.clone(), digest).await
+            self.repair_object(ns_dir, key, bytes.clone(), digests)
+                .await
         }
         .await;
         self.count_upload(&r, len);
@@ -675,10 +725,22 @@ impl Bucket {
         bytes: Bytes,
         digest: [u8; 32],
     ) -> Result<PutOutcome, RemoteError> {
+        self.repair_object(ns_dir, key, bytes, ObjectDigests::stored(digest))
+            .await
+    }
+
+    /// [`Self::repair`] with the digests to record.
+    async fn repair_object(
+        &self,
+        ns_dir: &str,
+        key: &ChunkKey,
+        bytes: Bytes,
+        digests: ObjectDigests,
+    ) -> Result<PutOutcome, RemoteError> {
         let path = self.chunk_path(ns_dir, key);
         for _ in 0..4 {
             let Some((current, e_tag)) = self.get_object(&path).await? else {
-                if self.create(&path, bytes.clone(), Some(&digest)).await? {
+                if self.create(&path, bytes.clone(), Some(&digests)).await? {
                     self.forget_damage(&path);
                     return Ok(PutOutcome::Created);
                 }
@@ -703,13 +765,13 @@ impl Bucket {
                 }),
                 _ => PutMode::Overwrite,
             };
-            match self.put(&path, bytes.clone(), mode, Some(&digest)).await {
+            match self.put(&path, bytes.clone(), mode, Some(&digests)).await {
                 Ok(()) => {}
                 // Someone replaced it since the read: look again.
                 Err(object_store::Error::Precondition { .. }) => continue,
                 Err(e) if is_not_implemented(&e) => {
                     // No If-Match: the verified re-check just done is the guard.
-                    self.put(&path, bytes.clone(), PutMode::Overwrite, Some(&digest))
+                    self.put(&path, bytes.clone(), PutMode::Overwrite, Some(&digests))
                         .await
                         .map_err(|e| self.classify(e))?;
                 }

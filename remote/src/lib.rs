@@ -39,7 +39,9 @@ pub mod queue;
 mod stream;
 pub mod sync;
 
-pub use client::{DIGEST_METADATA, PutOutcome, RemoteStats, S3Store, verify_object};
+pub use client::{
+    DIGEST_METADATA, PutOutcome, RAW_DIGEST_METADATA, RemoteStats, S3Store, verify_object,
+};
 pub use config::{Backpressure, S3Config, Secret};
 pub use error::RemoteError;
 pub use lookup::PrefixLookup;

@@ -7,7 +7,10 @@
 //! without or with another digest, is read back and verified, and replaced from the verified
 //! local chunk when it fails ([`crate::client`]'s read-repair). `push --verify`
 //! ([`Remote::scrub`]) goes further and reads every object of the bucket back, verifying it in
-//! full: damage at rest (a flipped byte under a correct digest) is only found that way. A
+//! full: damage at rest (a flipped byte under a correct digest) is only found that way. With
+//! a remote codec (`[s3] codec`) sizes never match the raw local chunks, so every listed
+//! object gets the HEAD, and the raw digest the uploader recorded beside the coded one says
+//! whether it holds the local chunk: a push of a synced cache encodes nothing. A
 //! damaged object is repaired when this host has a verified copy, else reported. `pull`
 //! downloads only the
 //! chunks the cache lacks, streaming each body into a temporary file while verifying it layer
@@ -225,6 +228,7 @@ impl Remote {
         };
         let mut plan: Vec<(String, ChunkKey, PathBuf, PushStep)> = Vec::new();
         let mut bytes = 0;
+        let coded = self.bucket().cfg.codec != kvfs_loader::Codec::Raw;
         for ns in &namespaces {
             validate_namespace_dir(ns).map_err(RemoteError::Name)?;
             let remote: HashMap<ChunkKey, u64> = self.list_chunks(ns)?.into_iter().collect();
@@ -232,8 +236,10 @@ impl Remote {
                 local_chunks(cache_root, ns).map_err(|e| RemoteError::io(cache_root, e))?
             {
                 let len = std::fs::metadata(&path).map(|m| m.len()).unwrap_or(0);
+                // With a remote codec an object's size says nothing about the raw local
+                // chunk: compare the digests recorded at upload.
                 let step = match remote.get(&key) {
-                    Some(size) if *size == len => PushStep::Compare,
+                    Some(size) if *size == len || coded => PushStep::Compare,
                     _ => {
                         bytes += len;
                         PushStep::Upload
@@ -270,7 +276,7 @@ impl Remote {
                         let opath = bucket.chunk_path(&ns, &key);
                         if bucket.damage(&opath).is_none()
                             && let Some(h) = bucket.head_meta(&opath).await?
-                            && h.digest == Some(header.payload_digest)
+                            && h.records(&header.payload_digest)
                         {
                             return Ok(Done::AlreadyThere);
                         }

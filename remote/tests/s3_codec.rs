@@ -69,10 +69,23 @@ fn lossless_remote_codec_uploads_coded_and_pulls_raw() {
     let up = coded.stats();
     let raw_total: usize = c.iter().map(|(_, b)| b.len()).sum();
     assert!(up.bytes_uploaded < raw_total as u64);
-    // A second push finds every chunk there (sizes differ from the local raw files, so it
-    // compares digests of the coded form).
-    let again = coded.push(a.path(), None, &|_| {}).unwrap();
+    // A second push finds every chunk there from one HEAD each: sizes differ from the local
+    // raw files, and the raw digest recorded at upload matches, so nothing is planned for
+    // upload (nothing is encoded again) and nothing is sent.
+    let planned = std::sync::Mutex::new(None);
+    let again = coded
+        .push(a.path(), None, &|e| {
+            if let kvfs_remote::SyncEvent::Planned {
+                chunks, skipped, ..
+            } = e
+            {
+                *planned.lock().unwrap() = Some((chunks, skipped));
+            }
+        })
+        .unwrap();
     assert_eq!((again.transferred, again.failed), (0, 0));
+    assert_eq!(planned.into_inner().unwrap(), Some((0, 4)));
+    assert_eq!(coded.stats().bytes_uploaded, up.bytes_uploaded);
 
     // A host without the codec pulls: every local file is the raw chunk, byte for byte.
     let plain = Remote::open(t.config(), None).unwrap();

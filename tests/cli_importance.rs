@@ -74,7 +74,7 @@ fn stat_shows_the_importance_summary() {
         v["importance"]["layers"][1]["top_groups"],
         serde_json::json!([1])
     );
-    assert_eq!(v["importance"]["priority"], imp.priority(0.2));
+    assert_eq!(v["importance"]["priority"], imp.eviction_priority());
 
     for bad in ["0", "1.5", "nan"] {
         let o = run(&["stat", "--top", bad, &key], &cache);

@@ -80,8 +80,8 @@ fn reencoded_keys_match_the_model_at_the_target_position() {
         if i > 0 && i < 256 {
             unrotated = unrotated.max(max_abs_diff(alone.k_row(0, i), want));
         }
-        let (_, v_ref) = reference.gather(0, pos + 1);
-        let (_, v_got) = kv.gather(0, pos + 1);
+        let (_, v_ref) = reference.gather_rows(0, 0..pos + 1);
+        let (_, v_got) = kv.gather_rows(0, 0..pos + 1);
         let row = 3 * 64;
         assert!(
             max_abs_diff(&v_got[pos * row..], &v_ref[pos * row..]) < 1e-4,
@@ -180,8 +180,8 @@ fn blending_ends_are_exact_and_chooses_the_largest_deviations() {
         "naive reuse must differ ({d_naive})"
     );
     assert_eq!(argmax(&one.logits), argmax(&full_logits));
-    let (k_ref, v_ref) = reference.gather(29, cap);
-    let (k_got, v_got) = kv.gather(29, cap);
+    let (k_ref, v_ref) = reference.gather_rows(29, 0..cap);
+    let (k_got, v_got) = kv.gather_rows(29, 0..cap);
     assert!(max_abs_diff(&k_got, &k_ref) < 1e-3 && max_abs_diff(&v_got, &v_ref) < 1e-3);
 
     // 15%: the chosen tokens are those of largest deviation at the check layer (LMCache's
@@ -301,8 +301,8 @@ fn blend_options_keep_the_ends_exact_and_choose_as_documented() {
         )
         .unwrap();
     for layer in 0..=1 {
-        let (k, v) = kv.gather(layer, cap);
-        let (k_ref, v_ref) = reference.gather(layer, cap);
+        let (k, v) = kv.gather_rows(layer, 0..cap);
+        let (k_ref, v_ref) = reference.gather_rows(layer, 0..cap);
         assert!(max_abs_diff(&k, &k_ref) < 1e-3 && max_abs_diff(&v, &v_ref) < 1e-3);
     }
     let unchosen = (16..416).find(|q| !kept.selected.contains(q)).unwrap();
@@ -370,7 +370,7 @@ fn bad_blend_requests_get_typed_errors_and_change_nothing() {
     ));
     e.store_documents(&loader, &docs).unwrap();
     let mut kv = reused_cache(&e, &loader, &p, 64);
-    let before = kv.gather(5, 53);
+    let before = kv.gather_rows(5, 0..53);
     let invalid = |kv: &mut PagedKv, p: &BlendPrompt<'_>, cfg: BlendConfig, what: &str| match e
         .blend(kv, p, &cfg)
     {
@@ -404,7 +404,7 @@ fn bad_blend_requests_get_typed_errors_and_change_nothing() {
     let mut small = e.new_cache(32);
     invalid(&mut small, &p, BlendConfig::default(), "exceed");
     assert_eq!(
-        kv.gather(5, 53),
+        kv.gather_rows(5, 0..53),
         before,
         "a refused blend leaves the cache as it was"
     );
@@ -416,7 +416,7 @@ fn bad_blend_requests_get_typed_errors_and_change_nothing() {
             Err(ModelError::Invalid(_))
         ));
     }
-    assert_eq!(kv.gather(5, 53), before);
+    assert_eq!(kv.gather_rows(5, 0..53), before);
     // Empty documents cannot be stored.
     assert!(matches!(
         e.store_documents(&loader, &[vec![]]),

@@ -33,6 +33,9 @@
 // A bug: the library panicked.
 #define KVFS_ERR_PANIC -6
 
+// A chunk carries no importance (written without it, or format version 1).
+#define KVFS_ERR_NO_IMPORTANCE -7
+
 // Buckets of each latency histogram of [`KvfsMetrics`]: one per bound
 // ([`kvfs_latency_bound`]), and a last one for what exceeds them all.
 #define KVFS_LATENCY_BUCKETS 15
@@ -134,7 +137,8 @@ int kvfs_open(const char *dir,
 // `loader` is NULL or came from `kvfs_open` and is not used afterwards.
 void kvfs_close(struct kvfs_loader *loader);
 
-// How many leading tokens of `tokens[0..num_tokens]` are cached (full chunks) -> `*hit`.
+// How many leading tokens of `tokens[0..num_tokens]` are cached -> `*hit`: full chunks, and
+// all `num_tokens` when the trailing partial chunk was stored too (`kvfs_store_with_tail`).
 //
 // # Safety
 // `loader` came from `kvfs_open`; `tokens` is readable for `num_tokens` values; `hit` is
@@ -145,7 +149,8 @@ int kvfs_lookup(const struct kvfs_loader *loader,
                 size_t *hit);
 
 // Starts loading positions `[start, end)` of the sequence `tokens[0..num_tokens]` into
-// `blocks` and returns at once with `*out`; layers arrive in order, layer 0 first. Then call
+// `blocks` and returns at once with `*out` (`end` up to `num_tokens`: past the last full
+// chunk is the trailing partial chunk of all `num_tokens`); layers arrive in order, layer 0 first. Then call
 // `kvfs_load_wait_layer` per layer (optional) and always `kvfs_load_finish`.
 //
 // # Safety
@@ -202,6 +207,19 @@ int kvfs_store(const struct kvfs_loader *loader,
                const struct kvfs_blocks *blocks,
                size_t *written);
 
+// As `kvfs_store`, and the trailing partial chunk of `tokens[0..num_tokens]` too (when
+// `num_tokens` is not a multiple of the chunk size): a later `kvfs_lookup` of exactly these
+// tokens then reports all `num_tokens`, and a load may reach the last token. Call it once a
+// prompt's prefill is complete.
+//
+// # Safety
+// As `kvfs_store`.
+int kvfs_store_with_tail(const struct kvfs_loader *loader,
+                         const uint32_t *tokens,
+                         size_t num_tokens,
+                         const struct kvfs_blocks *blocks,
+                         size_t *written);
+
 // Copies this process's loader counters into `*out`.
 //
 // # Safety
@@ -217,6 +235,48 @@ double kvfs_latency_bound(size_t i);
 // # Safety
 // `loader` came from `kvfs_open`.
 size_t kvfs_chunk_tokens(const struct kvfs_loader *loader);
+
+// The importance stored in the headers of the chunks covering positions `[0, upto)` of
+// `tokens[0..num_tokens]` (no payload is read): for each chunk, each layer and each group of
+// `group_tokens` tokens, the share of the writing prompt's attention the group drew, as
+// `scores[(chunk * num_layers + layer) * groups_per_chunk + group]`. `*num_chunks` and
+// `*groups_per_chunk` are set first; pass `scores = NULL` to learn the size
+// (`num_chunks * num_layers * groups_per_chunk` floats), then call again with `capacity` at
+// least that. Errors: `KVFS_ERR_NO_IMPORTANCE` (a chunk has none), `KVFS_ERR_MISSING`,
+// `KVFS_ERR_CORRUPT`, `KVFS_ERR_INVALID` (`upto` past the full chunks, a short buffer).
+//
+// # Safety
+// `loader` came from `kvfs_open`; `tokens` is readable for `num_tokens` values; `scores` is
+// NULL or writable for `capacity` floats; `num_chunks` and `groups_per_chunk` are writable.
+int kvfs_importance(const struct kvfs_loader *loader,
+                    const uint32_t *tokens,
+                    size_t num_tokens,
+                    size_t upto,
+                    float *scores,
+                    size_t capacity,
+                    size_t *num_chunks,
+                    size_t *groups_per_chunk);
+
+// The groups a pruned load keeps: per layer, the best `share` (in `(0, 1]`) of the groups
+// of positions `[0, upto)` by the importance in the chunk headers, ranked over the whole
+// prefix (`Loader::importance_selection`). Groups are numbered over the prefix chunk by
+// chunk (group `g` is group `g % groups_per_chunk` of chunk `g / groups_per_chunk`); every
+// layer keeps the same count, `*per_layer`, written to `groups` layer by layer, each layer's
+// ascending: `groups[layer * *per_layer + i]`. Pass `groups = NULL` to learn `*per_layer`
+// (the buffer needs `num_layers * *per_layer` values). Errors as `kvfs_importance`, and
+// `KVFS_ERR_INVALID` for a share outside `(0, 1]`.
+//
+// # Safety
+// `loader` came from `kvfs_open`; `tokens` is readable for `num_tokens` values; `groups` is
+// NULL or writable for `capacity` values; `per_layer` is writable.
+int kvfs_importance_selection(const struct kvfs_loader *loader,
+                              const uint32_t *tokens,
+                              size_t num_tokens,
+                              size_t upto,
+                              double share,
+                              uint32_t *groups,
+                              size_t capacity,
+                              size_t *per_layer);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -12,10 +12,16 @@
 //!   (`[2, num_blocks, block_size, num_kv_heads, head_size]`), by base pointer and byte length,
 //!   with a block table. `kvfs_load` is synchronous; `kvfs_load_start`,
 //!   `kvfs_load_wait_layer` and `kvfs_load_finish` are the layer-wise form;
+//! - importance (ContiguousKV, issue 14) is read from chunk headers alone:
+//!   `kvfs_importance` copies the scores of a prefix's chunks, `kvfs_importance_selection`
+//!   ranks them into the groups a pruned load keeps, as `Loader::importance_selection` does;
+//!   both take a NULL output to report the size it needs;
 //! - no Rust panic crosses the boundary: one becomes [`KVFS_ERR_PANIC`].
 
+use crate::error::FormatError;
 use crate::layout::{BlockMap, KvLayout, RawRegion};
 use crate::loader::{ChunkError, Dest, LoadHandle, LoadRequest, Loader, LoaderError};
+use crate::prefetch::PrefetchError;
 use crate::spec::{Dtype, KvKind, ModelSpec};
 use std::cell::RefCell;
 use std::ffi::{CStr, CString, c_char, c_int, c_void};
@@ -36,6 +42,8 @@ pub const KVFS_ERR_MISSING: c_int = -4;
 pub const KVFS_ERR_LAYOUT: c_int = -5;
 /// A bug: the library panicked.
 pub const KVFS_ERR_PANIC: c_int = -6;
+/// A chunk carries no importance (written without it, or format version 1).
+pub const KVFS_ERR_NO_IMPORTANCE: c_int = -7;
 
 /// A model spec, field by field (see `ModelSpec`). Strings are NUL-terminated UTF-8;
 /// `revision` and `rope_scaling` may be NULL (empty). `dtype` is one of "f16", "bf16", "f32",
@@ -241,7 +249,8 @@ pub unsafe extern "C" fn kvfs_close(loader: *mut KvfsLoader) {
     }
 }
 
-/// How many leading tokens of `tokens[0..num_tokens]` are cached (full chunks) -> `*hit`.
+/// How many leading tokens of `tokens[0..num_tokens]` are cached -> `*hit`: full chunks, and
+/// all `num_tokens` when the trailing partial chunk was stored too (`kvfs_store_with_tail`).
 ///
 /// # Safety
 /// `loader` came from `kvfs_open`; `tokens` is readable for `num_tokens` values; `hit` is
@@ -314,7 +323,8 @@ pub struct KvfsLoad {
 }
 
 /// Starts loading positions `[start, end)` of the sequence `tokens[0..num_tokens]` into
-/// `blocks` and returns at once with `*out`; layers arrive in order, layer 0 first. Then call
+/// `blocks` and returns at once with `*out` (`end` up to `num_tokens`: past the last full
+/// chunk is the trailing partial chunk of all `num_tokens`); layers arrive in order, layer 0 first. Then call
 /// `kvfs_load_wait_layer` per layer (optional) and always `kvfs_load_finish`.
 ///
 /// # Safety
@@ -454,6 +464,41 @@ pub unsafe extern "C" fn kvfs_store(
     blocks: *const KvfsBlocks,
     written: *mut usize,
 ) -> c_int {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { store(loader, tokens, num_tokens, blocks, written, false) }
+}
+
+/// As `kvfs_store`, and the trailing partial chunk of `tokens[0..num_tokens]` too (when
+/// `num_tokens` is not a multiple of the chunk size): a later `kvfs_lookup` of exactly these
+/// tokens then reports all `num_tokens`, and a load may reach the last token. Call it once a
+/// prompt's prefill is complete.
+///
+/// # Safety
+/// As `kvfs_store`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvfs_store_with_tail(
+    loader: *const KvfsLoader,
+    tokens: *const u32,
+    num_tokens: usize,
+    blocks: *const KvfsBlocks,
+    written: *mut usize,
+) -> c_int {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { store(loader, tokens, num_tokens, blocks, written, true) }
+}
+
+/// `kvfs_store` (`tail` false) and `kvfs_store_with_tail`.
+///
+/// # Safety
+/// As `kvfs_store`.
+unsafe fn store(
+    loader: *const KvfsLoader,
+    tokens: *const u32,
+    num_tokens: usize,
+    blocks: *const KvfsBlocks,
+    written: *mut usize,
+    tail: bool,
+) -> c_int {
     guard(|| {
         if loader.is_null() || blocks.is_null() {
             return Err(invalid("loader or blocks is NULL"));
@@ -464,7 +509,12 @@ pub unsafe extern "C" fn kvfs_store(
         let tokens = unsafe { slice(tokens, num_tokens, "tokens") }?;
         // SAFETY: forwarded; `blocks` is non-null and valid.
         let (layout, table) = unsafe { layout_of(l, &*blocks) }?;
-        let stats = l.store(tokens, &Dest::host(&layout, BlockMap::Blocks(&table)))?;
+        let src = Dest::host(&layout, BlockMap::Blocks(&table));
+        let stats = if tail {
+            l.store_with_tail(tokens, &src)?
+        } else {
+            l.store(tokens, &src)?
+        };
         if !written.is_null() {
             // SAFETY: writable per the contract.
             unsafe { *written = stats.written };
@@ -569,4 +619,135 @@ pub unsafe extern "C" fn kvfs_chunk_tokens(loader: *const KvfsLoader) -> usize {
     }
     // SAFETY: valid per the contract.
     unsafe { (*loader).loader.spec().chunk_tokens as usize }
+}
+
+impl From<PrefetchError> for Fail {
+    fn from(e: PrefetchError) -> Self {
+        let code = match &e {
+            PrefetchError::Budget(_) | PrefetchError::Periods(_) => KVFS_ERR_INVALID,
+            PrefetchError::NoImportance { .. } => KVFS_ERR_NO_IMPORTANCE,
+            PrefetchError::Header { source, .. } => match source {
+                FormatError::Io(io) if io.kind() == std::io::ErrorKind::NotFound => {
+                    KVFS_ERR_MISSING
+                }
+                FormatError::Io(_) => KVFS_ERR_IO,
+                _ => KVFS_ERR_CORRUPT,
+            },
+            PrefetchError::Loader(l) => code_of(l),
+        };
+        Fail(code, e.to_string())
+    }
+}
+
+/// Copies `n` values into `out` (capacity `cap`), or only reports `n` when `out` is NULL.
+///
+/// # Safety
+/// `out` is NULL or writable for `cap` values.
+unsafe fn copy_out<T: Copy>(values: &[T], out: *mut T, cap: usize, what: &str) -> Result<(), Fail> {
+    if out.is_null() {
+        return Ok(());
+    }
+    if cap < values.len() {
+        return Err(invalid(format!(
+            "{what} holds {cap} values, {} are needed",
+            values.len()
+        )));
+    }
+    // SAFETY: `out` is writable for `cap >= values.len()` values per the caller's contract.
+    unsafe { std::ptr::copy_nonoverlapping(values.as_ptr(), out, values.len()) };
+    Ok(())
+}
+
+/// The importance stored in the headers of the chunks covering positions `[0, upto)` of
+/// `tokens[0..num_tokens]` (no payload is read): for each chunk, each layer and each group of
+/// `group_tokens` tokens, the share of the writing prompt's attention the group drew, as
+/// `scores[(chunk * num_layers + layer) * groups_per_chunk + group]`. `*num_chunks` and
+/// `*groups_per_chunk` are set first; pass `scores = NULL` to learn the size
+/// (`num_chunks * num_layers * groups_per_chunk` floats), then call again with `capacity` at
+/// least that. Errors: `KVFS_ERR_NO_IMPORTANCE` (a chunk has none), `KVFS_ERR_MISSING`,
+/// `KVFS_ERR_CORRUPT`, `KVFS_ERR_INVALID` (`upto` past the full chunks, a short buffer).
+///
+/// # Safety
+/// `loader` came from `kvfs_open`; `tokens` is readable for `num_tokens` values; `scores` is
+/// NULL or writable for `capacity` floats; `num_chunks` and `groups_per_chunk` are writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvfs_importance(
+    loader: *const KvfsLoader,
+    tokens: *const u32,
+    num_tokens: usize,
+    upto: usize,
+    scores: *mut f32,
+    capacity: usize,
+    num_chunks: *mut usize,
+    groups_per_chunk: *mut usize,
+) -> c_int {
+    guard(|| {
+        if loader.is_null() || num_chunks.is_null() || groups_per_chunk.is_null() {
+            return Err(invalid("loader, num_chunks or groups_per_chunk is NULL"));
+        }
+        // SAFETY: valid per the contract.
+        let l = unsafe { &(*loader).loader };
+        // SAFETY: forwarded from this function's contract.
+        let tokens = unsafe { slice(tokens, num_tokens, "tokens") }?;
+        let imps = l.prefix_importance(tokens, upto)?;
+        let groups = l.spec().chunk_tokens.div_ceil(l.spec().group_tokens) as usize;
+        // SAFETY: writable per the contract.
+        unsafe {
+            *num_chunks = imps.len();
+            *groups_per_chunk = groups;
+        }
+        let flat: Vec<f32> = imps
+            .iter()
+            .flat_map(|imp| (0..imp.num_layers()).flat_map(move |layer| imp.layer(layer)))
+            .copied()
+            .collect();
+        // SAFETY: forwarded from this function's contract.
+        unsafe { copy_out(&flat, scores, capacity, "scores") }
+    })
+}
+
+/// The groups a pruned load keeps: per layer, the best `share` (in `(0, 1]`) of the groups
+/// of positions `[0, upto)` by the importance in the chunk headers, ranked over the whole
+/// prefix (`Loader::importance_selection`). Groups are numbered over the prefix chunk by
+/// chunk (group `g` is group `g % groups_per_chunk` of chunk `g / groups_per_chunk`); every
+/// layer keeps the same count, `*per_layer`, written to `groups` layer by layer, each layer's
+/// ascending: `groups[layer * *per_layer + i]`. Pass `groups = NULL` to learn `*per_layer`
+/// (the buffer needs `num_layers * *per_layer` values). Errors as `kvfs_importance`, and
+/// `KVFS_ERR_INVALID` for a share outside `(0, 1]`.
+///
+/// # Safety
+/// `loader` came from `kvfs_open`; `tokens` is readable for `num_tokens` values; `groups` is
+/// NULL or writable for `capacity` values; `per_layer` is writable.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvfs_importance_selection(
+    loader: *const KvfsLoader,
+    tokens: *const u32,
+    num_tokens: usize,
+    upto: usize,
+    share: f64,
+    groups: *mut u32,
+    capacity: usize,
+    per_layer: *mut usize,
+) -> c_int {
+    guard(|| {
+        if loader.is_null() || per_layer.is_null() {
+            return Err(invalid("loader or per_layer is NULL"));
+        }
+        // SAFETY: valid per the contract.
+        let l = unsafe { &(*loader).loader };
+        // SAFETY: forwarded from this function's contract.
+        let tokens = unsafe { slice(tokens, num_tokens, "tokens") }?;
+        let sel = l.importance_selection(tokens, upto, share)?;
+        let k = sel.groups(0).len();
+        if (0..sel.num_layers()).any(|layer| sel.groups(layer).len() != k) {
+            return Err(Fail(KVFS_ERR_PANIC, "layers kept unequal counts".into()));
+        }
+        // SAFETY: writable per the contract.
+        unsafe { *per_layer = k };
+        let flat: Vec<u32> = (0..sel.num_layers())
+            .flat_map(|layer| sel.groups(layer).iter().copied())
+            .collect();
+        // SAFETY: forwarded from this function's contract.
+        unsafe { copy_out(&flat, groups, capacity, "groups") }
+    })
 }

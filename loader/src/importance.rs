@@ -157,23 +157,28 @@ impl Importance {
         Importance::new(num_layers, groups, word(0), scores)
     }
 
-    /// A priority for the store's eviction order (`Store::set_priority`, 0 = evict first):
-    /// the mass the chunk's `share` best groups hold, averaged over layers and scaled to
-    /// 0..=255. A chunk whose few top groups draw most of its layers' attention is worth
-    /// keeping.
-    pub fn priority(&self, share: f64) -> u8 {
-        let mut total = 0.0f64;
-        for layer in 0..self.num_layers {
-            let row = self.layer(layer);
-            total += top_groups(row, share)
-                .iter()
-                .map(|&g| row[g as usize] as f64)
-                .sum::<f64>();
-        }
-        let mean = total / self.num_layers as f64;
-        (mean.clamp(0.0, 1.0) * 255.0).round() as u8
+    /// The chunk's share of its prompt's attention: per layer the sum of its groups' scores
+    /// (each layer's scores are shares of the one unit of attention the observed queries
+    /// spread over the whole prompt), averaged over layers, in `[0, 1]`. The chunk holding the
+    /// attention sink (the prompt's first tokens) has the largest share.
+    pub fn attention_share(&self) -> f64 {
+        let total: f64 = self.scores.iter().map(|&s| s as f64).sum();
+        (total / self.num_layers as f64).clamp(0.0, 1.0)
+    }
+
+    /// The disk tier's eviction priority this importance implies (0 = evict first; the store
+    /// evicts by priority, then recency): [`Importance::attention_share`] in steps of
+    /// `1 / PRIORITY_LEVELS`, so `0..=PRIORITY_LEVELS`. Coarse on purpose: chunks of about
+    /// the same share are evicted by recency, and an engine's explicit hint above
+    /// [`PRIORITY_LEVELS`] outranks every importance.
+    pub fn eviction_priority(&self) -> u8 {
+        (self.attention_share() * PRIORITY_LEVELS as f64).round() as u8
     }
 }
+
+/// Levels of [`Importance::eviction_priority`]: a chunk holding all of its prompt's attention
+/// gets this priority, one holding a 32nd of it 1 (rounded), none 0.
+pub const PRIORITY_LEVELS: u8 = 16;
 
 /// Bytes of a section with `num_layers` x `groups` scores.
 pub fn section_len(num_layers: u32, groups: u32) -> u64 {
@@ -249,8 +254,12 @@ mod tests {
         assert_eq!(top_share(&[&imp, &imp], 4, 0.25)[0], vec![0, 4]);
         assert_eq!(budget_count(10, 0.01), 1);
         assert_eq!(budget_count(10, 1.0), 10);
-        // layer 0 keeps 0.8 of its mass in its top half, layer 1 0.8: 0.8 * 255
-        assert_eq!(imp.priority(0.5), 204);
+        // layer 0 holds 1.0 of the prompt's attention, layer 1 1.0: all of it, the top level
+        assert_eq!(imp.eviction_priority(), PRIORITY_LEVELS);
+        let small = Importance::new(2, 2, 8, vec![0.05, 0.05, 0.0, 0.1]).unwrap();
+        // a tenth of the attention: 1.6 levels, rounded
+        assert!((small.attention_share() - 0.1).abs() < 1e-6);
+        assert_eq!(small.eviction_priority(), 2);
     }
 
     #[test]

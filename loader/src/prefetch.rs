@@ -215,21 +215,29 @@ impl Loader {
         if !(share > 0.0 && share <= 1.0) {
             return Err(PrefetchError::Budget(share));
         }
-        let headers = self.chunk_headers(tokens, upto)?;
-        let imps: Vec<&Importance> = headers
-            .iter()
-            .enumerate()
-            .map(|(i, h)| {
-                h.importance
-                    .as_ref()
-                    .ok_or_else(|| PrefetchError::NoImportance {
-                        chunk: i,
-                        path: self.chunk_path(&h.key()),
-                    })
-            })
-            .collect::<Result<_, _>>()?;
+        let imps = self.prefix_importance(tokens, upto)?;
+        let imps: Vec<&Importance> = imps.iter().collect();
         let per_chunk = self.spec().chunk_tokens.div_ceil(self.spec().group_tokens);
         Ok(Selection::new(top_share(&imps, per_chunk, share)))
+    }
+
+    /// The importance in the headers of the full chunks covering positions `0..upto` of
+    /// `tokens`, chunk by chunk (no payload is read); a chunk without it is
+    /// [`PrefetchError::NoImportance`].
+    pub fn prefix_importance(
+        &self,
+        tokens: &[u32],
+        upto: usize,
+    ) -> Result<Vec<Importance>, PrefetchError> {
+        self.chunk_headers(tokens, upto)?
+            .into_iter()
+            .enumerate()
+            .map(|(i, h)| {
+                let path = self.chunk_path(&h.key());
+                h.importance
+                    .ok_or(PrefetchError::NoImportance { chunk: i, path })
+            })
+            .collect()
     }
 
     /// Starts a selective load of `req` (its selection is required) into `dest` that issues

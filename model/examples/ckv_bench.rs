@@ -92,6 +92,39 @@ fn drop_caches() {
     }
 }
 
+/// Where a prompt's per-token scores are kept beside the cache.
+fn scores_path(cache: &Path, n: usize, off: usize) -> std::path::PathBuf {
+    cache.join("ckv-scores").join(format!("{n}-{off}.f32"))
+}
+
+/// Per layer, per token scores as `u32 layers, u32 tokens`, then f32s, little-endian.
+fn save_scores(path: &Path, scores: &[Vec<f32>]) -> std::io::Result<()> {
+    let mut b = Vec::new();
+    b.extend_from_slice(&(scores.len() as u32).to_le_bytes());
+    b.extend_from_slice(&(scores[0].len() as u32).to_le_bytes());
+    for s in scores.iter().flatten() {
+        b.extend_from_slice(&s.to_le_bytes());
+    }
+    std::fs::create_dir_all(path.parent().unwrap())?;
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, b)?;
+    std::fs::rename(tmp, path)
+}
+
+fn load_scores(path: &Path) -> Option<Vec<Vec<f32>>> {
+    let b = std::fs::read(path).ok()?;
+    let word = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap()) as usize;
+    let (layers, n) = (word(0), word(4));
+    if b.len() != 8 + 4 * layers * n {
+        return None;
+    }
+    let f: Vec<f32> = b[8..]
+        .chunks_exact(4)
+        .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+        .collect();
+    Some(f.chunks(n).map(<[f32]>::to_vec).collect())
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let flag = |name: &str, default: usize| {
@@ -102,7 +135,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     };
     let suffix = flag("--suffix", 32);
     let gen_n = flag("--gen", 32);
+    let repeats = flag("--repeats", 3);
     let drop_cold = args.iter().any(|a| a == "--drop-caches");
+    let store_only = args.iter().any(|a| a == "--store-only");
+    let reverse = args.iter().any(|a| a == "--reverse");
     let corpus = std::fs::read_to_string(&args[0])?;
     let cache = Path::new(&args[1]);
     let plan: Vec<(usize, usize)> = args[2..]
@@ -132,22 +168,46 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let gt = engine.spec.group_tokens as usize;
 
     for (n, prompts) in plan {
-        for i in 0..prompts {
+        let order: Vec<usize> = if reverse {
+            (0..prompts).rev().collect()
+        } else {
+            (0..prompts).collect()
+        };
+        for i in order {
             let span = text.len() - n - suffix;
-            let off = if prompts > 1 {
-                i * span / (prompts - 1)
-            } else {
-                0
-            };
+            // evenly spaced, each centred in its share of the text: windows of two sizes never
+            // start at one offset, so their chunks (chained from the window's start) differ
+            let off = (2 * i + 1) * span / (2 * prompts);
             let tokens = &text[off..off + n + suffix];
             let doc = &tokens[..n];
-            // store the document with its importance
-            let t = Instant::now();
-            let mut kv = engine.new_cache(n);
-            let (_, scores) = engine.prefill_scored(&mut kv, doc)?;
-            engine.store_scored(&warm, &mut kv, doc, &scores)?;
-            drop(kv);
-            eprintln!("n={n} prompt {i} at {off}: stored in {:.1?}", t.elapsed());
+            // store the document with its importance, unless a former run did
+            let sidecar = scores_path(cache, n, off);
+            let kept = if warm.lookup(doc) == n {
+                load_scores(&sidecar)
+            } else {
+                None
+            };
+            let token_scores = match kept {
+                Some(s) => {
+                    eprintln!(
+                        "n={n} prompt {i} at {off}: chunks and scores kept from a former run"
+                    );
+                    s
+                }
+                None => {
+                    let t = Instant::now();
+                    let mut kv = engine.new_cache(n);
+                    let (_, scores) = engine.prefill_scored(&mut kv, doc)?;
+                    engine.store_scored(&warm, &mut kv, doc, &scores)?;
+                    let s = scores.token_scores();
+                    save_scores(&sidecar, &s)?;
+                    eprintln!("n={n} prompt {i} at {off}: stored in {:.1?}", t.elapsed());
+                    s
+                }
+            };
+            if store_only {
+                continue;
+            }
             let cap = n + suffix + gen_n + 1;
 
             // the full reuse: reference output
@@ -158,7 +218,6 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
             drop(kv);
 
             // quality per selection and budget
-            let token_scores = scores.token_scores();
             let groups_total = n.div_ceil(gt);
             let mut rng = Rng(0x9E37_79B9_7F4A_7C15 ^ (off as u64 + 1));
             for &b in &BUDGETS {
@@ -218,24 +277,30 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 }
             }
 
-            // time: full reuse vs pruned, with and without prefetch, warm then cold
-            for (state, loader) in [("warm", &warm), ("cold", &cold)] {
-                if state == "cold" && drop_cold {
-                    drop_caches();
-                }
-                let mut kv = engine.new_cache(cap);
-                let t = Instant::now();
-                let f = engine.prefill_reusing(loader, &mut kv, tokens, None)?;
-                let full_s = t.elapsed().as_secs_f64();
-                println!(
-                    "RESULT {{\"kind\":\"time\",\"state\":\"{state}\",\"n\":{n},\"prompt\":{i},\"budget\":1.0,\"mode\":\"full\",\"seconds\":{full_s},\"io_seconds\":{},\"blocked_seconds\":{},\"bytes_read\":{}}}",
-                    f.load_time.as_secs_f64(),
-                    f.load_time.as_secs_f64(),
-                    f.load.as_ref().map_or(0, |s| s.bytes_read)
-                );
-                drop(kv);
-                for &b in &BUDGETS[..3] {
-                    for (mode, prefetch) in [("off", Prefetch::Off), ("prefetch", Prefetch::Full)] {
+            // time: the full reuse (both peers) vs pruned, with and without prefetch, warm
+            // then cold, every configuration once per round
+            for rep in 0..repeats {
+                for (state, loader) in [("warm", &warm), ("cold", &cold)] {
+                    if state == "cold" && drop_cold {
+                        drop_caches();
+                    }
+                    let mut kv = engine.new_cache(cap);
+                    let t = Instant::now();
+                    let f = engine.prefill_reusing(loader, &mut kv, tokens, None)?;
+                    let full_s = t.elapsed().as_secs_f64();
+                    println!(
+                        "RESULT {{\"kind\":\"time\",\"state\":\"{state}\",\"n\":{n},\"prompt\":{i},\"rep\":{rep},\"budget\":1.0,\"mode\":\"full\",\"seconds\":{full_s},\"io_seconds\":{},\"blocked_seconds\":{},\"bytes_read\":{}}}",
+                        f.load_time.as_secs_f64(),
+                        f.load_time.as_secs_f64(),
+                        f.load.as_ref().map_or(0, |s| s.bytes_read)
+                    );
+                    drop(kv);
+                    let runs = [(1.0, "full-overlap", Prefetch::Full)].into_iter().chain(
+                        BUDGETS[..3].iter().flat_map(|&b| {
+                            [(b, "off", Prefetch::Off), (b, "prefetch", Prefetch::Full)]
+                        }),
+                    );
+                    for (b, mode, prefetch) in runs {
                         let mut kv = engine.new_cache(cap);
                         let opts = PruneOptions {
                             prefetch,
@@ -246,17 +311,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                         let secs = t.elapsed().as_secs_f64();
                         let io: f64 = out.load.loads.iter().map(|s| s.elapsed.as_secs_f64()).sum();
                         println!(
-                            "RESULT {{\"kind\":\"time\",\"state\":\"{state}\",\"n\":{n},\"prompt\":{i},\"budget\":{b},\"mode\":\"{mode}\",\"seconds\":{secs},\"io_seconds\":{io},\"blocked_seconds\":{},\"select_seconds\":{},\"bytes_read\":{}}}",
+                            "RESULT {{\"kind\":\"time\",\"state\":\"{state}\",\"n\":{n},\"prompt\":{i},\"rep\":{rep},\"budget\":{b},\"mode\":\"{mode}\",\"seconds\":{secs},\"io_seconds\":{io},\"blocked_seconds\":{},\"select_seconds\":{},\"bytes_read\":{}}}",
                             out.load.blocked.as_secs_f64(),
                             out.select_time.as_secs_f64(),
                             out.load.bytes_read
                         );
                     }
                 }
-            }
-            // the prompt's chunks are not needed again: keep the disk small
-            for c in warm.chunk_keys(doc) {
-                let _ = std::fs::remove_file(warm.chunk_path(&c.key));
             }
         }
     }

@@ -401,9 +401,8 @@ impl Engine {
             }
         }
         if cfg.keep_check_kv {
-            let at: Vec<u32> = span.clone().map(|p| p as u32).collect();
             for layer in 0..=check {
-                let (k, v) = scratch.gather_positions(layer, &at);
+                let (k, v) = scratch.gather_rows(layer, span.clone());
                 kv.write(layer, span.start, &k, &v);
             }
         }

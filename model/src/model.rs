@@ -391,32 +391,28 @@ impl Model {
             let row = nkv * hd;
             write_runs(kv, li, &positions, &k_rows, &v_rows, row);
             let total = positions[n - 1] + 1;
-            // Query i (at positions[i]) sees rows j <= positions[i].
-            let mask: Vec<f32> = positions
-                .iter()
-                .flat_map(|&p| {
-                    (0..total).map(move |j| if j <= p { 0.0 } else { f32::NEG_INFINITY })
-                })
-                .collect();
-            let mask = Tensor::from_vec(mask, (n, total), &dev)?;
             let cols = pruned.map(|(upto, kept)| crate::pruned::columns(upto, &kept, total));
+            // K and V gathered head-major ([nkv, width, hd]) straight from the blocks, and the
+            // mask: query i (at positions[i]) sees rows at positions <= positions[i].
             let (kc, vc, mask) = match &cols {
                 None => {
-                    let (kc, vc) = kv.gather(li, total);
-                    (kc, vc, mask)
+                    let (kc, vc) = kv.gather_heads(li, 0..total);
+                    let mask: Vec<f32> = positions
+                        .iter()
+                        .flat_map(|&p| {
+                            (0..total).map(move |j| if j <= p { 0.0 } else { f32::NEG_INFINITY })
+                        })
+                        .collect();
+                    (kc, vc, Tensor::from_vec(mask, (n, total), &dev)?)
                 }
                 Some(cols) => {
-                    let (kc, vc) = kv.gather_positions(li, cols);
+                    let (kc, vc) = kv.gather_heads(li, cols.iter().map(|&c| c as usize));
                     (kc, vc, crate::pruned::causal_mask(&positions, cols)?)
                 }
             };
             let width = cols.as_ref().map_or(total, Vec::len);
-            let kc = Tensor::from_vec(kc, (width, nkv, hd), &dev)?
-                .transpose(0, 1)?
-                .contiguous()?;
-            let vc = Tensor::from_vec(vc, (width, nkv, hd), &dev)?
-                .transpose(0, 1)?
-                .contiguous()?;
+            let kc = Tensor::from_vec(kc, (nkv, width, hd), &dev)?;
+            let vc = Tensor::from_vec(vc, (nkv, width, hd), &dev)?;
             // [nh, n, hd] -> [nkv, group * n, hd]: query heads of one KV head side by side.
             let q = q
                 .transpose(0, 1)?

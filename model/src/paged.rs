@@ -88,30 +88,43 @@ impl PagedKv {
         &self.layers[layer][s..s + self.row()]
     }
 
-    /// Gathers K and V rows of positions `0..len` into contiguous `[len, kv_heads, head_dim]`.
-    pub fn gather(&self, layer: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
-        let row = self.row();
+    /// Gathers K and V of `positions`, in order, head-major: `[kv_heads, len, head_dim]`, the
+    /// layout attention multiplies with (no transposing copy after the gather).
+    pub fn gather_heads(
+        &self,
+        layer: usize,
+        positions: impl ExactSizeIterator<Item = usize> + Clone,
+    ) -> (Vec<f32>, Vec<f32>) {
+        let (hd, len) = (self.head_dim, positions.len());
         let half = self.half();
         let buf = &self.layers[layer];
-        let mut k = Vec::with_capacity(len * row);
-        let mut v = Vec::with_capacity(len * row);
-        for pos in 0..len {
+        let mut k = vec![0f32; self.kv_heads * len * hd];
+        let mut v = vec![0f32; self.kv_heads * len * hd];
+        for (i, pos) in positions.enumerate() {
             let s = self.slot(pos);
-            k.extend_from_slice(&buf[s..s + row]);
-            v.extend_from_slice(&buf[half + s..half + s + row]);
+            for h in 0..self.kv_heads {
+                let (src, dst) = (s + h * hd, (h * len + i) * hd);
+                k[dst..dst + hd].copy_from_slice(&buf[src..src + hd]);
+                v[dst..dst + hd].copy_from_slice(&buf[half + src..half + src + hd]);
+            }
         }
         (k, v)
     }
 
-    /// Gathers K and V rows of the given positions, in order, into `[len, kv_heads, head_dim]`.
-    pub fn gather_positions(&self, layer: usize, positions: &[u32]) -> (Vec<f32>, Vec<f32>) {
+    /// Gathers K and V rows of `positions`, in order, into contiguous
+    /// `[len, kv_heads, head_dim]` (the layout [`PagedKv::write`] takes).
+    pub fn gather_rows(
+        &self,
+        layer: usize,
+        positions: impl ExactSizeIterator<Item = usize>,
+    ) -> (Vec<f32>, Vec<f32>) {
         let row = self.row();
         let half = self.half();
         let buf = &self.layers[layer];
         let mut k = Vec::with_capacity(positions.len() * row);
         let mut v = Vec::with_capacity(positions.len() * row);
-        for &pos in positions {
-            let s = self.slot(pos as usize);
+        for pos in positions {
+            let s = self.slot(pos);
             k.extend_from_slice(&buf[s..s + row]);
             v.extend_from_slice(&buf[half + s..half + s + row]);
         }
@@ -178,9 +191,18 @@ mod tests {
         let v: Vec<f32> = k.iter().map(|x| -x).collect();
         kv.write(1, 0, &k[..20 * row], &v[..20 * row]);
         kv.write(1, 20, &k[20 * row..], &v[20 * row..]);
-        let (gk, gv) = kv.gather(1, 40);
+        let (gk, gv) = kv.gather_rows(1, 0..40);
         assert_eq!(gk, k);
         assert_eq!(gv, v);
+        // head-major: head h of the i-th asked position at (h * 3 + i) * head_dim
+        let (hk, hv) = kv.gather_heads(1, [3usize, 17, 39].into_iter());
+        for (i, p) in [3usize, 17, 39].into_iter().enumerate() {
+            for h in 0..3 {
+                let (dst, src) = ((h * 3 + i) * 4, p * row + h * 4);
+                assert_eq!(hk[dst..dst + 4], k[src..src + 4]);
+                assert_eq!(hv[dst..dst + 4], v[src..src + 4]);
+            }
+        }
         // Position 0 lives in physical block 2.
         assert_eq!(kv.layers[1][2 * 16 * row], 0.0);
         assert_eq!(kv.layers[1][2 * 16 * row + 1], 1.0);

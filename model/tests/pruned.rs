@@ -42,7 +42,7 @@ fn prompt(e: &Engine, n: usize) -> Vec<u32> {
 
 /// K row of `pos` in `layer` as the cache holds it.
 fn k_row(kv: &PagedKv, layer: usize, pos: u32) -> Vec<f32> {
-    kv.gather_positions(layer, &[pos]).0
+    kv.k_row(layer, pos as usize).to_vec()
 }
 
 #[test]

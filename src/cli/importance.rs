@@ -15,7 +15,7 @@ pub struct ImportanceSummary {
     pub groups: u32,
     /// Per layer: the top groups (sorted), their summed score, the layer's summed score.
     pub layers: Vec<(Vec<u32>, f32, f32)>,
-    /// `Importance::priority(share)`: a u8 for `Store::set_priority`.
+    /// `Importance::eviction_priority()`: the disk-tier priority the store derives.
     pub priority: u8,
 }
 
@@ -33,7 +33,7 @@ pub fn summarize(imp: &Importance, share: f64) -> ImportanceSummary {
         observed_queries: imp.observed_queries(),
         groups: imp.groups(),
         layers,
-        priority: imp.priority(share),
+        priority: imp.eviction_priority(),
     }
 }
 
@@ -84,7 +84,7 @@ mod tests {
         assert_eq!(s.layers[0].0, vec![0, 2]);
         assert!((s.layers[0].1 - 0.8).abs() < 1e-6);
         assert_eq!(s.layers[1].0, vec![1, 3]); // ties keep the earlier group
-        assert_eq!(s.priority, imp.priority(0.5));
+        assert_eq!(s.priority, imp.eviction_priority());
         assert!(
             s.lines()[1].contains("groups 0,2 hold 0.800"),
             "{:?}",

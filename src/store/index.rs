@@ -268,23 +268,41 @@ pub(crate) fn namespace_id(conn: &Connection, name: &str) -> rusqlite::Result<i6
     })
 }
 
-/// Inserts a chunk row, or refreshes its length and (only forward) its last use; the
-/// priority of an existing row is kept.
+/// Inserts a chunk row, or refreshes its length and (only forward) its last use. A new row's
+/// priority is `priority()` (the one its importance implies: [`super::priority`]); an existing
+/// row keeps its own, so an explicit `set_priority` wins.
 pub(crate) fn upsert_chunk(
     conn: &Connection,
     ns: i64,
     key: &ChunkKey,
     len: u64,
     last_use: u64,
+    priority: impl FnOnce() -> u8,
 ) -> rusqlite::Result<()> {
+    let known: Option<i64> = conn
+        .prepare_cached("SELECT 1 FROM chunks WHERE ns = ?1 AND key = ?2")?
+        .query_row(params![ns, &key.0[..]], |r| r.get(0))
+        .optional()?;
+    let priority = if known.is_some() { 0 } else { priority() };
     conn.prepare_cached(
-        "INSERT INTO chunks(ns, key, len, last_use) VALUES (?1, ?2, ?3, ?4)
+        "INSERT INTO chunks(ns, key, len, last_use, priority) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT(ns, key) DO UPDATE SET len = excluded.len,
              last_use = max(last_use, excluded.last_use)
          WHERE len != excluded.len OR last_use < excluded.last_use",
     )?
-    .execute(params![ns, &key.0[..], len as i64, last_use as i64])
+    .execute(params![
+        ns,
+        &key.0[..],
+        len as i64,
+        last_use as i64,
+        i64::from(priority)
+    ])
     .map(|_| ())
+}
+
+/// The priority a new row of chunk `key` in namespace `ns` under `root` gets.
+pub(crate) fn derived_priority(root: &Path, ns: &str, key: &ChunkKey) -> u8 {
+    super::priority::of_chunk_file(&kvfs_loader::dir::Layout::Cache.chunk_path(root, ns, key))
 }
 
 /// The open connection and what this process keeps beside it.
@@ -591,7 +609,10 @@ impl ChunkIndex {
                         && md.is_file()
                     {
                         let ns_id = namespace_id(&tx, &ns)?;
-                        upsert_chunk(&tx, ns_id, &key, md.len(), super::disk::file_recency(&md))?;
+                        let recency = super::disk::file_recency(&md);
+                        upsert_chunk(&tx, ns_id, &key, md.len(), recency, || {
+                            super::priority::of_chunk_file(&p)
+                        })?;
                     }
                 }
                 tx.execute("DELETE FROM reservations WHERE id = ?1", [id])?;
@@ -640,7 +661,9 @@ impl ChunkIndex {
     pub fn record(&self, ns: &str, key: &ChunkKey, len: u64, last_use: u64) {
         self.quietly("indexing a chunk", |st| {
             let id = st.ns_id(ns)?;
-            upsert_chunk(&st.conn, id, key, len, last_use)
+            upsert_chunk(&st.conn, id, key, len, last_use, || {
+                derived_priority(&self.root, ns, key)
+            })
         });
     }
 
@@ -656,7 +679,9 @@ impl ChunkIndex {
             if known == Some(len as i64) {
                 return Ok(());
             }
-            upsert_chunk(&st.conn, id, key, len, recency)
+            upsert_chunk(&st.conn, id, key, len, recency, || {
+                derived_priority(&self.root, ns, key)
+            })
         });
     }
 
@@ -758,12 +783,14 @@ impl ChunkIndex {
     /// Turns reservation `id` into the chunk's row, in one transaction: the bytes are never
     /// unaccounted.
     pub fn commit_reservation(&self, id: i64, ns: &str, key: &ChunkKey, len: u64) {
+        // Read before the write transaction: the header of the file just linked.
+        let priority = derived_priority(&self.root, ns, key);
         self.quietly("committing a reservation", |st| {
             let ns_id = st.ns_id(ns)?;
             let tx = st
                 .conn
                 .transaction_with_behavior(TransactionBehavior::Immediate)?;
-            upsert_chunk(&tx, ns_id, key, len, now_nanos())?;
+            upsert_chunk(&tx, ns_id, key, len, now_nanos(), || priority)?;
             tx.execute("DELETE FROM reservations WHERE id = ?1", [id])?;
             tx.commit()
         });

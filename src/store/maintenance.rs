@@ -26,7 +26,7 @@ use super::index::{
 use kvfs_loader::ChunkKey;
 use kvfs_loader::dir::{Layout, process_alive, sweep_temporaries};
 use rusqlite::{Connection, TransactionBehavior, params};
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::io;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -71,6 +71,21 @@ pub(crate) fn claim(conn: &Connection) -> rusqlite::Result<bool> {
     set_meta(&tx, META_MAINTAINER_SINCE, now)?;
     tx.commit()?;
     Ok(true)
+}
+
+/// The keys of namespace `ns_id`'s rows in fan-out range `fan` (keys starting with that byte).
+fn keys_in_fan(conn: &Connection, ns_id: i64, fan: u8) -> rusqlite::Result<Vec<Vec<u8>>> {
+    let lo = [fan];
+    if fan == 255 {
+        conn.prepare_cached("SELECT key FROM chunks WHERE ns = ?1 AND key >= ?2")?
+            .query_map(params![ns_id, &lo[..]], |r| r.get(0))?
+            .collect()
+    } else {
+        let hi = [fan + 1];
+        conn.prepare_cached("SELECT key FROM chunks WHERE ns = ?1 AND key >= ?2 AND key < ?3")?
+            .query_map(params![ns_id, &lo[..], &hi[..]], |r| r.get(0))?
+            .collect()
+    }
 }
 
 /// What a pass found.
@@ -159,27 +174,27 @@ fn resync_namespace(
         };
         report.files += found.len() as u64;
         let r = (|| {
+            // Files without a row get the priority their importance implies: their headers
+            // are read here, before the write transaction, not while holding it.
+            let indexed: HashSet<Vec<u8>> = keys_in_fan(conn, ns_id, fan)?.into_iter().collect();
+            let priorities: HashMap<ChunkKey, u8> = found
+                .iter()
+                .filter(|(key, ..)| !indexed.contains(&key.0[..]))
+                .map(|(key, ..)| (*key, index::derived_priority(root, ns, key)))
+                .collect();
             let tx = rusqlite::Transaction::new_unchecked(conn, TransactionBehavior::Immediate)?;
             for (key, len, recency) in &found {
-                upsert_chunk(&tx, ns_id, key, *len, *recency)?;
+                upsert_chunk(&tx, ns_id, key, *len, *recency, || {
+                    priorities
+                        .get(key)
+                        .copied()
+                        .unwrap_or_else(|| index::derived_priority(root, ns, key))
+                })?;
             }
             // Rows of this key range without a file found by the scan: re-checked one by one
             // (a put may have linked its file after the scan), dropped if still missing.
             let on_disk: HashSet<ChunkKey> = found.iter().map(|f| f.0).collect();
-            let lo = [fan];
-            let rows: Vec<Vec<u8>> = if fan == 255 {
-                tx.prepare_cached("SELECT key FROM chunks WHERE ns = ?1 AND key >= ?2")?
-                    .query_map(params![ns_id, &lo[..]], |r| r.get(0))?
-                    .collect::<Result<_, _>>()?
-            } else {
-                let hi = [fan + 1];
-                tx.prepare_cached(
-                    "SELECT key FROM chunks WHERE ns = ?1 AND key >= ?2 AND key < ?3",
-                )?
-                .query_map(params![ns_id, &lo[..], &hi[..]], |r| r.get(0))?
-                .collect::<Result<_, _>>()?
-            };
-            for k in rows {
+            for k in keys_in_fan(&tx, ns_id, fan)? {
                 let Ok(k) = <[u8; 32]>::try_from(k.as_slice()) else {
                     continue;
                 };

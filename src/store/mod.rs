@@ -29,9 +29,9 @@
 //! `namespace` (namespace directories); `gc` (eviction on demand); `verify` (whole-cache
 //! verification and quarantine); `parallel` (payload checks across cores); `stats`
 //! (counters, capacity); `metrics` (the same as Prometheus metrics, by namespace, tier
-//! and reason); [`disk`] and `memory` (the tiers); `retain` (holding a chunk's
-//! important groups in memory without the rest, issue 14); [`remote_seam`] (the remote
-//! tier's trait). The identity check itself (key == name, namespace id == directory suffix)
+//! and reason); [`disk`] and `memory` (the tiers); `priority` (the eviction priority a
+//! chunk's importance implies, issue 14); `retain` (holding a chunk's important groups in
+//! memory without the rest, issue 14); [`remote_seam`] (the remote tier's trait). The identity check itself (key == name, namespace id == directory suffix)
 //! is kvfs-loader's [`identity::check_identity`].
 //!
 //! ## The index, and several processes
@@ -55,6 +55,7 @@ mod memory;
 mod metrics;
 mod namespace;
 mod parallel;
+mod priority;
 mod put;
 mod read;
 pub mod remote_seam;

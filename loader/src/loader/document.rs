@@ -20,7 +20,7 @@
 //! rotation runs on the host rows before the back end copies them in, so a device destination
 //! works as a host one does.
 
-use super::job::{PlanChunk, check_header_of};
+use super::job::{PlanChunk, check_header};
 use super::{ChunkError, Dest, LoadHandle, LoadStats, Loader, LoaderError, StoreStats};
 use crate::format::{ChunkHeader, ChunkMeta, Verify};
 use crate::key::{ChunkRef, independent_chunk_keys};
@@ -59,7 +59,7 @@ pub(super) fn check_document_header(
     ns: &NamespaceId,
     pc: &PlanChunk,
 ) -> Result<(), ChunkError> {
-    check_header_of(h, spec, ns, &pc.key, pc.local.end)?;
+    check_header(h, spec, ns, &pc.key, pc.token_count)?;
     if h.meta.origin.is_none() {
         return Err(ChunkError::Mismatch(
             "not a position-independent chunk (no origin)".into(),
@@ -169,6 +169,7 @@ impl Loader {
                 path: self.chunk_path(&c.key),
                 key: c.key,
                 start: at + c.start,
+                token_count: (c.end - c.start) as u32,
                 local: 0..(c.end - c.start) as u32,
             })
             .collect();

@@ -46,9 +46,18 @@ impl Loader {
         let ct = self.spec.chunk_tokens as usize;
         let full = req.tokens.len() / ct * ct;
         let range = req.range.clone().unwrap_or(0..full);
-        if range.start > range.end || range.end > full {
+        if range.start > range.end || range.end > req.tokens.len() {
             return Err(LoaderError::Invalid(format!(
-                "range {range:?} is not within the {full} tokens of full chunks"
+                "range {range:?} is not within the {} tokens of the sequence",
+                req.tokens.len()
+            )));
+        }
+        // Past the last full chunk: the trailing partial chunk of all of `tokens`.
+        let tail = range.end > full;
+        if tail && req.selection.is_some() {
+            return Err(LoaderError::Invalid(format!(
+                "range {range:?} reaches into the partial chunk after {full} tokens; a \
+                 selective load covers full chunks only"
             )));
         }
         let verify = req.verify.unwrap_or(self.opts.verify);
@@ -71,7 +80,11 @@ impl Loader {
         dest.layout.check_spec(&self.spec)?;
         dest.layout.check_map(&dest.map, range.clone())?;
 
-        let keys = self.chunk_keys(&req.tokens[..full]);
+        let keys = if tail {
+            self.prompt_chunks(req.tokens)
+        } else {
+            self.chunk_keys(&req.tokens[..full])
+        };
         let chunks: Vec<PlanChunk> = keys
             .iter()
             .filter(|c| c.start < range.end && c.end > range.start)
@@ -80,6 +93,7 @@ impl Loader {
                 key: c.key,
                 path: self.chunk_path(&c.key),
                 start: c.start,
+                token_count: (c.end - c.start) as u32,
                 local: (range.start.max(c.start) - c.start) as u32
                     ..(range.end.min(c.end) - c.start) as u32,
             })
@@ -159,6 +173,9 @@ pub(super) struct PlanChunk {
     pub(super) path: PathBuf,
     /// First position of the chunk in the sequence.
     pub(super) start: usize,
+    /// Tokens the chunk holds: `chunk_tokens`, less for a trailing partial chunk (of a prompt
+    /// or a document).
+    pub(super) token_count: u32,
     /// Chunk-local tokens the request covers.
     pub(super) local: Range<u32>,
 }
@@ -274,7 +291,7 @@ impl LoadJob {
         })?;
         let header = read_header(&file, buf)?;
         match &self.rekey {
-            None => check_header(&header, &self.spec, &self.ns, &pc.key)?,
+            None => check_header(&header, &self.spec, &self.ns, &pc.key, pc.token_count)?,
             Some(_) => check_document_header(&header, &self.spec, &self.ns, pc)?,
         }
         if file.is_direct() {
@@ -599,23 +616,14 @@ fn read_header(f: &ChunkFile, buf: &mut AlignedBuf) -> Result<ChunkHeader, Chunk
     Ok(header)
 }
 
-/// Checks a parsed header is the chunk that was asked for, in the loader's spec.
+/// Checks a parsed header is the chunk that was asked for, in the loader's spec, holding
+/// `token_count` tokens (the chunk size, less for a prompt's trailing partial chunk).
 pub(super) fn check_header(
     h: &ChunkHeader,
     spec: &ModelSpec,
     ns: &NamespaceId,
     key: &ChunkKey,
-) -> Result<(), ChunkError> {
-    check_header_of(h, spec, ns, key, spec.chunk_tokens)
-}
-
-/// [`check_header`] for a chunk of `tokens` tokens (a document's last chunk is partial).
-pub(super) fn check_header_of(
-    h: &ChunkHeader,
-    spec: &ModelSpec,
-    ns: &NamespaceId,
-    key: &ChunkKey,
-    tokens: u32,
+    token_count: u32,
 ) -> Result<(), ChunkError> {
     let m = &h.meta;
     if m.namespace != *ns {
@@ -639,7 +647,7 @@ pub(super) fn check_header_of(
         ("num_heads", m.num_heads, spec.num_kv_heads),
         ("head_dim", m.head_dim, spec.head_dim),
         ("group_tokens", m.group_tokens, spec.group_tokens),
-        ("token_count", m.tokens.len() as u32, tokens),
+        ("token_count", m.tokens.len() as u32, token_count),
     ];
     for (what, found, want) in checks {
         if found != want {

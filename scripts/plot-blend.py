@@ -4,7 +4,7 @@
 Prints the markdown tables of docs/BENCHMARKS.md ("Blending") and writes docs/blend.png:
 quality against the share of document tokens recomputed (left: mean first-token KL to the full
 prefill, log scale; middle: first-token and 32-token agreement) and TTFT relative to the full
-prefill at each size (right). Needs matplotlib, which the vLLM venv lacks: make a venv of your
+prefill (right: the median over the prompt set's per-prompt ratios, and each fixed size). Needs matplotlib, which the vLLM venv lacks: make a venv of your
 own (`python3 -m venv ~/.cache/kvfs/plot-venv && ~/.cache/kvfs/plot-venv/bin/pip install
 matplotlib`) and run this script
 with its python. Usage: plot-blend.py RESULTS.jsonl [OUT.png]   (prompts appearing twice count once)
@@ -113,6 +113,9 @@ def main():
     ax[1].set_ylim(0, 105)
     ax[1].legend(fontsize=8)
     ax[1].set_title("Agreement with the full prefill")
+    ax[2].plot(xs, [summary[m]["ttft"] for m in blends], "o--", label="prompt set (median per prompt)")
+    if baseline:
+        ax[2].plot([100 * summary[m]["share"] for m in baseline], [summary[m]["ttft"] for m in baseline], "x", ms=9, label="LMCache's choice (median)")
     for size in sizes:
         ms = [m for m in blends if (size, m) in ttft]
         ax[2].plot([100 * summary[m]["share"] for m in ms], [ttft[(size, m)] for m in ms], "o-", label=f"{size} tokens")
@@ -120,6 +123,7 @@ def main():
     ax[2].axhline(0.45, color="grey", ls=":", lw=1, label="goal at 15%: 0.45")
     ax[2].set_xlabel("document tokens recomputed (%)")
     ax[2].set_ylabel("TTFT / full prefill TTFT")
+    ax[2].set_xlim(-1, 32)
     ax[2].set_ylim(0, 1.1)
     ax[2].legend(fontsize=8)
     ax[2].set_title("Time to first token")

@@ -152,18 +152,9 @@ fn blending_ends_are_exact_and_chooses_the_largest_deviations() {
     let mut naive_kv = reused_cache(&e, &loader, &p, cap);
     let naive = e.naive_reuse(&mut naive_kv, &p).unwrap();
 
-    // Ratio 0: naive reuse, exactly.
+    // Ratio 0: naive reuse, exactly (the check pass's KV discarded, as LMCache's choice does).
     let mut kv = reused_cache(&e, &loader, &p, cap);
-    let zero = e
-        .blend(
-            &mut kv,
-            &p,
-            &BlendConfig {
-                ratio: 0.0,
-                ..Default::default()
-            },
-        )
-        .unwrap();
+    let zero = e.blend(&mut kv, &p, &BlendConfig::lmcache(0.0)).unwrap();
     assert!(zero.selected.is_empty());
     assert_eq!(max_abs_diff(&zero.logits, &naive), 0.0);
 
@@ -196,7 +187,7 @@ fn blending_ends_are_exact_and_chooses_the_largest_deviations() {
     // 15%: the chosen tokens are those of largest deviation at the check layer (LMCache's
     // choice: K deviation alone).
     let mut kv = reused_cache(&e, &loader, &p, cap);
-    let part = e.blend(&mut kv, &p, &lmcache(0.15)).unwrap();
+    let part = e.blend(&mut kv, &p, &BlendConfig::lmcache(0.15)).unwrap();
     assert_eq!(part.selected.len(), 56, "15% of 370 document tokens");
     assert_eq!(part.deviations.len(), 370);
     let chosen: Vec<bool> = (0..370)
@@ -237,19 +228,6 @@ fn blending_ends_are_exact_and_chooses_the_largest_deviations() {
     );
 }
 
-/// LMCache's selection: K deviation at layer 1 alone, nothing forced, no question weight.
-fn lmcache(ratio: f64) -> BlendConfig {
-    BlendConfig {
-        ratio,
-        check_layer: 1,
-        schedule: Vec::new(),
-        deviation: Deviation::K,
-        chunk_head_tokens: 0,
-        question_weighted: false,
-        keep_check_kv: false,
-    }
-}
-
 #[test]
 fn blend_options_keep_the_ends_exact_and_choose_as_documented() {
     let Some(e) = engine() else { return };
@@ -273,17 +251,23 @@ fn blend_options_keep_the_ends_exact_and_choose_as_documented() {
     let naive = e.naive_reuse(&mut naive_kv, &p).unwrap();
     let all_on = |ratio| BlendConfig {
         ratio,
+        check_layer: 3,
         deviation: Deviation::KV,
         chunk_head_tokens: 4,
         question_weighted: true,
+        keep_check_kv: true,
         ..Default::default()
     };
     let run = |cfg: &BlendConfig| {
         let mut kv = reused_cache(&e, &loader, &p, cap);
         e.blend(&mut kv, &p, cfg).unwrap()
     };
-    // Every option keeps both ends exact: ratio 0 is naive reuse, ratio 1 the full prefill.
-    let zero = run(&all_on(0.0));
+    // Every option keeps both ends exact: ratio 0 is naive reuse (unless the check pass's KV
+    // is kept), ratio 1 the full prefill.
+    let zero = run(&BlendConfig {
+        keep_check_kv: false,
+        ..all_on(0.0)
+    });
     assert!(zero.selected.is_empty(), "forced heads count in the ratio");
     assert_eq!(max_abs_diff(&zero.logits, &naive), 0.0);
     let one = run(&all_on(1.0));
@@ -294,7 +278,7 @@ fn blend_options_keep_the_ends_exact_and_choose_as_documented() {
     // the 15% (60 tokens).
     let heads = run(&BlendConfig {
         chunk_head_tokens: 4,
-        ..lmcache(0.15)
+        ..BlendConfig::lmcache(0.15)
     });
     assert_eq!(heads.selected.len(), 60);
     for start in [16, 16 + 256, 16 + 300] {
@@ -312,7 +296,7 @@ fn blend_options_keep_the_ends_exact_and_choose_as_documented() {
             &p,
             &BlendConfig {
                 keep_check_kv: true,
-                ..lmcache(0.15)
+                ..BlendConfig::lmcache(0.15)
             },
         )
         .unwrap();
@@ -329,7 +313,7 @@ fn blend_options_keep_the_ends_exact_and_choose_as_documented() {
     // check layer, so it follows the scores, not the deviations alone.
     let qw = run(&BlendConfig {
         question_weighted: true,
-        ..lmcache(0.15)
+        ..BlendConfig::lmcache(0.15)
     });
     let plain = &kept; // LMCache's choice: keeping the check KV changes no selection
     assert_eq!(qw.deviations, plain.deviations, "same check pass");
@@ -347,7 +331,7 @@ fn blend_options_keep_the_ends_exact_and_choose_as_documented() {
     // K and V: the deviation adds V's term to K's.
     let kv_dev = run(&BlendConfig {
         deviation: Deviation::KV,
-        ..lmcache(0.15)
+        ..BlendConfig::lmcache(0.15)
     });
     assert!(
         kv_dev

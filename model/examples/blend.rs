@@ -2,7 +2,7 @@
 //! is reused from kvfs wherever they land, and the benchmark behind `scripts/bench-blend`.
 //!
 //! ```text
-//! blend answer --doc FILE [--doc FILE ...] --question TEXT [--ratio 0.15] [--check-layer 1]
+//! blend answer --doc FILE [--doc FILE ...] --question TEXT [--ratio 0.15] [--check-layer 3]
 //!              [--cache DIR] [--max-new 64]
 //! blend bench --dataset FILE --out FILE [--cache DIR] [--ratios 0.05,0.15,0.3]
 //!             [--lmcache-ratios 0.15] [--ttft-sizes 2048,4096|none] [--ttft-ratios R,...]
@@ -147,10 +147,15 @@ fn answer(args: &Args) -> Res<()> {
         );
     }
     let question = args.value("--question").ok_or("--question is required")?;
+    let defaults = BlendConfig::default();
     let cfg = BlendConfig {
-        ratio: args.value("--ratio").map_or(Ok(0.15), |s| s.parse())?,
-        check_layer: args.value("--check-layer").map_or(Ok(1), |s| s.parse())?,
-        ..Default::default()
+        ratio: args
+            .value("--ratio")
+            .map_or(Ok(defaults.ratio), |s| s.parse())?,
+        check_layer: args
+            .value("--check-layer")
+            .map_or(Ok(defaults.check_layer), |s| s.parse())?,
+        ..defaults
     };
     let max_new: usize = args.value("--max-new").map_or(Ok(64), |s| s.parse())?;
     let stored = engine.store_documents(&loader, &docs)?;

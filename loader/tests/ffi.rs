@@ -1,21 +1,18 @@
 //! The C ABI: the committed header matches what cbindgen generates from `src/ffi.rs`, and the
 //! C example compiles against it and runs against the cdylib.
 //!
-//! Which library the C program links: the `libkvfs_loader.so` that cargo built for this very
-//! test run. kvfs-loader is `crate-type = ["rlib", "cdylib"]`, so building this test builds
-//! the cdylib too, into `target/<profile>/deps/`, the directory that holds this test's
-//! executable. The program is linked with `-L` and `-rpath` to that directory, so it never
-//! picks up an installed or stale copy.
+//! Which library the C program links and runs against: the `libkvfs_loader.so` that cargo
+//! built for this very test run (`support/c_program.rs`).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 #[path = "../../tests/support/require.rs"]
 mod require;
-
-fn crate_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+mod support {
+    pub mod c_program;
 }
+
+use support::c_program::{self, crate_dir};
 
 fn generate_header() -> String {
     let dir = crate_dir();
@@ -47,58 +44,18 @@ fn header_is_up_to_date() {
     );
 }
 
-fn cdylib_dir() -> PathBuf {
-    std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
 #[test]
 fn c_example_runs_against_the_cdylib() {
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     if !require::cc(&cc) {
         return;
     }
-    let libdir = cdylib_dir();
-    let so = libdir.join("libkvfs_loader.so");
-    assert!(
-        so.exists(),
-        "{} is missing: cargo builds it with this test (crate-type cdylib)",
-        so.display()
-    );
     let work = tempfile::tempdir().unwrap();
     let exe = work.path().join("kvfs_example");
-    let root = crate_dir().join("..");
-    let out = Command::new(&cc)
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-I"])
-        .arg(crate_dir().join("include"))
-        .arg(root.join("examples/c/kvfs_example.c"))
-        .arg("-L")
-        .arg(&libdir)
-        .arg(format!("-Wl,-rpath,{}", libdir.display()))
-        .arg("-lkvfs_loader")
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "compiling the C example failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    c_program::compile(&cc, &crate_dir().join("../examples/c/kvfs_example.c"), &exe);
     let cache = work.path().join("cache");
     std::fs::create_dir(&cache).unwrap();
-    // LD_LIBRARY_PATH (cargo sets one, which may name a stale copy in target/<profile>/)
-    // would win over the rpath: point it at this run's cdylib alone.
-    let run = |dir: &Path| {
-        Command::new(&exe)
-            .env("LD_LIBRARY_PATH", &libdir)
-            .arg(dir)
-            .output()
-            .unwrap()
-    };
+    let run = |dir: &Path| c_program::command(&exe).arg(dir).output().unwrap();
     let out = run(&cache);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -239,7 +196,6 @@ fn open_with_spec_fields_and_bad_arguments() {
 fn load_errors_report_the_valid_prefix() {
     use kvfs_loader::dir::{Layout, commit_file};
     use kvfs_loader::ffi::*;
-    use std::ffi::CString;
     let spec = kvfs_loader::ModelSpec::preset("tiny").unwrap();
     let d = tempfile::tempdir().unwrap();
     let tokens: Vec<u32> = (0..768).collect();
@@ -254,21 +210,7 @@ fn load_errors_report_the_valid_prefix() {
         parent = Some(meta.key);
         paths.push(p);
     }
-    let dir = CString::new(d.path().to_str().unwrap()).unwrap();
-    let preset = CString::new("tiny").unwrap();
-    let mut l: *mut KvfsLoader = std::ptr::null_mut();
-    // SAFETY: valid strings and out pointer.
-    let rc = unsafe {
-        kvfs_open(
-            dir.as_ptr(),
-            preset.as_ptr(),
-            std::ptr::null(),
-            std::ptr::null(),
-            0,
-            &mut l,
-        )
-    };
-    assert_eq!(rc, KVFS_OK);
+    let l = c_program::open_preset(d.path(), "tiny");
     // tiny: 2 layers, rows of 256 bytes; 48 blocks of 16 tokens
     let layer_bytes = 2 * 48 * 16 * 256;
     let mut mem: Vec<Vec<u8>> = vec![vec![0u8; layer_bytes]; 2];

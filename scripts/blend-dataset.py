@@ -4,8 +4,10 @@
 Source: the Python language reference topics that Debian's libpython3.11-stdlib ships
 (/usr/lib/python3.11/pydoc_data/topics.py: a dict of 79 topics, ~465 KB of prose), read at run
 time and never copied into the repository. Documents are runs of consecutive paragraphs of one
-topic (grammar and code blocks dropped), about 150-330 words (a seeded pool of 48 of them) so that they come to roughly
-200-600 SmolLM2 tokens (the Rust side keeps only documents of 200..=600 tokens). Each prompt
+topic (grammar and code blocks dropped), cut at about 150 words. Every candidate is counted
+with the SmolLM2 tokenizer itself, framed as the benchmark frames it (`blend count`, the
+example's tokenizer from the GGUF), and only documents of 200..=600 tokens are kept; a seeded
+pool of 48 of those makes the prompts, so every prompt's every document is in range. Each prompt
 puts 3-6 documents of different topics in a shuffled order; its question quotes one sentence
 of one document (the target) and asks for the sentence that follows it there, so the answer
 is in exactly one document and the reference answer is that next sentence.
@@ -13,12 +15,14 @@ is in exactly one document and the reference answer is that next sentence.
 Output (stdout), one record per line, tab-separated, text with backslash and newline escaped:
   D <doc id> <topic> <text>          a document of the pool
   P <prompt id> <target doc> <doc ids comma-separated, in prompt order> <question> <answer>
-Usage: scripts/blend-dataset.py [PROMPTS] [SEED]   (defaults 30, 13)
+Usage: scripts/blend-dataset.py BLEND_BIN [PROMPTS] [SEED]   (defaults 30, 13)
+  BLEND_BIN: the built example (target/release/examples/blend), run as `BLEND_BIN count`.
 """
 
 import importlib.util
 import random
 import re
+import subprocess
 import sys
 
 TOPICS = "/usr/lib/python3.11/pydoc_data/topics.py"
@@ -46,18 +50,34 @@ def prose_paragraphs(text):
     return out
 
 
+MIN_TOKENS, MAX_TOKENS = 200, 600
+
+
 def documents(topics):
+    """Candidates: runs of paragraphs of one topic, cut once they reach 150 words."""
     docs = []
     for name in sorted(topics):
         cur = []
         for para in prose_paragraphs(topics[name]):
             cur.append(para)
-            words = sum(len(p.split()) for p in cur)
-            if words >= 150:
-                if words <= 330:
-                    docs.append((name, "\n\n".join(cur)))
+            if sum(len(p.split()) for p in cur) >= 150:
+                docs.append((name, "\n\n".join(cur)))
                 cur = []
     return docs
+
+
+def token_counts(blend_bin, texts):
+    """SmolLM2 token count of each text framed as a document (`blend count`)."""
+    out = subprocess.run(
+        [blend_bin, "count"],
+        input="".join(esc(t) + "\n" for t in texts),
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    if len(out) != len(texts):
+        sys.exit(f"blend count gave {len(out)} counts for {len(texts)} texts")
+    return [int(x) for x in out]
 
 
 def sentences(text):
@@ -81,10 +101,20 @@ def esc(s):
 
 
 def main():
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 30
-    seed = int(sys.argv[2]) if len(sys.argv) > 2 else 13
+    if len(sys.argv) < 2:
+        sys.exit(__doc__)
+    blend_bin = sys.argv[1]
+    n = int(sys.argv[2]) if len(sys.argv) > 2 else 30
+    seed = int(sys.argv[3]) if len(sys.argv) > 3 else 13
     rng = random.Random(seed)
-    docs = documents(load_topics())
+    candidates = documents(load_topics())
+    counts = token_counts(blend_bin, [text for _, text in candidates])
+    docs = [d for d, c in zip(candidates, counts) if MIN_TOKENS <= c <= MAX_TOKENS]
+    print(
+        f"{len(docs)} of {len(candidates)} candidate documents have "
+        f"{MIN_TOKENS}..={MAX_TOKENS} tokens",
+        file=sys.stderr,
+    )
     # A pool of 48 documents keeps the one-off cost of storing them (each chunk prefilled
     # alone) to about a minute; prompts draw all their documents from it.
     pool = sorted(rng.sample(range(len(docs)), min(48, len(docs))))

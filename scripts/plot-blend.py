@@ -5,7 +5,8 @@ Prints the markdown tables of docs/BENCHMARKS.md ("Blending") and writes docs/bl
 quality against the share of document tokens recomputed (left: mean first-token KL to the full
 prefill, log scale; middle: first-token and 32-token agreement) and TTFT relative to the full
 prefill at each size (right). Needs matplotlib, which the vLLM venv lacks: make a venv of your
-own (`python3 -m venv /tmp/mpl && /tmp/mpl/bin/pip install matplotlib`) and run this script
+own (`python3 -m venv ~/.cache/kvfs/plot-venv && ~/.cache/kvfs/plot-venv/bin/pip install
+matplotlib`) and run this script
 with its python. Usage: plot-blend.py RESULTS.jsonl [OUT.png]   (prompts appearing twice count once)
 """
 
@@ -53,7 +54,7 @@ def main():
     if "naive" in summary:
         print()
         for m in order:
-            if m.startswith("blend"):
+            if m.startswith(("blend", "lmcache")):
                 print(f"- naive reuse's mean KL / {m}'s: {summary['naive']['kl'] / summary[m]['kl']:.1f}x")
     t = defaultdict(list)
     for r in rows:
@@ -81,11 +82,24 @@ def main():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    blends = [m for m in order if m not in ("full",)]
+    # The curve: blending with the defaults at each ratio, and naive reuse (0%); LMCache's
+    # choice (the baseline) as separate points.
+    blends = [m for m in order if m not in ("full",) and not m.startswith("lmcache")]
+    baseline = [m for m in order if m.startswith("lmcache")]
     xs = [100 * summary[m]["share"] for m in blends]
     fig, ax = plt.subplots(1, 3, figsize=(14, 4.2))
-    ax[0].plot(xs, [summary[m]["kl"] for m in blends], "o-")
-    for x, m in zip(xs, blends):
+    ax[0].plot(xs, [summary[m]["kl"] for m in blends], "o-", label="kvfs blend (defaults)")
+    if baseline:
+        ax[0].plot(
+            [100 * summary[m]["share"] for m in baseline],
+            [summary[m]["kl"] for m in baseline],
+            "x",
+            ms=9,
+            label="LMCache's choice",
+        )
+        ax[0].legend(fontsize=8)
+    for m in blends + baseline:
+        x = 100 * summary[m]["share"]
         ax[0].annotate(m, (x, summary[m]["kl"]), textcoords="offset points", xytext=(4, 4), fontsize=8)
     ax[0].set_yscale("log")
     ax[0].set_xlabel("document tokens recomputed (%)")

@@ -19,7 +19,7 @@ mod support {
 }
 
 use kvfs_loader::Loader;
-use kvfs_model::blend::log_softmax_at;
+use kvfs_model::blend::{Deviation, log_softmax_at};
 use kvfs_model::{BlendConfig, BlendPrompt, Engine, ModelError, PagedKv, argmax, max_abs_diff};
 use std::path::Path;
 
@@ -80,8 +80,8 @@ fn reencoded_keys_match_the_model_at_the_target_position() {
         if i > 0 && i < 256 {
             unrotated = unrotated.max(max_abs_diff(alone.k_row(0, i), want));
         }
-        let (_, v_ref) = reference.gather(0, pos + 1);
-        let (_, v_got) = kv.gather(0, pos + 1);
+        let (_, v_ref) = reference.gather_rows(0, 0..pos + 1);
+        let (_, v_got) = kv.gather_rows(0, 0..pos + 1);
         let row = 3 * 64;
         assert!(
             max_abs_diff(&v_got[pos * row..], &v_ref[pos * row..]) < 1e-4,
@@ -189,13 +189,14 @@ fn blending_ends_are_exact_and_chooses_the_largest_deviations() {
         "naive reuse must differ ({d_naive})"
     );
     assert_eq!(argmax(&one.logits), argmax(&full_logits));
-    let (k_ref, v_ref) = reference.gather(29, cap);
-    let (k_got, v_got) = kv.gather(29, cap);
+    let (k_ref, v_ref) = reference.gather_rows(29, 0..cap);
+    let (k_got, v_got) = kv.gather_rows(29, 0..cap);
     assert!(max_abs_diff(&k_got, &k_ref) < 1e-3 && max_abs_diff(&v_got, &v_ref) < 1e-3);
 
-    // 15%: the chosen tokens are those of largest deviation at the check layer.
+    // 15%: the chosen tokens are those of largest deviation at the check layer (LMCache's
+    // choice: K deviation alone).
     let mut kv = reused_cache(&e, &loader, &p, cap);
-    let part = e.blend(&mut kv, &p, &BlendConfig::default()).unwrap();
+    let part = e.blend(&mut kv, &p, &lmcache(0.15)).unwrap();
     assert_eq!(part.selected.len(), 56, "15% of 370 document tokens");
     assert_eq!(part.deviations.len(), 370);
     let chosen: Vec<bool> = (0..370)
@@ -236,6 +237,134 @@ fn blending_ends_are_exact_and_chooses_the_largest_deviations() {
     );
 }
 
+/// LMCache's selection: K deviation at layer 1 alone, nothing forced, no question weight.
+fn lmcache(ratio: f64) -> BlendConfig {
+    BlendConfig {
+        ratio,
+        check_layer: 1,
+        schedule: Vec::new(),
+        deviation: Deviation::K,
+        chunk_head_tokens: 0,
+        question_weighted: false,
+        keep_check_kv: false,
+    }
+}
+
+#[test]
+fn blend_options_keep_the_ends_exact_and_choose_as_documented() {
+    let Some(e) = engine() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let loader = Loader::open(dir.path(), e.spec.clone(), b"").unwrap();
+    let t = text_tokens(&e);
+    let prefix = &t[..16];
+    let docs = vec![t[1500..1800].to_vec(), t[2500..2600].to_vec()]; // chunks 256 + 44, 100
+    let question = &t[4100..4110];
+    let p = BlendPrompt {
+        prefix,
+        documents: &docs,
+        question,
+    };
+    let full = p.tokens();
+    let cap = full.len();
+    e.store_documents(&loader, &docs).unwrap();
+    let mut reference = e.new_cache(cap);
+    let full_logits = e.prefill(&mut reference, &full).unwrap();
+    let mut naive_kv = reused_cache(&e, &loader, &p, cap);
+    let naive = e.naive_reuse(&mut naive_kv, &p).unwrap();
+    let all_on = |ratio| BlendConfig {
+        ratio,
+        deviation: Deviation::KV,
+        chunk_head_tokens: 4,
+        question_weighted: true,
+        ..Default::default()
+    };
+    let run = |cfg: &BlendConfig| {
+        let mut kv = reused_cache(&e, &loader, &p, cap);
+        e.blend(&mut kv, &p, cfg).unwrap()
+    };
+    // Every option keeps both ends exact: ratio 0 is naive reuse, ratio 1 the full prefill.
+    let zero = run(&all_on(0.0));
+    assert!(zero.selected.is_empty(), "forced heads count in the ratio");
+    assert_eq!(max_abs_diff(&zero.logits, &naive), 0.0);
+    let one = run(&all_on(1.0));
+    assert_eq!(one.selected.len(), 400);
+    assert!(max_abs_diff(&one.logits, &full_logits) < 1e-3);
+
+    // Chunk heads: the first 4 tokens of each of the three chunks are always chosen, within
+    // the 15% (60 tokens).
+    let heads = run(&BlendConfig {
+        chunk_head_tokens: 4,
+        ..lmcache(0.15)
+    });
+    assert_eq!(heads.selected.len(), 60);
+    for start in [16, 16 + 256, 16 + 300] {
+        for pos in start..start + 4 {
+            assert!(heads.selected.contains(&pos), "chunk head {pos} not chosen");
+        }
+    }
+
+    // Keeping the check pass's KV: layers 0 and 1 of every document token hold what the full
+    // prefill computes there; layer 2 of an unchosen token is still the reused row.
+    let mut kv = reused_cache(&e, &loader, &p, cap);
+    let kept = e
+        .blend(
+            &mut kv,
+            &p,
+            &BlendConfig {
+                keep_check_kv: true,
+                ..lmcache(0.15)
+            },
+        )
+        .unwrap();
+    for layer in 0..=1 {
+        let (k, v) = kv.gather_rows(layer, 0..cap);
+        let (k_ref, v_ref) = reference.gather_rows(layer, 0..cap);
+        assert!(max_abs_diff(&k, &k_ref) < 1e-3 && max_abs_diff(&v, &v_ref) < 1e-3);
+    }
+    let unchosen = (16..416).find(|q| !kept.selected.contains(q)).unwrap();
+    assert_eq!(kv.k_row(2, unchosen), naive_kv.k_row(2, unchosen));
+    assert!(max_abs_diff(kv.k_row(2, unchosen), reference.k_row(2, unchosen)) > 1e-3);
+
+    // Question-weighted: the choice ranks deviation times the question's attention at the
+    // check layer, so it follows the scores, not the deviations alone.
+    let qw = run(&BlendConfig {
+        question_weighted: true,
+        ..lmcache(0.15)
+    });
+    let plain = &kept; // LMCache's choice: keeping the check KV changes no selection
+    assert_eq!(qw.deviations, plain.deviations, "same check pass");
+    let top = kvfs_model::blend::top_indices(&qw.scores, 60);
+    assert_eq!(qw.selected, top.iter().map(|&i| 16 + i).collect::<Vec<_>>());
+    assert!(
+        qw.scores
+            .iter()
+            .zip(&qw.deviations)
+            .all(|(s, d)| *s >= 0.0 && *s <= *d * (e.model.cfg.num_heads * question.len()) as f32),
+        "attention mass per token is at most the question's length per head pair"
+    );
+    assert_ne!(qw.selected, plain.selected, "the question moves the choice");
+
+    // K and V: the deviation adds V's term to K's.
+    let kv_dev = run(&BlendConfig {
+        deviation: Deviation::KV,
+        ..lmcache(0.15)
+    });
+    assert!(
+        kv_dev
+            .deviations
+            .iter()
+            .zip(&plain.deviations)
+            .all(|(a, b)| a >= b)
+    );
+    assert!(
+        kv_dev
+            .deviations
+            .iter()
+            .zip(&plain.deviations)
+            .any(|(a, b)| a > b)
+    );
+}
+
 #[test]
 fn bad_blend_requests_get_typed_errors_and_change_nothing() {
     let Some(e) = engine() else { return };
@@ -257,7 +386,7 @@ fn bad_blend_requests_get_typed_errors_and_change_nothing() {
     ));
     e.store_documents(&loader, &docs).unwrap();
     let mut kv = reused_cache(&e, &loader, &p, 64);
-    let before = kv.gather(5, 53);
+    let before = kv.gather_rows(5, 0..53);
     let invalid = |kv: &mut PagedKv, p: &BlendPrompt<'_>, cfg: BlendConfig, what: &str| match e
         .blend(kv, p, &cfg)
     {
@@ -268,6 +397,7 @@ fn bad_blend_requests_get_typed_errors_and_change_nothing() {
         ratio,
         check_layer,
         schedule,
+        ..Default::default()
     };
     invalid(&mut kv, &p, cfg(1.5, 1, vec![]), "ratio");
     invalid(&mut kv, &p, cfg(-0.1, 1, vec![]), "ratio");
@@ -290,7 +420,7 @@ fn bad_blend_requests_get_typed_errors_and_change_nothing() {
     let mut small = e.new_cache(32);
     invalid(&mut small, &p, BlendConfig::default(), "exceed");
     assert_eq!(
-        kv.gather(5, 53),
+        kv.gather_rows(5, 0..53),
         before,
         "a refused blend leaves the cache as it was"
     );
@@ -302,7 +432,7 @@ fn bad_blend_requests_get_typed_errors_and_change_nothing() {
             Err(ModelError::Invalid(_))
         ));
     }
-    assert_eq!(kv.gather(5, 53), before);
+    assert_eq!(kv.gather_rows(5, 0..53), before);
     // Empty documents cannot be stored.
     assert!(matches!(
         e.store_documents(&loader, &[vec![]]),

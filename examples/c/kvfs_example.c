@@ -108,8 +108,8 @@ int main(int argc, char **argv) {
     rc = kvfs_load(loader, tokens, TOKENS, 0, 500, &d, &loaded);
     if (rc != KVFS_OK || loaded != 500) return fail("kvfs_load", rc);
 
-    /* errors: a range past the cached chunks, then an unknown preset */
-    rc = kvfs_load(loader, tokens, TOKENS, 0, TOKENS, &d, &loaded);
+    /* errors: a range past the sequence, then an unknown preset */
+    rc = kvfs_load(loader, tokens, TOKENS, 0, TOKENS + 1, &d, &loaded);
     if (rc != KVFS_ERR_INVALID || strlen(kvfs_last_error()) == 0) {
         fprintf(stderr, "expected KVFS_ERR_INVALID with a message, got %d\n", rc);
         return 1;

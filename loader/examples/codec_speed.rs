@@ -1,12 +1,14 @@
 //! Codec ratio and speed on real KV chunks (issue 12, docs/BENCHMARKS.md "Codecs"); run by
 //! `scripts/bench-codecs` in a release build.
 //!
-//! `codec_speed DIR`: reads every raw `.kvc` chunk under DIR (made by the `codec_quality kv`
+//! `codec_speed DIR [CODEC,...] [DTYPE,...]`: reads every raw `.kvc` chunk under DIR (made by the `codec_quality kv`
 //! example: SmolLM2 KV of real English text, f32), and for the KV as it is (f32) and converted
 //! to bf16 measures, on one thread, per codec: the ratio of raw to stored group bytes and of
 //! raw to coded file bytes (headers and padding included), encode and decode speed in GB/s of
-//! raw bytes, and `memcpy` of the same groups as the peer (best of 5 passes each). Prints one
-//! `RESULT {json}` line per (dtype, codec).
+//! raw bytes, and `memcpy` of the same groups as the peer. Each speed is given twice, as the
+//! median over passes of raw bytes per second of the measuring thread's CPU time
+//! (`CLOCK_THREAD_CPUTIME_ID`: "GB/s per core", which the machine's load does not inflate) and
+//! of wall time (which it does). Prints one `RESULT {json}` line per (dtype, codec).
 
 use kvfs_loader::codec::stored::group_shape;
 use kvfs_loader::codec::{Codec, Coder, from_f32, to_f32};
@@ -31,24 +33,52 @@ struct Chunk {
     planes: Vec<Vec<u8>>,
 }
 
-fn best(passes: usize, mut f: impl FnMut()) -> f64 {
-    (0..passes)
-        .map(|_| {
-            let t = Instant::now();
-            f();
-            t.elapsed().as_secs_f64()
-        })
-        .fold(f64::INFINITY, f64::min)
+/// This thread's CPU time in seconds.
+fn thread_cpu_s() -> f64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec; the clock id is a constant Linux knows.
+    let rc = unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime(CLOCK_THREAD_CPUTIME_ID)");
+    ts.tv_sec as f64 + ts.tv_nsec as f64 * 1e-9
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v[v.len() / 2]
+}
+
+/// Seconds of one pass of `f`, as (thread CPU time, wall time), medians over `passes`.
+fn timed(passes: usize, mut f: impl FnMut()) -> (f64, f64) {
+    let (mut cpu, mut wall) = (Vec::new(), Vec::new());
+    for _ in 0..passes {
+        let (c, t) = (thread_cpu_s(), Instant::now());
+        f();
+        wall.push(t.elapsed().as_secs_f64());
+        cpu.push(thread_cpu_s() - c);
+    }
+    (median(cpu), median(wall))
 }
 
 fn main() {
     let dir = std::path::PathBuf::from(std::env::args().nth(1).expect("DIR"));
+    // Optional: a comma-separated list of codecs to measure (all by default), e.g. to profile one.
+    let only: Option<Vec<Codec>> = std::env::args()
+        .nth(2)
+        .map(|s| s.split(',').map(|c| Codec::parse(c).unwrap()).collect());
     let mut paths = Vec::new();
     files(&dir, &mut paths);
     paths.sort();
     assert!(!paths.is_empty(), "no chunks under {}", dir.display());
     let raw_files: Vec<Vec<u8>> = paths.iter().map(|p| std::fs::read(p).unwrap()).collect();
-    for dtype in [Dtype::F32, Dtype::Bf16] {
+    // Optional: the KV dtypes to measure, `f32,bf16` by default.
+    let dtypes: Vec<Dtype> = match std::env::args().nth(3) {
+        Some(s) => s.split(',').map(|d| Dtype::parse(d).unwrap()).collect(),
+        None => vec![Dtype::F32, Dtype::Bf16],
+    };
+    for dtype in dtypes {
         let mut chunks = Vec::new();
         let mut values = Vec::new();
         for bytes in &raw_files {
@@ -76,7 +106,7 @@ fn main() {
         let per_chunk = (g0.num_layers * g0.planes) as usize;
         let tb = g0.token_bytes as usize;
         let mut scratch = vec![0u8; g0.group_tokens as usize * tb];
-        let memcpy_s = best(5, || {
+        let memcpy_s = timed(7, || {
             for c in &chunks {
                 for plane in &c.planes {
                     for g in 0..groups {
@@ -89,9 +119,12 @@ fn main() {
             }
         });
         for codec in [Codec::Lossless, Codec::Fp8, Codec::Kivi4, Codec::Kivi2] {
+            if only.as_ref().is_some_and(|o| !o.contains(&codec)) {
+                continue;
+            }
             let mut coder = Coder::new();
             let mut stored: Vec<Vec<u8>> = Vec::new();
-            let encode_s = best(3, || {
+            let encode_s = timed(3, || {
                 stored.clear();
                 for c in &chunks {
                     for (pi, plane) in c.planes.iter().enumerate() {
@@ -113,7 +146,7 @@ fn main() {
                 }
             });
             let stored_bytes: usize = stored.iter().map(Vec::len).sum();
-            let decode_s = best(5, || {
+            let decode_s = timed(7, || {
                 let mut i = 0;
                 for c in &chunks {
                     for pi in 0..per_chunk {
@@ -163,9 +196,12 @@ fn main() {
                         "stored_bytes_per_token",
                         format!("{:.1}", coded_file as f64 / tokens as f64)
                     ),
-                    ("encode_gbps", format!("{:.3}", gbps(encode_s))),
-                    ("decode_gbps", format!("{:.3}", gbps(decode_s))),
-                    ("memcpy_gbps", format!("{:.3}", gbps(memcpy_s))),
+                    ("encode_gbps_cpu", format!("{:.3}", gbps(encode_s.0))),
+                    ("decode_gbps_cpu", format!("{:.3}", gbps(decode_s.0))),
+                    ("memcpy_gbps_cpu", format!("{:.3}", gbps(memcpy_s.0))),
+                    ("encode_gbps_wall", format!("{:.3}", gbps(encode_s.1))),
+                    ("decode_gbps_wall", format!("{:.3}", gbps(decode_s.1))),
+                    ("memcpy_gbps_wall", format!("{:.3}", gbps(memcpy_s.1))),
                 ])
             );
         }

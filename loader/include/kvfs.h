@@ -137,7 +137,8 @@ int kvfs_open(const char *dir,
 // `loader` is NULL or came from `kvfs_open` and is not used afterwards.
 void kvfs_close(struct kvfs_loader *loader);
 
-// How many leading tokens of `tokens[0..num_tokens]` are cached (full chunks) -> `*hit`.
+// How many leading tokens of `tokens[0..num_tokens]` are cached -> `*hit`: full chunks, and
+// all `num_tokens` when the trailing partial chunk was stored too (`kvfs_store_with_tail`).
 //
 // # Safety
 // `loader` came from `kvfs_open`; `tokens` is readable for `num_tokens` values; `hit` is
@@ -148,7 +149,8 @@ int kvfs_lookup(const struct kvfs_loader *loader,
                 size_t *hit);
 
 // Starts loading positions `[start, end)` of the sequence `tokens[0..num_tokens]` into
-// `blocks` and returns at once with `*out`; layers arrive in order, layer 0 first. Then call
+// `blocks` and returns at once with `*out` (`end` up to `num_tokens`: past the last full
+// chunk is the trailing partial chunk of all `num_tokens`); layers arrive in order, layer 0 first. Then call
 // `kvfs_load_wait_layer` per layer (optional) and always `kvfs_load_finish`.
 //
 // # Safety
@@ -204,6 +206,19 @@ int kvfs_store(const struct kvfs_loader *loader,
                size_t num_tokens,
                const struct kvfs_blocks *blocks,
                size_t *written);
+
+// As `kvfs_store`, and the trailing partial chunk of `tokens[0..num_tokens]` too (when
+// `num_tokens` is not a multiple of the chunk size): a later `kvfs_lookup` of exactly these
+// tokens then reports all `num_tokens`, and a load may reach the last token. Call it once a
+// prompt's prefill is complete.
+//
+// # Safety
+// As `kvfs_store`.
+int kvfs_store_with_tail(const struct kvfs_loader *loader,
+                         const uint32_t *tokens,
+                         size_t num_tokens,
+                         const struct kvfs_blocks *blocks,
+                         size_t *written);
 
 // Copies this process's loader counters into `*out`.
 //

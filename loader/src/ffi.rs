@@ -249,7 +249,8 @@ pub unsafe extern "C" fn kvfs_close(loader: *mut KvfsLoader) {
     }
 }
 
-/// How many leading tokens of `tokens[0..num_tokens]` are cached (full chunks) -> `*hit`.
+/// How many leading tokens of `tokens[0..num_tokens]` are cached -> `*hit`: full chunks, and
+/// all `num_tokens` when the trailing partial chunk was stored too (`kvfs_store_with_tail`).
 ///
 /// # Safety
 /// `loader` came from `kvfs_open`; `tokens` is readable for `num_tokens` values; `hit` is
@@ -322,7 +323,8 @@ pub struct KvfsLoad {
 }
 
 /// Starts loading positions `[start, end)` of the sequence `tokens[0..num_tokens]` into
-/// `blocks` and returns at once with `*out`; layers arrive in order, layer 0 first. Then call
+/// `blocks` and returns at once with `*out` (`end` up to `num_tokens`: past the last full
+/// chunk is the trailing partial chunk of all `num_tokens`); layers arrive in order, layer 0 first. Then call
 /// `kvfs_load_wait_layer` per layer (optional) and always `kvfs_load_finish`.
 ///
 /// # Safety
@@ -462,6 +464,41 @@ pub unsafe extern "C" fn kvfs_store(
     blocks: *const KvfsBlocks,
     written: *mut usize,
 ) -> c_int {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { store(loader, tokens, num_tokens, blocks, written, false) }
+}
+
+/// As `kvfs_store`, and the trailing partial chunk of `tokens[0..num_tokens]` too (when
+/// `num_tokens` is not a multiple of the chunk size): a later `kvfs_lookup` of exactly these
+/// tokens then reports all `num_tokens`, and a load may reach the last token. Call it once a
+/// prompt's prefill is complete.
+///
+/// # Safety
+/// As `kvfs_store`.
+#[unsafe(no_mangle)]
+pub unsafe extern "C" fn kvfs_store_with_tail(
+    loader: *const KvfsLoader,
+    tokens: *const u32,
+    num_tokens: usize,
+    blocks: *const KvfsBlocks,
+    written: *mut usize,
+) -> c_int {
+    // SAFETY: forwarded from this function's contract.
+    unsafe { store(loader, tokens, num_tokens, blocks, written, true) }
+}
+
+/// `kvfs_store` (`tail` false) and `kvfs_store_with_tail`.
+///
+/// # Safety
+/// As `kvfs_store`.
+unsafe fn store(
+    loader: *const KvfsLoader,
+    tokens: *const u32,
+    num_tokens: usize,
+    blocks: *const KvfsBlocks,
+    written: *mut usize,
+    tail: bool,
+) -> c_int {
     guard(|| {
         if loader.is_null() || blocks.is_null() {
             return Err(invalid("loader or blocks is NULL"));
@@ -472,7 +509,12 @@ pub unsafe extern "C" fn kvfs_store(
         let tokens = unsafe { slice(tokens, num_tokens, "tokens") }?;
         // SAFETY: forwarded; `blocks` is non-null and valid.
         let (layout, table) = unsafe { layout_of(l, &*blocks) }?;
-        let stats = l.store(tokens, &Dest::host(&layout, BlockMap::Blocks(&table)))?;
+        let src = Dest::host(&layout, BlockMap::Blocks(&table));
+        let stats = if tail {
+            l.store_with_tail(tokens, &src)?
+        } else {
+            l.store(tokens, &src)?
+        };
         if !written.is_null() {
             // SAFETY: writable per the contract.
             unsafe { *written = stats.written };

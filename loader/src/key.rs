@@ -16,6 +16,14 @@
 //! chunk header, so any reader can check a key against its tokens without learning the salt
 //! itself. The all-zero tag means "no salt".
 //!
+//! **The trailing partial chunk of a prompt** (`tokens.len() % chunk_tokens` tokens after the
+//! last full chunk) is keyed by the same derivation, with the last full chunk as its parent
+//! ([`prompt_chunk_keys`]). It can never share a key with a full chunk: the token count is
+//! hashed, a full chunk's count is `chunk_tokens` and a partial one's is less, and
+//! `chunk_tokens` is part of the namespace id (so two namespaces never compare counts). A
+//! partial chunk is only found by the same tail: a prompt that extends it has other tokens in
+//! that chunk, so another key (it still reuses every full chunk before it).
+//!
 //! **Position-independent chunks** (format v2, blending) have a key of their own derivation,
 //! with no parent: the same document tokens have the same key wherever the document lands in
 //! a prompt, so a document's KV is found again after any other documents.
@@ -188,8 +196,8 @@ pub struct ChunkRef {
     pub end: usize,
 }
 
-/// Keys of every *full* chunk of `tokens` (a trailing partial chunk has no key: it is never
-/// stored, since the next request may extend it differently).
+/// Keys of every *full* chunk of `tokens`. The trailing partial chunk, if any, is left out:
+/// [`prompt_chunk_keys`] includes it.
 pub fn chunk_keys(
     ns: &NamespaceId,
     salt: &SaltTag,
@@ -209,6 +217,31 @@ pub fn chunk_keys(
             end: (index + 1) * chunk_tokens,
         });
         parent = Some(key);
+    }
+    out
+}
+
+/// Keys of every chunk of a prompt: the full chunks of [`chunk_keys`], then, when
+/// `tokens.len()` is not a multiple of `chunk_tokens`, the trailing partial chunk, chained to
+/// the last full chunk like any other (see the module docs on why its key never equals a full
+/// chunk's).
+pub fn prompt_chunk_keys(
+    ns: &NamespaceId,
+    salt: &SaltTag,
+    chunk_tokens: usize,
+    tokens: &[u32],
+) -> Vec<ChunkRef> {
+    let mut out = chunk_keys(ns, salt, chunk_tokens, tokens);
+    let full = tokens.len() / chunk_tokens * chunk_tokens;
+    if full < tokens.len() {
+        let parent = out.last().map(|c| c.key);
+        out.push(ChunkRef {
+            key: ChunkKey::derive(ns, parent.as_ref(), salt, &tokens[full..]),
+            parent,
+            index: out.len(),
+            start: full,
+            end: tokens.len(),
+        });
     }
     out
 }
@@ -331,6 +364,71 @@ mod tests {
         let ns = ModelSpec::preset("tiny").unwrap().namespace_id();
         assert_eq!(chunk_keys(&ns, &SaltTag::NONE, 256, &[1; 511]).len(), 1);
         assert!(chunk_keys(&ns, &SaltTag::NONE, 256, &[1; 255]).is_empty());
+    }
+
+    /// Golden vectors of a prompt's trailing partial chunk: fixed forever, like `golden_keys`.
+    #[test]
+    fn golden_partial_keys() {
+        let ns = ModelSpec::preset("llama-3-8b").unwrap().namespace_id();
+        let tokens: Vec<u32> = (0..600u32)
+            .map(|i| i.wrapping_mul(2654435761) % 128256)
+            .collect();
+        let keys = prompt_chunk_keys(&ns, &SaltTag::NONE, 256, &tokens);
+        assert_eq!(keys.len(), 3);
+        // the full chunks are those of chunk_keys (golden_keys pins the first two)
+        assert_eq!(keys[..2], chunk_keys(&ns, &SaltTag::NONE, 256, &tokens)[..]);
+        assert_eq!(keys[0].key.to_hex(), GOLDEN_K0);
+        let tail = &keys[2];
+        assert_eq!((tail.index, tail.start, tail.end), (2, 512, 600));
+        assert_eq!(tail.parent, Some(keys[1].key));
+        assert_eq!(tail.key.to_hex(), GOLDEN_TAIL);
+        // A prompt shorter than one chunk is one partial chunk without a parent.
+        let short = prompt_chunk_keys(&ns, &SaltTag::of(b"tenant-a"), 256, &tokens[..100]);
+        assert_eq!(short.len(), 1);
+        assert_eq!(
+            (short[0].parent, short[0].start, short[0].end),
+            (None, 0, 100)
+        );
+        assert_eq!(short[0].key.to_hex(), GOLDEN_SALTED_SHORT);
+        // A whole number of chunks has no partial chunk.
+        assert_eq!(
+            prompt_chunk_keys(&ns, &SaltTag::NONE, 256, &tokens[..512]).len(),
+            2
+        );
+        assert!(prompt_chunk_keys(&ns, &SaltTag::NONE, 256, &[]).is_empty());
+    }
+
+    const GOLDEN_TAIL: &str = "35949d3ed3a4665cd56f00216334924e1243a9ede3ac924fa536d5fc99e555e9";
+    const GOLDEN_SALTED_SHORT: &str =
+        "22f7d64ae2fd2b43c88d57353282edc989dbbc1026f03b138903ec0e9163bed2";
+
+    /// A partial chunk never has the key of the full chunk its tokens start (an extension of
+    /// the same tail), and a different tail differs.
+    #[test]
+    fn partial_keys_differ_from_full_ones() {
+        let spec = ModelSpec::preset("tiny").unwrap();
+        let ns = spec.namespace_id();
+        let ct = spec.chunk_tokens as usize;
+        let long: Vec<u32> = (0..2 * ct as u32).collect();
+        let short = &long[..ct + ct / 2];
+        let full = prompt_chunk_keys(&ns, &SaltTag::NONE, ct, &long);
+        let part = prompt_chunk_keys(&ns, &SaltTag::NONE, ct, short);
+        assert_eq!(full[0], part[0], "the full chunk before the tail is shared");
+        assert_ne!(
+            full[1].key, part[1].key,
+            "an extension of the tail is another chunk"
+        );
+        // every length of tail differs from the full chunk of the same tokens
+        for n in 1..ct {
+            let k = prompt_chunk_keys(&ns, &SaltTag::NONE, ct, &long[..ct + n]);
+            assert_ne!(k[1].key, full[1].key, "{n}-token tail");
+        }
+        let mut other = short.to_vec();
+        *other.last_mut().unwrap() += 1;
+        assert_ne!(
+            prompt_chunk_keys(&ns, &SaltTag::NONE, ct, &other)[1].key,
+            part[1].key
+        );
     }
 
     #[test]

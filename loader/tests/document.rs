@@ -1,9 +1,12 @@
 //! Documents as position-independent chunks: stored from engine memory at one place, loaded
 //! at another with the keys re-encoded for the new positions, V untouched; typed errors for a
-//! missing chunk, a spec whose RoPE cannot be re-encoded and mismatched RoPE parameters.
+//! missing chunk, a spec whose RoPE cannot be re-encoded and mismatched RoPE parameters; a
+//! corrupt chunk refused before its bytes reach the blocks; a coded document decoded and
+//! rotated on the loader's load path.
 
+use kvfs_loader::codec::Codec;
 use kvfs_loader::layout::{BlockMap, KvLayout, RawRegion};
-use kvfs_loader::loader::{ChunkError, Dest, Loader, LoaderError};
+use kvfs_loader::loader::{ChunkError, Dest, Loader, LoaderError, LoaderOptions};
 use kvfs_loader::{ChunkView, Dtype, ModelSpec, RopePairing, RopeParams, Verify};
 
 const HEADS: usize = 2;
@@ -203,4 +206,155 @@ fn typed_errors_for_rope_and_requests() {
     let mut yarn = spec();
     yarn.rope_scaling = "yarn:4".into();
     assert!(RopeParams::from_spec(&yarn, RopePairing::HalfSplit).is_err());
+}
+
+/// `doc` stored from memory where it sat at `from` (K as the model has it there).
+fn store_at(loader: &Loader, doc: &[u32], from: usize) {
+    let mut src = Mem::new(from + doc.len());
+    for (i, &t) in doc.iter().enumerate() {
+        for l in 0..LAYERS {
+            src.row(l, 0, from + i)
+                .copy_from_slice(&key_at(t, l, from + i));
+            src.row(l, 1, from + i).copy_from_slice(&raw(t, l, 1));
+        }
+    }
+    let layout = src.layout();
+    let table = src.table.clone();
+    loader
+        .store_document(doc, &Dest::host(&layout, BlockMap::Blocks(&table)), from)
+        .unwrap();
+}
+
+#[test]
+fn a_corrupt_document_chunk_is_refused_before_its_bytes_reach_the_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    let opts = LoaderOptions {
+        verify: Verify::Full,
+        ..Default::default()
+    };
+    let loader = Loader::open_with(dir.path(), spec(), b"", opts).unwrap();
+    let doc: Vec<u32> = (0..40).map(|i| 2000 + i * 7).collect();
+    let (from, to) = (3usize, 50usize);
+    store_at(&loader, &doc, from);
+    // One byte of chunk 1's layer-1 keys flipped on disk: its header still parses.
+    let chunks = loader.document_chunks(&doc);
+    let path = loader.chunk_path(&chunks[1].key);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let at = ChunkView::parse(&bytes, Verify::Header)
+        .unwrap()
+        .header
+        .geometry
+        .token_range(1, 0, 0..16)
+        .start as usize
+        + 5;
+    bytes[at] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+
+    let mut dst = Mem::new(to + doc.len());
+    let layout = dst.layout();
+    let table = dst.table.clone();
+    match loader.load_document(
+        &doc,
+        to,
+        &rope(),
+        &Dest::host(&layout, BlockMap::Blocks(&table)),
+    ) {
+        Err(LoaderError::Chunk {
+            chunk: 1,
+            valid_tokens,
+            source,
+            ..
+        }) => {
+            assert_eq!(
+                valid_tokens,
+                to..to + 16,
+                "chunk 0 is valid, chunk 1 is not"
+            );
+            assert!(matches!(*source, ChunkError::Format(_)), "{source}");
+        }
+        other => panic!("expected a corrupt chunk, got {other:?}"),
+    }
+    // The corrupt layer of chunk 1 never reached the blocks, neither K nor V.
+    for pos in to + 16..to + 32 {
+        for plane in 0..2 {
+            assert!(
+                dst.row(1, plane, pos).iter().all(|x| x.is_nan()),
+                "position {pos} plane {plane} of the corrupt layer was written"
+            );
+        }
+    }
+    // What the error calls valid is valid: chunk 0, rotated.
+    for (i, &t) in doc[..16].iter().enumerate() {
+        for l in 0..LAYERS {
+            let want = key_at(t, l, to + i);
+            for (g, w) in dst.row(l, 0, to + i).iter().zip(&want) {
+                assert!((g - w).abs() < 1e-4, "layer {l} token {i}: K {g} vs {w}");
+            }
+        }
+    }
+
+    // A chunk whose header is damaged is refused whole under the default verification too.
+    let loader = Loader::open(dir.path(), spec(), b"").unwrap();
+    bytes[at] ^= 0x40;
+    bytes[50] ^= 0x01;
+    std::fs::write(&path, &bytes).unwrap();
+    let mut dst = Mem::new(to + doc.len());
+    let layout = dst.layout();
+    let table = dst.table.clone();
+    let err = loader
+        .load_document(
+            &doc,
+            to,
+            &rope(),
+            &Dest::host(&layout, BlockMap::Blocks(&table)),
+        )
+        .unwrap_err();
+    assert!(matches!(&err, LoaderError::Chunk { chunk: 1, .. }), "{err}");
+    for pos in to + 16..to + 32 {
+        for l in 0..LAYERS {
+            assert!(dst.row(l, 0, pos).iter().all(|x| x.is_nan()));
+        }
+    }
+}
+
+#[test]
+fn a_coded_document_is_decoded_and_its_keys_rotated_on_the_load_path() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut s = spec();
+    s.codec = Codec::Lossless;
+    let loader = Loader::open(dir.path(), s.clone(), b"").unwrap();
+    let doc: Vec<u32> = (0..40).map(|i| 3000 + i * 11).collect();
+    let (from, to) = (0usize, 70usize);
+    store_at(&loader, &doc, from);
+    let bytes = std::fs::read(loader.chunk_path(&loader.document_chunks(&doc)[0].key)).unwrap();
+    assert_eq!(
+        ChunkView::parse(&bytes, Verify::Full).unwrap().header.codec,
+        Codec::Lossless
+    );
+    let mut dst = Mem::new(to + doc.len());
+    let layout = dst.layout();
+    let table = dst.table.clone();
+    let stats = loader
+        .load_document(
+            &doc,
+            to,
+            &rope(),
+            &Dest::host(&layout, BlockMap::Blocks(&table)),
+        )
+        .unwrap();
+    assert_eq!((stats.chunks, stats.tokens), (3, 40));
+    assert_eq!(
+        stats.layer_ready.len(),
+        LAYERS,
+        "the loader's per-layer progress"
+    );
+    for (i, &t) in doc.iter().enumerate() {
+        for l in 0..LAYERS {
+            let want = key_at(t, l, to + i);
+            for (g, w) in dst.row(l, 0, to + i).iter().zip(&want) {
+                assert!((g - w).abs() < 1e-4, "layer {l} token {i}: K {g} vs {w}");
+            }
+            assert_eq!(dst.row(l, 1, to + i), &raw(t, l, 1)[..]);
+        }
+    }
 }

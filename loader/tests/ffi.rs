@@ -12,7 +12,7 @@ mod support {
     pub mod c_program;
 }
 
-use support::c_program::{self, crate_dir};
+use support::c_program::{self, crate_dir, open_preset};
 
 fn generate_header() -> String {
     let dir = crate_dir();
@@ -210,7 +210,7 @@ fn load_errors_report_the_valid_prefix() {
         parent = Some(meta.key);
         paths.push(p);
     }
-    let l = c_program::open_preset(d.path(), "tiny");
+    let l = open_preset(d.path(), "tiny");
     // tiny: 2 layers, rows of 256 bytes; 48 blocks of 16 tokens
     let layer_bytes = 2 * 48 * 16 * 256;
     let mut mem: Vec<Vec<u8>> = vec![vec![0u8; layer_bytes]; 2];
@@ -261,6 +261,83 @@ fn load_errors_report_the_valid_prefix() {
         )
     };
     assert_eq!(rc, KVFS_ERR_LAYOUT);
+    // SAFETY: `l` came from kvfs_open and is not used afterwards.
+    unsafe { kvfs_close(l) };
+}
+
+/// A prompt's trailing partial chunk through the C ABI: `kvfs_store` keeps to full chunks,
+/// `kvfs_store_with_tail` adds the tail, `kvfs_lookup` then reports every token, and
+/// `kvfs_load` up to the last token fills the same bytes as the source.
+#[test]
+fn a_prompt_tail_round_trips_through_the_c_abi() {
+    use kvfs_loader::ffi::*;
+    let d = tempfile::tempdir().unwrap();
+    // tiny: 2 layers, 256-token chunks, 256-byte rows
+    let l = open_preset(d.path(), "tiny");
+    // SAFETY: `l` is open.
+    assert_eq!(unsafe { kvfs_chunk_tokens(l) }, 256);
+    let tokens: Vec<u32> = (100..620).collect(); // 2 full chunks + 8 tokens
+    let layer_bytes = 2 * 36 * 16 * 256;
+    let mut src: Vec<Vec<u8>> = (0..2)
+        .map(|l| (0..layer_bytes).map(|i| (i * 7 + l * 13) as u8).collect())
+        .collect();
+    let mut dst: Vec<Vec<u8>> = vec![vec![0u8; layer_bytes]; 2];
+    let table: Vec<u32> = (0..33).rev().collect();
+    let blocks = |mem: &mut Vec<Vec<u8>>, ptrs: &mut Vec<*mut std::ffi::c_void>| {
+        *ptrs = mem.iter_mut().map(|m| m.as_mut_ptr().cast()).collect();
+        KvfsBlocks {
+            layers: ptrs.as_ptr(),
+            num_layers: 2,
+            layer_bytes,
+            num_blocks: 36,
+            block_size: 16,
+            block_table: table.as_ptr(),
+            table_len: table.len(),
+        }
+    };
+    let (mut sp, mut dp) = (Vec::new(), Vec::new());
+    let sb = blocks(&mut src, &mut sp);
+    let db = blocks(&mut dst, &mut dp);
+    let lookup = || {
+        let mut hit = 0;
+        // SAFETY: `l` is open; tokens and `hit` are valid.
+        assert_eq!(
+            unsafe { kvfs_lookup(l, tokens.as_ptr(), tokens.len(), &mut hit) },
+            KVFS_OK
+        );
+        hit
+    };
+    let mut written = 0;
+    // SAFETY: `l` is open; tokens, blocks and `written` are valid; `src` outlives the call.
+    let rc = unsafe { kvfs_store(l, tokens.as_ptr(), tokens.len(), &sb, &mut written) };
+    assert_eq!((rc, written), (KVFS_OK, 2));
+    assert_eq!(lookup(), 512);
+    // SAFETY: as above.
+    let rc = unsafe { kvfs_store_with_tail(l, tokens.as_ptr(), tokens.len(), &sb, &mut written) };
+    assert_eq!((rc, written), (KVFS_OK, 1));
+    assert_eq!(lookup(), 520);
+    let mut loaded = 0;
+    // SAFETY: as above, with `dst` writable and outliving the call.
+    let rc = unsafe { kvfs_load(l, tokens.as_ptr(), tokens.len(), 0, 519, &db, &mut loaded) };
+    assert_eq!((rc, loaded), (KVFS_OK, 519));
+    // flash-attn layout: [2 planes, blocks, 16 slots, 256-byte rows]; positions 0..519
+    let plane = 36 * 16 * 256;
+    for layer in 0..2 {
+        for p in 0..2 {
+            for pos in 0..520 {
+                let at = p * plane + (table[pos / 16] as usize * 16 + pos % 16) * 256;
+                let (got, want) = (&dst[layer][at..at + 256], &src[layer][at..at + 256]);
+                if pos < 519 {
+                    assert_eq!(got, want, "layer {layer} plane {p} position {pos}");
+                } else {
+                    assert!(
+                        got.iter().all(|&b| b == 0),
+                        "position 519 was not requested"
+                    );
+                }
+            }
+        }
+    }
     // SAFETY: `l` came from kvfs_open and is not used afterwards.
     unsafe { kvfs_close(l) };
 }

@@ -307,6 +307,18 @@ proptest! {
     }
 }
 
+/// Fills every byte of `mem` with a pseudo-random pattern `x = x * mul + add` from `seed`
+/// (the heap buffers do not move, so the layout stays valid).
+fn fill_pattern(mem: &mut Mem, seed: u8, mul: u8, add: u8) {
+    let mut x = seed;
+    for b in mem.bufs.iter_mut() {
+        for v in b.iter_mut() {
+            x = x.wrapping_mul(mul).wrapping_add(add);
+            *v = x;
+        }
+    }
+}
+
 #[test]
 fn store_then_load_round_trips_and_is_create_once() {
     let spec = spec(Dtype::Bf16, KvKind::KeyValue, 32, 16);
@@ -316,13 +328,7 @@ fn store_then_load_round_trips_and_is_create_once() {
     // The source keeps a token's heads apart (vLLM CPU): the store gathers them.
     let mut src = alloc(&spec, Kind::VllmCpu, 8, 16);
     // fill the source blocks with a pattern (the heap buffers do not move)
-    let mut pattern = 0u8;
-    for b in src.bufs.iter_mut() {
-        for x in b.iter_mut() {
-            pattern = pattern.wrapping_mul(31).wrapping_add(7);
-            *x = pattern;
-        }
-    }
+    fill_pattern(&mut src, 0, 31, 7);
     let table = [5u32, 2, 7, 0, 1, 3, 4];
     let map = BlockMap::Blocks(&table);
     let st = loader.store(&toks, &Dest::host(&src.layout, map)).unwrap();
@@ -368,6 +374,187 @@ fn store_then_load_round_trips_and_is_create_once() {
             }
         }
     }
+}
+
+/// A prompt's trailing partial chunk (vLLM reuses up to the last prompt token): stored with
+/// `store_with_tail`, found by `lookup` of exactly these tokens and not by a prompt that
+/// extends or changes the tail, loaded like any chunk up to any position inside it; missing,
+/// it ends the load with the full chunks valid.
+#[test]
+fn trailing_partial_chunk_round_trips_and_is_found_only_by_its_tail() {
+    let spec = spec(Dtype::Bf16, KvKind::KeyValue, 32, 16);
+    let d = tempfile::tempdir().unwrap();
+    let loader = Loader::open(d.path(), spec.clone(), b"").unwrap();
+    let toks = tokens(100, 7); // 3 full chunks + 4 tokens
+    let mut src = alloc(&spec, Kind::VllmCpu, 8, 16);
+    fill_pattern(&mut src, 0, 29, 11);
+    let table = [5u32, 2, 7, 0, 1, 3, 4];
+    let map = BlockMap::Blocks(&table);
+    // `store` keeps to full chunks: the tail is not found
+    let st = loader.store(&toks, &Dest::host(&src.layout, map)).unwrap();
+    assert_eq!((st.written, st.present), (3, 0));
+    assert_eq!(loader.lookup(&toks), 96);
+    // a load reaching into the missing tail fails at it, the full chunks valid
+    let dst = alloc(&spec, Kind::FlashAttn, 7, 16);
+    let t2 = [6u32, 1, 0, 4, 5, 2, 3];
+    let m2 = BlockMap::Blocks(&t2);
+    let req = LoadRequest {
+        tokens: &toks,
+        range: Some(0..99),
+        ..Default::default()
+    };
+    match loader
+        .load_request(&req, &Dest::host(&dst.layout, m2))
+        .unwrap()
+        .wait()
+    {
+        Err(LoaderError::Chunk {
+            chunk,
+            valid_tokens,
+            source,
+            ..
+        }) => {
+            assert_eq!((chunk, valid_tokens), (3, 0..96));
+            assert!(matches!(*source, ChunkError::Missing), "{source}");
+        }
+        other => panic!("expected a missing tail chunk, got {other:?}"),
+    }
+
+    let st = loader
+        .store_with_tail(&toks, &Dest::host(&src.layout, map))
+        .unwrap();
+    assert_eq!((st.written, st.present), (1, 3));
+    assert_eq!(loader.lookup(&toks), 100);
+    let st = loader
+        .store_with_tail(&toks, &Dest::host(&src.layout, map))
+        .unwrap();
+    assert_eq!((st.written, st.present), (0, 4), "create-once");
+    // only the same tail finds it: not an extension, not a shorter or changed tail
+    assert_eq!(loader.lookup(&tokens(110, 7)), 96);
+    assert_eq!(loader.lookup(&toks[..99]), 96);
+    let mut changed = toks.clone();
+    changed[98] ^= 1;
+    assert_eq!(loader.lookup(&changed), 96);
+    // the file: 4 tokens chained to chunk 2, in a version-1 header
+    let chunks = loader.prompt_chunks(&toks);
+    let bytes = std::fs::read(loader.chunk_path(&chunks[3].key)).unwrap();
+    let view = ChunkView::parse(&bytes, Verify::Full).unwrap();
+    assert_eq!(view.header.meta.tokens, toks[96..]);
+    assert_eq!(view.header.meta.parent, Some(chunks[2].key));
+    assert_eq!(view.header.meta.version(), kvfs_loader::format::VERSION_1);
+
+    // load up to the last token (as vLLM does), checked against the source row by row
+    let stats = loader
+        .load_request(
+            &LoadRequest {
+                verify: Some(Verify::Full),
+                ..req.clone()
+            },
+            &Dest::host(&dst.layout, m2),
+        )
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!((stats.chunks, stats.tokens), (4, 99));
+    for l in 0..3 {
+        for p in 0..2 {
+            for pos in 0..99 {
+                assert_eq!(
+                    row_at(&dst, l, p, slot(&m2, 16, pos).unwrap()),
+                    row_at(&src, l, p, slot(&map, 16, pos).unwrap()),
+                    "layer {l} plane {p} position {pos}"
+                );
+            }
+            let last = row_at(&dst, l, p, slot(&m2, 16, 99).unwrap());
+            assert!(
+                last.iter().all(|&b| b == SENTINEL),
+                "position 99 was not requested"
+            );
+        }
+    }
+}
+
+/// A store split in two: the snapshot copies the rows out, the engine may then overwrite its
+/// blocks, and the later `store_snapshot` writes what the blocks held at the snapshot. Chunks
+/// present at the snapshot are not copied; another namespace or salt refuses the snapshot.
+#[test]
+fn a_snapshot_stores_the_rows_of_its_time() {
+    let spec = spec(Dtype::F16, KvKind::KeyValue, 32, 16);
+    let d = tempfile::tempdir().unwrap();
+    let loader = Loader::open(d.path(), spec.clone(), b"").unwrap();
+    let toks = tokens(100, 3); // 3 full chunks + 4 tokens
+    let mut src = alloc(&spec, Kind::VllmCpu, 8, 16);
+    fill_pattern(&mut src, 1, 13, 5);
+    let table = [3u32, 6, 1, 0, 2, 7, 4];
+    let map = BlockMap::Blocks(&table);
+    // chunk 0 is present already: the snapshot holds positions 32..100 only
+    loader
+        .store(&toks[..32], &Dest::host(&src.layout, map))
+        .unwrap();
+    let snap = loader
+        .snapshot(&toks, &Dest::host(&src.layout, map), true)
+        .unwrap();
+    assert_eq!(snap.positions(), 32..100);
+    assert_eq!(snap.bytes(), 3 * 2 * 68 * src.layout.row_bytes());
+    let before: Vec<Vec<Vec<u8>>> = (0..3)
+        .map(|l| {
+            (0..100)
+                .map(|pos| row_at(&src, l, 0, slot(&map, 16, pos).unwrap()))
+                .collect()
+        })
+        .collect();
+    let v_before: Vec<Vec<u8>> = (0..100)
+        .map(|pos| row_at(&src, 2, 1, slot(&map, 16, pos).unwrap()))
+        .collect();
+    // the engine reuses its blocks
+    for b in src.bufs.iter_mut() {
+        b.fill(0x3C);
+    }
+    assert_eq!(
+        loader.lookup(&toks),
+        32,
+        "nothing is visible before the store"
+    );
+    let other = Loader::open(d.path(), spec.clone(), b"tenant").unwrap();
+    assert!(matches!(
+        other.store_snapshot(&snap),
+        Err(LoaderError::Invalid(_))
+    ));
+    let st = loader.store_snapshot(&snap).unwrap();
+    assert_eq!((st.written, st.present), (3, 0));
+    assert_eq!(loader.lookup(&toks), 100);
+    let dst = alloc(&spec, Kind::FlashAttn, 8, 16);
+    let m2 = BlockMap::Blocks(&table);
+    let req = LoadRequest {
+        tokens: &toks,
+        range: Some(32..100),
+        verify: Some(Verify::Full),
+        ..Default::default()
+    };
+    loader
+        .load_request(&req, &Dest::host(&dst.layout, m2))
+        .unwrap()
+        .wait()
+        .unwrap();
+    for pos in 32..100 {
+        for (l, rows) in before.iter().enumerate() {
+            assert_eq!(
+                row_at(&dst, l, 0, slot(&m2, 16, pos).unwrap()),
+                rows[pos],
+                "K of layer {l} at {pos}"
+            );
+        }
+        assert_eq!(
+            row_at(&dst, 2, 1, slot(&m2, 16, pos).unwrap()),
+            v_before[pos]
+        );
+    }
+    // everything present: an empty snapshot, an empty store
+    let again = loader
+        .snapshot(&toks, &Dest::host(&src.layout, map), true)
+        .unwrap();
+    assert_eq!((again.positions(), again.bytes()), (100..100, 0));
+    assert_eq!(loader.store_snapshot(&again).unwrap(), Default::default());
 }
 
 #[test]
@@ -536,10 +723,22 @@ fn bad_requests_are_refused_before_any_read() {
     let mem = alloc(&spec, Kind::FlashAttn, 4, 8);
     let table = [0u32, 1, 2, 3];
     let dest = Dest::host(&mem.layout, BlockMap::Blocks(&table));
-    // beyond the full chunks
+    // beyond the sequence (past the full chunks is the trailing partial chunk, below)
+    let req = LoadRequest {
+        tokens: &toks,
+        range: Some(0..41),
+        ..Default::default()
+    };
+    assert!(matches!(
+        loader.load_request(&req, &dest),
+        Err(LoaderError::Invalid(_))
+    ));
+    // a selective load that reaches into the partial chunk
+    let sel = Selection::same_for_all(3, vec![0]);
     let req = LoadRequest {
         tokens: &toks,
         range: Some(0..40),
+        selection: Some(&sel),
         ..Default::default()
     };
     assert!(matches!(
@@ -966,8 +1165,8 @@ fn corrupt_coded_chunks_fail_with_typed_errors() {
     write_coded_chunks(d.path(), &spec, &toks);
     let path = chunk_path(d.path(), &spec, &toks, 1);
     let h = kvfs_loader::ChunkHeader::parse(&std::fs::read(&path).unwrap()).unwrap();
-    // Byte 4 of group 0 is the first byte of its exponent stream's zstd frame (its magic).
-    flip(&path, h.layer_span(0).start + 4);
+    // Byte 0 of group 0 is its mode (raw or coded); no other value is defined.
+    flip(&path, h.layer_span(0).start);
     let loader = Loader::open_with(d.path(), spec.clone(), b"", opts(IoMode::Buffered)).unwrap();
     for (verify, want_full) in [(Verify::Header, false), (Verify::Full, true)] {
         let mem = alloc(&spec, Kind::FlashAttn, 8, 8);

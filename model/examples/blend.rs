@@ -5,7 +5,10 @@
 //! blend answer --doc FILE [--doc FILE ...] --question TEXT [--ratio 0.15] [--check-layer 1]
 //!              [--cache DIR] [--max-new 64]
 //! blend bench --dataset FILE --out FILE [--cache DIR] [--ratios 0.05,0.15,0.3]
-//!             [--ttft-sizes 2048,4096|none] [--reps 2] [--skip N] [--prompts N]
+//!             [--lmcache-ratios 0.15] [--ttft-sizes 2048,4096|none] [--ttft-ratios R,...]
+//!             [--reps 2] [--skip N] [--prompts N]
+//! blend tune --dataset FILE --out FILE [--cache DIR] [--prompts 8] [--skip 0] --variants 'NAME=OPT,...;...'
+//! blend count < TEXTS
 //! ```
 //!
 //! `answer` stores each document as position-independent chunks in the cache directory (a
@@ -16,10 +19,26 @@
 //!
 //! `bench` reads the prompt set `scripts/blend-dataset.py` writes and prints one JSON object
 //! per line (`"kind": "ttft"` per size, method and repetition first, then `"kind": "quality"` per
-//! prompt and method, so a run cut short keeps what it measured) to `--out`. Methods: the full prefill (reference), blending at each ratio, and
+//! prompt and method, so a run cut short keeps what it measured) to `--out`. Methods: the full
+//! prefill (reference), blending at each ratio (`BlendConfig`'s defaults), LMCache's choice at
+//! each `--lmcache-ratios` ratio (the baseline), and
 //! naive reuse (documents loaded with their keys re-encoded, nothing recomputed).
+//!
+//! `tune` compares blending options on the first `--prompts` prompts (a fixed development
+//! subset; `--skip` resumes after the first ones): per prompt the full prefill and naive reuse once, then each variant; it writes one
+//! JSON object per prompt and variant and prints a table (mean KL, naive's mean KL over the
+//! variant's, answer log-likelihood). A variant is `NAME=OPT,OPT...` with options
+//! `ratio=R`, `check=L`, `dev=k|kv|krel`, `heads=N`, `qw` (question-weighted), `keep` (keep the
+//! check pass's KV) and
+//! `sched=L:S/L:S` (a schedule); unnamed options keep `BlendConfig`'s defaults.
+//!
+//! `count` reads one text per line (the dataset's `\\` and `\n` escapes) and prints the number
+//! of SmolLM2 tokens of each as a document of the prompt (with its `Document:` framing), one
+//! per line: `scripts/blend-dataset.py` filters documents by this count, the one the
+//! benchmark sees, rather than by words.
 
 use kvfs_loader::Loader;
+use kvfs_model::blend::Deviation;
 use kvfs_model::blend::log_softmax_at;
 use kvfs_model::{BlendConfig, BlendPrompt, Engine, PagedKv, argmax, locate_gguf};
 use std::fmt::Write as _;
@@ -63,6 +82,8 @@ fn main() -> Res<()> {
     match argv.first().map(String::as_str) {
         Some("answer") => answer(&args),
         Some("bench") => bench(&args),
+        Some("count") => count(),
+        Some("tune") => tune(&args),
         _ => {
             eprintln!(
                 "usage: blend answer --doc FILE... --question TEXT | blend bench --dataset FILE --out FILE (see the source's doc)"
@@ -162,6 +183,152 @@ fn answer(args: &Args) -> Res<()> {
     Ok(())
 }
 
+/// A blending variant of `tune`: `NAME=OPT,...` (module doc).
+fn parse_variant(spec: &str) -> Res<(String, BlendConfig)> {
+    let (name, opts) = spec.split_once('=').unwrap_or((spec, ""));
+    let mut cfg = BlendConfig::default();
+    for o in opts.split(',').map(str::trim).filter(|o| !o.is_empty()) {
+        let (k, v) = o.split_once('=').unwrap_or((o, ""));
+        match k {
+            "ratio" => cfg.ratio = v.parse()?,
+            "check" => cfg.check_layer = v.parse()?,
+            "heads" => cfg.chunk_head_tokens = v.parse()?,
+            "qw" => cfg.question_weighted = true,
+            "keep" => cfg.keep_check_kv = true,
+            "dev" => {
+                cfg.deviation = match v {
+                    "k" => Deviation::K,
+                    "kv" => Deviation::KV,
+                    "krel" => Deviation::KRelative,
+                    _ => return Err(format!("unknown deviation {v}").into()),
+                }
+            }
+            "sched" => {
+                for step in v.split('/') {
+                    let (l, sh) = step.split_once(':').ok_or("sched is L:S/L:S...")?;
+                    cfg.schedule.push((l.parse()?, sh.parse()?));
+                }
+            }
+            _ => return Err(format!("unknown variant option {k}").into()),
+        }
+    }
+    Ok((name.to_string(), cfg))
+}
+
+/// Runs variants of blending on a development subset (module doc).
+fn tune(args: &Args) -> Res<()> {
+    let dataset = args.value("--dataset").ok_or("--dataset is required")?;
+    let out_path = args.value("--out").ok_or("--out is required")?;
+    let n_prompts: usize = args.value("--prompts").map_or(Ok(8), |s| s.parse())?;
+    let skip: usize = args.value("--skip").map_or(Ok(0), |s| s.parse())?;
+    let variants: Vec<(String, BlendConfig)> = args
+        .value("--variants")
+        .ok_or("--variants is required")?
+        .split(';')
+        .map(str::trim)
+        .filter(|v| !v.is_empty())
+        .map(parse_variant)
+        .collect::<Res<_>>()?;
+    let engine = Engine::load(&locate_gguf()?)?;
+    let (dir, _tmp) = cache_dir(args)?;
+    let loader = Loader::open(&dir, engine.spec.clone(), b"")?;
+    let mut out = std::fs::File::create(&out_path)?;
+    let (texts, prompts) = read_dataset(&dataset)?;
+    let tok = &engine.tokenizer;
+    let docs: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(&doc_text(t))).collect();
+    let prefix = tok.encode(SYSTEM);
+    // name -> (kl sum, ll sum, share sum)
+    let mut sums: Vec<(String, f64, f64, f64)> = Vec::new();
+    let mut add =
+        |name: &str, kl: f64, ll: f64, share: f64| match sums.iter_mut().find(|s| s.0 == name) {
+            Some(s) => (s.1, s.2, s.3) = (s.1 + kl, s.2 + ll, s.3 + share),
+            None => sums.push((name.to_string(), kl, ll, share)),
+        };
+    let prompts = &prompts[skip.min(prompts.len())..n_prompts.min(prompts.len())];
+    for pr in prompts {
+        let pdocs: Vec<Vec<u32>> = pr.docs.iter().map(|&d| docs[d].clone()).collect();
+        engine.store_documents(&loader, &pdocs)?;
+        let q = tok.encode(&format!("Question: {}{QUESTION_END}", pr.question));
+        let answer = tok.encode(&pr.answer);
+        let p = BlendPrompt {
+            prefix: &prefix,
+            documents: &pdocs,
+            question: &q,
+        };
+        let total = p.tokens().len();
+        let extra = answer.len() + 1;
+        let mut reference = None;
+        let mut methods: Vec<(String, Option<BlendConfig>, Method)> = vec![
+            ("full".into(), None, Method::Full),
+            ("naive".into(), None, Method::Naive),
+        ];
+        methods.extend(
+            variants
+                .iter()
+                .map(|(n, c)| (n.clone(), Some(c.clone()), Method::Blend(c.ratio))),
+        );
+        for (name, cfg, m) in methods {
+            let mut kv = engine.new_cache(total + extra);
+            let t0 = Instant::now();
+            let (logits, share) = match (&cfg, m) {
+                (Some(cfg), _) => {
+                    engine.prefill(&mut kv, p.prefix)?;
+                    engine.load_documents(&loader, &mut kv, &p)?;
+                    let o = engine.blend(&mut kv, &p, cfg)?;
+                    let share = o.recompute_share();
+                    (o.logits, share)
+                }
+                (None, m) => {
+                    let r = run_method(&engine, &loader, &p, m, extra)?;
+                    kv = r.kv;
+                    (r.logits, r.share)
+                }
+            };
+            let secs = t0.elapsed().as_secs_f64();
+            let ll = engine.continuation_log_likelihood(&mut kv, total, &logits, &answer)?
+                / answer.len().max(1) as f64;
+            let reference = reference.get_or_insert_with(|| logits.clone());
+            let k = kl(reference, &logits);
+            add(&name, k, ll, share);
+            let line = format!(
+                "{{\"kind\":\"tune\",\"prompt\":{},\"variant\":\"{name}\",\"config\":\"{}\",\"tokens\":{total},\"share\":{share:.4},\"seconds\":{secs:.3},\"kl\":{k:.6e},\"answer_ll_per_token\":{ll:.4}}}",
+                pr.id,
+                format!("{cfg:?}").replace('"', "'"),
+            );
+            writeln!(out, "{line}")?;
+            eprintln!("{line}");
+        }
+    }
+    let n = prompts.len() as f64;
+    let naive_kl = sums
+        .iter()
+        .find(|s| s.0 == "naive")
+        .map_or(f64::NAN, |s| s.1 / n);
+    println!("| variant | recomputed | mean KL | naive KL / this | answer log-lik. (nats/token) |");
+    println!("|---|---:|---:|---:|---:|");
+    for (name, kl, ll, share) in &sums {
+        println!(
+            "| {name} | {:.1}% | {:.4} | {:.2}x | {:.3} |",
+            100.0 * share / n,
+            kl / n,
+            naive_kl / (kl / n),
+            ll / n
+        );
+    }
+    Ok(())
+}
+
+/// Token count of each escaped text on stdin, framed as a document, one per line.
+fn count() -> Res<()> {
+    let engine = Engine::load(&locate_gguf()?)?;
+    let mut out = std::io::stdout().lock();
+    for line in std::io::stdin().lines() {
+        let n = engine.tokenizer.encode(&doc_text(&unescape(&line?))).len();
+        writeln!(out, "{n}")?;
+    }
+    Ok(())
+}
+
 /// `\\` and `\n` escapes of the dataset file.
 fn unescape(s: &str) -> String {
     let mut out = String::with_capacity(s.len());
@@ -256,12 +423,15 @@ fn run_method(
             engine.load_documents(loader, &mut kv, p)?;
             (engine.naive_reuse(&mut kv, p)?, 0.0)
         }
-        Method::Blend(ratio) => {
+        Method::Blend(_) | Method::Lmcache(_) => {
             engine.prefill(&mut kv, p.prefix)?;
             engine.load_documents(loader, &mut kv, p)?;
-            let cfg = BlendConfig {
-                ratio,
-                ..Default::default()
+            let cfg = match method {
+                Method::Lmcache(ratio) => BlendConfig::lmcache(ratio),
+                _ => BlendConfig {
+                    ratio: method.ratio(),
+                    ..Default::default()
+                },
             };
             let out = engine.blend(&mut kv, p, &cfg)?;
             let share = out.recompute_share();
@@ -279,7 +449,11 @@ fn run_method(
 #[derive(Clone, Copy)]
 enum Method {
     Full,
+    /// Blending with `BlendConfig`'s defaults at this ratio.
     Blend(f64),
+    /// Blending with LMCache's choice (K deviation at layer 1 alone) at this ratio: the
+    /// baseline the defaults improve on.
+    Lmcache(f64),
     Naive,
 }
 
@@ -289,13 +463,14 @@ impl Method {
             Method::Full => "full".into(),
             Method::Naive => "naive".into(),
             Method::Blend(r) => format!("blend{:.0}", r * 100.0),
+            Method::Lmcache(r) => format!("lmcache{:.0}", r * 100.0),
         }
     }
     fn ratio(&self) -> f64 {
         match self {
             Method::Full => 1.0,
             Method::Naive => 0.0,
-            Method::Blend(r) => *r,
+            Method::Blend(r) | Method::Lmcache(r) => *r,
         }
     }
 }
@@ -322,9 +497,23 @@ fn bench(args: &Args) -> Res<()> {
     let docs: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(&doc_text(t))).collect();
     let usable = |i: usize| (200..=600).contains(&docs[i].len());
     let prefix = tok.encode(SYSTEM);
+    let lmcache = args.list("--lmcache-ratios", "0.15")?;
     let mut methods = vec![Method::Full];
     methods.extend(ratios.iter().map(|&r| Method::Blend(r)));
+    methods.extend(lmcache.iter().map(|&r| Method::Lmcache(r)));
     methods.push(Method::Naive);
+    // At fixed sizes: the full prefill, blending at `--ttft-ratios` (default all) and naive.
+    let ttft_ratios = args.list(
+        "--ttft-ratios",
+        &ratios
+            .iter()
+            .map(f64::to_string)
+            .collect::<Vec<_>>()
+            .join(","),
+    )?;
+    let mut ttft_methods = vec![Method::Full];
+    ttft_methods.extend(ttft_ratios.iter().map(|&r| Method::Blend(r)));
+    ttft_methods.push(Method::Naive);
 
     // Store the pool once (each chunk prefilled alone); not part of any TTFT.
     let t0 = Instant::now();
@@ -370,7 +559,7 @@ fn bench(args: &Args) -> Res<()> {
         };
         let mut full_best = f64::INFINITY;
         for rep in 0..reps {
-            for m in &methods {
+            for m in &ttft_methods {
                 let r = run_method(&engine, &loader, &p, *m, 1)?;
                 if matches!(m, Method::Full) {
                     full_best = full_best.min(r.ttft.as_secs_f64());
@@ -390,11 +579,15 @@ fn bench(args: &Args) -> Res<()> {
         }
         eprintln!("size {size}: best full prefill {full_best:.2} s");
     }
-    let mut skipped = 0;
     for pr in prompts.iter().skip(prompt_skip).take(prompt_limit) {
-        if !pr.docs.iter().all(|&d| usable(d)) {
-            skipped += 1;
-            continue;
+        if let Some(&d) = pr.docs.iter().find(|&&d| !usable(d)) {
+            return Err(format!(
+                "prompt {}: document {d} has {} tokens, outside 200..=600 (rebuild the dataset \
+                 with scripts/blend-dataset.py)",
+                pr.id,
+                docs[d].len()
+            )
+            .into());
         }
         let pdocs: Vec<Vec<u32>> = pr.docs.iter().map(|&d| docs[d].clone()).collect();
         let q = tok.encode(&format!("Question: {}{QUESTION_END}", pr.question));
@@ -443,7 +636,6 @@ fn bench(args: &Args) -> Res<()> {
             eprintln!("{line}");
         }
     }
-    eprintln!("{skipped} prompts skipped (a document outside 200..=600 tokens)");
 
     Ok(())
 }

@@ -32,8 +32,23 @@
 use crate::model::{LayerView, NoHooks, PREFILL_WINDOW};
 use crate::{Engine, ModelError, PagedKv};
 use candle_core::Tensor;
-use kvfs_loader::{Dest, DocumentLoad, Loader, RopePairing, RopeParams, StoreStats};
+use kvfs_loader::{Dest, LoadStats, Loader, RopePairing, RopeParams, StoreStats};
 use std::time::{Duration, Instant};
+
+/// How a document token's deviation is measured at a scoring layer (the check layer and each
+/// step of a schedule): its fresh row against the reused one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Deviation {
+    /// `sum((k_new - k_reused)^2)` over heads and dimensions, as LMCache scores.
+    #[default]
+    K,
+    /// The K term plus `sum((v_new - v_reused)^2)`: what the token contributes to attention
+    /// outputs changes with V too.
+    KV,
+    /// The K term divided by `sum(k_new^2)`: the relative change, so that tokens whose keys are
+    /// simply large do not win on size alone.
+    KRelative,
+}
 
 /// How much to recompute, and where to decide it.
 #[derive(Debug, Clone, PartialEq)]
@@ -45,6 +60,22 @@ pub struct BlendConfig {
     /// Later `(layer, share)` steps narrowing the set (layers ascending, after the check
     /// layer; shares not above the previous one). Empty: one selection at the check layer.
     pub schedule: Vec<(usize, f64)>,
+    /// How the deviation is measured ([`Deviation::K`] by default).
+    pub deviation: Deviation,
+    /// The first this many tokens of every stored chunk (each document's start and every
+    /// chunk boundary inside it) are always recomputed, counted in `ratio`. A chunk prefilled
+    /// alone makes its first tokens its own attention sink; in the prompt they are the most
+    /// wrong rows and the ones every later token of the chunk attended to. 0: none forced.
+    pub chunk_head_tokens: usize,
+    /// Weight each token's deviation by the attention the question pays it at the check
+    /// layer (summed over heads and question tokens, measured over the fresh rows of the check
+    /// pass): a deviation matters in proportion to how much the answer reads the token.
+    pub question_weighted: bool,
+    /// Keep the check pass's fresh KV of every document token in layers `0..=check_layer`
+    /// (LMCache does: it is computed anyway) instead of discarding the scratch copy. Layer 0
+    /// is exact after re-encoding either way; from layer 1 on this repairs every token's rows
+    /// up to the check layer at no extra compute. Off, ratio 0 is exactly naive reuse.
+    pub keep_check_kv: bool,
 }
 
 impl Default for BlendConfig {
@@ -53,6 +84,26 @@ impl Default for BlendConfig {
             check_layer: 1,
             ratio: 0.15,
             schedule: Vec::new(),
+            deviation: Deviation::K,
+            chunk_head_tokens: 0,
+            question_weighted: false,
+            keep_check_kv: false,
+        }
+    }
+}
+
+impl BlendConfig {
+    /// LMCache's selection at `ratio`: K deviation at layer 1 alone, nothing forced, no
+    /// question weight, the check pass's KV discarded (the baseline of docs/BENCHMARKS.md).
+    pub fn lmcache(ratio: f64) -> BlendConfig {
+        BlendConfig {
+            ratio,
+            check_layer: 1,
+            schedule: Vec::new(),
+            deviation: Deviation::K,
+            chunk_head_tokens: 0,
+            question_weighted: false,
+            keep_check_kv: false,
         }
     }
 }
@@ -107,6 +158,9 @@ pub struct BlendOutcome {
     pub selected: Vec<usize>,
     /// Deviation of every document token at the check layer, in prompt order.
     pub deviations: Vec<f32>,
+    /// What the choice ranked, in prompt order: the deviation, times the question's
+    /// attention when `question_weighted`, infinite for forced chunk heads.
+    pub scores: Vec<f32>,
     /// Document tokens still recomputed in the last layer (the schedule may narrow the set).
     pub final_recomputed: usize,
     pub check_time: Duration,
@@ -129,28 +183,86 @@ pub fn top_indices(values: &[f32], count: usize) -> Vec<usize> {
     order
 }
 
-/// Per-token `sum((k_new - k_old)^2)` of fresh keys `k` (`[n, heads, dim]`) against the rows
-/// `kv` holds at `positions` in `layer`.
+/// Deviation (`measure`) of the first `running` tokens of a layer's view: their fresh K (and
+/// V) against the rows the cache holds at their positions in that layer.
 fn deviations(
-    k: &Tensor,
-    kv: &PagedKv,
-    layer: usize,
-    positions: &[usize],
+    v: &LayerView<'_>,
+    running: usize,
+    measure: Deviation,
 ) -> Result<Vec<f32>, ModelError> {
-    let fresh = k.flatten_all()?.to_vec1::<f32>()?;
-    let row = fresh.len() / positions.len().max(1);
-    Ok(positions
+    if running == 0 {
+        return Ok(Vec::new());
+    }
+    let rows = |t: &Tensor| -> Result<Vec<f32>, ModelError> {
+        Ok(t.narrow(0, 0, running)?.flatten_all()?.to_vec1::<f32>()?)
+    };
+    let fresh_k = rows(v.k)?;
+    let fresh_v = match measure {
+        Deviation::KV => rows(v.v)?,
+        Deviation::K | Deviation::KRelative => Vec::new(),
+    };
+    let row = fresh_k.len() / running;
+    let sq =
+        |a: &[f32], b: &[f32]| -> f32 { a.iter().zip(b).map(|(x, y)| (x - y) * (x - y)).sum() };
+    Ok(v.positions[..running]
         .iter()
         .enumerate()
         .map(|(i, &p)| {
-            let old = kv.k_row(layer, p);
-            fresh[i * row..(i + 1) * row]
-                .iter()
-                .zip(old)
-                .map(|(a, b)| (a - b) * (a - b))
-                .sum()
+            let k = &fresh_k[i * row..(i + 1) * row];
+            let dk = sq(k, v.kv.k_row(v.layer, p));
+            match measure {
+                Deviation::K => dk,
+                Deviation::KV => dk + sq(&fresh_v[i * row..(i + 1) * row], v.kv.v_row(v.layer, p)),
+                Deviation::KRelative => {
+                    dk / k.iter().map(|x| x * x).sum::<f32>().max(f32::MIN_POSITIVE)
+                }
+            }
         })
         .collect())
+}
+
+/// Indices (into the document tokens) of the first `head` tokens of every stored chunk of
+/// every document, ascending: chunks are cut at `chunk_tokens` from each document's start.
+fn chunk_heads(documents: &[Vec<u32>], chunk_tokens: usize, head: usize) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut base = 0;
+    for d in documents {
+        for c in (0..d.len()).step_by(chunk_tokens.max(1)) {
+            out.extend(base + c..base + (c + head).min(d.len()));
+        }
+        base += d.len();
+    }
+    out
+}
+
+/// Collects, at one layer, the attention the running queries pay each position (summed over
+/// heads and queries).
+struct AttentionMass {
+    layer: usize,
+    mass: Vec<f32>,
+}
+
+impl crate::model::ForwardHooks for AttentionMass {
+    fn after_attention(
+        &mut self,
+        layer: usize,
+        probs: &Tensor,
+        cols: Option<&[u32]>,
+        _positions: &[usize],
+    ) -> Result<(), ModelError> {
+        if layer != self.layer {
+            return Ok(());
+        }
+        let per_col = probs.sum(0)?.sum(0)?.sum(0)?.to_vec1::<f32>()?;
+        for (i, m) in per_col.into_iter().enumerate() {
+            let p = cols.map_or(i, |c| c[i] as usize);
+            if self.mass.len() <= p {
+                self.mass.resize(p + 1, 0.0);
+            }
+            self.mass[p] += m;
+        }
+        Ok(())
+    }
 }
 
 /// `log softmax(logits)[index]`, computed in f64.
@@ -209,7 +321,7 @@ impl Engine {
         loader: &Loader,
         kv: &mut PagedKv,
         prompt: &BlendPrompt<'_>,
-    ) -> Result<Vec<DocumentLoad>, ModelError> {
+    ) -> Result<Vec<LoadStats>, ModelError> {
         let rope = self.rope_params()?;
         let layout = kv.layout()?;
         let dest = Dest::host(&layout, kv.block_map());
@@ -257,15 +369,46 @@ impl Engine {
         {
             let mut hook = |v: LayerView<'_>| {
                 if v.layer == check {
-                    devs.extend(deviations(v.k, v.kv, v.layer, v.positions)?);
+                    devs.extend(deviations(&v, v.positions.len(), cfg.deviation)?);
                 }
                 Ok(None)
             };
             self.model
                 .run_layers(&mut scratch, toks, pos, check + 1, &mut hook, &mut NoHooks)?;
         }
+        let mut scores = devs.clone();
+        if cfg.question_weighted {
+            // The question over the fresh rows, as far as the check layer.
+            let q_positions: Vec<usize> = (span.end..span.end + prompt.question.len()).collect();
+            let mut mass = AttentionMass {
+                layer: check,
+                mass: Vec::new(),
+            };
+            self.model.run_layers(
+                &mut scratch,
+                prompt.question,
+                &q_positions,
+                check + 1,
+                &mut |_| Ok(None),
+                &mut mass,
+            )?;
+            mass.mass.resize(span.end, 0.0);
+            for (s, m) in scores.iter_mut().zip(&mass.mass[span.clone()]) {
+                *s *= m;
+            }
+        }
+        if cfg.keep_check_kv {
+            for layer in 0..=check {
+                let (k, v) = scratch.gather_rows(layer, span.clone());
+                kv.write(layer, span.start, &k, &v);
+            }
+        }
         drop(scratch);
-        let keep = top_indices(&devs, share_of(devs.len(), cfg.ratio));
+        let ct = self.spec.chunk_tokens as usize;
+        for i in chunk_heads(prompt.documents, ct, cfg.chunk_head_tokens) {
+            scores[i] = f32::INFINITY;
+        }
+        let keep = top_indices(&scores, share_of(devs.len(), cfg.ratio));
         let selected: Vec<usize> = keep.iter().map(|&i| doc_positions[i]).collect();
         let check_time = t0.elapsed();
 
@@ -287,12 +430,7 @@ impl Engine {
             schedule.next();
             // Running document tokens come first (positions below the question's).
             let running = v.positions.iter().filter(|&&p| p < span.end).count();
-            let dev = deviations(
-                &v.k.narrow(0, 0, running)?,
-                v.kv,
-                v.layer,
-                &v.positions[..running],
-            )?;
+            let dev = deviations(&v, running, cfg.deviation)?;
             let mut keep = top_indices(&dev, share_of(n_docs_total, share).min(running));
             keep.extend(running..v.positions.len());
             Ok(Some(keep))
@@ -312,6 +450,7 @@ impl Engine {
             document_tokens: n_docs_total,
             selected,
             deviations: devs,
+            scores,
             final_recomputed,
             check_time,
             recompute_time: t1.elapsed(),
@@ -432,5 +571,52 @@ mod tests {
         assert_eq!(top_indices(&v, 10), vec![0, 1, 2, 3, 4, 5]);
         assert_eq!(share_of(200, 0.15), 30);
         assert_eq!(share_of(3, 1.0), 3);
+    }
+
+    #[test]
+    fn each_deviation_measure_scores_as_documented() {
+        // One layer, one head of 2 dims; cached rows at positions 0 and 1.
+        let mut kv = PagedKv::new(1, 1, 2, 4, 4);
+        kv.write(0, 0, &[1.0, 0.0, 0.0, 2.0], &[0.0, 0.0, 1.0, 1.0]);
+        let dev = candle_core::Device::Cpu;
+        let k = Tensor::from_vec(vec![1.0f32, 1.0, 0.0, 4.0, 9.0, 9.0], (3, 1, 2), &dev).unwrap();
+        let v = Tensor::from_vec(vec![3.0f32, 0.0, 1.0, 1.0, 9.0, 9.0], (3, 1, 2), &dev).unwrap();
+        let view = LayerView {
+            layer: 0,
+            k: &k,
+            v: &v,
+            kv: &kv,
+            positions: &[0, 1, 2],
+        };
+        // Only the first two run (the third stands for a question token).
+        // K: (1-1)^2 + (1-0)^2 = 1; (0-0)^2 + (4-2)^2 = 4.
+        assert_eq!(deviations(&view, 2, Deviation::K).unwrap(), vec![1.0, 4.0]);
+        // K and V: + (3-0)^2 + 0 = 9; + 0 + 0.
+        assert_eq!(
+            deviations(&view, 2, Deviation::KV).unwrap(),
+            vec![10.0, 4.0]
+        );
+        // Relative to |k_new|^2: 1 / 2; 4 / 16.
+        assert_eq!(
+            deviations(&view, 2, Deviation::KRelative).unwrap(),
+            vec![0.5, 0.25]
+        );
+        assert!(deviations(&view, 0, Deviation::K).unwrap().is_empty());
+    }
+
+    #[test]
+    fn chunk_heads_are_the_first_tokens_of_every_chunk_of_every_document() {
+        let docs = vec![vec![0; 10], vec![0; 3], vec![0; 4]];
+        // chunks of 4: [0..4, 4..8, 8..10], [10..13], [13..17]
+        assert_eq!(
+            chunk_heads(&docs, 4, 2),
+            vec![0, 1, 4, 5, 8, 9, 10, 11, 13, 14]
+        );
+        // a head longer than a chunk's tail stops at the document's end
+        assert_eq!(
+            chunk_heads(&docs, 4, 3)[6..],
+            [8, 9, 10, 11, 12, 13, 14, 15]
+        );
+        assert_eq!(chunk_heads(&docs, 4, 0), Vec::<usize>::new());
     }
 }

@@ -368,6 +368,7 @@ impl Model {
             if let Some(keep) = hook(LayerView {
                 layer: li,
                 k: &k,
+                v: &v,
                 kv,
                 positions: &positions,
             })? {
@@ -459,11 +460,12 @@ pub(crate) struct Hidden {
 }
 
 /// What a [`LayerHook`] sees of one layer: its index, the running tokens' fresh K (after
-/// RoPE, `[n, kv_heads, head_dim]`), the cache before this layer's rows are written, and the
+/// RoPE, `[n, kv_heads, head_dim]`) and V, the cache before this layer's rows are written, and the
 /// tokens' positions.
 pub(crate) struct LayerView<'a> {
     pub layer: usize,
     pub k: &'a Tensor,
+    pub v: &'a Tensor,
     pub kv: &'a PagedKv,
     pub positions: &'a [usize],
 }

@@ -82,6 +82,12 @@ impl PagedKv {
         &self.layers[layer][s..s + self.row()]
     }
 
+    /// The V row of position `pos` in `layer` (`[kv_heads, head_dim]`).
+    pub fn v_row(&self, layer: usize, pos: usize) -> &[f32] {
+        let s = self.half() + self.slot(pos);
+        &self.layers[layer][s..s + self.row()]
+    }
+
     /// Gathers K and V of `positions`, in order, head-major: `[kv_heads, len, head_dim]`, the
     /// layout attention multiplies with (no transposing copy after the gather).
     pub fn gather_heads(
@@ -105,14 +111,19 @@ impl PagedKv {
         (k, v)
     }
 
-    /// Gathers K and V rows of positions `0..len` into contiguous `[len, kv_heads, head_dim]`.
-    pub fn gather(&self, layer: usize, len: usize) -> (Vec<f32>, Vec<f32>) {
+    /// Gathers K and V rows of `positions`, in order, into contiguous
+    /// `[len, kv_heads, head_dim]` (the layout [`PagedKv::write`] takes).
+    pub fn gather_rows(
+        &self,
+        layer: usize,
+        positions: impl ExactSizeIterator<Item = usize>,
+    ) -> (Vec<f32>, Vec<f32>) {
         let row = self.row();
         let half = self.half();
         let buf = &self.layers[layer];
-        let mut k = Vec::with_capacity(len * row);
-        let mut v = Vec::with_capacity(len * row);
-        for pos in 0..len {
+        let mut k = Vec::with_capacity(positions.len() * row);
+        let mut v = Vec::with_capacity(positions.len() * row);
+        for pos in positions {
             let s = self.slot(pos);
             k.extend_from_slice(&buf[s..s + row]);
             v.extend_from_slice(&buf[half + s..half + s + row]);
@@ -180,7 +191,7 @@ mod tests {
         let v: Vec<f32> = k.iter().map(|x| -x).collect();
         kv.write(1, 0, &k[..20 * row], &v[..20 * row]);
         kv.write(1, 20, &k[20 * row..], &v[20 * row..]);
-        let (gk, gv) = kv.gather(1, 40);
+        let (gk, gv) = kv.gather_rows(1, 0..40);
         assert_eq!(gk, k);
         assert_eq!(gv, v);
         // head-major: head h of the i-th asked position at (h * 3 + i) * head_dim

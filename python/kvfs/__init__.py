@@ -34,6 +34,7 @@ from ._native import (
     ModelSpec,
     SpecError,
     StoreError,
+    StoreSnapshot,
     cuda_probe,
     loader_metrics,
 )
@@ -54,6 +55,7 @@ __all__ = [
     "ModelSpec",
     "SpecError",
     "StoreError",
+    "StoreSnapshot",
     "cuda_probe",
     "layout_from_views",
     "loader_metrics",

@@ -169,8 +169,20 @@ class Loader:
         block_ids: list[int],
         importance: list[list[list[float]]] | None = None,
         observed_queries: int = 32,
+        *,
+        tail: bool = False,
     ) -> StoreStats: ...
     def importance_selection(self, tokens: list[int], upto: int, share: float) -> list[list[int]]: ...
+    def snapshot(
+        self, tokens: list[int], layout: KvLayout, block_ids: list[int], *, tail: bool = False
+    ) -> StoreSnapshot: ...
+    def store_snapshot(self, snapshot: StoreSnapshot) -> StoreStats: ...
+
+class StoreSnapshot:
+    @property
+    def bytes(self) -> int: ...
+    @property
+    def positions(self) -> tuple[int, int]: ...
 
 class DeviceLoadStats(TypedDict):
     path: str

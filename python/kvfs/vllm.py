@@ -9,26 +9,32 @@ Load it with::
 
 `kvfs_path` is a kvfs mount or a plain cache directory. Design (docs/VLLM.md has the details):
 
-- **Chunks are vLLM blocks.** A kvfs chunk holds `chunk_tokens` tokens; the connector makes
-  it vLLM's block size (`kvfs_chunk_tokens` in the extra config may pick a multiple of it), so
-  a prompt is reused up to its last full block, as far as vLLM itself can reuse: a 4,096-token
-  prompt at block size 128 reuses 3,968 tokens (vLLM always computes the last token).
+- **Chunks are vLLM blocks, and a prompt is reused up to its last token.** A kvfs chunk holds
+  `chunk_tokens` tokens; the connector makes it vLLM's block size (`kvfs_chunk_tokens` in the
+  extra config may pick a multiple of it). When a prompt's prefill is complete its trailing
+  partial chunk is stored too (keyed by its parent and its own tokens), so a repeat of the
+  prompt reuses `len(prompt) - 1` tokens (vLLM computes the last one): 4,095 of 4,096, 8,190
+  of 8,191. A load may end inside a chunk and a block; vLLM allocates the partial block.
 - **Namespace.** The `ModelSpec` names the model directory, a digest of its weights and config
   files (or `kvfs_revision`), the KV dtype, the layer count, the KV heads of this rank, the
   head dim, RoPE, and the tensor-parallel size and rank: two models never share chunks.
   `cache_salt` of a request isolates its tenant (the loader's salt).
 - **Scheduler side.** `get_num_new_matched_tokens` looks the prompt up (on a mount a lookup
-  fetches from S3) and offers whole blocks beyond vLLM's own prefix cache;
+  fetches from S3: the full chunks, then one probe for the partial one) and offers what is
+  cached beyond vLLM's own prefix cache, up to the last prompt token;
   `update_state_after_alloc` records the load; `build_connector_meta` hands the worker each
   load (tokens, block ids, token range) and each save: the prompt chunks that this step
-  completes (prefill, chunked or not), with their block ids.
+  completes (prefill, chunked or not), with their block ids, and the partial last chunk in
+  the step that completes the prompt.
 - **Worker side.** `register_kv_caches` derives a `KvLayout` from the registered tensors and
   the attention back end (vLLM's CPU back end: per block and head, the block's K transposed,
   `[head_dim, block_size]`, then its V as rows; FLASH_ATTN and FLASHINFER on a GPU: per block
   and head `[block_size, 2 * head_dim]`, K then V in the last dim, in the tensor's own memory
   order); `start_load_kv` starts the loads (reads run on kvfs threads,
   layer 0 of every chunk first); `wait_for_layer_load` waits for one layer; `wait_for_save`
-  stores the chunks completed by this step once every layer has computed them.
+  copies the rows of the chunks completed by this step out of the blocks once every layer has
+  computed them (`Loader.snapshot`), and a writer thread encodes, hashes and writes them
+  (`Loader.store_snapshot`), so the step does not wait on the disk (`kvfs_store_async`).
 - **GPU KV caches** (`tensor.is_cuda`) load through `kvfs.CudaBackend` (GDS, else pinned
   staging; `kvfs_gpu_path` in the extra config forces one): with `kvfs_verify` `header` the
   chunks go straight to device blocks and `wait_for_layer_load` makes vLLM's current stream
@@ -46,6 +52,7 @@ Load it with::
 
 from __future__ import annotations
 
+import collections
 import hashlib
 import json
 import math
@@ -65,7 +72,15 @@ from vllm.logger import init_logger
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 from vllm.model_executor.models.utils import extract_layer_index
 
-from . import CudaBackend, ChunkError, KvfsError, Loader, ModelSpec, layout_from_views
+from . import (
+    ChunkError,
+    CudaBackend,
+    KvfsError,
+    Loader,
+    ModelSpec,
+    StoreSnapshot,
+    layout_from_views,
+)
 from .vllm_stats import KvfsConnectorStats, KvfsPromMetrics, interval
 
 if TYPE_CHECKING:
@@ -243,12 +258,14 @@ class LoadSpec:
 
 @dataclass
 class SaveSpec:
-    """Store the full chunks of `tokens` (a whole number of chunks) from `block_ids`."""
+    """Store the full chunks of `tokens` from `block_ids`, and with `tail` (the whole prompt,
+    computed) its trailing partial chunk too."""
 
     req_id: str
     salt: bytes
     tokens: list[int]
     block_ids: list[int]
+    tail: bool = False
 
 
 @dataclass
@@ -265,6 +282,50 @@ class _ReqState:
     salt: bytes
     block_ids: list[int]
     saved_end: int = 0
+    # the trailing partial chunk is in kvfs (stored, or loaded from there)
+    tail_saved: bool = False
+
+
+class ChunkWriter:
+    """Stores snapshots (`Loader.store_snapshot`, the GIL released) on a thread of its own,
+    in the order they were queued, so a step hands its chunks over and goes on. The thread runs
+    while snapshots are queued and ends when none is left; it is not a daemon, so a process
+    that exits normally stores what it queued first. A failed store is logged: the chunk is a
+    future miss. (A process killed before its snapshots are stored loses them: misses, never
+    wrong chunks.)"""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._idle = threading.Condition(self._lock)
+        self._pending: collections.deque[tuple[Loader, StoreSnapshot, str]] = collections.deque()
+        self._thread: threading.Thread | None = None
+
+    def put(self, loader: Loader, snap: StoreSnapshot, req_id: str) -> None:
+        with self._lock:
+            self._pending.append((loader, snap, req_id))
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="kvfs-writer")
+                self._thread.start()
+
+    def drain(self) -> None:
+        """Returns once every snapshot queued so far is stored (or failed)."""
+        with self._lock:
+            while self._thread is not None:
+                self._idle.wait()
+
+    def _run(self) -> None:
+        while True:
+            with self._lock:
+                if not self._pending:
+                    self._thread = None
+                    self._idle.notify_all()
+                    return
+                loader, snap, req_id = self._pending.popleft()
+            try:
+                stats = loader.store_snapshot(snap)
+                logger.debug("kvfs: request %s stored %s", req_id, stats)
+            except KvfsError as e:
+                logger.warning("kvfs: store for request %s failed: %s", req_id, e)
 
 
 def _salt(request: Any) -> bytes:
@@ -302,6 +363,11 @@ class KvfsConnector(KVConnectorBase_V1):
         # "full" checks every layer's digest on load (a flipped payload bit is a recompute,
         # not a wrong token); "header" only checks headers.
         self._verify = str(extra.get("kvfs_verify", "full"))
+        # Stores: the step copies the rows out and a writer thread stores them (True), or the
+        # step stores them itself (False).
+        self._store_async = str(extra.get("kvfs_store_async", "true")).lower() not in (
+            "0", "false", "no", "off"
+        )
         self._tp_size = vllm_config.parallel_config.tensor_parallel_size
         if role == KVConnectorRole.SCHEDULER:
             # The scheduler serves every rank: a hit needs each rank's chunks.
@@ -339,6 +405,7 @@ class KvfsConnector(KVConnectorBase_V1):
         self._layer_index: dict[str, int] = {}
         self._loads: list[tuple[LoadSpec, Any]] = []
         self._failed_blocks: set[int] = set()
+        self._writer = ChunkWriter()
         # this step's loads: when start_load_kv began, and seconds the forward spent blocked
         # in wait_for_layer_load (logged at debug level by wait_for_save)
         self._load_started = 0.0
@@ -361,18 +428,20 @@ class KvfsConnector(KVConnectorBase_V1):
         self, request: Request, num_computed_tokens: int
     ) -> tuple[int | None, bool]:
         prompt = list(request.prompt_token_ids or [])
-        # vLLM computes at least the last prompt token; reuse whole blocks before it.
-        usable = (len(prompt) - 1) // self._block_size * self._block_size
+        # vLLM computes at least the last prompt token; everything before it may be loaded,
+        # up to inside a block (vLLM allocates the partial block for the external tokens).
+        usable = len(prompt) - 1
         if usable <= num_computed_tokens:
             return 0, False
         t = time.monotonic()
         try:
             loaders = self._open(_salt(request))
-            hit = min(loader.lookup(prompt[:usable]) for loader in loaders)
+            # whole chunks, then the prompt's partial last chunk if it was stored
+            hit = min(loader.lookup(prompt) for loader in loaders)
         except KvfsError as e:
             logger.warning("kvfs: lookup failed, computing the prompt: %s", e)
             return 0, False
-        hit = min(hit, usable) // self._block_size * self._block_size
+        hit = min(hit, usable)
         if hit <= num_computed_tokens:
             return 0, False
         self._hits[request.request_id] = (num_computed_tokens, hit)
@@ -434,23 +503,34 @@ class KvfsConnector(KVConnectorBase_V1):
         if load is None:
             return
         start, end = load
+        # the chunks the range touches: past the prompt's last full chunk, that is the
+        # partial chunk of the whole prompt (its key covers every tail token)
         full = math.ceil(end / self._chunk) * self._chunk
         nblocks = math.ceil(end / self._block_size)
         meta.loads.append(
             LoadSpec(req_id, st.salt, st.prompt[:full], st.block_ids[:nblocks], start, end)
         )
         # the loaded chunks are in kvfs already
-        st.saved_end = max(st.saved_end, end // self._chunk * self._chunk)
+        st.saved_end = max(st.saved_end, min(full, len(st.prompt)) // self._chunk * self._chunk)
+        if full > len(st.prompt):
+            st.tail_saved = True
 
     def _add_save(self, meta: KvfsConnectorMetadata, req_id: str, st: _ReqState, done: int) -> None:
-        complete = min(done, len(st.prompt)) // self._chunk * self._chunk
-        if complete <= st.saved_end:
+        n = len(st.prompt)
+        complete = min(done, n) // self._chunk * self._chunk
+        # the step that computes the last prompt token completes the partial last chunk
+        tail = done >= n and n % self._chunk != 0 and not st.tail_saved
+        if complete <= st.saved_end and not tail:
             return
-        nblocks = complete // self._block_size
+        end = n if tail else complete
+        nblocks = math.ceil(end / self._block_size)
         if len(st.block_ids) < nblocks:
             return
-        meta.saves.append(SaveSpec(req_id, st.salt, st.prompt[:complete], st.block_ids[:nblocks]))
-        st.saved_end = complete
+        meta.saves.append(
+            SaveSpec(req_id, st.salt, st.prompt[:end], st.block_ids[:nblocks], tail=tail)
+        )
+        st.saved_end = max(st.saved_end, complete)
+        st.tail_saved = st.tail_saved or tail
 
     def request_finished(self, request: Request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
         # Saves happen as prefill completes chunks (wait_for_save of that step): nothing is
@@ -551,8 +631,18 @@ class KvfsConnector(KVConnectorBase_V1):
             try:
                 loader = self._open(load.salt)[0]
                 if self._cuda is not None:
+                    # The device load reads full chunks only: the blocks of a partial last
+                    # chunk are recomputed (reported as failed).
+                    end = min(load.end, len(load.tokens) // self._chunk * self._chunk)
+                    if end < load.end:
+                        bs = self._block_size
+                        self._failed_blocks.update(
+                            load.block_ids[end // bs : math.ceil(load.end / bs)]
+                        )
+                    if end <= load.start:
+                        continue
                     handle = self._cuda.load(
-                        loader, load.tokens, self._layout, load.block_ids, load.start, load.end
+                        loader, load.tokens, self._layout, load.block_ids, load.start, end
                     )
                 else:
                     handle = loader.load(
@@ -631,12 +721,28 @@ class KvfsConnector(KVConnectorBase_V1):
             try:
                 loader = self._open(save.salt)[0]
                 if self._cuda is not None:
+                    # the device store keeps to full chunks (no partial last chunk yet)
                     stats = self._cuda.store(loader, save.tokens, self._layout, save.block_ids)
+                elif self._store_async:
+                    # The rows leave the blocks now (vLLM may free them after this step); the
+                    # writer encodes, hashes and writes them meanwhile.
+                    snap = loader.snapshot(
+                        save.tokens, self._layout, save.block_ids, tail=save.tail
+                    )
+                    if snap.bytes:
+                        self._writer.put(loader, snap, save.req_id)
+                    continue
                 else:
-                    stats = loader.store(save.tokens, self._layout, save.block_ids)
+                    stats = loader.store(
+                        save.tokens, self._layout, save.block_ids, tail=save.tail
+                    )
                 logger.debug("kvfs: request %s stored %s", save.req_id, stats)
             except KvfsError as e:
                 logger.warning("kvfs: store for request %s failed: %s", save.req_id, e)
+
+    def shutdown(self) -> None:
+        # Chunks handed to the writer are stored before the worker goes.
+        self._writer.drain()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._failed_blocks = self._failed_blocks, set()

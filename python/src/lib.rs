@@ -12,6 +12,9 @@
 //!   run on the loader's threads), `store` (optionally with each chunk's importance) and
 //!   `importance_selection` (the groups a pruned load keeps, from the headers: [`importance`]).
 //! - [`PyLoadHandle`] (`kvfs.LoadHandle`): `wait_layer(i)` per layer, `wait()` for the rest.
+//! - [`PySnapshot`] (`kvfs.StoreSnapshot`): the rows of a store copied out of engine memory
+//!   (`Loader.snapshot`), stored later by `Loader.store_snapshot` on any thread, so an engine's
+//!   step does not wait on hashing and the disk.
 //! - [`loader_metrics`] (`kvfs.loader_metrics()`): this process's loader counters and latency
 //!   histograms (`kvfs_loader::metrics`), which the vLLM connector reports.
 //!
@@ -24,7 +27,7 @@
 use kvfs_loader::layout::{LayoutKind, PlaneStrides, Strides};
 use kvfs_loader::{
     BlockMap, Dest, Dtype, IoMode, KvKind, KvLayout, LoadHandle, LoadRequest, LoadStats, Loader,
-    LoaderError, LoaderOptions, ModelSpec, RawRegion, StoreStats, Verify,
+    LoaderError, LoaderOptions, ModelSpec, RawRegion, StoreSnapshot, StoreStats, Verify,
 };
 use pyo3::create_exception;
 use pyo3::exceptions::PyException;
@@ -443,6 +446,28 @@ impl PyLoadHandle {
     }
 }
 
+/// Rows of the chunks a store will write, copied out of engine memory by `Loader.snapshot`;
+/// `Loader.store_snapshot` writes them (on any thread; the GIL is released).
+#[pyclass(name = "StoreSnapshot", module = "kvfs", frozen)]
+struct PySnapshot {
+    snap: StoreSnapshot,
+}
+
+#[pymethods]
+impl PySnapshot {
+    /// Bytes of KV held.
+    #[getter]
+    fn bytes(&self) -> usize {
+        self.snap.bytes()
+    }
+    /// `(start, end)`: the token positions held (empty when every chunk was present).
+    #[getter]
+    fn positions(&self) -> (usize, usize) {
+        let r = self.snap.positions();
+        (r.start, r.end)
+    }
+}
+
 /// A loader bound to one chunk directory (a kvfs mount or a cache directory) and one model
 /// namespace.
 #[pyclass(name = "Loader", module = "kvfs", frozen)]
@@ -518,7 +543,8 @@ impl PyLoader {
         }
     }
 
-    /// How many leading tokens of `tokens` are cached (whole chunks, up to the first missing).
+    /// How many leading tokens of `tokens` are cached: whole chunks up to the first missing,
+    /// or all of `tokens` when their trailing partial chunk was stored (`store(tail=True)`).
     fn lookup(&self, py: Python<'_>, tokens: Vec<u32>) -> usize {
         py.detach(|| self.loader.lookup(&tokens))
     }
@@ -538,8 +564,9 @@ impl PyLoader {
     }
 
     /// Starts loading token positions `start..end` (default: every full chunk) into the
-    /// blocks `block_ids` (block `block_ids[p // block_size]` holds position `p`). Returns at
-    /// once; bad requests raise before any byte moves.
+    /// blocks `block_ids` (block `block_ids[p // block_size]` holds position `p`). `end` may
+    /// reach `len(tokens)`: past the last full chunk is the trailing partial chunk of all of
+    /// `tokens`. Returns at once; bad requests raise before any byte moves.
     #[pyo3(signature = (tokens, layout, block_ids, start = 0, end = None, verify = None))]
     #[allow(clippy::too_many_arguments)]
     fn load(
@@ -573,11 +600,14 @@ impl PyLoader {
     }
 
     /// Stores the full chunks of `tokens` not present yet, reading positions `0..` from the
-    /// blocks `block_ids`. Returns `{"written", "present", "bytes_written"}`. `importance`:
-    /// per chunk, per layer, per group the attention mass the group drew (shares of one unit
-    /// per layer over the prompt) from the prompt's last `observed_queries` queries, written
-    /// into chunk headers (format v2; chunks past the list get none).
-    #[pyo3(signature = (tokens, layout, block_ids, importance = None, observed_queries = 32))]
+    /// blocks `block_ids`; with `tail`, the trailing partial chunk of `tokens` too (store it
+    /// once the prompt is complete: a later `lookup` of exactly these tokens then finds all of
+    /// them). `importance`: per chunk, per layer, per group the attention mass the group drew
+    /// (shares of one unit per layer over the prompt) from the prompt's last
+    /// `observed_queries` queries, written into chunk headers (format v2; chunks past the list
+    /// get none). Returns `{"written", "present", "bytes_written"}`.
+    #[pyo3(signature = (tokens, layout, block_ids, importance = None, observed_queries = 32, *, tail = false))]
+    #[allow(clippy::too_many_arguments)]
     fn store<'py>(
         &self,
         py: Python<'py>,
@@ -586,6 +616,7 @@ impl PyLoader {
         block_ids: Vec<u32>,
         importance: Option<Vec<Vec<Vec<f32>>>>,
         observed_queries: u32,
+        tail: bool,
     ) -> PyResult<Bound<'py, PyDict>> {
         host_layout(layout)?;
         let imps = importance::from_lists(
@@ -595,7 +626,41 @@ impl PyLoader {
         )?;
         let src = Dest::host(&layout.layout, block_map(&block_ids));
         let stats = py
-            .detach(|| self.loader.store_with_importance(&tokens, &src, &imps))
+            .detach(|| self.loader.store_with(&tokens, &src, &imps, tail))
+            .map_err(to_py)?;
+        store_dict(py, &stats)
+    }
+
+    /// Copies the rows that `store(tokens, layout, block_ids, tail=tail)` would write now (the
+    /// chunks not present yet) out of the blocks, so the blocks may be reused at once; store
+    /// them later with `store_snapshot`. Raises as `store` does on a bad request.
+    #[pyo3(signature = (tokens, layout, block_ids, *, tail = false))]
+    fn snapshot(
+        &self,
+        py: Python<'_>,
+        tokens: Vec<u32>,
+        layout: &PyLayout,
+        block_ids: Vec<u32>,
+        tail: bool,
+    ) -> PyResult<PySnapshot> {
+        host_layout(layout)?;
+        let src = Dest::host(&layout.layout, block_map(&block_ids));
+        let snap = py
+            .detach(|| self.loader.snapshot(&tokens, &src, tail))
+            .map_err(to_py)?;
+        Ok(PySnapshot { snap })
+    }
+
+    /// Stores the chunks of a `snapshot` of this loader still absent. Returns
+    /// `{"written", "present", "bytes_written"}`; `InvalidRequest` for a snapshot of another
+    /// namespace or salt.
+    fn store_snapshot<'py>(
+        &self,
+        py: Python<'py>,
+        snapshot: &PySnapshot,
+    ) -> PyResult<Bound<'py, PyDict>> {
+        let stats = py
+            .detach(|| self.loader.store_snapshot(&snapshot.snap))
             .map_err(to_py)?;
         store_dict(py, &stats)
     }
@@ -667,6 +732,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyLayout>()?;
     m.add_class::<PyLoader>()?;
     m.add_class::<PyLoadHandle>()?;
+    m.add_class::<PySnapshot>()?;
     m.add_function(wrap_pyfunction!(loader_metrics, m)?)?;
     m.add("KvfsError", py.get_type::<KvfsError>())?;
     m.add("SpecError", py.get_type::<SpecError>())?;

@@ -15,6 +15,13 @@ An engine that dies (vLLM's ExampleConnector crashes its engine when it reuses a
 that prompt is recorded as "crashed: <reason>" for the configuration and a fresh engine
 continues with the rest.
 
+The store overhead (the first request of a prompt, whose prefill stores its chunks, against the
+same prompt in an engine without a connector) is measured over `--store-rounds` rounds, each
+three fresh engines in rotating order: no connector, kvfs storing asynchronously (the default:
+the step copies the rows, a writer thread writes them) and kvfs storing in the step
+(`kvfs_store_async: false`), each kvfs one through a fresh mount over an empty cache
+directory; a figure is the median of the rounds' ratios.
+
 Every engine reserves one core for vLLM's engine process (VLLM_CPU_NUM_OF_RESERVED_CPU=1: with
 a KV connector vLLM would otherwise reserve a different number), so all compute with the same
 threads. Prompts are real English: the licence texts Debian's base-files ships in
@@ -30,6 +37,7 @@ import json
 import os
 import platform
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -117,13 +125,13 @@ def engine(args, work: Path, name: str, seq: list[str], kv: dict | None, *, drop
     return results
 
 
-def kvfs_cfg(path: Path) -> dict:
+def kvfs_cfg(path: Path, *, store_async: bool = True) -> dict:
     return {
         "kv_connector": "KvfsConnector",
         "kv_connector_module_path": "kvfs.vllm",
         "kv_role": "kv_both",
         "kv_load_failure_policy": "recompute",
-        "kv_connector_extra_config": {"kvfs_path": str(path)},
+        "kv_connector_extra_config": {"kvfs_path": str(path), "kvfs_store_async": store_async},
     }
 
 
@@ -268,15 +276,26 @@ def cell(o: Outcome | None, base: float | None = None, *, cached: bool = True) -
     return s
 
 
+def ratio_cell(ratios: list[float]) -> str:
+    """The median of per-round ratios, and the rounds'."""
+    if not ratios:
+        return "-"
+    return f"{statistics.median(ratios):.2f}x (rounds: {', '.join(f'{x:.2f}' for x in ratios)})"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", required=True)
     ap.add_argument("--kvfs-bin", required=True)
     ap.add_argument("--sizes", default="1024,4096,8191")
     ap.add_argument("--rounds", type=int, default=2, help="interleaved rounds of the reuse configurations")
+    ap.add_argument("--store-rounds", type=int, default=3,
+                    help="rounds of (full prefill, first request storing into an empty cache)")
     ap.add_argument("--reps", type=int, default=2, help="requests of each prompt per engine")
     ap.add_argument("--work", default=None)
     ap.add_argument("--loader-only", action="store_true", help="only the loader, fio and memcpy figures")
+    ap.add_argument("--store-only", action="store_true",
+                    help="only the store rounds: the first request storing against the full prefill")
     args = ap.parse_args()
     work = Path(args.work or tempfile.mkdtemp(prefix="kvfs-bench-vllm-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -302,10 +321,14 @@ def main() -> None:
     from conftest import s3_config, s3_endpoint
 
     reps = [p for _ in range(args.reps) for p in prompts]
-    base = engine(args, work, "full-prefill", prompts, None)
+    base: dict[str, Outcome] = {}
+    kv_store: dict[str, Outcome] = {}
+    # per prompt, each store round's ratio (first request storing / full prefill)
+    store_ratios: dict[str, list[float]] = {p: [] for p in prompts}
+    sync_ratios: dict[str, list[float]] = {p: [] for p in prompts}
     ex_dir = work / "example"
     ex_dir.mkdir(exist_ok=True)
-    ex_store = engine(args, work, "example-store", prompts, example_cfg(ex_dir))
+    ex_store = {} if args.store_only else engine(args, work, "example-store", prompts, example_cfg(ex_dir))
     ex_hit: dict[str, Outcome] = {}
     kv_warm: dict[str, Outcome] = {}
     kv_cold: dict[str, Outcome] = {}
@@ -316,7 +339,45 @@ def main() -> None:
         # is the local store's); `kvfs sync push` finishes them before host B starts
         config = s3_config(work / "s3.toml", s3, write_through=False) if s3 else None
         mnt = stack.enter_context(mounted(args, work / "kvfs-cache", work / "kvfs-mnt", config))
-        kv_store = engine(args, work, "kvfs-store", prompts, kvfs_cfg(mnt))
+        for r in range(args.store_rounds):
+            # A pair of fresh engines, in alternating order; the kvfs one stores into an empty
+            # cache through a fresh mount (the last round's is the one the reuse rounds read).
+            last = r == args.store_rounds - 1
+            round_base: dict[str, Outcome] = {}
+            round_store: dict[str, Outcome] = {}
+            round_sync: dict[str, Outcome] = {}
+            kinds = ["base", "store", "sync"]
+            for which in kinds[r % 3:] + kinds[: r % 3]:
+                if which == "base":
+                    engine(args, work, f"full-prefill-{r}", prompts, None, results=round_base)
+                elif which == "store" and last:
+                    engine(args, work, f"kvfs-store-{r}", prompts, kvfs_cfg(mnt), results=round_store)
+                else:
+                    cache = work / f"kvfs-{which}-cache-{r}"
+                    cfg = lambda m: kvfs_cfg(m, store_async=which == "store")  # noqa: E731
+                    out = round_store if which == "store" else round_sync
+                    with mounted(args, cache, work / f"kvfs-{which}-mnt-{r}") as m:
+                        engine(args, work, f"kvfs-{which}-{r}", prompts, cfg(m), results=out)
+                    shutil.rmtree(cache, ignore_errors=True)
+            for p in prompts:
+                b, st, sy = round_base.get(p), round_store.get(p), round_sync.get(p)
+                if b and st and b.median and st.median:
+                    store_ratios[p].append(st.median / b.median)
+                if b and sy and b.median and sy.median:
+                    sync_ratios[p].append(sy.median / b.median)
+                for src, dst in ((round_base, base), (round_store, kv_store)):
+                    if p in src:
+                        o = dst.setdefault(p, Outcome())
+                        o.seconds += src[p].seconds
+                        o.cached = src[p].cached
+                        o.crashed = o.crashed or src[p].crashed
+        if args.store_only:
+            print(f"store overhead, load average at the end {os.getloadavg()}:")
+            for n in sizes:
+                p = full[n]
+                print(f"| {n:,} | {cell(base.get(p), cached=False)} | {cell(kv_store.get(p), cached=False)} "
+                      f"| {ratio_cell(store_ratios[p])} | {ratio_cell(sync_ratios[p])} |")
+            return
         for r in range(args.rounds):
             # the shared prompts once, in the first round: their first request is the measure
             extra = [shared[n] for n in sizes] if r == 0 else []
@@ -344,12 +405,16 @@ def main() -> None:
         kw = kv_warm.get(p)
         w = kw.median if kw else None
         store_ratio = lambda o: f"{o[p].median / b:.2f}x" if p in o and o[p].median and b else cell(o.get(p))
+        kv_store_cell = (
+            f"{ratio_cell(store_ratios[p])}; in the step: {ratio_cell(sync_ratios[p])}"
+            if store_ratios[p] else store_ratio(kv_store)
+        )
         rows.append(
             f"| {n:,} | {cell(base[p], cached=False)} | {cell(ex_hit.get(p), b)} | {cell(kw, b)} "
             f"| {(ex_hit[p].median / w) if p in ex_hit and ex_hit[p].median and w else float('nan'):.2f}x "
             f"| {cell(kv_cold.get(p), w, cached=False)} warm "
             f"| {cell(kv_s3.get(p), w) + ' warm' if s3 else 'no S3 server'} "
-            f"| {store_ratio(kv_store)} / {store_ratio(ex_store)} "
+            f"| {kv_store_cell} / {store_ratio(ex_store)} "
             f"| {ex_hit[s].cached if s in ex_hit else '-'} / {kv_warm[s].cached if s in kv_warm else '-'}: "
             f"{cell(kv_warm.get(s), b, cached=False)} |"
         )
@@ -361,10 +426,11 @@ def main() -> None:
     print()
     ended = datetime.datetime.now(datetime.timezone.utc)
     print(f"{started:%Y-%m-%d %H:%M}-{ended:%H:%M} UTC, {platform.node()}: {os.cpu_count()} cores, {cpu}; "
-          f"load average at the end {os.getloadavg()}; rounds {args.rounds}, requests per engine {args.reps}")
+          f"load average at the end {os.getloadavg()}; rounds {args.rounds}, requests per engine {args.reps}, "
+          f"store rounds {args.store_rounds}")
     print("| prompt tokens | full prefill | ExampleConnector (reused) = x full | kvfs mount, warm (reused) = x full "
           "| kvfs speed-up over Example | kvfs, caches dropped = x warm | kvfs from S3, empty host (reused) = x warm "
-          "| first request with store: kvfs / Example (x full) | 75%-shared prompt reused: Example / kvfs; kvfs TTFT |")
+          "| first request with store, x full prefill: kvfs, writer thread (median of rounds); in the step / Example | 75%-shared prompt reused: Example / kvfs; kvfs TTFT |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         print(r)

@@ -102,6 +102,77 @@ def test_vllm_cpu_layout_matches_the_kernel_and_round_trips(tmp_path: Path, dtyp
         assert not kv2[1].any() and not kv2[4].any() and not kv2[5].any()
 
 
+def test_a_prompt_tail_is_stored_found_and_loaded_to_the_last_token(tmp_path: Path) -> None:
+    """The connector's reuse up to the last prompt token: `store(tail=True)` adds the
+    partial last chunk, `lookup` of exactly these tokens finds all of them (an extended or
+    changed tail does not), and a load up to the token before the last places every value the
+    kernel wrote, leaving the last position alone."""
+    layers, tokens = 2, 3 * BS + 5
+    torch.manual_seed(1)
+    keys = [torch.randn(tokens, HEADS, DIM).to(torch.bfloat16) for _ in range(layers)]
+    values = [torch.randn(tokens, HEADS, DIM).to(torch.bfloat16) for _ in range(layers)]
+    table = [4, 1, 5, 0]
+    kvs = cpu_cache(layers, 6, torch.bfloat16)
+    for kv, k, v in zip(kvs, keys, values):
+        fill_with_kernel(kv, k, v, table)
+    ids = list(range(2000, 2000 + tokens))
+    loader = kvfs.Loader(tmp_path, spec("bf16", layers), verify="full")
+    st = loader.store(ids, layout_of(kvs), table)
+    assert (st["written"], loader.lookup(ids)) == (3, 3 * BS)
+    st = loader.store(ids, layout_of(kvs), table, tail=True)
+    assert (st["written"], st["present"]) == (1, 3)
+    assert loader.lookup(ids) == tokens
+    assert loader.lookup(ids + [7]) == 3 * BS
+    assert loader.lookup(ids[:-1] + [ids[-1] + 1]) == 3 * BS
+
+    k_out = [torch.zeros(tokens, HEADS, DIM, dtype=torch.bfloat16) for _ in range(layers)]
+    v_out = [torch.zeros(tokens, HEADS, DIM, dtype=torch.bfloat16) for _ in range(layers)]
+    h = loader.load(ids, rows_layout(k_out, v_out), list(range(tokens)), end=tokens - 1)
+    stats = h.wait()
+    assert (stats["chunks"], stats["tokens"]) == (4, tokens - 1)
+    for layer in range(layers):
+        assert torch.equal(k_out[layer][:-1], keys[layer][:-1])
+        assert torch.equal(v_out[layer][:-1], values[layer][:-1])
+        assert not k_out[layer][-1].any() and not v_out[layer][-1].any()
+    # past the sequence is refused before any read
+    with pytest.raises(kvfs.InvalidRequest):
+        loader.load(ids, rows_layout(k_out, v_out), list(range(tokens)), end=tokens + 1)
+
+
+def test_a_snapshot_stores_what_the_blocks_held_when_it_was_taken(tmp_path: Path) -> None:
+    """The connector's asynchronous store: `snapshot` copies the rows out of the blocks, the
+    engine may then reuse them, and `store_snapshot` (another thread's) writes the copy."""
+    layers, tokens = 2, 2 * BS + 9
+    torch.manual_seed(2)
+    keys = [torch.randn(tokens, HEADS, DIM).to(torch.bfloat16) for _ in range(layers)]
+    values = [torch.randn(tokens, HEADS, DIM).to(torch.bfloat16) for _ in range(layers)]
+    table = [2, 0, 3]
+    kvs = cpu_cache(layers, 4, torch.bfloat16)
+    for kv, k, v in zip(kvs, keys, values):
+        fill_with_kernel(kv, k, v, table)
+    ids = list(range(3000, 3000 + tokens))
+    loader = kvfs.Loader(tmp_path, spec("bf16", layers), salt=b"a")
+    snap = loader.snapshot(ids, layout_of(kvs), table, tail=True)
+    assert snap.positions == (0, tokens)
+    assert snap.bytes == layers * 2 * tokens * HEADS * DIM * 2
+    for kv in kvs:
+        kv.fill_(7.0)  # the engine reuses the blocks
+    assert loader.lookup(ids) == 0
+    with pytest.raises(kvfs.InvalidRequest):
+        kvfs.Loader(tmp_path, spec("bf16", layers), salt=b"b").store_snapshot(snap)
+    st = loader.store_snapshot(snap)
+    assert (st["written"], st["present"]) == (3, 0)
+    assert loader.lookup(ids) == tokens
+    k_out = [torch.zeros(tokens, HEADS, DIM, dtype=torch.bfloat16) for _ in range(layers)]
+    v_out = [torch.zeros(tokens, HEADS, DIM, dtype=torch.bfloat16) for _ in range(layers)]
+    loader.load(ids, rows_layout(k_out, v_out), list(range(tokens)), end=tokens).wait()
+    for layer in range(layers):
+        assert torch.equal(k_out[layer], keys[layer])
+        assert torch.equal(v_out[layer], values[layer])
+    # every chunk present: the next snapshot holds nothing
+    assert loader.snapshot(ids, layout_of(kvs), table, tail=True).bytes == 0
+
+
 def test_load_range_and_layer_wise_waits(tmp_path: Path) -> None:
     layers = 4
     kvs = cpu_cache(layers, 8, torch.bfloat16)
@@ -143,7 +214,7 @@ def test_typed_errors(tmp_path: Path) -> None:
     loader = kvfs.Loader(tmp_path, spec("bf16"), verify="full")
     ids = list(range(3 * BS))
     loader.store(ids, layout, [0, 1, 2])
-    # a block id outside the cache, a range beyond the cached chunks, a model of other shape
+    # a block id outside the cache, a range beyond the sequence, a model of other shape
     with pytest.raises(kvfs.LayoutError):
         loader.load(ids, layout, [0, 9, 2])
     with pytest.raises(kvfs.InvalidRequest):

@@ -1,10 +1,14 @@
 """kvfs.vllm.KvfsConnector in real vLLM engines (CPU, SmolLM2-135M, bf16, eager), each engine
 a fresh process (vllm_engine.py):
 
-1. engine 1 serves a 1,100-token prompt of real English text and stores its chunks through a
-   real kvfs mount (backed by S3 when a server is at hand);
-2. engine 2, fresh, gets num_cached_tokens = the stored chunks' tokens and the same 32 greedy
-   tokens (and first-token logprob within tolerance) as an engine without a connector;
+1. engine 1 serves a 1,100-token prompt of real English text (ending inside a block) and stores
+   its chunks through a real kvfs mount (backed by S3 when a server is at hand): 8 full
+   chunks and the partial last one; then a 1,024-token prompt (a whole number of blocks)
+   that shares its first 896 tokens, and stores its last chunk;
+2. engine 2, fresh, repeats both: the first gets num_cached_tokens = 1,099 (everything but
+   the last token) from kvfs, the second 1,023 (896 from vLLM's own prefix cache, the first
+   127 tokens of the last block from kvfs); both with the same 32 greedy tokens (and
+   first-token logprob within tolerance) as an engine without a connector;
 3. host B, an empty cache mounted over the same bucket, gets the same hit and tokens;
 4. a chunk corrupted on disk is reported, recomputed, and the tokens stay the same;
 5. the OpenAI-compatible server answers two requests, the second with cached tokens, and its
@@ -32,8 +36,16 @@ from conftest import Mount, fuse_ok, kvfs_bin, need, s3_config, s3_endpoint
 
 TEXT = Path("/usr/share/common-licenses/GPL-3")  # base-files: real English, ~8,000 tokens
 PROMPT = "0:1100"
+# 1,024 tokens (a whole number of blocks, its last chunk full) sharing 7 blocks with PROMPT.
+# Every engine serves it after PROMPT, with vLLM's prefix cache on, so the tokens of its last
+# block are computed in the same split everywhere (on top of the 896 cached ones) and their
+# KV is bit for bit the same: only then can greedy tokens be compared exactly (a different
+# split rounds differently in bf16 and may flip a near-tie).
+BLOCKS_PROMPT = "0:896,2000:128"
 BLOCK = 128  # vLLM's CPU block size, and so the connector's chunk size
-HIT = (1100 - 1) // BLOCK * BLOCK  # whole blocks before the last token: 1,024
+HIT = 1100 - 1  # everything but the last token, which vLLM computes
+# the 8 full chunks of the prompt and its partial last chunk
+CHUNKS = 1100 // BLOCK + 1
 MODEL = Path(
     os.environ.get(
         "KVFS_VLLM_MODEL",
@@ -66,11 +78,16 @@ def kv_config(path: Path) -> dict:
     }
 
 
-def run_engine(logs: Path, name: str, kv: dict | None) -> tuple[dict, str]:
-    """Runs vllm_engine.py in a fresh process; returns its one result and its log."""
+def run_engines(
+    logs: Path, name: str, kv: dict | None, prompts: tuple[str, ...] = (PROMPT,)
+) -> tuple[list[dict], str]:
+    """Runs vllm_engine.py in a fresh process on `prompts`, one after the other; returns its
+    results and its log."""
     out = logs / f"{name}.json"
     cmd = [sys.executable, str(ENGINE), "--model", str(MODEL), "--text", str(TEXT)]
-    cmd += ["--prompt", PROMPT, "--max-tokens", "32", "--out", str(out)]
+    for p in prompts:
+        cmd += ["--prompt", p]
+    cmd += ["--max-tokens", "32", "--out", str(out)]
     if kv is not None:
         cmd += ["--kv", json.dumps(kv)]
     env = dict(os.environ, **ENGINE_ENV)
@@ -79,7 +96,13 @@ def run_engine(logs: Path, name: str, kv: dict | None) -> tuple[dict, str]:
         rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, timeout=1200).returncode
     text = log.read_text()
     assert rc == 0, f"engine {name} failed ({rc}):\n{text[-4000:]}"
-    return json.loads(out.read_text())["results"][0], text
+    return json.loads(out.read_text())["results"], text
+
+
+def run_engine(logs: Path, name: str, kv: dict | None) -> tuple[dict, str]:
+    """`run_engines` of PROMPT alone: its one result and the log."""
+    results, text = run_engines(logs, name, kv)
+    return results[0], text
 
 
 @pytest.fixture(scope="module")
@@ -91,10 +114,16 @@ def logs(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def baseline(logs: Path) -> dict:
-    result, _ = run_engine(logs, "baseline", None)
-    assert len(result["tokens"]) == 32
-    return result
+def baselines(logs: Path) -> list[dict]:
+    """PROMPT and BLOCKS_PROMPT in an engine without a connector."""
+    results, _ = run_engines(logs, "baseline", None, (PROMPT, BLOCKS_PROMPT))
+    assert [len(r["tokens"]) for r in results] == [32, 32]
+    return results
+
+
+@pytest.fixture(scope="module")
+def baseline(baselines: list[dict]) -> dict:
+    return baselines[0]
 
 
 @pytest.fixture(scope="module")
@@ -118,19 +147,35 @@ def chunk_files(mnt: Path) -> list[Path]:
     return sorted(p for p in mnt.glob("*/*.kvc"))
 
 
-def test_engine_stores_then_a_fresh_engine_reuses_through_a_mount(logs, baseline, host_a) -> None:
-    first, log = run_engine(logs, "engine1", kv_config(host_a.dir))
+def test_engine_stores_then_a_fresh_engine_reuses_through_a_mount(logs, baselines, host_a) -> None:
+    baseline, whole_blocks = baselines
+    (first, other), log = run_engines(
+        logs, "engine1", kv_config(host_a.dir), (PROMPT, BLOCKS_PROMPT)
+    )
     assert first["num_cached_tokens"] == 0
     assert first["tokens"] == baseline["tokens"]
+    # the shared 7 blocks come from vLLM's own prefix cache; kvfs has nothing beyond them
+    assert other["num_cached_tokens"] == 896 == whole_blocks["num_cached_tokens"]
+    assert other["tokens"] == whole_blocks["tokens"]
     files = chunk_files(host_a.dir)
-    # every full 128-token chunk of the 1,100-token prompt
-    assert len(files) == 1100 // BLOCK, (files, log[-3000:])
+    # every full 128-token chunk of the 1,100-token prompt, its partial last chunk, and the
+    # last chunk of the 1,024-token one
+    assert len(files) == CHUNKS + 1, (files, log[-3000:])
 
-    second, log = run_engine(logs, "engine2", kv_config(host_a.dir))
+    (second, third), log = run_engines(
+        logs, "engine2", kv_config(host_a.dir), (PROMPT, BLOCKS_PROMPT)
+    )
     assert second["num_cached_tokens"] == HIT, log[-3000:]
     assert second["tokens"] == baseline["tokens"]
     assert abs(second["first_logprob"] - baseline["first_logprob"]) <= LOGPROB_TOLERANCE
+    # 1,024 tokens: vLLM's prefix cache has 7 blocks of them (a local hit stops before the
+    # last token's block), kvfs the first 127 tokens of the 8th (a full chunk)
+    assert third["num_cached_tokens"] == 1024 - 1, log[-3000:]
+    assert third["tokens"] == whole_blocks["tokens"]
+    assert abs(third["first_logprob"] - whole_blocks["first_logprob"]) <= LOGPROB_TOLERANCE
     assert "kvfs: load of request" not in log
+    # nothing new was stored: every chunk came from kvfs
+    assert len(chunk_files(host_a.dir)) == CHUNKS + 1
 
 
 def test_host_b_with_an_empty_cache_gets_the_hit_through_s3(logs, baseline, host_a, s3) -> None:
@@ -144,7 +189,7 @@ def test_host_b_with_an_empty_cache_gets_the_hit_through_s3(logs, baseline, host
         assert result["tokens"] == baseline["tokens"]
         assert abs(result["first_logprob"] - baseline["first_logprob"]) <= LOGPROB_TOLERANCE
         # the chunks came from the bucket into host B's cache
-        assert len(list((logs / "cache-b").rglob("*.kvc"))) == 1100 // BLOCK
+        assert len(list((logs / "cache-b").rglob("*.kvc"))) == CHUNKS
     finally:
         m.stop()
 
@@ -178,7 +223,7 @@ def test_a_corrupt_chunk_is_recomputed_with_the_same_tokens(logs, baseline, host
     backing.write_bytes(bytes(data))
     result, log = run_engine(logs, "corrupt", kv_config(host_a.dir))
     assert "kvfs: load of request" in log and "will be recomputed" in log, log[-3000:]
-    assert f"{HIT // BLOCK} blocks will be recomputed" in log, log[-3000:]
+    assert f"{-(-HIT // BLOCK)} blocks will be recomputed" in log, log[-3000:]
     assert result["tokens"] == baseline["tokens"]
     assert abs(result["first_logprob"] - baseline["first_logprob"]) <= LOGPROB_TOLERANCE
 
@@ -240,7 +285,7 @@ def test_openai_server_answers_the_second_request_from_kvfs(logs) -> None:
         cached = lambda r: ((r["usage"].get("prompt_tokens_details") or {}).get("cached_tokens") or 0)  # noqa: E731
         assert cached(first) == 0
         n = first["usage"]["prompt_tokens"]
-        assert cached(second) == (n - 1) // BLOCK * BLOCK, second["usage"]
+        assert cached(second) == n - 1, second["usage"]
         assert second["choices"][0]["text"] == first["choices"][0]["text"]
         # The connector's figures reach vLLM's own /metrics (kvfs.vllm_stats): the second
         # request's hit and its load. Stats arrive with the engine's step outputs: poll briefly.

@@ -30,8 +30,9 @@ def main() -> None:
     ap.add_argument(
         "--warmup",
         action="store_true",
-        help="first serve a 64-token prompt from the text's end (below one block: nothing is "
-        "stored or loaded), so one-time costs stay out of the timed requests",
+        help="first serve a 64-token prompt from the text's end (below one block: with a kvfs "
+        "connector only its own partial chunk is stored or loaded), so one-time costs stay out "
+        "of the timed requests",
     )
     ap.add_argument(
         "--drop-caches",

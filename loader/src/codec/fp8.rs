@@ -5,9 +5,12 @@
 //! that each head's values sit in its range: the scale `2^s` of a (token, head) row is the
 //! smallest power of two with `max |x| / 2^s <= 448`. A power of two makes scaling exact and
 //! costs one signed byte; because e4m3's relative precision is the same across its normal
-//! range, a finer (non power-of-two) scale would not round values any better. A scale per
-//! token and head (rather than per channel) follows the rows engines write: each row is
-//! encoded from itself alone.
+//! range, a finer (non power-of-two) scale does not round values any better. Measured on
+//! SmolLM2 (docs/BENCHMARKS.md, "Codecs"): a scale byte with 3 mantissa bits (the row's
+//! largest value within 1/8 of 448), a per-channel scale for keys, and an exact `absmax / 448`
+//! scale changed which values round which way, not how well: none beat the power of two over
+//! the prompts measured. A scale per token and head (rather than per channel) follows the rows
+//! engines write: each row is encoded from itself alone. Rounding is to nearest, ties to even.
 //!
 //! Stored group: `tokens * heads` scale exponents (`i8`), then `tokens * heads * head_dim`
 //! e4m3 bytes, token-major like the raw plane.
@@ -69,7 +72,8 @@ fn lut() -> &'static [f32; 256] {
     LUT.get_or_init(|| std::array::from_fn(|b| e4m3_to_f32(b as u8)))
 }
 
-pub(crate) fn e4m3_to_f32(b: u8) -> f32 {
+/// The value of an e4m3 byte (NaN for 0x7F and 0xFF).
+pub fn e4m3_to_f32(b: u8) -> f32 {
     let sign = if b & 0x80 != 0 { -1.0 } else { 1.0 };
     let e = ((b >> 3) & 0x0F) as i32;
     let m = (b & 0x07) as f32;
@@ -85,7 +89,7 @@ pub(crate) fn e4m3_to_f32(b: u8) -> f32 {
 }
 
 /// Rounds to the nearest e4m3 value (ties to even), saturating at ±448; NaN stays NaN.
-pub(crate) fn f32_to_e4m3(x: f32) -> u8 {
+pub fn f32_to_e4m3(x: f32) -> u8 {
     let sign = if x.is_sign_negative() { 0x80u8 } else { 0 };
     let a = x.abs();
     if a.is_nan() {

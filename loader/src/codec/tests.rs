@@ -211,3 +211,184 @@ fn names_parse_and_unknown_names_are_errors() {
     assert!(matches!(Codec::parse("gzip"), Err(CodecError::UnknownName(n)) if n == "gzip"));
     assert_eq!(Codec::from_u8(200), None);
 }
+
+/// The SSSE3 exponent decoder and the scalar one give the same exponents, escapes included,
+/// for every length (whole 32-element steps and tails), and the same errors.
+#[test]
+fn lossless_exponent_decoders_agree() {
+    let table: [u8; 16] = std::array::from_fn(|i| if i < 7 { 100 + 3 * i as u8 } else { 0 });
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    let mut next = || {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x
+    };
+    for n in [0, 1, 31, 32, 33, 64, 95, 3072, 3073] {
+        let idx: Vec<u8> = (0..n)
+            .map(|_| {
+                let r = next();
+                // About one in eight indices is the escape.
+                if r % 8 == 0 { 7 } else { (r >> 8) as u8 % 7 }
+            })
+            .collect();
+        let planes: Vec<u8> = (0..3)
+            .flat_map(|b| {
+                idx.chunks(8)
+                    .map(move |e| {
+                        e.iter()
+                            .enumerate()
+                            .fold(0u8, |a, (k, i)| a | ((i >> b) & 1) << k)
+                    })
+                    .collect::<Vec<u8>>()
+            })
+            .collect();
+        let escapes: Vec<u8> = (0..idx.iter().filter(|&&i| i == 7).count())
+            .map(|k| k as u8)
+            .collect();
+        let want: Vec<u8> = {
+            let mut k = 0;
+            idx.iter()
+                .map(|&i| {
+                    if i == 7 {
+                        k += 1;
+                        (k - 1) as u8
+                    } else {
+                        table[i as usize]
+                    }
+                })
+                .collect()
+        };
+        let [scalar, fast] = lossless::testing::exponents_both_ways(&planes, &table, &escapes, n);
+        assert_eq!(scalar.as_ref().unwrap(), &want, "scalar, {n} elements");
+        assert_eq!(fast.as_ref().unwrap(), &want, "fast, {n} elements");
+        if !escapes.is_empty() {
+            // One escape short, one too many: both decoders refuse, with the same error.
+            for esc in [&escapes[1..], &[escapes.as_slice(), &[0]].concat()[..]] {
+                let [scalar, fast] =
+                    lossless::testing::exponents_both_ways(&planes, &table, esc, n);
+                assert!(scalar.is_err(), "{n} elements, {} escapes", esc.len());
+                assert_eq!(scalar, fast, "{n} elements, {} escapes", esc.len());
+            }
+        }
+    }
+}
+
+/// Damaged lossless groups are typed errors naming the codec, never wrong bytes in `out`:
+/// an unknown mode, an escape count that does not match the indices, a coded group of fp8
+/// KV, a stray bit in the unused last index, an empty group.
+#[test]
+fn lossless_damaged_headers_are_typed_errors() {
+    let s = shape(Dtype::Bf16, 1, 16);
+    let mut v = values(s.elements(), 5);
+    // Twenty distinct exponents: some escape (the table holds 7).
+    for (i, x) in v.iter_mut().take(20).enumerate() {
+        *x = 2f32.powi(i as i32 - 10);
+    }
+    let raw = raw_of(Dtype::Bf16, &v);
+    let mut coder = Coder::new();
+    let mut stored = Vec::new();
+    coder
+        .encode(Codec::Lossless, &s, &raw, &mut stored)
+        .unwrap();
+    assert_eq!(stored[0], 1, "coded, not stored raw");
+    let escaped = u32::from_le_bytes(stored[8..12].try_into().unwrap());
+    assert!(escaped > 0, "the test needs escapes");
+    let mut out = vec![0u8; raw.len()];
+    coder
+        .decode(Codec::Lossless, &s, &stored, &mut out)
+        .unwrap();
+    assert_eq!(out, raw);
+    let is_corrupt = |r: Result<(), CodecError>| {
+        matches!(
+            r,
+            Err(CodecError::Corrupt {
+                codec: Codec::Lossless,
+                ..
+            })
+        )
+    };
+    let mut bad = stored.clone();
+    bad[0] = 7;
+    assert!(is_corrupt(coder.decode(
+        Codec::Lossless,
+        &s,
+        &bad,
+        &mut out
+    )));
+    // One escape fewer in the count, and the last stored byte dropped to keep the length.
+    let mut bad = stored.clone();
+    bad[8..12].copy_from_slice(&(escaped - 1).to_le_bytes());
+    bad.pop();
+    assert!(is_corrupt(coder.decode(
+        Codec::Lossless,
+        &s,
+        &bad,
+        &mut out
+    )));
+    // The index of an element that was not escaped turned into an escape: more escapes
+    // used than stored.
+    let plane = s.elements() / 8;
+    let index = |i: usize| {
+        (0..3).fold(0, |a, b| {
+            a | ((stored[12 + b * plane + i / 8] >> (i % 8)) & 1) << b
+        })
+    };
+    let first = (0..s.elements()).find(|&i| index(i) != 7).unwrap();
+    let mut bad = stored.clone();
+    for b in 0..3 {
+        bad[12 + b * plane + first / 8] |= 1 << (first % 8);
+    }
+    assert!(is_corrupt(coder.decode(
+        Codec::Lossless,
+        &s,
+        &bad,
+        &mut out
+    )));
+    let fp8 = shape(Dtype::Fp8E4m3, 1, 16);
+    let mut fp8_out = vec![0u8; fp8.raw_len()];
+    let mut coded = stored[..12].to_vec();
+    coded.resize(12 + 3 * fp8.elements().div_ceil(8), 0);
+    assert!(is_corrupt(coder.decode(
+        Codec::Lossless,
+        &fp8,
+        &coded,
+        &mut fp8_out
+    )));
+    // An element count that leaves unused bits in the index planes, one of them set. The
+    // group, by hand: bf16 1.0, 2.0, 3.0 are exponents 127, 128, 128 (table 127, 128;
+    // indices 0, 1, 1: planes 0b110, 0, 0) and rests 0, 0, 0x40 (3.0 = 1.5 * 2).
+    let odd = GroupShape {
+        heads: 1,
+        head_dim: 3,
+        tokens: 1,
+        ..s
+    };
+    let mut odd_stored = vec![1u8, 127, 128];
+    odd_stored.resize(12, 0);
+    odd_stored.extend_from_slice(&[0b110, 0, 0, 0, 0, 0x40]);
+    let mut o = vec![0u8; 6];
+    coder
+        .decode(Codec::Lossless, &odd, &odd_stored, &mut o)
+        .unwrap();
+    assert_eq!(o, raw_of(Dtype::Bf16, &[1.0, 2.0, 3.0]));
+    odd_stored[13] |= 0x10;
+    assert!(is_corrupt(coder.decode(
+        Codec::Lossless,
+        &odd,
+        &odd_stored,
+        &mut o
+    )));
+    assert!(is_corrupt(coder.decode(Codec::Lossless, &s, &[], &mut out)));
+}
+
+/// bf16 KV with few distinct exponents is stored at 11-12 of 16 bits per element.
+#[test]
+fn lossless_bf16_ratio_is_at_least_1_3() {
+    let s = shape(Dtype::Bf16, 1, 16);
+    let raw = raw_of(Dtype::Bf16, &values(s.elements(), 9));
+    let (out, stored) = roundtrip(Codec::Lossless, &s, &raw);
+    assert_eq!(out, raw);
+    let ratio = raw.len() as f64 / stored as f64;
+    assert!(ratio > 1.3, "{ratio}");
+}

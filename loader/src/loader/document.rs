@@ -6,27 +6,66 @@
 //! without the text before it and stores it with the position it was computed at (the
 //! chunk's origin, in the header). A load places a document at any start position: each
 //! chunk's V rows are copied as they are and its K rows are rotated from the origin to the
-//! new positions ([`RopeParams`]) in host memory on the way into the engine's blocks.
+//! new positions ([`RopeParams`]) on the way into the engine's blocks.
 //!
-//! This path reads each chunk file whole, in the calling thread: documents are a few chunks,
-//! and the rotation needs the K plane in host memory anyway. A device back end would rotate
-//! on the device after a plain load; none exists yet, so a destination that is not host
-//! addressable is refused.
+//! A document load is an ordinary load of the loader (`job`): the same reader threads, one job
+//! per (layer, chunk), the same open (backing file of a mount, page cache or O_DIRECT per
+//! [`LoaderOptions`](super::LoaderOptions)), header checks, [`Verify::Full`] layer digests
+//! before any row is placed, the codec's decode, the metrics and [`LoadStats`]. What differs
+//! is the plan (the document's independent chunks at `at + offset`, the last one partial, each
+//! header checked as independent and of its length) and one step, [`Rekey`]: the K plane is
+//! never read straight into the blocks; its rows, staged in the reader's buffer after
+//! verification, are rotated by the chunk's shift (its place less the origin its header
+//! records) as they are scattered, so no unrotated or unverified key reaches the blocks. The
+//! rotation runs on the host rows before the back end copies them in, so a device destination
+//! works as a host one does.
 
-use super::{ChunkError, Dest, Loader, LoaderError, StoreStats};
-use crate::format::{ChunkMeta, ChunkView};
+use super::job::{PlanChunk, check_header};
+use super::{ChunkError, Dest, LoadHandle, LoadStats, Loader, LoaderError, StoreStats};
+use crate::format::{ChunkHeader, ChunkMeta, Verify};
 use crate::key::{ChunkRef, independent_chunk_keys};
-use crate::rope::RopeParams;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use crate::rope::{RopeError, RopeParams};
+use crate::spec::Dtype;
+use crate::spec::{ModelSpec, NamespaceId};
 
-/// Figures of one document load.
-#[derive(Debug, Clone, PartialEq)]
-pub struct DocumentLoad {
-    pub chunks: usize,
-    pub tokens: usize,
-    pub bytes_read: u64,
-    pub elapsed: Duration,
+/// The step a document load adds to the loader's jobs: K rows rotated from the chunk's
+/// origin to its place.
+#[derive(Debug, Clone)]
+pub(super) struct Rekey {
+    rope: RopeParams,
+}
+
+impl Rekey {
+    /// `rows` (K rows of `dtype`) rotated by `delta` positions, in `scratch`.
+    pub(super) fn rotate<'a>(
+        &self,
+        dtype: Dtype,
+        rows: &[u8],
+        delta: i64,
+        scratch: &'a mut Vec<u8>,
+    ) -> Result<&'a [u8], RopeError> {
+        scratch.clear();
+        scratch.extend_from_slice(rows);
+        self.rope.rotate_bytes(dtype, scratch, delta)?;
+        Ok(scratch)
+    }
+}
+
+/// Checks a document chunk's header: the chunk asked for, of the spec's shape, of the
+/// length the plan expects, and position-independent (it records its origin).
+pub(super) fn check_document_header(
+    h: &ChunkHeader,
+    spec: &ModelSpec,
+    ns: &NamespaceId,
+    pc: &PlanChunk,
+) -> Result<(), ChunkError> {
+    check_header(h, spec, ns, &pc.key, pc.token_count)?;
+    if h.meta.origin.is_none() {
+        return Err(ChunkError::Mismatch(
+            "not a position-independent chunk (no origin)".into(),
+        ));
+    }
+    Ok(())
 }
 
 impl Loader {
@@ -85,15 +124,28 @@ impl Loader {
 
     /// Loads every chunk of `document` into `dest` at positions `at..at + document.len()`,
     /// rotating each chunk's keys from its origin to its new positions with `rope`, which must
-    /// describe this loader's spec ([`RopeParams::from_spec`]).
+    /// describe this loader's spec ([`RopeParams::from_spec`]); waits for the load.
     pub fn load_document(
         &self,
         document: &[u32],
         at: usize,
         rope: &RopeParams,
         dest: &Dest<'_>,
-    ) -> Result<DocumentLoad, LoaderError> {
-        let t0 = Instant::now();
+    ) -> Result<LoadStats, LoaderError> {
+        let stats = self.start_document_load(document, at, rope, dest)?.wait()?;
+        tracing::debug!(?stats, at, "document loaded");
+        Ok(stats)
+    }
+
+    /// Starts loading `document` at `at` ([`Loader::load_document`]) on the reader threads
+    /// and returns its handle, as [`Loader::load_request`] does.
+    pub fn start_document_load(
+        &self,
+        document: &[u32],
+        at: usize,
+        rope: &RopeParams,
+        dest: &Dest<'_>,
+    ) -> Result<LoadHandle, LoaderError> {
         if document.is_empty() {
             return Err(LoaderError::Invalid("empty document".into()));
         }
@@ -103,122 +155,26 @@ impl Loader {
                 rope.theta, rope.head_dim, self.spec.rope_theta, self.spec.head_dim
             )));
         }
-        if !dest.backend.host_addressable() {
-            return Err(LoaderError::Invalid(
-                "re-encoding keys needs a host-addressable destination".into(),
-            ));
-        }
+        // Keys of this dtype can be rotated at all (fp8 cannot).
+        rope.rotate_bytes(self.spec.dtype, &mut [], 1)
+            .map_err(|e| LoaderError::Invalid(e.to_string()))?;
+        let range = at..at + document.len();
         dest.layout.check_spec(&self.spec)?;
-        dest.layout.check_map(&dest.map, at..at + document.len())?;
-        let row = dest.layout.row_bytes();
-        let mut load = DocumentLoad {
-            chunks: 0,
-            tokens: document.len(),
-            bytes_read: 0,
-            elapsed: Duration::ZERO,
-        };
-        let mut runs = Vec::new();
-        // A coded chunk's planes are decoded here, one at a time.
-        let mut coder = crate::codec::Coder::new();
-        let mut decoded = Vec::new();
-        for c in self.document_chunks(document) {
-            let path = self.chunk_path(&c.key);
-            let fail = |source: ChunkError| LoaderError::Chunk {
-                chunk: c.index,
+        dest.layout.check_map(&dest.map, range.clone())?;
+        let chunks = self
+            .document_chunks(document)
+            .into_iter()
+            .map(|c| PlanChunk {
+                index: c.index,
+                path: self.chunk_path(&c.key),
                 key: c.key,
-                path: path.clone(),
-                valid_tokens: at..at + c.start,
-                valid_blocks: Vec::new(),
-                source: Arc::new(source),
-            };
-            let bytes = std::fs::read(&path).map_err(|e| {
-                fail(if e.kind() == std::io::ErrorKind::NotFound {
-                    ChunkError::Missing
-                } else {
-                    ChunkError::Io(e)
-                })
-            })?;
-            load.bytes_read += bytes.len() as u64;
-            let view = ChunkView::parse(&bytes, self.opts.verify)
-                .map_err(|e| fail(ChunkError::Format(e)))?;
-            let meta = &view.header.meta;
-            let origin = self
-                .check_document_chunk(meta, &c)
-                .map_err(|m| fail(ChunkError::Mismatch(m)))?;
-            let base = at + c.start;
-            let delta = base as i64 - origin as i64;
-            for layer in 0..meta.num_layers {
-                for plane in 0..view.header.geometry.planes {
-                    let mut rotated;
-                    let mut rows = view
-                        .decoded_plane(&mut coder, layer, plane, &mut decoded)
-                        .map_err(|e| fail(ChunkError::Format(e)))?;
-                    if plane == 0 {
-                        rotated = rows.to_vec();
-                        rope.rotate_bytes(meta.dtype, &mut rotated, delta)
-                            .map_err(|e| LoaderError::Invalid(e.to_string()))?;
-                        rows = &rotated;
-                    }
-                    runs.clear();
-                    dest.layout.runs(
-                        &dest.map,
-                        layer as usize,
-                        plane as usize,
-                        base..at + c.end,
-                        &mut runs,
-                    );
-                    for r in &runs {
-                        let off = (r.pos - base) * row;
-                        // SAFETY: `check_map` proved every run lies inside a layout region of
-                        // host memory (`host_addressable`), which the layout's contract keeps
-                        // writable and otherwise untouched during this call.
-                        unsafe {
-                            dest.backend.copy_rows_in(
-                                dest.layout,
-                                plane as usize,
-                                r,
-                                &rows[off..off + r.tokens * row],
-                            )
-                        }
-                        .map_err(|e| fail(ChunkError::Io(e)))?;
-                    }
-                }
-            }
-            load.chunks += 1;
-        }
-        load.elapsed = t0.elapsed();
-        tracing::debug!(?load, at, "document loaded");
-        Ok(load)
-    }
-
-    /// Checks that a document chunk read from disk is the one asked for, of this spec, and
-    /// independent; returns its origin.
-    fn check_document_chunk(&self, meta: &ChunkMeta, c: &ChunkRef) -> Result<u32, String> {
-        if meta.key != c.key || meta.namespace != self.ns {
-            return Err(format!(
-                "file holds chunk {} of namespace {}",
-                meta.key, meta.namespace
-            ));
-        }
-        let origin = meta
-            .origin
-            .ok_or_else(|| "not a position-independent chunk".to_string())?;
-        let spec = &self.spec;
-        if (
-            meta.dtype,
-            meta.kv_kind,
-            meta.num_layers,
-            meta.num_heads,
-            meta.head_dim,
-        ) != (
-            spec.dtype,
-            spec.kv_kind,
-            spec.num_layers,
-            spec.num_kv_heads,
-            spec.head_dim,
-        ) {
-            return Err("chunk shape differs from the spec".into());
-        }
-        Ok(origin)
+                start: at + c.start,
+                token_count: (c.end - c.start) as u32,
+                local: 0..(c.end - c.start) as u32,
+            })
+            .collect();
+        let rekey = Rekey { rope: rope.clone() };
+        let verify: Verify = self.opts.verify;
+        self.start_load(chunks, range, verify, None, dest, Some(rekey))
     }
 }

@@ -7,6 +7,7 @@
 
 mod decode;
 
+use super::document::{Rekey, check_document_header};
 use super::{ChunkError, Dest, LoadHandle, LoadOrder, LoadRequest, LoadStats, Loader};
 use super::{LoaderError, LoaderOptions};
 use crate::backend::Backend;
@@ -45,9 +46,18 @@ impl Loader {
         let ct = self.spec.chunk_tokens as usize;
         let full = req.tokens.len() / ct * ct;
         let range = req.range.clone().unwrap_or(0..full);
-        if range.start > range.end || range.end > full {
+        if range.start > range.end || range.end > req.tokens.len() {
             return Err(LoaderError::Invalid(format!(
-                "range {range:?} is not within the {full} tokens of full chunks"
+                "range {range:?} is not within the {} tokens of the sequence",
+                req.tokens.len()
+            )));
+        }
+        // Past the last full chunk: the trailing partial chunk of all of `tokens`.
+        let tail = range.end > full;
+        if tail && req.selection.is_some() {
+            return Err(LoaderError::Invalid(format!(
+                "range {range:?} reaches into the partial chunk after {full} tokens; a \
+                 selective load covers full chunks only"
             )));
         }
         let verify = req.verify.unwrap_or(self.opts.verify);
@@ -70,7 +80,11 @@ impl Loader {
         dest.layout.check_spec(&self.spec)?;
         dest.layout.check_map(&dest.map, range.clone())?;
 
-        let keys = self.chunk_keys(&req.tokens[..full]);
+        let keys = if tail {
+            self.prompt_chunks(req.tokens)
+        } else {
+            self.chunk_keys(&req.tokens[..full])
+        };
         let chunks: Vec<PlanChunk> = keys
             .iter()
             .filter(|c| c.start < range.end && c.end > range.start)
@@ -79,10 +93,27 @@ impl Loader {
                 key: c.key,
                 path: self.chunk_path(&c.key),
                 start: c.start,
+                token_count: (c.end - c.start) as u32,
                 local: (range.start.max(c.start) - c.start) as u32
                     ..(range.end.min(c.end) - c.start) as u32,
             })
             .collect();
+        self.start_load(chunks, range, verify, req.selection, dest, None)
+    }
+
+    /// Queues the jobs of a planned load: one per (layer, chunk) on the reader pool, in the
+    /// loader's order. `rekey`: the chunks are a document's position-independent chunks,
+    /// their keys rotated to their plan positions on the way in (`document`).
+    pub(super) fn start_load(
+        &self,
+        chunks: Vec<PlanChunk>,
+        range: Range<usize>,
+        verify: Verify,
+        selection: Option<&Selection>,
+        dest: &Dest<'_>,
+        rekey: Option<Rekey>,
+    ) -> Result<LoadHandle, LoaderError> {
+        let layers = self.spec.num_layers as usize;
         let n = chunks.len();
         let job = Arc::new(LoadJob {
             spec: self.spec.clone(),
@@ -90,10 +121,11 @@ impl Loader {
             flat: self.layout == dir::Layout::Flat,
             opts: self.opts.clone(),
             verify,
-            range: range.clone(),
+            range,
             files: (0..n).map(|_| OnceLock::new()).collect(),
             chunks,
-            selection: req.selection.cloned(),
+            selection: selection.cloned(),
+            rekey,
             layout: dest.layout.clone(),
             map: OwnedMap::of(&dest.map),
             backend: dest.backend.clone(),
@@ -136,13 +168,16 @@ impl Loader {
 }
 
 pub(super) struct PlanChunk {
-    index: usize,
-    key: ChunkKey,
-    path: PathBuf,
+    pub(super) index: usize,
+    pub(super) key: ChunkKey,
+    pub(super) path: PathBuf,
     /// First position of the chunk in the sequence.
-    start: usize,
+    pub(super) start: usize,
+    /// Tokens the chunk holds: `chunk_tokens`, less for a trailing partial chunk (of a prompt
+    /// or a document).
+    pub(super) token_count: u32,
     /// Chunk-local tokens the request covers.
-    local: Range<u32>,
+    pub(super) local: Range<u32>,
 }
 
 struct Opened {
@@ -169,6 +204,8 @@ pub(super) struct LoadJob {
     pub(super) chunks: Vec<PlanChunk>,
     files: Vec<OnceLock<Result<Arc<Opened>, Arc<ChunkError>>>>,
     selection: Option<Selection>,
+    /// Document chunks: rotate K from each chunk's origin to its plan position.
+    rekey: Option<Rekey>,
     layout: KvLayout,
     map: OwnedMap,
     backend: Arc<dyn Backend>,
@@ -253,7 +290,10 @@ impl LoadJob {
             }
         })?;
         let header = read_header(&file, buf)?;
-        check_header(&header, &self.spec, &self.ns, &pc.key)?;
+        match &self.rekey {
+            None => check_header(&header, &self.spec, &self.ns, &pc.key, pc.token_count)?,
+            Some(_) => check_document_header(&header, &self.spec, &self.ns, pc)?,
+        }
         if file.is_direct() {
             self.direct_files.fetch_add(1, Ordering::Relaxed);
         }
@@ -281,6 +321,7 @@ impl LoadJob {
         let pc = &self.chunks[c];
         let g = &o.header.geometry;
         let tb = g.token_bytes as usize;
+        let shift = self.key_shift(o, pc);
         let ranges = match &self.selection {
             Some(s) => s.chunk_ranges(
                 layer,
@@ -343,7 +384,7 @@ impl LoadJob {
                     self.layout
                         .runs(&map, layer, plane, p0..pc.start + r.end as usize, &mut runs);
                     let base = (fr.start - span.start) as usize;
-                    placed += self.scatter(plane, &runs, p0, &s[base..], tb)?;
+                    placed += self.scatter(plane, &runs, p0, &s[base..], tb, shift)?;
                 }
             }
         } else {
@@ -380,8 +421,14 @@ impl LoadJob {
                         let s = buf.slice((a1 - a0) as usize);
                         o.file.read_exact_at(s, a0)?;
                         read += a1 - a0;
-                        placed +=
-                            self.scatter(plane, &runs, p0, &s[(fr.start - a0) as usize..], tb)?;
+                        placed += self.scatter(
+                            plane,
+                            &runs,
+                            p0,
+                            &s[(fr.start - a0) as usize..],
+                            tb,
+                            shift,
+                        )?;
                     }
                 }
             }
@@ -403,8 +450,9 @@ impl LoadJob {
         p0: usize,
         tb: usize,
     ) -> bool {
-        // A direct read fills one contiguous range per run.
-        if runs.is_empty() || !self.layout.row_contiguous(plane) {
+        // A direct read fills one contiguous range per run; keys to re-encode go through
+        // `scatter`.
+        if runs.is_empty() || !self.layout.row_contiguous(plane) || self.rekeys(plane) {
             return false;
         }
         let total: usize = runs.iter().map(|r| r.tokens * tb).sum();
@@ -417,7 +465,9 @@ impl LoadJob {
                 .all(|r| io::aligned(r.addr, r.tokens * tb, off0 + ((r.pos - p0) * tb) as u64))
     }
 
-    /// Copies rows of positions `p0..` of `plane`, held back to back in `src`, to their runs.
+    /// Copies rows of positions `p0..` of `plane`, held back to back in `src`, to their runs;
+    /// K rows of a document chunk are rotated by `shift` positions on the way
+    /// ([`Rekey::rotate`]).
     fn scatter(
         &self,
         plane: usize,
@@ -425,22 +475,33 @@ impl LoadJob {
         p0: usize,
         src: &[u8],
         tb: usize,
+        shift: Option<i64>,
     ) -> Result<usize, ReadError> {
         let mut placed = 0;
+        let mut rotated = Vec::new();
         for run in runs {
             let at = (run.pos - p0) * tb;
+            let mut rows = &src[at..at + run.tokens * tb];
+            if let (true, Some(rekey), Some(delta)) = (self.rekeys(plane), &self.rekey, shift) {
+                rows = rekey.rotate(self.spec.dtype, rows, delta, &mut rotated)?;
+            }
             // SAFETY: `check_map` proved the run lies inside a layout region.
-            unsafe {
-                self.backend.copy_rows_in(
-                    &self.layout,
-                    plane,
-                    run,
-                    &src[at..at + run.tokens * tb],
-                )?
-            };
+            unsafe { self.backend.copy_rows_in(&self.layout, plane, run, rows)? };
             placed += run.tokens;
         }
         Ok(placed)
+    }
+
+    /// Whether `plane`'s rows are rotated on the way in (the K plane of a document load).
+    fn rekeys(&self, plane: usize) -> bool {
+        plane == 0 && self.rekey.is_some()
+    }
+
+    /// Positions a document chunk's keys move by: its plan position less the origin its
+    /// header records (`None` for prefix chunks).
+    fn key_shift(&self, o: &Opened, pc: &PlanChunk) -> Option<i64> {
+        self.rekey.as_ref()?;
+        Some(pc.start as i64 - i64::from(o.header.meta.origin?))
     }
 
     pub(super) fn stats(&self, p: &Progress) -> LoadStats {
@@ -498,14 +559,20 @@ impl LoadJob {
 
 /// A read or verification failed for one layer of one chunk.
 #[derive(Debug)]
-enum ReadError {
+pub(super) enum ReadError {
     Io(std::io::Error),
     Format(FormatError),
+    Rope(crate::rope::RopeError),
 }
 
 impl From<std::io::Error> for ReadError {
     fn from(e: std::io::Error) -> Self {
         ReadError::Io(e)
+    }
+}
+impl From<crate::rope::RopeError> for ReadError {
+    fn from(e: crate::rope::RopeError) -> Self {
+        ReadError::Rope(e)
     }
 }
 impl From<FormatError> for ReadError {
@@ -518,6 +585,7 @@ impl From<ReadError> for ChunkError {
         match e {
             ReadError::Io(e) => ChunkError::Io(e),
             ReadError::Format(e) => ChunkError::Format(e),
+            ReadError::Rope(e) => ChunkError::Mismatch(e.to_string()),
         }
     }
 }
@@ -548,12 +616,14 @@ fn read_header(f: &ChunkFile, buf: &mut AlignedBuf) -> Result<ChunkHeader, Chunk
     Ok(header)
 }
 
-/// Checks a parsed header is the chunk that was asked for, in the loader's spec.
+/// Checks a parsed header is the chunk that was asked for, in the loader's spec, holding
+/// `token_count` tokens (the chunk size, less for a prompt's trailing partial chunk).
 pub(super) fn check_header(
     h: &ChunkHeader,
     spec: &ModelSpec,
     ns: &NamespaceId,
     key: &ChunkKey,
+    token_count: u32,
 ) -> Result<(), ChunkError> {
     let m = &h.meta;
     if m.namespace != *ns {
@@ -577,7 +647,7 @@ pub(super) fn check_header(
         ("num_heads", m.num_heads, spec.num_kv_heads),
         ("head_dim", m.head_dim, spec.head_dim),
         ("group_tokens", m.group_tokens, spec.group_tokens),
-        ("token_count", m.tokens.len() as u32, spec.chunk_tokens),
+        ("token_count", m.tokens.len() as u32, token_count),
     ];
     for (what, found, want) in checks {
         if found != want {

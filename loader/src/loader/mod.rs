@@ -4,15 +4,17 @@
 //! directory, fanned-out layout; [`dir::Layout::detect`]) and a [`ModelSpec`] with an optional
 //! tenant salt. It turns a token sequence into prefix-chained chunk keys and then:
 //!
-//! - [`Loader::lookup`]: how many leading tokens are cached. Full chunks only; the first
-//!   missing chunk ends the hit (a later chunk cannot be used without the ones before it).
+//! - [`Loader::lookup`]: how many leading tokens are cached. The first missing chunk ends the
+//!   hit (a later chunk cannot be used without the ones before it); after the full chunks,
+//!   one probe for the prompt's trailing partial chunk ([`crate::key::prompt_chunk_keys`]).
 //! - [`Loader::load`] / [`Loader::load_request`]: chunk bytes into the engine's blocks, as
 //!   described by a [`Dest`] (a [`KvLayout`], a [`BlockMap`] and a [`Backend`]). The call
 //!   checks the request, queues one job per (layer, chunk) on the reader pool, layer-major,
 //!   and returns a [`LoadHandle`] at once: [`LoadHandle::wait_layer`] returns when one layer
 //!   is in place for every chunk while later layers are still being read, and
 //!   [`LoadHandle::wait`] returns the [`LoadStats`].
-//! - [`Loader::store`]: engine blocks into chunk files, for full chunks not yet present,
+//! - [`Loader::store`]: engine blocks into chunk files, for full chunks not yet present
+//!   ([`Loader::store_with_tail`]: and the trailing partial chunk, once a prompt is complete),
 //!   committed create-once with [`dir::commit_file`] (cache directory) or written through the
 //!   mount (create, write, close: the mount checks the chunk at close).
 //!
@@ -41,25 +43,28 @@
 //! lives), its options and the load request types; `error` the errors ([`LoaderError`],
 //! [`ChunkError`]); `store` writing chunks and `namespace.json`; `job` the load plan and the
 //! job that reads it (reader threads, header checks, progress); `handle` the [`LoadHandle`]
-//! an engine waits on; `document` the position-independent chunks of documents (blending):
+//! an engine waits on; `snapshot` stores split in two (copy the rows out of the engine's
+//! blocks now, encode and write them later on another thread); `document` the
+//! position-independent chunks of documents (blending):
 //! store, look up, and load at a new place with the keys re-encoded ([`crate::rope`]).
 
 mod document;
 mod error;
 mod handle;
 mod job;
+mod snapshot;
 mod store;
 
-pub use document::DocumentLoad;
 pub use error::{ChunkError, LoaderError};
 pub use handle::LoadHandle;
+pub use snapshot::StoreSnapshot;
 pub use store::StoreStats;
 
 use crate::backend::{Backend, HostMemory};
 use crate::dir;
 use crate::format::Verify;
 use crate::io::{IoMode, Pool};
-use crate::key::{ChunkKey, ChunkRef, SaltTag, chunk_keys};
+use crate::key::{ChunkKey, ChunkRef, SaltTag, chunk_keys, prompt_chunk_keys};
 use crate::layout::{BlockMap, KvLayout};
 use crate::selective::Selection;
 use crate::spec::{ModelSpec, NamespaceId};
@@ -136,11 +141,13 @@ impl<'a> Dest<'a> {
 /// A load with every option.
 #[derive(Debug, Clone, Default)]
 pub struct LoadRequest<'a> {
-    /// The sequence's tokens (at least through the last chunk loaded; only full chunks have
-    /// keys).
+    /// The sequence's tokens (at least through the last chunk loaded). A range that ends past
+    /// the last full chunk loads the trailing partial chunk of all of `tokens` (its key is
+    /// that of exactly these tail tokens).
     pub tokens: &'a [u32],
     /// Token positions to load; `None`: every full chunk of `tokens`. The end may fall inside
-    /// a chunk (and a block): only the covered rows and slots are written.
+    /// a chunk (and a block): only the covered rows and slots are written. It may reach
+    /// `tokens.len()` (the trailing partial chunk).
     pub range: Option<Range<usize>>,
     /// Load only these groups per layer.
     pub selection: Option<&'a Selection>,
@@ -269,6 +276,17 @@ impl Loader {
         )
     }
 
+    /// Keys of every chunk of `tokens`: the full chunks, then the trailing partial chunk if
+    /// `tokens` does not end on a chunk boundary ([`prompt_chunk_keys`]).
+    pub fn prompt_chunks(&self, tokens: &[u32]) -> Vec<ChunkRef> {
+        prompt_chunk_keys(
+            &self.ns,
+            &self.salt,
+            self.spec.chunk_tokens as usize,
+            tokens,
+        )
+    }
+
     /// Where the chunk of `key` lives.
     pub fn chunk_path(&self, key: &ChunkKey) -> PathBuf {
         self.layout.chunk_path(&self.root, &self.ns_dir, key)
@@ -282,14 +300,16 @@ impl Loader {
         header: &crate::format::ChunkHeader,
         key: &ChunkKey,
     ) -> Result<(), ChunkError> {
-        job::check_header(header, &self.spec, &self.ns, key)
+        job::check_header(header, &self.spec, &self.ns, key, self.spec.chunk_tokens)
     }
 
     /// How many leading tokens of `tokens` are cached: full chunks present, up to the first
-    /// missing one.
+    /// missing one; when every full chunk is present and `tokens` ends inside a chunk, one
+    /// more probe for that trailing partial chunk (stored by [`Loader::store_with_tail`]):
+    /// present, the hit is all of `tokens`.
     pub fn lookup(&self, tokens: &[u32]) -> usize {
         let mut hit = 0;
-        for c in self.chunk_keys(tokens) {
+        for c in self.prompt_chunks(tokens) {
             match std::fs::metadata(self.chunk_path(&c.key)) {
                 Ok(m) if m.is_file() => hit = c.end,
                 _ => break,

@@ -32,7 +32,20 @@ impl Loader {
     /// Stores the full chunks of `tokens` that are not present yet, reading their KV from
     /// `src` (positions `0..` of the sequence). Writes `namespace.json` beside the chunks once.
     pub fn store(&self, tokens: &[u32], src: &Dest<'_>) -> Result<StoreStats, LoaderError> {
-        self.store_with_importance(tokens, src, &[])
+        self.store_chunks(tokens, src, &[], 0, false)
+    }
+
+    /// [`Loader::store`], and the trailing partial chunk of `tokens` too when `tokens` ends
+    /// inside a chunk (read from positions `full..tokens.len()` of `src`): the chunk a later
+    /// request with exactly these tokens finds ([`Loader::lookup`]) and loads. An engine
+    /// stores it when a prompt's prefill is complete; a prompt that extends the tail does not
+    /// find it (its last chunk has other tokens) but reuses every full chunk.
+    pub fn store_with_tail(
+        &self,
+        tokens: &[u32],
+        src: &Dest<'_>,
+    ) -> Result<StoreStats, LoaderError> {
+        self.store_chunks(tokens, src, &[], 0, true)
     }
 
     /// [`Loader::store`] that writes `importance[i]` into chunk `i`'s header (format v2;
@@ -44,11 +57,51 @@ impl Loader {
         src: &Dest<'_>,
         importance: &[Importance],
     ) -> Result<StoreStats, LoaderError> {
+        self.store_chunks(tokens, src, importance, 0, false)
+    }
+
+    /// The general store: the full chunks of `tokens` not present yet, with `tail` the
+    /// trailing partial chunk too ([`Loader::store_with_tail`]), `importance[i]` written into
+    /// chunk `i`'s header ([`Loader::store_with_importance`]).
+    pub fn store_with(
+        &self,
+        tokens: &[u32],
+        src: &Dest<'_>,
+        importance: &[Importance],
+        tail: bool,
+    ) -> Result<StoreStats, LoaderError> {
+        self.store_chunks(tokens, src, importance, 0, tail)
+    }
+
+    /// Where a store of `tokens` ends: after the last full chunk, or with `tail` after the
+    /// trailing partial chunk too.
+    pub(super) fn store_end(&self, tokens: &[u32], tail: bool) -> usize {
         let ct = self.spec.chunk_tokens as usize;
-        let full = tokens.len() / ct * ct;
-        self.check_source(src, 0..full)?;
+        if tail {
+            tokens.len()
+        } else {
+            tokens.len() / ct * ct
+        }
+    }
+
+    /// Stores the full chunks of `tokens` that start at `from` (a chunk boundary) or later
+    /// and, with `tail`, its trailing partial chunk; `src` needs rows for `from..` only.
+    pub(super) fn store_chunks(
+        &self,
+        tokens: &[u32],
+        src: &Dest<'_>,
+        importance: &[Importance],
+        from: usize,
+        tail: bool,
+    ) -> Result<StoreStats, LoaderError> {
+        let end = self.store_end(tokens, tail);
+        self.check_source(src, from.min(end)..end)?;
         let mut stats = StoreStats::default();
-        let keys = self.chunk_keys(&tokens[..full]);
+        let keys: Vec<_> = self
+            .prompt_chunks(&tokens[..end])
+            .into_iter()
+            .filter(|c| c.start >= from)
+            .collect();
         if keys.is_empty() {
             return Ok(stats);
         }

@@ -30,6 +30,7 @@ impl LoadJob {
         ranges: &[Range<u32>],
         buf: &mut AlignedBuf,
     ) -> Result<(usize, u64), ReadError> {
+        let shift = self.key_shift(o, pc);
         let g = &o.header.geometry;
         let l = layer as u32;
         let mut placed = 0;
@@ -43,8 +44,17 @@ impl LoadJob {
             o.header.verify_layer(l, s)?;
             for plane in 0..g.planes {
                 for r in ranges {
-                    placed +=
-                        self.decode_range(o, t, pc, layer, plane, r, s, span.start, &mut runs)?;
+                    placed += self.decode_range(
+                        o,
+                        t,
+                        pc,
+                        layer,
+                        plane,
+                        r,
+                        (s, span.start),
+                        shift,
+                        &mut runs,
+                    )?;
                 }
             }
             return Ok((placed, read));
@@ -61,14 +71,15 @@ impl LoadJob {
                 let s = buf.slice((a1 - a0) as usize);
                 o.file.read_exact_at(s, a0)?;
                 read += a1 - a0;
-                placed += self.decode_range(o, t, pc, layer, plane, r, s, a0, &mut runs)?;
+                placed +=
+                    self.decode_range(o, t, pc, layer, plane, r, (s, a0), shift, &mut runs)?;
             }
         }
         Ok((placed, read))
     }
 
     /// Decodes the groups covering chunk-local tokens `r` of one plane from `src` (file bytes
-    /// from offset `base`) and scatters the rows of `r` to their runs.
+    /// from offset `base`) and scatters the rows of `r` to their runs (K rotated by `shift`).
     #[allow(clippy::too_many_arguments)]
     fn decode_range(
         &self,
@@ -78,8 +89,8 @@ impl LoadJob {
         layer: usize,
         plane: u32,
         r: &Range<u32>,
-        src: &[u8],
-        base: u64,
+        (src, base): (&[u8], u64),
+        shift: Option<i64>,
         runs: &mut Vec<Run>,
     ) -> Result<usize, ReadError> {
         let g = &o.header.geometry;
@@ -105,7 +116,7 @@ impl LoadJob {
             let stored = &src[t.group_in(layer as u32, plane, group, base)];
             let skip = (want.start - gr.start) as usize * tb;
             placed += codec::with_group_decoded(t.codec, &shape, stored, |decoded| {
-                self.scatter(plane as usize, runs, p0, &decoded[skip..], tb)
+                self.scatter(plane as usize, runs, p0, &decoded[skip..], tb, shift)
             })
             .map_err(|source| {
                 ReadError::Format(FormatError::Decode {

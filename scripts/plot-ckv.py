@@ -108,6 +108,35 @@ for n in sizes:
                   f"{st.median(off.values()):.3f} | {st.median(pre.values()):.3f} | "
                   f"{st.median(ratio):.2f} | {bo:.3f} | {bp:.3f} | {1 - bp / bo if bo else float('nan'):.0%} |")
 
+print("\n### What a budget cannot remove: the ratio extrapolated to a 0% budget\n")
+print("Per prompt a least-squares line through the pruned (prefetch) ratios at the budgets "
+      "above, its value at 0% (the suffix's own compute and per-layer overheads, which no "
+      "pruning removes) and its slope (what each share of the groups costs); medians over "
+      "prompts.\n")
+print("| tokens | cache | ratio at 0% | slope per 100% |")
+print("|---:|---|---:|---:|")
+for n in sizes:
+    for state in ["warm", "cold"]:
+        pts = ratios.get((state, n, "prefetch"))
+        if not pts:
+            continue
+        per_prompt = defaultdict(list)
+        for r in times:
+            if r["n"] == n and r["state"] == state and r["mode"] == "prefetch":
+                per_prompt[r["prompt"]].append(r)
+        fits = []
+        for p, rs in per_prompt.items():
+            peer = [x for x in (med(state, n, 1.0, "full", p), med(state, n, 1.0, "full-overlap", p)) if x]
+            bs = sorted({r["budget"] for r in rs})
+            if len(bs) < 2 or not peer:
+                continue
+            ys = [med(state, n, b, "prefetch", p) / min(peer) for b in bs]
+            mb, my = st.mean(bs), st.mean(ys)
+            slope = sum((b - mb) * (y - my) for b, y in zip(bs, ys)) / sum((b - mb) ** 2 for b in bs)
+            fits.append((my - slope * mb, slope))
+        if fits:
+            print(f"| {n} | {state} | {st.median(f[0] for f in fits):.2f} | {st.median(f[1] for f in fits):.2f} |")
+
 try:
     import matplotlib
     matplotlib.use("Agg")

@@ -75,6 +75,8 @@ fn stat_shows_the_importance_summary() {
         serde_json::json!([1])
     );
     assert_eq!(v["importance"]["priority"], imp.eviction_priority());
+    // the disk tier's index holds the priority the importance implies (set by the put)
+    assert_eq!(v["priority"], imp.eviction_priority());
 
     for bad in ["0", "1.5", "nan"] {
         let o = run(&["stat", "--top", bad, &key], &cache);

@@ -4,26 +4,21 @@
 //! in importance order (then recency); an explicit `set_priority` wins; the order survives a
 //! restart and a lost index.
 
-use kvfs::config::Limit;
-use kvfs::store::{FsyncPolicy, Store, StoreConfig};
+use kvfs::store::{Store, StoreConfig};
 use kvfs_loader::format::{encode_chunk, encode_chunk_with, synth_fill};
 use kvfs_loader::importance::Importance;
-use kvfs_loader::{ChunkKey, ChunkMeta, ModelSpec, SaltTag};
+use kvfs_loader::{ChunkKey, ChunkMeta, SaltTag};
 use std::path::Path;
+use support::store::tiny;
+
+mod support {
+    pub mod store;
+}
 
 const INDEX: &str = ".kvfs-index.sqlite";
 
-fn tiny() -> ModelSpec {
-    ModelSpec::preset("tiny").unwrap()
-}
-
 fn cfg(root: &Path, capacity: u64) -> StoreConfig {
-    let mut c = StoreConfig::new(root);
-    c.capacity = Limit::Bytes(capacity);
-    c.min_free = Limit::Bytes(0);
-    c.fsync = FsyncPolicy::Never;
-    c.memory_bytes = 0;
-    c
+    support::store::config(root, capacity, 0)
 }
 
 /// A tiny-model chunk of 80 tokens (2 layers x 5 groups) for prompt `seed`; with importance,

@@ -1,21 +1,18 @@
 //! The C ABI: the committed header matches what cbindgen generates from `src/ffi.rs`, and the
 //! C example compiles against it and runs against the cdylib.
 //!
-//! Which library the C program links: the `libkvfs_loader.so` that cargo built for this very
-//! test run. kvfs-loader is `crate-type = ["rlib", "cdylib"]`, so building this test builds
-//! the cdylib too, into `target/<profile>/deps/`, the directory that holds this test's
-//! executable. The program is linked with `-L` and `-rpath` to that directory, so it never
-//! picks up an installed or stale copy.
+//! Which library the C program links and runs against: the `libkvfs_loader.so` that cargo
+//! built for this very test run (`support/c_program.rs`).
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 
 #[path = "../../tests/support/require.rs"]
 mod require;
-
-fn crate_dir() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+mod support {
+    pub mod c_program;
 }
+
+use support::c_program::{self, crate_dir, open_preset};
 
 fn generate_header() -> String {
     let dir = crate_dir();
@@ -47,58 +44,18 @@ fn header_is_up_to_date() {
     );
 }
 
-fn cdylib_dir() -> PathBuf {
-    std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf()
-}
-
 #[test]
 fn c_example_runs_against_the_cdylib() {
     let cc = std::env::var("CC").unwrap_or_else(|_| "cc".into());
     if !require::cc(&cc) {
         return;
     }
-    let libdir = cdylib_dir();
-    let so = libdir.join("libkvfs_loader.so");
-    assert!(
-        so.exists(),
-        "{} is missing: cargo builds it with this test (crate-type cdylib)",
-        so.display()
-    );
     let work = tempfile::tempdir().unwrap();
     let exe = work.path().join("kvfs_example");
-    let root = crate_dir().join("..");
-    let out = Command::new(&cc)
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-I"])
-        .arg(crate_dir().join("include"))
-        .arg(root.join("examples/c/kvfs_example.c"))
-        .arg("-L")
-        .arg(&libdir)
-        .arg(format!("-Wl,-rpath,{}", libdir.display()))
-        .arg("-lkvfs_loader")
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "compiling the C example failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    c_program::compile(&cc, &crate_dir().join("../examples/c/kvfs_example.c"), &exe);
     let cache = work.path().join("cache");
     std::fs::create_dir(&cache).unwrap();
-    // LD_LIBRARY_PATH (cargo sets one, which may name a stale copy in target/<profile>/)
-    // would win over the rpath: point it at this run's cdylib alone.
-    let run = |dir: &Path| {
-        Command::new(&exe)
-            .env("LD_LIBRARY_PATH", &libdir)
-            .arg(dir)
-            .output()
-            .unwrap()
-    };
+    let run = |dir: &Path| c_program::command(&exe).arg(dir).output().unwrap();
     let out = run(&cache);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
@@ -231,27 +188,6 @@ fn open_with_spec_fields_and_bad_arguments() {
         )
     };
     assert_eq!(rc, KVFS_ERR_IO);
-}
-
-/// `kvfs_open` of `dir` with a preset, asserting it opens.
-fn open_preset(dir: &Path, preset: &str) -> *mut kvfs_loader::ffi::KvfsLoader {
-    use std::ffi::CString;
-    let dir = CString::new(dir.to_str().unwrap()).unwrap();
-    let preset = CString::new(preset).unwrap();
-    let mut l = std::ptr::null_mut();
-    // SAFETY: valid strings and out pointer.
-    let rc = unsafe {
-        kvfs_loader::ffi::kvfs_open(
-            dir.as_ptr(),
-            preset.as_ptr(),
-            std::ptr::null(),
-            std::ptr::null(),
-            0,
-            &mut l,
-        )
-    };
-    assert_eq!(rc, kvfs_loader::ffi::KVFS_OK);
-    l
 }
 
 /// Missing and corrupt chunks through `kvfs_load`: the code says which, `*loaded` says how far

@@ -1,6 +1,6 @@
 //! The importance calls of the C ABI (issue 14): `kvfs_importance` and
 //! `kvfs_importance_selection` from a real C program (loader/tests/c/importance.c, compiled
-//! with `cc` against the header and the cdylib this test run built, as tests/ffi.rs does)
+//! with `cc` against the header and the cdylib this test run built: support/c_program.rs)
 //! give what the Rust API gives, from the headers alone; and their refusals, called as C
 //! would: a chunk without importance, a missing chunk, a bad share, a short buffer.
 
@@ -9,12 +9,15 @@ use kvfs_loader::ffi::*;
 use kvfs_loader::format::{encode_chunk, encode_chunk_with, synth_fill};
 use kvfs_loader::importance::Importance;
 use kvfs_loader::{ChunkKey, ChunkMeta, Loader, ModelSpec, SaltTag};
-use std::ffi::CString;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 #[path = "../../tests/support/require.rs"]
 mod require;
+mod support {
+    pub mod c_program;
+}
+
+use support::c_program::{self, crate_dir, open_preset};
 
 fn tiny() -> ModelSpec {
     ModelSpec::preset("tiny").unwrap()
@@ -64,39 +67,13 @@ fn a_c_program_reads_importance_and_selections() {
     if !require::cc(&cc) {
         return;
     }
-    let crate_dir = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let libdir = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
-    assert!(libdir.join("libkvfs_loader.so").exists());
     let work = tempfile::tempdir().unwrap();
     let exe = work.path().join("importance");
-    let out = Command::new(&cc)
-        .args(["-std=c11", "-Wall", "-Wextra", "-Werror", "-O1", "-I"])
-        .arg(crate_dir.join("include"))
-        .arg(crate_dir.join("tests/c/importance.c"))
-        .arg("-L")
-        .arg(&libdir)
-        .arg(format!("-Wl,-rpath,{}", libdir.display()))
-        .arg("-lkvfs_loader")
-        .arg("-o")
-        .arg(&exe)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "compiling tests/c/importance.c failed:\n{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    c_program::compile(&cc, &crate_dir().join("tests/c/importance.c"), &exe);
     let root = work.path().join("cache");
     let chunks = cache(&root, 3, &[]);
     let n = 3 * 256;
-    // LD_LIBRARY_PATH (cargo sets one, which may name a stale copy in target/<profile>/)
-    // would win over the rpath: point it at this run's cdylib alone.
-    let out = Command::new(&exe)
-        .env("LD_LIBRARY_PATH", &libdir)
+    let out = c_program::command(&exe)
         .arg(&root)
         .arg(n.to_string())
         .arg("0.25")
@@ -141,31 +118,11 @@ fn a_c_program_reads_importance_and_selections() {
     );
 }
 
-/// Opens the tiny loader at `root` as C would.
-fn open(root: &Path) -> *mut KvfsLoader {
-    let dir = CString::new(root.to_str().unwrap()).unwrap();
-    let preset = CString::new("tiny").unwrap();
-    let mut l: *mut KvfsLoader = std::ptr::null_mut();
-    // SAFETY: valid strings and out pointer.
-    let rc = unsafe {
-        kvfs_open(
-            dir.as_ptr(),
-            preset.as_ptr(),
-            std::ptr::null(),
-            std::ptr::null(),
-            0,
-            &mut l,
-        )
-    };
-    assert_eq!(rc, KVFS_OK);
-    l
-}
-
 #[test]
 fn importance_refusals_are_typed_codes() {
     let d = tempfile::tempdir().unwrap();
     let chunks = cache(d.path(), 3, &[1]);
-    let l = open(d.path());
+    let l = open_preset(d.path(), "tiny");
     let tokens: Vec<u32> = (0..768).collect();
     let (mut nc, mut g, mut k) = (0usize, 0usize, 0usize);
     let importance = |upto: usize, out: *mut f32, cap: usize, nc: &mut usize, g: &mut usize| {

@@ -39,7 +39,7 @@ pub enum Codec {
     /// Bytes as they are.
     #[default]
     Raw = 0,
-    /// 4-bit exponent indices + sign/mantissa bits; bit-exact.
+    /// 3-bit exponent indices into a per-group table + sign/mantissa bits; bit-exact.
     Lossless = 1,
     /// fp8 e4m3, power-of-two scale per token and head.
     Fp8 = 2,

@@ -292,17 +292,35 @@ class ChunkWriter:
     while snapshots are queued and ends when none is left; it is not a daemon, so a process
     that exits normally stores what it queued first. A failed store is logged: the chunk is a
     future miss. (A process killed before its snapshots are stored loses them: misses, never
-    wrong chunks.)"""
+    wrong chunks.)
 
-    def __init__(self) -> None:
+    The backlog is bounded: `put` waits while the snapshots queued or being written hold more
+    than `max_bytes` (`kvfs_store_queue_mb`), so a disk slower than the engine slows the steps
+    that store instead of growing memory without bound, and what an engine killed at shutdown
+    can lose stays small. A snapshot larger than the bound on its own waits for an empty queue.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        self._max_bytes = max(0, max_bytes)
         self._lock = threading.Lock()
-        self._idle = threading.Condition(self._lock)
+        self._changed = threading.Condition(self._lock)
         self._pending: collections.deque[tuple[Loader, StoreSnapshot, str]] = collections.deque()
+        # bytes of the snapshots queued and the one being written
+        self._backlog = 0
         self._thread: threading.Thread | None = None
 
-    def put(self, loader: Loader, snap: StoreSnapshot, req_id: str) -> None:
+    @property
+    def backlog_bytes(self) -> int:
         with self._lock:
+            return self._backlog
+
+    def put(self, loader: Loader, snap: StoreSnapshot, req_id: str) -> None:
+        size = snap.bytes
+        with self._lock:
+            while self._backlog > 0 and self._backlog + size > self._max_bytes:
+                self._changed.wait()
             self._pending.append((loader, snap, req_id))
+            self._backlog += size
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name="kvfs-writer")
                 self._thread.start()
@@ -311,14 +329,14 @@ class ChunkWriter:
         """Returns once every snapshot queued so far is stored (or failed)."""
         with self._lock:
             while self._thread is not None:
-                self._idle.wait()
+                self._changed.wait()
 
     def _run(self) -> None:
         while True:
             with self._lock:
                 if not self._pending:
                     self._thread = None
-                    self._idle.notify_all()
+                    self._changed.notify_all()
                     return
                 loader, snap, req_id = self._pending.popleft()
             try:
@@ -326,6 +344,10 @@ class ChunkWriter:
                 logger.debug("kvfs: request %s stored %s", req_id, stats)
             except KvfsError as e:
                 logger.warning("kvfs: store for request %s failed: %s", req_id, e)
+            finally:
+                with self._lock:
+                    self._backlog -= snap.bytes
+                    self._changed.notify_all()
 
 
 def _salt(request: Any) -> bytes:
@@ -368,6 +390,8 @@ class KvfsConnector(KVConnectorBase_V1):
         self._store_async = str(extra.get("kvfs_store_async", "true")).lower() not in (
             "0", "false", "no", "off"
         )
+        # Bound of the writer's backlog, in MiB (see ChunkWriter).
+        self._store_queue_bytes = int(float(extra.get("kvfs_store_queue_mb", 256)) * (1 << 20))
         self._tp_size = vllm_config.parallel_config.tensor_parallel_size
         if role == KVConnectorRole.SCHEDULER:
             # The scheduler serves every rank: a hit needs each rank's chunks.
@@ -405,7 +429,7 @@ class KvfsConnector(KVConnectorBase_V1):
         self._layer_index: dict[str, int] = {}
         self._loads: list[tuple[LoadSpec, Any]] = []
         self._failed_blocks: set[int] = set()
-        self._writer = ChunkWriter()
+        self._writer = ChunkWriter(self._store_queue_bytes)
         # this step's loads: when start_load_kv began, and seconds the forward spent blocked
         # in wait_for_layer_load (logged at debug level by wait_for_save)
         self._load_started = 0.0

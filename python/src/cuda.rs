@@ -21,11 +21,11 @@ use kvfs_loader::{Dest, LoadHandle, LoadRequest, Verify};
 use pyo3::prelude::*;
 use pyo3::types::PyDict;
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 
 use super::{
-    InvalidRequest, KvfsError, LayoutError, PyLayout, PyLoader, block_map, parse_verify,
-    stats_dict, store_dict, to_py,
+    InvalidRequest, KvfsError, LayoutError, PendingLoad, PyLayout, PyLoader, block_map,
+    parse_verify, stats_dict, store_dict, to_py,
 };
 
 pyo3::create_exception!(
@@ -175,7 +175,7 @@ impl PyCudaBackend {
         };
         Ok(DeviceLoadHandle {
             num_layers: l.spec().num_layers as usize,
-            inner: Mutex::new(Some(inner)),
+            load: PendingLoad::new(inner),
         })
     }
 
@@ -233,18 +233,8 @@ enum Inner {
 /// without a stream the host waits. Dropping it (or `cancel()`) waits for copies in flight.
 #[pyclass(name = "DeviceLoadHandle", module = "kvfs", frozen)]
 pub(crate) struct DeviceLoadHandle {
-    inner: Mutex<Option<Inner>>,
+    load: PendingLoad<Inner>,
     num_layers: usize,
-}
-
-impl DeviceLoadHandle {
-    fn with<R>(&self, f: impl FnOnce(&Inner) -> R) -> PyResult<R> {
-        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        match guard.as_ref() {
-            Some(h) => Ok(f(h)),
-            None => Err(InvalidRequest::new_err("the load was already waited for")),
-        }
-    }
 }
 
 #[pymethods]
@@ -258,7 +248,7 @@ impl DeviceLoadHandle {
     /// loader, as `verify="full"` needs).
     #[getter]
     fn direct(&self) -> PyResult<bool> {
-        self.with(|h| matches!(h, Inner::Device(_)))
+        self.load.with(|h| matches!(h, Inner::Device(_)))
     }
 
     /// Layer `layer` usable: on `stream` (GPU-side wait) or, without one, on the host.
@@ -272,7 +262,7 @@ impl DeviceLoadHandle {
             )));
         }
         py.detach(|| {
-            self.with(|h| match h {
+            self.load.with(|h| match h {
                 // SAFETY: the caller passes a live stream of the process's CUDA context (the
                 // engine's current stream); documented on this method.
                 Inner::Device(d) => {
@@ -289,7 +279,7 @@ impl DeviceLoadHandle {
     /// for on the GPU). Re-recorded by the backend's next load.
     fn layer_event(&self, py: Python<'_>, layer: usize) -> PyResult<Option<usize>> {
         py.detach(|| {
-            self.with(|h| match h {
+            self.load.with(|h| match h {
                 Inner::Device(d) => d
                     .layer_event(layer)
                     .map(|e| e.map(|p| p as usize))
@@ -301,7 +291,7 @@ impl DeviceLoadHandle {
 
     /// Whether every copy has finished.
     fn done(&self) -> PyResult<bool> {
-        self.with(|h| match h {
+        self.load.with(|h| match h {
             Inner::Device(d) => d.is_done(),
             Inner::Staged(h) => h.is_done(),
         })
@@ -309,13 +299,7 @@ impl DeviceLoadHandle {
 
     /// Waits for the whole load; returns its figures, or raises `ChunkError`.
     fn wait<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let h = self
-            .inner
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .ok_or_else(|| InvalidRequest::new_err("the load was already waited for"))?;
-        match h {
+        match self.load.take()? {
             Inner::Device(d) => {
                 let s = py.detach(|| d.wait()).map_err(cuda_to_py)?;
                 device_stats(py, &s)
@@ -329,8 +313,7 @@ impl DeviceLoadHandle {
 
     /// Waits for copies in flight and drops the load.
     fn cancel(&self, py: Python<'_>) {
-        let h = self.inner.lock().unwrap_or_else(|p| p.into_inner()).take();
-        py.detach(|| drop(h));
+        self.load.cancel(py)
     }
 }
 

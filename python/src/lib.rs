@@ -391,22 +391,49 @@ fn store_dict<'py>(py: Python<'py>, s: &StoreStats) -> PyResult<Bound<'py, PyDic
     Ok(d)
 }
 
-/// A load in progress. Waiting releases the GIL. Dropping it (or `cancel()`) stops reads not
-/// started and waits for those in flight, so nothing lands in engine memory afterwards.
-#[pyclass(name = "LoadHandle", module = "kvfs", frozen)]
-struct PyLoadHandle {
-    handle: Mutex<Option<LoadHandle>>,
-    num_layers: usize,
-}
+/// The load a Python handle (`LoadHandle`, `DeviceLoadHandle`) holds until it is waited for
+/// or cancelled, once: afterwards every call is `InvalidRequest`.
+pub(crate) struct PendingLoad<T>(Mutex<Option<T>>);
 
-impl PyLoadHandle {
-    fn with<R>(&self, f: impl FnOnce(&LoadHandle) -> R) -> PyResult<R> {
-        let guard = self.handle.lock().unwrap_or_else(|p| p.into_inner());
+impl<T> PendingLoad<T> {
+    pub(crate) fn new(load: T) -> Self {
+        PendingLoad(Mutex::new(Some(load)))
+    }
+
+    /// `f` on the load, while it has not been taken.
+    pub(crate) fn with<R>(&self, f: impl FnOnce(&T) -> R) -> PyResult<R> {
+        let guard = self.0.lock().unwrap_or_else(|p| p.into_inner());
         match guard.as_ref() {
             Some(h) => Ok(f(h)),
             None => Err(InvalidRequest::new_err("the load was already waited for")),
         }
     }
+
+    /// The load, for `wait`; an error when it was taken already.
+    pub(crate) fn take(&self) -> PyResult<T> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .ok_or_else(|| InvalidRequest::new_err("the load was already waited for"))
+    }
+
+    /// Drops the load (waiting for what is in flight) with the GIL released.
+    pub(crate) fn cancel(&self, py: Python<'_>)
+    where
+        T: Send,
+    {
+        let h = self.0.lock().unwrap_or_else(|p| p.into_inner()).take();
+        py.detach(|| drop(h));
+    }
+}
+
+/// A load in progress. Waiting releases the GIL. Dropping it (or `cancel()`) stops reads not
+/// started and waits for those in flight, so nothing lands in engine memory afterwards.
+#[pyclass(name = "LoadHandle", module = "kvfs", frozen)]
+struct PyLoadHandle {
+    load: PendingLoad<LoadHandle>,
+    num_layers: usize,
 }
 
 #[pymethods]
@@ -418,31 +445,25 @@ impl PyLoadHandle {
 
     /// Returns once `layer` is in place for every chunk; raises `ChunkError` on a failure.
     fn wait_layer(&self, py: Python<'_>, layer: usize) -> PyResult<()> {
-        py.detach(|| self.with(|h| h.wait_layer(layer)))?
+        py.detach(|| self.load.with(|h| h.wait_layer(layer)))?
             .map_err(to_py)
     }
 
     /// Whether every read has finished.
     fn done(&self) -> PyResult<bool> {
-        self.with(|h| h.is_done())
+        self.load.with(|h| h.is_done())
     }
 
     /// Waits for the whole load; returns its figures as a dict, or raises `ChunkError`.
     fn wait<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyDict>> {
-        let h = self
-            .handle
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take()
-            .ok_or_else(|| InvalidRequest::new_err("the load was already waited for"))?;
+        let h = self.load.take()?;
         let stats = py.detach(|| h.wait()).map_err(to_py)?;
         stats_dict(py, &stats)
     }
 
     /// Cancels reads not started and waits for those in flight.
     fn cancel(&self, py: Python<'_>) {
-        let h = self.handle.lock().unwrap_or_else(|p| p.into_inner()).take();
-        py.detach(|| drop(h));
+        self.load.cancel(py)
     }
 }
 
@@ -595,7 +616,7 @@ impl PyLoader {
             .map_err(to_py)?;
         Ok(PyLoadHandle {
             num_layers: handle.num_layers(),
-            handle: Mutex::new(Some(handle)),
+            load: PendingLoad::new(handle),
         })
     }
 

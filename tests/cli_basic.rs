@@ -184,6 +184,7 @@ fn synth_ls_stat_get_rm() {
     c.args(["get", &format!("{ns}/{key}"), "-o"]).arg(&dst);
     run(c).ok();
     assert_eq!(fs::read(&dst).unwrap(), file_bytes);
+    get_into_a_fifo_and_through_a_symlink(cache, &format!("{ns}/{key}"), &file_bytes);
 
     let mut c = kvfs(cache);
     c.args(["rm", &key]);
@@ -204,6 +205,57 @@ fn synth_ls_stat_get_rm() {
     let r = run(c);
     assert_eq!(r.code(), 1);
     assert!(r.out.stdout.is_empty());
+}
+
+/// `get -o` into what is not a regular file writes into it and leaves it what it was: a FIFO
+/// stays a FIFO (the reader gets the chunk; a rename would have replaced it with a file, as it
+/// once replaced /dev/null), and a symbolic link stays a link whose target gets the chunk.
+fn get_into_a_fifo_and_through_a_symlink(cache: &Path, name: &str, want: &[u8]) {
+    use std::io::Read;
+    use std::os::unix::fs::FileTypeExt;
+    let fifo = cache.join("out.fifo");
+    let made = Command::new("mkfifo").arg(&fifo).status().unwrap();
+    assert!(made.success(), "mkfifo");
+    // The reader blocks in open until a writer comes; a channel with a timeout, so a
+    // regression (no writer ever opens the FIFO) fails instead of hanging.
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || {
+            let mut got = Vec::new();
+            fs::File::open(&fifo)
+                .unwrap()
+                .read_to_end(&mut got)
+                .unwrap();
+            let _ = tx.send(got);
+        });
+    }
+    let mut c = kvfs(cache);
+    c.args(["get", name, "-o"]).arg(&fifo);
+    run(c).ok();
+    assert!(
+        fs::symlink_metadata(&fifo).unwrap().file_type().is_fifo(),
+        "the FIFO was replaced"
+    );
+    let got = rx
+        .recv_timeout(std::time::Duration::from_secs(30))
+        .expect("the FIFO's reader got nothing");
+    assert_eq!(got, want);
+
+    let target = cache.join("target.kvc");
+    fs::write(&target, b"old").unwrap();
+    let link = cache.join("link.kvc");
+    std::os::unix::fs::symlink(&target, &link).unwrap();
+    let mut c = kvfs(cache);
+    c.args(["get", name, "-o"]).arg(&link);
+    run(c).ok();
+    assert!(
+        fs::symlink_metadata(&link)
+            .unwrap()
+            .file_type()
+            .is_symlink()
+    );
+    assert_eq!(fs::read(&target).unwrap(), want);
 }
 
 #[test]

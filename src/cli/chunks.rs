@@ -164,21 +164,40 @@ pub fn get(ctx: &Ctx, a: GetArgs) -> Result<i32, CliError> {
     Ok(0)
 }
 
-/// Writes `bytes` to `path` through a temporary file and a rename, so a failed write (a full
-/// disk) leaves no partial output behind.
+/// Writes `bytes` to `path`. A regular file (or a path that does not exist) is written through
+/// a temporary file and a rename, so a failed write (a full disk) leaves no partial output
+/// behind. An existing path that is not a regular file (`/dev/null`, a FIFO, `/dev/stdout`) is
+/// opened and written in place: a rename would replace the device or pipe with a file (as
+/// root, `-o /dev/null` replaced the machine's /dev/null). A symbolic link is followed, so its
+/// target is what gets replaced, not the link.
 fn write_whole(path: &std::path::Path, bytes: &[u8]) -> Result<(), CliError> {
-    let name = path
+    let io_err = |path: &std::path::Path, source| StoreError::Io {
+        path: path.to_path_buf(),
+        source,
+    };
+    let target = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_symlink() => {
+            std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+        }
+        _ => path.to_path_buf(),
+    };
+    if let Ok(m) = std::fs::metadata(&target)
+        && !m.is_file()
+    {
+        return std::fs::OpenOptions::new()
+            .write(true)
+            .open(&target)
+            .and_then(|mut f| f.write_all(bytes))
+            .map_err(|e| io_err(&target, e).into());
+    }
+    let name = target
         .file_name()
         .map_or_else(|| "out".into(), |n| n.to_string_lossy().into_owned());
-    let tmp = path.with_file_name(format!(".{name}.kvfs-tmp.{}", std::process::id()));
-    let r = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, path));
+    let tmp = target.with_file_name(format!(".{name}.kvfs-tmp.{}", std::process::id()));
+    let r = std::fs::write(&tmp, bytes).and_then(|()| std::fs::rename(&tmp, &target));
     if let Err(e) = r {
         let _ = std::fs::remove_file(&tmp);
-        return Err(StoreError::Io {
-            path: path.to_path_buf(),
-            source: e,
-        }
-        .into());
+        return Err(io_err(&target, e).into());
     }
     Ok(())
 }

@@ -54,7 +54,8 @@ impl Store {
         })?;
         // The reservation becomes the chunk's row in one transaction: the bytes are never
         // unaccounted.
-        reservation.commit(ns_dir, key, len);
+        // The file's header (a page): this path has only the file, not its parsed header.
+        reservation.commit(ns_dir, key, len, super::priority::of_chunk_file(&target));
         if outcome == Commit::Created {
             inner.metrics.committed(ns_dir, len);
         }

@@ -214,10 +214,13 @@ pub(crate) struct Reservation<'a> {
 }
 
 impl Reservation<'_> {
-    /// Turns the reservation into the chunk's row in one transaction.
-    pub fn commit(mut self, ns: &str, key: &ChunkKey, len: u64) {
+    /// Turns the reservation into the chunk's row in one transaction; `priority` is the one
+    /// the chunk's importance implies ([`super::priority`]), for a new row.
+    pub fn commit(mut self, ns: &str, key: &ChunkKey, len: u64, priority: u8) {
         if let Some(id) = self.id.take() {
-            self.tier.index.commit_reservation(id, ns, key, len);
+            self.tier
+                .index
+                .commit_reservation(id, ns, key, len, priority);
         }
     }
 }

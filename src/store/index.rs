@@ -781,10 +781,9 @@ impl ChunkIndex {
     }
 
     /// Turns reservation `id` into the chunk's row, in one transaction: the bytes are never
-    /// unaccounted.
-    pub fn commit_reservation(&self, id: i64, ns: &str, key: &ChunkKey, len: u64) {
-        // Read before the write transaction: the header of the file just linked.
-        let priority = derived_priority(&self.root, ns, key);
+    /// unaccounted. `priority` is a new row's ([`super::priority`]; an existing row keeps its
+    /// own).
+    pub fn commit_reservation(&self, id: i64, ns: &str, key: &ChunkKey, len: u64, priority: u8) {
         self.quietly("committing a reservation", |st| {
             let ns_id = st.ns_id(ns)?;
             let tx = st

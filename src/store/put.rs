@@ -122,7 +122,8 @@ impl Store {
             match r {
                 Ok(c) => {
                     // The reservation becomes the chunk's row in one transaction.
-                    reservation.commit(ns_dir, &key, len);
+                    let priority = super::priority::of_header(&header);
+                    reservation.commit(ns_dir, &key, len, priority);
                     break c;
                 }
                 Err(e) if e.get_ref().is_some_and(|i| i.is::<VerifyFailed>()) => {

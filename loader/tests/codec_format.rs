@@ -63,7 +63,7 @@ fn golden_bytes_per_codec() {
     }
 }
 
-const GOLDEN: [(Codec, usize, &str); 4] = [
+const GOLDEN: [(Codec, usize, &str); 5] = [
     (
         Codec::Lossless,
         36864,
@@ -84,7 +84,55 @@ const GOLDEN: [(Codec, usize, &str); 4] = [
         12288,
         "de7cd4cc9b4abf2e886883920fe11269f813e81a221748fba23b5650731b5480",
     ),
+    (
+        Codec::Int8,
+        28672,
+        "9fc9afeeca311fb162fb007b4a6b73d98de9c74d87c572bfef718ae4c7491d50",
+    ),
 ];
+
+/// The int8 layout as docs/FORMAT.md gives it, computed here from the KV by that text alone:
+/// a group is its rows' scale bytes (`e << 3 | m` for `2^(e - 20) * (1 + m / 8)`, the
+/// smallest at least `absmax / 127`), then every row's codes `round(x / scale)` as `i8`.
+#[test]
+fn int8_golden_group_follows_the_documented_layout() {
+    let meta = tiny_meta();
+    let bytes = encode(&meta, Codec::Int8);
+    let h = ChunkHeader::parse(&bytes).unwrap();
+    let g = &h.geometry;
+    let (heads, d) = (meta.num_heads as usize, meta.head_dim as usize);
+    let mut raw = vec![0u8; g.extent_len as usize];
+    kv_fill(&meta)(1, 1, &mut raw);
+    let mut x = Vec::new();
+    kvfs_loader::codec::to_f32(meta.dtype, &raw, &mut x);
+    // Group 1 of plane 1 of layer 1: tokens 16..32.
+    let r = h.stored().unwrap().groups_range(1, 1, 1..2);
+    let group = &bytes[r.start as usize..r.end as usize];
+    let rows = 16 * heads;
+    assert_eq!(group.len(), rows * (1 + d));
+    let scale_of = |b: u8| {
+        if b == 0 {
+            0.0
+        } else {
+            2f64.powi((b >> 3) as i32 - 20) * (1.0 + (b & 7) as f64 / 8.0)
+        }
+    };
+    for row in 0..rows {
+        let xs = &x[(16 * heads + row) * d..][..d];
+        let amax = xs.iter().fold(0f64, |m, v| m.max(v.abs() as f64));
+        let want = (0..=255u8).find(|&b| scale_of(b) >= amax / 127.0).unwrap();
+        assert_eq!(group[row], want, "row {row}");
+        let scale = scale_of(want);
+        for (k, v) in xs.iter().enumerate() {
+            let q = group[rows + row * d + k] as i8 as f64;
+            assert_eq!(
+                q,
+                (*v as f64 / scale).round_ties_even(),
+                "row {row} elem {k}"
+            );
+        }
+    }
+}
 
 #[test]
 fn raw_stays_version_1() {
@@ -120,7 +168,7 @@ fn every_codec_round_trips_every_dtype_and_kind() {
             let meta = meta_of(&spec);
             let raw = format::encode_chunk(&meta, kv_fill(&meta)).unwrap();
             let raw_view = ChunkView::parse(&raw, Verify::Full).unwrap();
-            for codec in [Codec::Lossless, Codec::Fp8, Codec::Kivi4, Codec::Kivi2] {
+            for codec in Codec::ALL.into_iter().filter(|c| *c != Codec::Raw) {
                 let bytes = encode(&meta, codec);
                 let h = ChunkHeader::parse(&bytes).unwrap();
                 assert_eq!((h.codec, h.meta.key), (codec, meta.key));
@@ -160,7 +208,7 @@ fn layers_are_aligned_and_groups_back_to_back() {
     let mut spec = ModelSpec::preset("llama-3-8b").unwrap();
     spec.num_layers = 3;
     let meta = ChunkMeta::for_spec(&spec, None, SaltTag::NONE, (0..256).collect());
-    for codec in [Codec::Lossless, Codec::Fp8, Codec::Kivi4] {
+    for codec in [Codec::Lossless, Codec::Fp8, Codec::Kivi4, Codec::Int8] {
         let bytes = encode(&meta, codec);
         let h = ChunkHeader::parse(&bytes).unwrap();
         let t = h.stored().unwrap();
@@ -243,6 +291,10 @@ fn bad_coded_chunks_are_typed_errors() {
         "{err}"
     );
     assert!(err.to_string().contains("77"));
+    // The message lists what this build knows, so a reader sees the chunk is newer than it.
+    for c in Codec::ALL {
+        assert!(err.to_string().contains(c.name()), "{err}");
+    }
 
     // A coded chunk that claims version 1.
     let mut v1 = good.clone();
@@ -270,6 +322,23 @@ fn bad_coded_chunks_are_typed_errors() {
         "{err}"
     );
     assert!(err.to_string().contains("lossless"));
+
+    // Every lossy codec's stored bytes are covered by the layer digest too: a flipped code
+    // byte of a lossy chunk would decode to other values without an error, so only the full
+    // check can catch it, and it does, naming the codec.
+    for codec in Codec::ALL.into_iter().filter(|c| !c.is_lossless()) {
+        let mut flipped = encode(&meta, codec);
+        let fh = ChunkHeader::parse(&flipped).unwrap();
+        let at = fh.layer_span(1).start as usize + 100;
+        flipped[at] ^= 0x01;
+        ChunkView::parse(&flipped, Verify::Header).unwrap();
+        let err = ChunkView::parse(&flipped, Verify::Full).unwrap_err();
+        assert!(
+            matches!(err, FormatError::StoredDigest { codec: c, layer: 1 } if c == codec),
+            "{codec}: {err}"
+        );
+        assert!(err.to_string().contains(codec.name()), "{err}");
+    }
 
     // A group length the codec cannot have.
     let fp8 = encode(&meta, Codec::Fp8);

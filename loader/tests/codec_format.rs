@@ -436,3 +436,69 @@ fn a_coded_chunks_plane_is_decoded_not_borrowed() {
         .unwrap();
     assert_eq!(got, raw_view.plane(0, 1).unwrap());
 }
+
+/// A coded chunk carries an importance section (after its codec table): every codec keeps
+/// it through encode and parse, the payload decodes as without it, and a lossless
+/// transcode (what the remote codec does to every upload) gives back the raw chunk with its
+/// section byte for byte, where it used to drop the section.
+#[test]
+fn coded_chunks_keep_their_importance_section() {
+    use kvfs_loader::format::{encode_chunk_coded_with, encode_chunk_with};
+    use kvfs_loader::importance::Importance;
+    let meta = tiny_meta();
+    let g = meta.geometry().unwrap();
+    let scores: Vec<f32> = (0..g.num_layers * g.groups())
+        .map(|i| 0.25 / (1 + i % 3) as f32)
+        .collect();
+    let imp = Importance::new(g.num_layers, g.groups(), 24, scores).unwrap();
+    for codec in Codec::ALL {
+        let with = encode_chunk_coded_with(&meta, codec, Some(&imp), kv_fill(&meta)).unwrap();
+        let without = encode(&meta, codec);
+        let v = ChunkView::parse(&with, Verify::Full).unwrap();
+        assert_eq!(v.header.codec, codec);
+        assert_eq!(v.header.importance.as_ref(), Some(&imp), "{codec}");
+        assert_eq!(u16::from_le_bytes([with[8], with[9]]), 2, "{codec}");
+        if codec != Codec::Raw {
+            assert_eq!(decoded_planes(&with), decoded_planes(&without), "{codec}");
+        }
+    }
+    let raw = encode_chunk_with(&meta, Some(&imp), kv_fill(&meta)).unwrap();
+    let coded = transcode(&raw, Codec::Lossless).unwrap();
+    let h = ChunkHeader::parse(&coded).unwrap();
+    assert_eq!(
+        (h.codec, h.importance.as_ref()),
+        (Codec::Lossless, Some(&imp))
+    );
+    assert_eq!(transcode(&coded, Codec::Raw).unwrap(), raw);
+
+    // A section of the wrong shape is refused for a coded chunk as for a raw one.
+    let wrong = Importance::new(g.num_layers + 1, g.groups(), 1, vec![0.1; 3 * 2]).unwrap();
+    let e = encode_chunk_coded_with(&meta, Codec::Int8, Some(&wrong), kv_fill(&meta)).unwrap_err();
+    assert!(
+        matches!(
+            e,
+            FormatError::BadField {
+                field: "importance",
+                ..
+            }
+        ),
+        "{e}"
+    );
+    // A damaged section of a coded chunk is a typed error, as for a raw one: the score of
+    // group 0 of layer 0 set above 1.
+    let mut bad = encode_chunk_coded_with(&meta, Codec::Int8, Some(&imp), kv_fill(&meta)).unwrap();
+    let hl = ChunkHeader::peek_header_len(&bad).unwrap() as usize;
+    let section = g.table_offset as usize
+        + g.num_layers as usize * (2 * 16 + 32)
+        + 4 * (g.num_layers * 2 * g.groups()) as usize;
+    assert!(section + 12 <= hl);
+    bad[section + 8..section + 12].copy_from_slice(&2.0f32.to_le_bytes());
+    reseal(&mut bad);
+    assert!(matches!(
+        ChunkHeader::parse(&bad),
+        Err(FormatError::BadField {
+            field: "importance",
+            ..
+        })
+    ));
+}

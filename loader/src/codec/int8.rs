@@ -28,8 +28,10 @@
 //! Decoding writes each element's `q * s` straight into the destination in its dtype (f32,
 //! bf16 by round to nearest even, f16 through `half`'s slice conversion, which uses F16C when
 //! the CPU has it), with no buffer beyond a 64-value block on the stack for f16, in loops the
-//! compiler vectorizes (a row of codes is widened, multiplied and narrowed a vector at a
-//! time; `loader/examples/codec_speed.rs` measures it against `memcpy`).
+//! compiler vectorizes (codes widened, converted, multiplied and narrowed a vector at a
+//! time: `cvtdq2ps`/`mulps` in the release build), compiled twice, for the SSE2 baseline and
+//! for AVX2, picked at run time. `loader/examples/codec_speed.rs` measures it against
+//! `memcpy` (docs/BENCHMARKS.md, "Codecs", run 3).
 
 use super::{Codec, CodecError, GroupShape};
 use crate::spec::Dtype;
@@ -46,7 +48,7 @@ pub(super) fn stored_len(shape: &GroupShape) -> usize {
 }
 
 /// The scale a byte stands for (exact in f32).
-#[inline]
+#[inline(always)]
 pub(super) fn scale_value(b: u8) -> f32 {
     if b == 0 {
         return 0.0;
@@ -120,8 +122,26 @@ fn encode_into(shape: &GroupShape, values: &[f32], stored: &mut [u8]) -> Result<
 }
 
 /// Decodes a stored group (`stored_len(shape)` bytes) into `out` (`shape.raw_len()` bytes of
-/// `shape.dtype`).
+/// `shape.dtype`). The same loops, compiled for AVX2 where the CPU has it (8 lanes instead
+/// of SSE2's 4; the build's baseline is SSE2).
 pub(super) fn decode(shape: &GroupShape, stored: &[u8], out: &mut [u8]) {
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("avx2") {
+        // SAFETY: the CPU has AVX2, checked just above; `decode_avx2` is `decode_rows`
+        // compiled with it, nothing else.
+        return unsafe { decode_avx2(shape, stored, out) };
+    }
+    decode_rows(shape, stored, out)
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn decode_avx2(shape: &GroupShape, stored: &[u8], out: &mut [u8]) {
+    decode_rows(shape, stored, out)
+}
+
+#[inline(always)]
+pub(super) fn decode_rows(shape: &GroupShape, stored: &[u8], out: &mut [u8]) {
     let rows = shape.tokens * shape.heads;
     let d = shape.head_dim;
     let (scales, codes) = stored.split_at(rows);
@@ -141,11 +161,12 @@ pub(super) fn decode(shape: &GroupShape, stored: &[u8], out: &mut [u8]) {
     }
 }
 
-#[inline]
+#[inline(always)]
 fn value(q: u8, scale: f32) -> f32 {
     q as i8 as f32 * scale
 }
 
+#[inline(always)]
 fn row_f32(codes: &[u8], scale: f32, out: &mut [u8]) {
     for (o, &q) in out.chunks_exact_mut(4).zip(codes) {
         o.copy_from_slice(&value(q, scale).to_le_bytes());
@@ -154,12 +175,13 @@ fn row_f32(codes: &[u8], scale: f32, out: &mut [u8]) {
 
 /// bf16 of a finite f32, rounded to nearest even (what `half::bf16::from_f32` gives for
 /// finite values, without its NaN branch, so the loop vectorizes).
-#[inline]
+#[inline(always)]
 fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
     ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
 }
 
+#[inline(always)]
 fn row_bf16(codes: &[u8], scale: f32, out: &mut [u8]) {
     for (o, &q) in out.chunks_exact_mut(2).zip(codes) {
         o.copy_from_slice(&bf16_bits(value(q, scale)).to_le_bytes());

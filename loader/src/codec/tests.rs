@@ -588,3 +588,21 @@ fn lossy_codecs_refuse_non_finite_kv() {
     );
     assert_eq!(out, [7, 7, 7]);
 }
+
+/// The run-time-picked int8 decoder (AVX2 where the CPU has it) and the baseline build of
+/// the same loops give the same bytes, for every dtype.
+#[test]
+fn int8_decoders_agree() {
+    for dtype in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
+        let s = shape(dtype, 1, 13);
+        let raw = raw_of(dtype, &values(s.elements(), 21));
+        let mut stored = Vec::new();
+        Coder::new()
+            .encode(Codec::Int8, &s, &raw, &mut stored)
+            .unwrap();
+        let (mut picked, mut baseline) = (vec![0u8; raw.len()], vec![1u8; raw.len()]);
+        int8::decode(&s, &stored, &mut picked);
+        int8::decode_rows(&s, &stored, &mut baseline);
+        assert_eq!(picked, baseline, "{dtype}");
+    }
+}

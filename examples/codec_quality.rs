@@ -36,8 +36,15 @@
 //! at least that (a 1-byte scale: the form the `int8` codec stores, chosen by this
 //! measurement; its row is the codec's rounding done outside it).
 //!
+//! The low-bit forms (run 4): `hq4-variant` rotates each (token, head) row by the normalized
+//! Walsh-Hadamard transform, codes it with symmetric 4-bit integers (-7..=7) and the int8
+//! codec's one-byte scale rounded up (the `hq4` codec's rounding, done outside it: 3.88x of
+//! bf16), and rotates back; `hq4-asym` the same rotation with an f16 min and step per row and
+//! codes 0..=15 (3.56x); `hq3` symmetric 3-bit codes (-3..=3) with the byte scale (5.12x).
+//!
 //! The model comes from `kvfs_model::locate_gguf` (scripts/install-model).
 
+use kvfs_loader::codec::hadamard::wht_in_place;
 use kvfs_loader::codec::{Coder, GroupShape, e4m3_to_f32, f32_to_e4m3, from_f32, to_f32};
 use kvfs_loader::format::{ChunkView, Verify, encode_chunk};
 use kvfs_loader::{Codec, Loader, LoaderOptions};
@@ -174,6 +181,9 @@ enum Variant {
     Int8Exact,
     Int8F16,
     Int8ScaleByte,
+    Hq4,
+    Hq4Asym,
+    Hq3,
 }
 
 impl Variant {
@@ -187,6 +197,9 @@ impl Variant {
             Variant::Int8Exact => "int8-exact",
             Variant::Int8F16 => "int8-f16",
             Variant::Int8ScaleByte => "int8-scale-byte",
+            Variant::Hq4 => "hq4-variant",
+            Variant::Hq4Asym => "hq4-asym",
+            Variant::Hq3 => "hq3",
         }
     }
 }
@@ -264,6 +277,42 @@ fn transform_group(v: Variant, shape: &GroupShape, values: &mut [f32], coder: &m
                         e4m3_round(*x, scale_byte_value(a / 448.0))
                     };
                 }
+            }
+        }
+        Variant::Hq4 | Variant::Hq4Asym | Variant::Hq3 => {
+            for row in values.chunks_exact_mut(d) {
+                wht_in_place(row);
+                if v == Variant::Hq4Asym {
+                    // min and step as f16 (round to nearest), codes 0..=15.
+                    let f16 = |x: f32| {
+                        let mut b = [0u8; 2];
+                        from_f32(kvfs_loader::Dtype::F16, &[x], &mut b);
+                        let mut back = Vec::new();
+                        to_f32(kvfs_loader::Dtype::F16, &b, &mut back);
+                        back[0]
+                    };
+                    let lo = f16(row.iter().fold(f32::INFINITY, |m, &x| m.min(x)));
+                    let hi = row.iter().fold(f32::NEG_INFINITY, |m, &x| m.max(x));
+                    let step = f16((hi - lo).max(0.0) / 15.0);
+                    for x in row.iter_mut() {
+                        let q = if step > 0.0 {
+                            ((*x - lo) / step).round().clamp(0.0, 15.0)
+                        } else {
+                            0.0
+                        };
+                        *x = lo + q * step;
+                    }
+                } else {
+                    let qmax = if v == Variant::Hq4 { 7.0 } else { 3.0 };
+                    let a = amax(&mut row.iter().copied());
+                    if a > 0.0 {
+                        let s = scale_byte_value(a / qmax);
+                        for x in row.iter_mut() {
+                            *x = (*x / s).round_ties_even().clamp(-qmax, qmax) * s;
+                        }
+                    }
+                }
+                wht_in_place(row);
             }
         }
         Variant::Fp8KeyChannel if shape.plane == 0 && shape.keys_per_channel => {
@@ -395,6 +444,10 @@ fn quality(e: &Engine) {
         Variant::Codec(Codec::Int8),
         Variant::Codec(Codec::Kivi4),
         Variant::Codec(Codec::Kivi2),
+        Variant::Codec(Codec::Hq4),
+        Variant::Hq4,
+        Variant::Hq4Asym,
+        Variant::Hq3,
     ];
     // `--codecs a,b,...`: the codecs and variants to measure (all by default; raw always).
     let codecs: Vec<Variant> = match arg("--codecs") {

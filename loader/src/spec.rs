@@ -9,7 +9,7 @@
 //! the id keeps them unambiguous.
 //!
 //! A namespace's **codec** (`codecs`, docs/FORMAT.md) says how its chunks are written. A lossy
-//! codec (fp8, int8, kivi4, kivi2) makes different KV, so it is part of the identity: it is
+//! codec (fp8, int8, kivi4, kivi2, hq4) makes different KV, so it is part of the identity: it is
 //! appended to the canonical encoding (`"codec"`, then its byte) and so gives another namespace id, and
 //! lossy chunks never share keys with raw ones. Raw and lossless chunks hold the same KV, so
 //! those codecs leave the encoding (and every existing namespace id) as it was.
@@ -291,6 +291,15 @@ impl ModelSpec {
                 format!("{} cannot encode {} KV", self.codec, self.dtype),
             ));
         }
+        if !self.codec.supports_head_dim(self.head_dim as usize) {
+            return Err(FormatError::field(
+                "codec",
+                format!(
+                    "{} needs a power-of-two head_dim, not {}",
+                    self.codec, self.head_dim
+                ),
+            ));
+        }
         Ok(())
     }
 
@@ -507,7 +516,14 @@ mod tests {
         assert_eq!(lossless.namespace_id(), raw.namespace_id());
         assert_eq!(lossless.to_json(), raw.to_json());
         let mut ids = std::collections::HashSet::new();
-        for c in [Codec::Raw, Codec::Fp8, Codec::Kivi4, Codec::Kivi2] {
+        for c in [
+            Codec::Raw,
+            Codec::Fp8,
+            Codec::Kivi4,
+            Codec::Kivi2,
+            Codec::Int8,
+            Codec::Hq4,
+        ] {
             let mut s = raw.clone();
             s.codec = c;
             assert!(ids.insert(s.namespace_id()), "{c}");
@@ -520,6 +536,17 @@ mod tests {
             fp8_kv.validate(),
             Err(FormatError::BadField { field: "codec", .. })
         ));
+        // hq4 rotates rows by a Hadamard transform: a power-of-two head_dim only.
+        let mut hq4 = raw.clone();
+        hq4.codec = Codec::Hq4;
+        assert!(hq4.validate().is_ok());
+        hq4.head_dim = 96;
+        let err = hq4.validate().unwrap_err();
+        assert!(
+            matches!(&err, FormatError::BadField { field: "codec", .. }),
+            "{err}"
+        );
+        assert!(err.to_string().contains("power-of-two"), "{err}");
     }
 
     #[test]

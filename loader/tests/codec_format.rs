@@ -63,7 +63,7 @@ fn golden_bytes_per_codec() {
     }
 }
 
-const GOLDEN: [(Codec, usize, &str); 5] = [
+const GOLDEN: [(Codec, usize, &str); 6] = [
     (
         Codec::Lossless,
         36864,
@@ -88,6 +88,11 @@ const GOLDEN: [(Codec, usize, &str); 5] = [
         Codec::Int8,
         28672,
         "9fc9afeeca311fb162fb007b4a6b73d98de9c74d87c572bfef718ae4c7491d50",
+    ),
+    (
+        Codec::Hq4,
+        20480,
+        "8b26cdf8cc7cd2fa1bbcfcb08dbcb3a3e5855a502f4f167063edb2749dbb5583",
     ),
 ];
 
@@ -134,6 +139,74 @@ fn int8_golden_group_follows_the_documented_layout() {
     }
 }
 
+/// The hq4 layout as docs/FORMAT.md gives it, computed here from the KV by that text alone:
+/// each row rotated by the normalized Walsh-Hadamard transform (`H_64 / 8`, `H` the
+/// Sylvester matrix: entry `(i, j)` is `(-1)^popcount(i & j)`), a group is its rows' scale
+/// bytes (the smallest at least the rotated row's `absmax / 7`), then the codes
+/// `round(y / scale)` as 4-bit two's complement, two to a byte, low nibble first.
+#[test]
+fn hq4_golden_group_follows_the_documented_layout() {
+    let meta = tiny_meta();
+    let bytes = encode(&meta, Codec::Hq4);
+    let h = ChunkHeader::parse(&bytes).unwrap();
+    let g = &h.geometry;
+    let (heads, d) = (meta.num_heads as usize, meta.head_dim as usize);
+    let mut raw = vec![0u8; g.extent_len as usize];
+    kv_fill(&meta)(1, 0, &mut raw);
+    let mut x = Vec::new();
+    kvfs_loader::codec::to_f32(meta.dtype, &raw, &mut x);
+    // Group 1 of plane 0 (keys) of layer 1: tokens 16..32.
+    let r = h.stored().unwrap().groups_range(1, 0, 1..2);
+    let group = &bytes[r.start as usize..r.end as usize];
+    let rows = 16 * heads;
+    assert_eq!(group.len(), rows * (1 + d / 2));
+    let scale_of = |b: u8| {
+        if b == 0 {
+            0.0
+        } else {
+            2f64.powi((b >> 3) as i32 - 20) * (1.0 + (b & 7) as f64 / 8.0)
+        }
+    };
+    let mut mismatches = 0;
+    for row in 0..rows {
+        let xs = &x[(16 * heads + row) * d..][..d];
+        let y: Vec<f64> = (0..d)
+            .map(|i| {
+                (0..d)
+                    .map(|j| {
+                        let sign = if (i & j).count_ones() % 2 == 0 {
+                            1.0
+                        } else {
+                            -1.0
+                        };
+                        sign * xs[j] as f64
+                    })
+                    .sum::<f64>()
+                    / (d as f64).sqrt()
+            })
+            .collect();
+        let amax = y.iter().fold(0f64, |m, v| m.max(v.abs()));
+        let want = (0..=255u8).find(|&b| scale_of(b) >= amax / 7.0).unwrap();
+        assert_eq!(group[row], want, "row {row}");
+        let scale = scale_of(want);
+        for (k, v) in y.iter().enumerate() {
+            let i = row * d + k;
+            let nibble = (group[rows + i / 2] >> ((i % 2) * 4)) & 0xF;
+            let q = ((nibble << 4) as i8 >> 4) as f64;
+            let exact = v / scale;
+            // The codec rotates in f32: a value within 1e-4 of a rounding tie may go
+            // either way; every other one is the nearest code.
+            if (exact - exact.round()).abs() > 0.5 - 1e-4 {
+                mismatches += (q != exact.round_ties_even()) as usize;
+                assert!((q - exact).abs() <= 0.5 + 1e-4, "row {row} elem {k}");
+            } else {
+                assert_eq!(q, exact.round_ties_even(), "row {row} elem {k}");
+            }
+        }
+    }
+    assert!(mismatches <= 2, "{mismatches} codes off a tie");
+}
+
 #[test]
 fn raw_stays_version_1() {
     let meta = tiny_meta();
@@ -169,6 +242,12 @@ fn every_codec_round_trips_every_dtype_and_kind() {
             let raw = format::encode_chunk(&meta, kv_fill(&meta)).unwrap();
             let raw_view = ChunkView::parse(&raw, Verify::Full).unwrap();
             for codec in Codec::ALL.into_iter().filter(|c| *c != Codec::Raw) {
+                if !codec.supports_head_dim(meta.head_dim as usize) {
+                    // hq4 on a 576-wide MLA latent: a typed error naming the codec.
+                    let err = encode_chunk_coded(&meta, codec, kv_fill(&meta)).unwrap_err();
+                    assert!(err.to_string().contains(codec.name()), "{err}");
+                    continue;
+                }
                 let bytes = encode(&meta, codec);
                 let h = ChunkHeader::parse(&bytes).unwrap();
                 assert_eq!((h.codec, h.meta.key), (codec, meta.key));
@@ -208,7 +287,13 @@ fn layers_are_aligned_and_groups_back_to_back() {
     let mut spec = ModelSpec::preset("llama-3-8b").unwrap();
     spec.num_layers = 3;
     let meta = ChunkMeta::for_spec(&spec, None, SaltTag::NONE, (0..256).collect());
-    for codec in [Codec::Lossless, Codec::Fp8, Codec::Kivi4, Codec::Int8] {
+    for codec in [
+        Codec::Lossless,
+        Codec::Fp8,
+        Codec::Kivi4,
+        Codec::Int8,
+        Codec::Hq4,
+    ] {
         let bytes = encode(&meta, codec);
         let h = ChunkHeader::parse(&bytes).unwrap();
         let t = h.stored().unwrap();

@@ -77,7 +77,7 @@ class ModelSpec:
         codec: str = "raw",
     ) -> None:
         """`codec`: how chunks are stored, "raw", "lossless" (same cache, fewer bytes), or
-        a lossy "int8", "fp8" (e4m3), "kivi4", "kivi2", each a namespace of its own
+        a lossy "int8", "fp8" (e4m3), "kivi4", "kivi2", "hq4", each a namespace of its own
         (docs/FORMAT.md, "Codecs"). An unknown name raises SpecError."""
     @staticmethod
     def preset(name: str) -> ModelSpec: ...

@@ -12,10 +12,12 @@
 //!   decodes bit-exact, at several GB/s per core;
 //! - [`Codec::Fp8`] (`fp8.rs`): e4m3 with a power-of-two scale per token and head (what
 //!   engines hold natively; on SmolLM2 it does not keep 95% of greedy tokens);
-//! - [`Codec::Int8`] (`int8.rs`): symmetric 8-bit integers with an f16 scale per token and
-//!   head: fp8's bytes (plus one per row) on a uniform grid, which does;
+//! - [`Codec::Int8`] (`int8.rs`): symmetric 8-bit integers with a one-byte scale per token
+//!   and head: fp8's bytes (plus one per row) on a uniform grid, which does;
 //! - [`Codec::Kivi4`], [`Codec::Kivi2`] (`kivi.rs`): KIVI-style asymmetric integer
-//!   quantization, keys per channel over the group, values per token and head.
+//!   quantization, keys per channel over the group, values per token and head;
+//! - [`Codec::Hq4`] (`hq4.rs`): each (token, head) row rotated by a Hadamard transform
+//!   (`hadamard.rs`), then symmetric 4-bit codes with a one-byte scale per row: 3.88x of bf16.
 //!
 //! A lossy codec refuses NaN and infinite KV with a typed error ([`CodecError::OutOfRange`]):
 //! a code of them would decode to other values, or poison a whole row's scale.
@@ -28,6 +30,8 @@
 //! decoded group using a thread-local coder and scratch (the loader's hot path).
 
 mod fp8;
+pub mod hadamard;
+mod hq4;
 mod int8;
 mod kivi;
 mod lossless;
@@ -54,18 +58,21 @@ pub enum Codec {
     Kivi4 = 3,
     /// 2-bit KIVI-style group quantization.
     Kivi2 = 4,
-    /// Symmetric 8-bit integers, f16 scale per token and head.
+    /// Symmetric 8-bit integers, one-byte scale per token and head.
     Int8 = 5,
+    /// Hadamard-rotated rows, symmetric 4-bit codes, one-byte scale per token and head.
+    Hq4 = 6,
 }
 
 impl Codec {
-    pub const ALL: [Codec; 6] = [
+    pub const ALL: [Codec; 7] = [
         Codec::Raw,
         Codec::Lossless,
         Codec::Fp8,
         Codec::Kivi4,
         Codec::Kivi2,
         Codec::Int8,
+        Codec::Hq4,
     ];
 
     pub fn from_u8(v: u8) -> Option<Codec> {
@@ -80,6 +87,7 @@ impl Codec {
             Codec::Kivi4 => "kivi4",
             Codec::Kivi2 => "kivi2",
             Codec::Int8 => "int8",
+            Codec::Hq4 => "hq4",
         }
     }
 
@@ -88,7 +96,7 @@ impl Codec {
         Codec::ALL.map(Codec::name).join(", ")
     }
 
-    /// Parses a codec name (`raw`, `lossless`, `fp8`, `kivi4`, `kivi2`, `int8`).
+    /// Parses a codec name (`raw`, `lossless`, `fp8`, `kivi4`, `kivi2`, `int8`, `hq4`).
     pub fn parse(s: &str) -> Result<Codec, CodecError> {
         let l = s.to_ascii_lowercase();
         Codec::ALL
@@ -108,6 +116,12 @@ impl Codec {
         self.is_lossless() || matches!(dtype, Dtype::F16 | Dtype::Bf16 | Dtype::F32)
     }
 
+    /// Whether this codec can encode rows of `head_dim` values (hq4's rotation needs a power
+    /// of two; the others take any).
+    pub fn supports_head_dim(self, head_dim: usize) -> bool {
+        self != Codec::Hq4 || head_dim.is_power_of_two()
+    }
+
     /// Stored bytes of a group when they do not depend on the content (lossy codecs and raw).
     pub fn fixed_len(self, shape: &GroupShape) -> Option<usize> {
         match self {
@@ -117,6 +131,7 @@ impl Codec {
             Codec::Kivi4 => Some(kivi::stored_len::<4>(shape)),
             Codec::Kivi2 => Some(kivi::stored_len::<2>(shape)),
             Codec::Int8 => Some(int8::stored_len(shape)),
+            Codec::Hq4 => Some(hq4::stored_len(shape)),
         }
     }
 }
@@ -160,6 +175,8 @@ pub enum CodecError {
     UnknownName(String),
     #[error("codec {codec} cannot encode {dtype} KV")]
     Unsupported { codec: Codec, dtype: Dtype },
+    #[error("codec {codec} cannot code rows of {head_dim} values (it needs a power of two)")]
+    HeadDim { codec: Codec, head_dim: usize },
     #[error("codec {codec}: a group decoded to {actual} bytes, its shape needs {expected}")]
     DecodedSize {
         codec: Codec,
@@ -211,6 +228,12 @@ impl Coder {
                 dtype: shape.dtype,
             });
         }
+        if !codec.supports_head_dim(shape.head_dim) {
+            return Err(CodecError::HeadDim {
+                codec,
+                head_dim: shape.head_dim,
+            });
+        }
         if !codec.is_lossless() {
             to_f32(shape.dtype, raw, &mut self.values);
             if let Some(index) = self.values.iter().position(|v| !v.is_finite()) {
@@ -228,6 +251,7 @@ impl Coder {
             Codec::Kivi4 => kivi::encode::<4>(shape, &self.values, out),
             Codec::Kivi2 => kivi::encode::<2>(shape, &self.values, out),
             Codec::Int8 => int8::encode(shape, &self.values, out)?,
+            Codec::Hq4 => hq4::encode(shape, &mut self.values, out)?,
         }
         Ok(())
     }
@@ -247,6 +271,12 @@ impl Coder {
                 actual: out.len(),
             });
         }
+        if !codec.supports_head_dim(shape.head_dim) {
+            return Err(CodecError::HeadDim {
+                codec,
+                head_dim: shape.head_dim,
+            });
+        }
         if let Some(n) = codec.fixed_len(shape)
             && n != stored.len()
         {
@@ -260,11 +290,12 @@ impl Coder {
             Codec::Lossless => self.lossless.decode(shape, stored, out)?,
             // Straight into `out`, no f32 buffer.
             Codec::Int8 => int8::decode(shape, stored, out),
-            Codec::Fp8 | Codec::Kivi4 | Codec::Kivi2 => {
+            Codec::Fp8 | Codec::Kivi4 | Codec::Kivi2 | Codec::Hq4 => {
                 self.values.resize(shape.elements(), 0.0);
                 match codec {
                     Codec::Fp8 => fp8::decode(shape, stored, &mut self.values),
                     Codec::Kivi4 => kivi::decode::<4>(shape, stored, &mut self.values),
+                    Codec::Hq4 => hq4::decode(shape, stored, &mut self.values),
                     _ => kivi::decode::<2>(shape, stored, &mut self.values),
                 }
                 from_f32(shape.dtype, &self.values, out);

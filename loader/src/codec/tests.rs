@@ -126,6 +126,8 @@ fn lossy_codecs_are_smaller_by_their_nominal_ratio() {
     assert!(ratio(Codec::Int8) > 1.96);
     assert!(ratio(Codec::Kivi4) > 3.5);
     assert!(ratio(Codec::Kivi2) > 6.0);
+    // 4 bits per element plus a scale byte per 64: 3.88x.
+    assert!(ratio(Codec::Hq4) > 3.87);
 }
 
 #[test]
@@ -189,7 +191,7 @@ fn corrupt_groups_are_typed_errors() {
         "{err}"
     );
     // A fixed-size codec given the wrong number of bytes.
-    for codec in [Codec::Fp8, Codec::Int8] {
+    for codec in [Codec::Fp8, Codec::Int8, Codec::Hq4] {
         let err = coder.decode(codec, &s, &stored, &mut out).unwrap_err();
         assert!(
             matches!(err, CodecError::Corrupt { codec: c, .. } if c == codec),
@@ -619,4 +621,149 @@ fn zero_non_finite_zeroes_only_non_finite_elements() {
         }
         assert!(back.iter().all(|x| x.is_finite()));
     }
+}
+
+/// The normalized Walsh-Hadamard transform is orthonormal and its own inverse, and spreads
+/// one large channel evenly over the whole row (why hq4 rotates before quantizing).
+#[test]
+fn hadamard_is_an_orthonormal_involution_that_spreads_outliers() {
+    for n in [1usize, 2, 8, 64, 128] {
+        let x = values(n, 5);
+        let mut y = x.clone();
+        hadamard::wht_in_place(&mut y);
+        let norm = |v: &[f32]| v.iter().map(|a| a * a).sum::<f32>().sqrt();
+        assert!(
+            (norm(&x) - norm(&y)).abs() <= 1e-5 * norm(&x),
+            "{n}: norm kept"
+        );
+        hadamard::wht_in_place(&mut y);
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() <= 1e-5 * a.abs().max(1.0), "{n}: {a} -> {b}");
+        }
+    }
+    let mut one_hot = [0f32; 64];
+    one_hot[37] = 8.0;
+    hadamard::wht_in_place(&mut one_hot);
+    assert!(one_hot.iter().all(|v| v.abs() == 1.0), "{one_hot:?}");
+}
+
+/// The rotated row of `x` (what hq4 quantizes).
+fn rotated(x: &[f32]) -> Vec<f32> {
+    let mut r = x.to_vec();
+    hadamard::wht_in_place(&mut r);
+    r
+}
+
+/// Every hq4 row decodes within half a scale step per rotated element: the rotation is
+/// orthonormal, so the row's error norm is at most `sqrt(head_dim) * scale / 2` (plus the
+/// output dtype's rounding); the scale is the smallest scale byte covering the rotated row's
+/// `absmax / 7`; odd rows (all zero, tiny, one large outlier) round-trip too.
+#[test]
+fn hq4_decodes_within_half_a_scale_step_per_rotated_element() {
+    for dtype in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
+        for (plane, tokens) in [(0, 16), (1, 5), (0, 1)] {
+            let s = shape(dtype, plane, tokens);
+            let mut v = values(s.elements(), 17);
+            v[..64].fill(0.0); // row 0: all zero
+            for (i, x) in v[64..128].iter_mut().enumerate() {
+                *x = (i as f32 - 30.0) * 1e-7; // row 1: tiny
+            }
+            v[130] = 3000.0; // row 2: one outlier
+            let raw = raw_of(dtype, &v);
+            let mut x = Vec::new();
+            to_f32(dtype, &raw, &mut x);
+            let mut coder = Coder::new();
+            let mut stored = Vec::new();
+            coder.encode(Codec::Hq4, &s, &raw, &mut stored).unwrap();
+            assert_eq!(Some(stored.len()), Codec::Hq4.fixed_len(&s));
+            let mut out = vec![0u8; raw.len()];
+            coder.decode(Codec::Hq4, &s, &stored, &mut out).unwrap();
+            let mut y = Vec::new();
+            to_f32(dtype, &out, &mut y);
+            for (r, (xr, yr)) in x.chunks_exact(64).zip(y.chunks_exact(64)).enumerate() {
+                let scale = int8::scale_value(stored[r]);
+                let amax = rotated(xr).iter().fold(0f32, |m, a| m.max(a.abs()));
+                assert_eq!(
+                    Some(stored[r]),
+                    int8::scale_byte_at_least(amax / 7.0),
+                    "{dtype} row {r}"
+                );
+                let err = xr
+                    .iter()
+                    .zip(yr)
+                    .map(|(a, b)| (a - b) * (a - b))
+                    .sum::<f32>()
+                    .sqrt();
+                let ymax = yr.iter().fold(0f32, |m, b| m.max(b.abs()));
+                let ulp = match dtype {
+                    Dtype::F32 => 0.0,
+                    Dtype::Bf16 => ymax / 256.0,
+                    _ => (ymax / 2048.0).max(2f32.powi(-25)),
+                };
+                let bound = 8.0 * (scale / 2.0 * (1.0 + 1e-5) + ulp) + amax * 1e-6;
+                assert!(err <= bound, "{dtype} row {r}: error {err} > {bound}");
+            }
+        }
+    }
+}
+
+/// hq4 stores a row of 64 in 33 bytes (3.88x of bf16), refuses a row no scale byte covers,
+/// and refuses rows that are not a power of two long (its rotation's size), when encoding
+/// and when decoding, with a typed error naming the codec.
+#[test]
+fn hq4_ratio_range_and_head_dim() {
+    let s = shape(Dtype::Bf16, 0, 16);
+    let ratio = s.raw_len() as f64 / Codec::Hq4.fixed_len(&s).unwrap() as f64;
+    assert!(ratio > 3.87, "{ratio}");
+    let s = shape(Dtype::F32, 1, 16);
+    let mut v = values(s.elements(), 3);
+    v[64 * 5 + 2] = 1e6;
+    let mut out = vec![7u8; 3];
+    let err = Coder::new()
+        .encode(Codec::Hq4, &s, &raw_of(Dtype::F32, &v), &mut out)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CodecError::OutOfRange {
+                codec: Codec::Hq4,
+                index: 320,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(out, [7, 7, 7]);
+    let odd = GroupShape {
+        head_dim: 48,
+        ..shape(Dtype::F32, 0, 16)
+    };
+    let raw = raw_of(Dtype::F32, &values(odd.elements(), 3));
+    let mut out = vec![7u8; 3];
+    let err = Coder::new()
+        .encode(Codec::Hq4, &odd, &raw, &mut out)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CodecError::HeadDim {
+                codec: Codec::Hq4,
+                head_dim: 48
+            }
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("hq4"), "{err}");
+    assert_eq!(out, [7, 7, 7]);
+    let mut dst = vec![0u8; odd.raw_len()];
+    let err = Coder::new()
+        .decode(Codec::Hq4, &odd, &vec![0u8; 16 * 3 * 24 + 48], &mut dst)
+        .unwrap_err();
+    assert!(matches!(err, CodecError::HeadDim { .. }), "{err}");
+    // The other codecs take any row length.
+    assert!(
+        Codec::ALL
+            .into_iter()
+            .all(|c| c == Codec::Hq4 || c.supports_head_dim(48))
+    );
 }

@@ -1147,7 +1147,15 @@ pub fn synth_chunk(
     tokens: Vec<u32>,
 ) -> Result<(ChunkMeta, Vec<u8>), FormatError> {
     let meta = ChunkMeta::for_spec(spec, parent, salt, tokens);
-    let key = meta.key;
-    let bytes = encode_chunk_coded(&meta, spec.codec, |l, p, dst| synth_fill(&key, l, p, dst))?;
+    let (key, dtype) = (meta.key, meta.dtype);
+    // Random bits hold NaN and infinity patterns, which a lossy codec refuses: its synthetic
+    // chunks have those elements zeroed (raw and lossless chunks keep every bit).
+    let lossy = !spec.codec.is_lossless();
+    let bytes = encode_chunk_coded(&meta, spec.codec, |l, p, dst| {
+        synth_fill(&key, l, p, dst);
+        if lossy {
+            crate::codec::zero_non_finite(dtype, dst);
+        }
+    })?;
     Ok((meta, bytes))
 }

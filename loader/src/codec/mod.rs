@@ -295,6 +295,25 @@ pub fn with_group_decoded<R>(
     })
 }
 
+/// Sets every NaN or infinite element of `dtype` in `bytes` to +0, leaving the others as
+/// they are: what synthetic chunks of random bits ([`crate::format::synth_chunk`]) need
+/// before a lossy codec, which refuses non-finite KV.
+pub fn zero_non_finite(dtype: Dtype, bytes: &mut [u8]) {
+    // Per dtype: element size and the exponent mask of its top 16 (or 32) bits.
+    let (size, mask) = match dtype {
+        Dtype::F32 => (4, 0x7F80_0000u32),
+        Dtype::Bf16 => (2, 0x7F80),
+        Dtype::F16 => (2, 0x7C00),
+        Dtype::Fp8E4m3 | Dtype::Fp8E5m2 => return,
+    };
+    for e in bytes.chunks_exact_mut(size) {
+        let bits = e.iter().rev().fold(0u32, |a, &b| (a << 8) | b as u32);
+        if bits & mask == mask {
+            e.fill(0);
+        }
+    }
+}
+
 /// Widens elements of `dtype` to f32 into `out` (resized).
 pub fn to_f32(dtype: Dtype, raw: &[u8], out: &mut Vec<f32>) {
     out.clear();

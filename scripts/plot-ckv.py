@@ -3,8 +3,9 @@
 
 Usage: scripts/plot-ckv.py [RESULTS.jsonl] [OUT.png]
   defaults: target/bench-ckv.jsonl, docs/ckv.png
-Prints Markdown tables (quality, bytes, time) to stdout and draws quality and time against
-the budget for the three selections. Needs matplotlib, e.g. in a venv of its own:
+Prints Markdown tables (quality, bytes, time at the headline suffix, the 20% budget by suffix
+length against the suffix prefilled alone, the 0% extrapolation) to stdout and draws quality
+and time against the budget for the three selections, and the 20% ratio by suffix length. Needs matplotlib, e.g. in a venv of its own:
   python3 -m venv ~/.cache/kvfs/plot-venv && ~/.cache/kvfs/plot-venv/bin/pip install matplotlib
   ~/.cache/kvfs/plot-venv/bin/python scripts/plot-ckv.py
 """
@@ -16,9 +17,14 @@ from collections import defaultdict
 src = sys.argv[1] if len(sys.argv) > 1 else "target/bench-ckv.jsonl"
 out = sys.argv[2] if len(sys.argv) > 2 else "docs/ckv.png"
 rows = [json.loads(line) for line in open(src) if line.strip()]
+for r in rows:
+    r.setdefault("suffix", 32)  # runs before the suffix dimension had 32 only
 quality = [r for r in rows if r["kind"] == "quality"]
 times = [r for r in rows if r["kind"] == "time"]
-sizes = sorted({r["n"] for r in quality})
+suffixes = sorted({r["suffix"] for r in times})
+# the headline suffix: the one quality is measured on (32 in scripts/bench-ckv)
+headline = max({r["suffix"] for r in quality} or suffixes)
+sizes = sorted({r["n"] for r in quality} | {r["n"] for r in times})
 sels = ["importance", "random", "token"]
 budgets = sorted({r["budget"] for r in quality})
 
@@ -63,7 +69,8 @@ for n in sizes:
             tn = mean([r["token_needed"] for r in rs]) / 1e6
             print(f"| {n} | {sel} | {b:.0%} | {rd:.1f} | {nd:.1f} | {rd / nd:.3f} | {tk:.1f} | {tk / tn:.2f} |")
 
-print("\n### Time (per prompt the median over repeats, then the median over prompts, seconds)\n")
+print(f"\n### Time at the headline suffix ({headline} tokens; per prompt the median over repeats, "
+      "then the median over prompts, seconds)\n")
 print("Peers: `full` loads every chunk, then prefills; `full, overlapped` loads every group "
       "through the prefetching layer-by-layer load the pruned runs use. The ratio is to the "
       "faster peer of the same prompt.\n")
@@ -72,11 +79,11 @@ print("| tokens | cache | budget | prompts | full reuse | full, overlapped | pru
 print("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
 tsel = defaultdict(list)
 for r in times:
-    tsel[(r["state"], r["n"], r["budget"], r["mode"], r["prompt"])].append(r)
+    tsel[(r["state"], r["n"], r["budget"], r["mode"], r["prompt"], r["suffix"])].append(r)
 
 
-def med(state, n, b, mode, p, field="seconds"):
-    rs = tsel[(state, n, b, mode, p)]
+def med(state, n, b, mode, p, field="seconds", suffix=headline):
+    rs = tsel[(state, n, b, mode, p, suffix)]
     return st.median([r[field] for r in rs]) if rs else None
 
 
@@ -85,7 +92,7 @@ for n in sizes:
     for state in ["warm", "cold"]:
         tbudgets = sorted({r["budget"] for r in times if r["mode"] in ("off", "prefetch")})
         # prompts whose runs all finished (an interrupted run leaves a partial prompt)
-        prompts = sorted(p for p in {r["prompt"] for r in times if r["n"] == n}
+        prompts = sorted(p for p in {r["prompt"] for r in times if r["n"] == n and r["suffix"] == headline}
                          if med(state, n, 1.0, "full", p) is not None
                          and all(med(state, n, b, m, p) is not None
                                  for b in tbudgets for m in ["off", "prefetch"]))
@@ -108,11 +115,43 @@ for n in sizes:
                   f"{st.median(off.values()):.3f} | {st.median(pre.values()):.3f} | "
                   f"{st.median(ratio):.2f} | {bo:.3f} | {bp:.3f} | {1 - bp / bo if bo else float('nan'):.0%} |")
 
+print("\n### The budget's reach by suffix length: 20% against the suffix alone\n")
+print("Per prompt and suffix length: the faster full-reuse peer, the suffix prefilled alone "
+      "(no prefix: its projections, MLP, logits and attention among its own tokens; measured), "
+      "the pruned re-prefill at 20% with prefetch; the ratios are to the peer of the same prompt "
+      "and suffix, medians over prompts. `floor` is the suffix alone over the peer: no budget "
+      "goes below it.\n")
+print("| tokens | suffix | cache | prompts | full reuse (faster peer) | suffix alone | pruned 20% | "
+      "ratio 20% | floor ratio | ratio 10% |")
+print("|---:|---:|---|---:|---:|---:|---:|---:|---:|---:|")
+by_suffix = defaultdict(list)
+for n in sizes:
+    for sfx in suffixes:
+        for state in ["warm", "cold"]:
+            prompts = sorted(p for p in {r["prompt"] for r in times if r["n"] == n and r["suffix"] == sfx}
+                             if all(med(state, n, b, m, p, suffix=sfx) is not None
+                                    for b, m in [(1.0, "full"), (0.0, "suffix-only"),
+                                                 (0.2, "prefetch"), (0.1, "prefetch")]))
+            if not prompts:
+                continue
+            peer = {p: min(x for x in (med(state, n, 1.0, "full", p, suffix=sfx),
+                                       med(state, n, 1.0, "full-overlap", p, suffix=sfx)) if x is not None)
+                    for p in prompts}
+            alone = {p: med(state, n, 0.0, "suffix-only", p, suffix=sfx) for p in prompts}
+            p20 = {p: med(state, n, 0.2, "prefetch", p, suffix=sfx) for p in prompts}
+            p10 = {p: med(state, n, 0.1, "prefetch", p, suffix=sfx) for p in prompts}
+            r20 = st.median(p20[p] / peer[p] for p in prompts)
+            floor = st.median(alone[p] / peer[p] for p in prompts)
+            by_suffix[(n, state)].append((sfx, r20, floor))
+            print(f"| {n} | {sfx} | {state} | {len(prompts)} | {st.median(peer.values()):.3f} | "
+                  f"{st.median(alone.values()):.3f} | {st.median(p20.values()):.3f} | {r20:.2f} | "
+                  f"{floor:.2f} | {st.median(p10[p] / peer[p] for p in prompts):.2f} |")
+
 print("\n### What a budget cannot remove: the ratio extrapolated to a 0% budget\n")
-print("Per prompt a least-squares line through the pruned (prefetch) ratios at the budgets "
-      "above, its value at 0% (the suffix's own compute and per-layer overheads, which no "
-      "pruning removes) and its slope (what each share of the groups costs); medians over "
-      "prompts.\n")
+print(f"At the headline suffix ({headline} tokens): per prompt a least-squares line through the "
+      "pruned (prefetch) ratios at the budgets above, its value at 0% (the suffix's own compute "
+      "and per-layer overheads, which no pruning removes; the table above measures the suffix "
+      "alone) and its slope (what each share of the groups costs); medians over prompts.\n")
 print("| tokens | cache | ratio at 0% | slope per 100% |")
 print("|---:|---|---:|---:|")
 for n in sizes:
@@ -144,7 +183,7 @@ try:
 except ImportError:
     sys.exit("matplotlib missing: see this script's docstring")
 
-fig, axes = plt.subplots(1, 3, figsize=(15, 4.5))
+fig, axes = plt.subplots(1, 4, figsize=(20, 5.6))
 marks = {"importance": "o-", "random": "s--", "token": "^-."}
 for n in sizes:
     for sel in sels:
@@ -165,10 +204,21 @@ axes[1].set(xlabel="budget (% of groups per layer)", ylabel="share of 32 greedy 
             ylim=(0, 1.05), title="32-token greedy agreement")
 axes[2].axhline(0.35, color="grey", lw=0.8, ls="--")
 axes[2].set(xlabel="budget (% of groups per layer)", ylabel="re-prefill time / faster full reuse",
-            title="importance-pruned re-prefill time")
+            title=f"pruned re-prefill time, {headline}-token suffix")
+for (n, state), pts in sorted(by_suffix.items()):
+    line, = axes[3].plot([p[0] for p in pts], [p[1] for p in pts], "o-",
+                         label=f"{n} tok, {state}: 20% pruned")
+    axes[3].plot([p[0] for p in pts], [p[2] for p in pts], "x:", color=line.get_color(),
+                 label=f"{n} tok, {state}: suffix alone (floor)")
+axes[3].axhline(0.35, color="grey", lw=0.8, ls="--")
+axes[3].set(xlabel="suffix tokens", ylabel="time / faster full reuse", xscale="log",
+            title="20% budget by suffix length (goal 0.35)")
+axes[3].set_xticks(suffixes, [str(x) for x in suffixes])
 for ax in axes:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+# eight lines over three points: the legend goes under the panel, off its points
+axes[3].legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2)
 fig.suptitle("SmolLM2-135M, ContiguousKV-style pruned re-prefill (scripts/bench-ckv)")
 fig.tight_layout()
 fig.savefig(out, dpi=110)

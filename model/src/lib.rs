@@ -19,6 +19,7 @@
 //! selective recompute of the tokens whose KV deviates most.
 
 pub mod blend;
+pub mod fused;
 pub mod importance;
 pub mod model;
 pub mod paged;

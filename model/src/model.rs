@@ -12,9 +12,10 @@
 //! the paged cache, which bounds the attention scores' memory for long prompts.
 
 use crate::ModelError;
+use crate::fused;
 use crate::paged::PagedKv;
 use candle_core::quantized::gguf_file;
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{DType, Device, Tensor};
 use std::path::Path;
 
 /// Tokens per prefill window.
@@ -65,12 +66,12 @@ pub struct Config {
 }
 
 struct Layer {
-    attn_norm: Tensor,
+    attn_norm: Vec<f32>,
     wq: Tensor,
     wk: Tensor,
     wv: Tensor,
     wo: Tensor,
-    ffn_norm: Tensor,
+    ffn_norm: Vec<f32>,
     gate: Tensor,
     up: Tensor,
     down: Tensor,
@@ -81,7 +82,7 @@ pub struct Model {
     pub cfg: Config,
     embed: Tensor,
     layers: Vec<Layer>,
-    norm: Tensor,
+    norm: Vec<f32>,
     lm_head: Tensor,
     /// Per-pair inverse frequencies `theta^(-2i/d)`.
     inv_freq: Vec<f32>,
@@ -91,6 +92,11 @@ fn md<'a>(c: &'a gguf_file::Content, key: &str) -> Result<&'a gguf_file::Value, 
     c.metadata
         .get(key)
         .ok_or_else(|| ModelError::Format(format!("GGUF metadata lacks {key}")))
+}
+
+/// A (norm weight) tensor's values.
+fn values(t: Tensor) -> Result<Vec<f32>, ModelError> {
+    Ok(t.flatten_all()?.to_vec1::<f32>()?)
 }
 
 fn md_u(c: &gguf_file::Content, key: &str) -> Result<usize, ModelError> {
@@ -170,18 +176,18 @@ impl Model {
         for i in 0..cfg.num_layers {
             let p = format!("blk.{i}");
             layers.push(Layer {
-                attn_norm: get(&format!("{p}.attn_norm.weight"))?,
+                attn_norm: values(get(&format!("{p}.attn_norm.weight"))?)?,
                 wq: get(&format!("{p}.attn_q.weight"))?,
                 wk: get(&format!("{p}.attn_k.weight"))?,
                 wv: get(&format!("{p}.attn_v.weight"))?,
                 wo: get(&format!("{p}.attn_output.weight"))?,
-                ffn_norm: get(&format!("{p}.ffn_norm.weight"))?,
+                ffn_norm: values(get(&format!("{p}.ffn_norm.weight"))?)?,
                 gate: get(&format!("{p}.ffn_gate.weight"))?,
                 up: get(&format!("{p}.ffn_up.weight"))?,
                 down: get(&format!("{p}.ffn_down.weight"))?,
             });
         }
-        let norm = get("output_norm.weight")?;
+        let norm = values(get("output_norm.weight")?)?;
         let lm_head = if c.tensor_infos.contains_key("output.weight") {
             get("output.weight")?
         } else {
@@ -291,21 +297,27 @@ impl Model {
         Ok(self.logits_of_rows(&x.hidden)?.concat())
     }
 
-    fn rms_norm(&self, x: &Tensor, w: &Tensor) -> Result<Tensor, ModelError> {
-        let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
-        Ok(x.broadcast_div(&(ms + self.cfg.rms_eps)?.sqrt()?)?
-            .broadcast_mul(w)?)
+    /// RMS norm of each row of `x` (`[n, hidden]`) scaled by `w` ([`fused::rms_norm`]).
+    fn rms_norm(&self, x: &Tensor, w: &[f32]) -> Result<Tensor, ModelError> {
+        let (n, d) = x.dims2()?;
+        let rows = x.flatten_all()?.to_vec1::<f32>()?;
+        let out = fused::rms_norm(&rows, w, self.cfg.rms_eps as f32);
+        Ok(Tensor::from_vec(out, (n, d), &Device::Cpu)?)
     }
 
-    /// Interleaved RoPE on `x: [n, heads, head_dim]` for positions `start..start + n`.
-    fn rope(&self, x: &Tensor, cos: &Tensor, sin: &Tensor) -> Result<Tensor, ModelError> {
-        let (n, h, d) = x.dims3()?;
-        let x = x.reshape((n, h, d / 2, 2))?;
-        let x0 = x.narrow(3, 0, 1)?;
-        let x1 = x.narrow(3, 1, 1)?;
-        let r0 = (x0.broadcast_mul(cos)? - x1.broadcast_mul(sin)?)?;
-        let r1 = (x0.broadcast_mul(sin)? + x1.broadcast_mul(cos)?)?;
-        Ok(Tensor::cat(&[r0, r1], 3)?.reshape((n, h, d))?)
+    /// `h @ w^T` shaped `[n, heads, head_dim]`, RoPE'd at the tables' positions.
+    fn project_rope(
+        &self,
+        h: &Tensor,
+        w: &Tensor,
+        heads: usize,
+        rope: &RopeTables,
+    ) -> Result<Tensor, ModelError> {
+        let n = h.dims2()?.0;
+        let hd = self.cfg.head_dim;
+        let mut x = h.matmul(&w.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+        fused::rope_interleaved(&mut x, heads, hd, &rope.cos, &rope.sin);
+        Ok(Tensor::from_vec(x, (n, heads, hd), &Device::Cpu)?)
     }
 
     fn forward_window(
@@ -347,20 +359,17 @@ impl Model {
         let dev = Device::Cpu;
         let (hd, nh, nkv) = (cfg.head_dim, cfg.num_heads, cfg.num_kv_heads);
         let group = nh / nkv;
-        let scale = 1.0 / (hd as f64).sqrt();
+        let scale = (1.0 / (hd as f64).sqrt()) as f32;
         let mut positions = positions.to_vec();
         let ids = Tensor::new(tokens, &dev)?;
         let mut x = self.embed.index_select(&ids, 0)?;
-        let mut rope = RopeTables::new(&self.inv_freq, &positions)?;
+        let mut rope = RopeTables::new(&self.inv_freq, &positions);
         for (li, l) in self.layers.iter().enumerate().take(layers) {
             let n = positions.len();
             let h = self.rms_norm(&x, &l.attn_norm)?;
-            let q = h.matmul(&l.wq.t()?)?.reshape((n, nh, hd))?;
-            let k = h.matmul(&l.wk.t()?)?.reshape((n, nkv, hd))?;
-            let v = h.matmul(&l.wv.t()?)?.reshape((n, nkv, hd))?;
-            let mut q = self.rope(&q, &rope.cos, &rope.sin)?;
-            let mut k = self.rope(&k, &rope.cos, &rope.sin)?;
-            let mut v = v;
+            let mut q = self.project_rope(&h, &l.wq, nh, &rope)?;
+            let mut k = self.project_rope(&h, &l.wk, nkv, &rope)?;
+            let mut v = h.matmul(&l.wv.t()?)?.reshape((n, nkv, hd))?;
             // before anything touches this layer's rows: a load may be filling them until then
             let pruned = hooks
                 .before_attention(li)?
@@ -383,7 +392,7 @@ impl Model {
                 k = k.index_select(&idx, 0)?;
                 v = v.index_select(&idx, 0)?;
                 positions = keep.iter().map(|&i| positions[i]).collect();
-                rope = RopeTables::new(&self.inv_freq, &positions)?;
+                rope = RopeTables::new(&self.inv_freq, &positions);
             }
             let n = positions.len();
             let k_rows = k.flatten_all()?.to_vec1::<f32>()?;
@@ -392,25 +401,14 @@ impl Model {
             write_runs(kv, li, &positions, &k_rows, &v_rows, row);
             let total = positions[n - 1] + 1;
             let cols = pruned.map(|(upto, kept)| crate::pruned::columns(upto, &kept, total));
-            // K and V gathered head-major ([nkv, width, hd]) straight from the blocks, and the
-            // mask: query i (at positions[i]) sees rows at positions <= positions[i].
-            let (kc, vc, mask) = match &cols {
-                None => {
-                    let (kc, vc) = kv.gather_heads(li, 0..total);
-                    let mask: Vec<f32> = positions
-                        .iter()
-                        .flat_map(|&p| {
-                            (0..total).map(move |j| if j <= p { 0.0 } else { f32::NEG_INFINITY })
-                        })
-                        .collect();
-                    (kc, vc, Tensor::from_vec(mask, (n, total), &dev)?)
-                }
-                Some(cols) => {
-                    let (kc, vc) = kv.gather_heads(li, cols.iter().map(|&c| c as usize));
-                    (kc, vc, crate::pruned::causal_mask(&positions, cols)?)
-                }
+            // K and V gathered head-major ([nkv, width, hd]) straight from the blocks; query i
+            // (at positions[i]) sees the columns at positions <= positions[i], a prefix of them
+            let (kc, vc) = match &cols {
+                None => kv.gather_heads(li, 0..total),
+                Some(cols) => kv.gather_heads(li, cols.iter().map(|&c| c as usize)),
             };
             let width = cols.as_ref().map_or(total, Vec::len);
+            let visible = fused::visible_counts(&positions, cols.as_deref(), width);
             let kc = Tensor::from_vec(kc, (nkv, width, hd), &dev)?;
             let vc = Tensor::from_vec(vc, (nkv, width, hd), &dev)?;
             // [nh, n, hd] -> [nkv, group * n, hd]: query heads of one KV head side by side.
@@ -418,8 +416,9 @@ impl Model {
                 .transpose(0, 1)?
                 .contiguous()?
                 .reshape((nkv, group * n, hd))?;
-            let att = (q.matmul(&kc.t()?)? * scale)?.reshape((nkv, group, n, width))?;
-            let att = softmax_last(&att.broadcast_add(&mask)?)?;
+            let mut probs = q.matmul(&kc.t()?)?.flatten_all()?.to_vec1::<f32>()?;
+            fused::softmax_causal(&mut probs, width, scale, &visible);
+            let att = Tensor::from_vec(probs, (nkv, group, n, width), &dev)?;
             hooks.after_attention(li, &att, cols.as_deref(), &positions)?;
             let att = att.reshape((nkv, group * n, width))?;
             let o = att
@@ -474,14 +473,14 @@ pub(crate) struct LayerView<'a> {
 pub(crate) type LayerHook<'a> =
     dyn FnMut(LayerView<'_>) -> Result<Option<Vec<usize>>, ModelError> + 'a;
 
-/// `cos` and `sin` of every (position, pair), shaped `[n, 1, head_dim / 2, 1]`.
+/// `cos` and `sin` of every (position, pair), `[n, head_dim / 2]` row-major.
 struct RopeTables {
-    cos: Tensor,
-    sin: Tensor,
+    cos: Vec<f32>,
+    sin: Vec<f32>,
 }
 
 impl RopeTables {
-    fn new(inv_freq: &[f32], positions: &[usize]) -> Result<RopeTables, ModelError> {
+    fn new(inv_freq: &[f32], positions: &[usize]) -> RopeTables {
         let (n, half) = (positions.len(), inv_freq.len());
         let mut cos = Vec::with_capacity(n * half);
         let mut sin = Vec::with_capacity(n * half);
@@ -492,10 +491,7 @@ impl RopeTables {
                 sin.push(a.sin());
             }
         }
-        Ok(RopeTables {
-            cos: Tensor::from_vec(cos, (n, 1, half, 1), &Device::Cpu)?,
-            sin: Tensor::from_vec(sin, (n, 1, half, 1), &Device::Cpu)?,
-        })
+        RopeTables { cos, sin }
     }
 }
 
@@ -522,12 +518,6 @@ fn write_runs(
         );
         i = j;
     }
-}
-
-fn softmax_last(x: &Tensor) -> Result<Tensor, ModelError> {
-    let m = x.max_keepdim(D::Minus1)?;
-    let e = x.broadcast_sub(&m)?.exp()?;
-    Ok(e.broadcast_div(&e.sum_keepdim(D::Minus1)?)?)
 }
 
 /// Index of the largest logit (the first on ties).

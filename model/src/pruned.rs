@@ -4,8 +4,9 @@
 //! The stored K rows already carry RoPE at their original positions, so pruning needs no
 //! re-rotation: a pruned group is simply absent from attention. For each layer the forward
 //! pass gathers the kept prefix positions plus every position from the end of the reused
-//! prefix on (the fresh suffix, and later the generated tokens), and masks causally by true
-//! position ([`columns`], [`causal_mask`]); fresh tokens get RoPE at their true positions.
+//! prefix on (the fresh suffix, and later the generated tokens) ([`columns`]), and masks
+//! causally by true position: each query sees the columns up to its own position, a prefix of
+//! them ([`crate::fused::visible_counts`]); fresh tokens get RoPE at their true positions.
 //!
 //! [`Engine::prefill_pruned`] picks the groups from the importance in the chunk headers
 //! (`Loader::importance_selection`), loads only them through a `PrefetchingLoad` (the layers
@@ -22,7 +23,6 @@
 
 use crate::model::ForwardHooks;
 use crate::{Engine, ModelError, PagedKv};
-use candle_core::{Device, Tensor};
 use kvfs_loader::prefetch::{Periods, Prefetch, PrefetchStats, PrefetchingLoad};
 use kvfs_loader::{BlockMap, Dest, LoadRequest, Loader, Selection};
 use std::time::{Duration, Instant};
@@ -34,28 +34,6 @@ pub fn columns(upto: usize, kept: &[u32], total: usize) -> Vec<u32> {
         .filter(|&p| (p as usize) < upto)
         .chain(upto as u32..total as u32)
         .collect()
-}
-
-/// Causal mask `[n, cols]` for queries at `positions` over the columns' positions: 0 where
-/// the column is at or before the query, -inf after.
-pub fn causal_mask(positions: &[usize], cols: &[u32]) -> Result<Tensor, ModelError> {
-    let mask: Vec<f32> = positions
-        .iter()
-        .flat_map(|&p| {
-            cols.iter().map(move |&c| {
-                if c as usize <= p {
-                    0.0
-                } else {
-                    f32::NEG_INFINITY
-                }
-            })
-        })
-        .collect();
-    Ok(Tensor::from_vec(
-        mask,
-        (positions.len(), cols.len()),
-        &Device::Cpu,
-    )?)
 }
 
 /// Which positions of a reused prefix `0..upto` each layer keeps.
@@ -257,15 +235,21 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fused::{softmax_causal, visible_counts};
 
     #[test]
     fn columns_and_mask() {
         assert_eq!(columns(32, &[0, 1, 20, 40], 35), vec![0, 1, 20, 32, 33, 34]);
-        let m = causal_mask(&[33, 34], &[0, 20, 32, 33, 34]).unwrap();
-        let m: Vec<Vec<f32>> = m.to_vec2().unwrap();
-        assert_eq!(m[0][..4], [0.0, 0.0, 0.0, 0.0]);
-        assert_eq!(m[0][4], f32::NEG_INFINITY);
-        assert_eq!(m[1], vec![0.0; 5]);
+        // the causal mask by true position: the query at 33 sees the first four columns (0,
+        // 20, 32, 33) and not 34; the query at 34 sees all five
+        let cols = [0, 20, 32, 33, 34];
+        let seen = visible_counts(&[33, 34], Some(&cols), cols.len());
+        assert_eq!(seen, vec![4, 5]);
+        let mut p = vec![0.0f32; 2 * cols.len()];
+        softmax_causal(&mut p, cols.len(), 1.0, &seen);
+        assert_eq!(p[..4], [0.25; 4]);
+        assert_eq!(p[4], 0.0);
+        assert_eq!(p[5..], [0.2; 5]);
     }
 
     #[test]

@@ -29,6 +29,7 @@
 use super::hadamard::wht_in_place;
 use super::int8::{scale_byte_at_least, scale_value};
 use super::{Codec, CodecError, GroupShape};
+use crate::spec::Dtype;
 
 /// Largest code magnitude (symmetric: -7..=7, -8 unused).
 const QMAX: f32 = 7.0;
@@ -87,8 +88,12 @@ fn encode_into(
     Ok(())
 }
 
+/// Largest finite f16: a row of f16 KV near the top of the range can decode past it by
+/// less than its error; it saturates there rather than become infinite.
+const F16_MAX: f32 = 65504.0;
+
 /// Decodes a stored group (`stored_len(shape)` bytes) into `values` (`shape.elements()`
-/// f32, token-major).
+/// f32, token-major), saturated to f16's range when the group's dtype is f16.
 pub(super) fn decode(shape: &GroupShape, stored: &[u8], values: &mut [f32]) {
     let rows = shape.tokens * shape.heads;
     let d = shape.head_dim;
@@ -102,5 +107,10 @@ pub(super) fn decode(shape: &GroupShape, stored: &[u8], values: &mut [f32]) {
             *v = ((nibble as i8) >> 4) as f32 * scale;
         }
         wht_in_place(row);
+        if shape.dtype == Dtype::F16 {
+            for v in row.iter_mut() {
+                *v = v.clamp(-F16_MAX, F16_MAX);
+            }
+        }
     }
 }

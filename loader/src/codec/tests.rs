@@ -669,6 +669,14 @@ fn hq4_decodes_within_half_a_scale_step_per_rotated_element() {
                 *x = (i as f32 - 30.0) * 1e-7; // row 1: tiny
             }
             v[130] = 3000.0; // row 2: one outlier
+            if tokens > 1 {
+                // Row 3: f16's largest value, which the code's error passes (this row's
+                // element 0 decodes to 66560 in f32; into f16 decoding saturates at 65504
+                // rather than give an infinity).
+                v[192..256].fill(0.0);
+                v[192] = 65504.0;
+                v[193] = -3000.0;
+            }
             let raw = raw_of(dtype, &v);
             let mut x = Vec::new();
             to_f32(dtype, &raw, &mut x);
@@ -694,6 +702,7 @@ fn hq4_decodes_within_half_a_scale_step_per_rotated_element() {
                     .map(|(a, b)| (a - b) * (a - b))
                     .sum::<f32>()
                     .sqrt();
+                assert!(yr.iter().all(|b| b.is_finite()), "{dtype} row {r}: {yr:?}");
                 let ymax = yr.iter().fold(0f32, |m, b| m.max(b.abs()));
                 let ulp = match dtype {
                     Dtype::F32 => 0.0,

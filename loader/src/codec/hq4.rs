@@ -23,8 +23,9 @@
 //! a typed error rather than touch such a group.
 //!
 //! Decoding widens each row's codes times its scale into the coder's f32 scratch, rotates the
-//! row back (the same transform) and narrows the group into the destination dtype: no
-//! allocation once the coder is warm.
+//! row back (the same transform; into f16 it saturates at 65504, as a row at the top of
+//! f16's range can decode past it by less than its error) and narrows the group into the
+//! destination dtype: no allocation once the coder is warm.
 
 use super::hadamard::wht_in_place;
 use super::int8::{scale_byte_at_least, scale_value};

@@ -23,15 +23,18 @@
 //!
 //! Besides the format's codecs the quality run measures **variants**: the raw chunk's values
 //! rounded by a transform and stored raw (the loader then reads them as any raw chunk), to
-//! see what an 8-bit codec could reach before changing the format. `bf16` (every value
-//! rounded to bf16) is the floor: no 8-bit code changes the cache less than 16-bit rounding
-//! does. `fp8-pow2` is e4m3 with a power-of-two scale per token and head (the fp8 codec's
-//! own rounding, done outside it: a check); `fp8-scale-byte` a scale with 3 mantissa bits,
+//! see what a codec could reach before changing the format. `bf16` (every value rounded to
+//! bf16) is the floor: no 8-bit code changes the cache less than 16-bit rounding does.
+//! `fp8-pow2` is e4m3 with a power-of-two scale per token and head (the fp8 codec's own
+//! rounding, done outside it: a check); `fp8-scale-byte` a scale with 3 mantissa bits,
 //! `2^e * (1 + m / 8)`, the smallest such at least `absmax / 448` (a one-byte scale the codec
-//! could store instead; tried and measured worse); `fp8-key-channel` scales keys
-//! per channel over the group's tokens (`absmax / 448`), values as the codec does; `int8` is
-//! symmetric 8-bit integers with scale `absmax / 127` per token and head (the same bytes as
-//! fp8 plus a scale; not an fp8 format).
+//! could store instead; tried and measured worse); `fp8-key-channel` scales keys per channel
+//! over the group's tokens (`absmax / 448`), values as the codec does. The int8 scale forms
+//! (symmetric 8-bit integers per token and head, rounded to nearest even, the int8 codec's
+//! rounding): `int8-exact` with the f32 scale `absmax / 127`, `int8-f16` with the smallest
+//! f16 at least that (a 2-byte scale), `int8-scale-byte` with the smallest `2^e (1 + m / 8)`
+//! at least that (a 1-byte scale: the form the `int8` codec stores, chosen by this
+//! measurement; its row is the codec's rounding done outside it).
 //!
 //! The model comes from `kvfs_model::locate_gguf` (scripts/install-model).
 
@@ -168,7 +171,9 @@ enum Variant {
     Fp8Pow2,
     Fp8ScaleByte,
     Fp8KeyChannel,
-    Int8,
+    Int8Exact,
+    Int8F16,
+    Int8ScaleByte,
 }
 
 impl Variant {
@@ -179,7 +184,9 @@ impl Variant {
             Variant::Fp8Pow2 => "fp8-pow2",
             Variant::Fp8ScaleByte => "fp8-scale-byte",
             Variant::Fp8KeyChannel => "fp8-key-channel",
-            Variant::Int8 => "int8",
+            Variant::Int8Exact => "int8-exact",
+            Variant::Int8F16 => "int8-f16",
+            Variant::Int8ScaleByte => "int8-scale-byte",
         }
     }
 }
@@ -200,6 +207,21 @@ fn scale_byte_value(want: f32) -> f32 {
     s
 }
 
+/// The smallest f16 value at least `want` (> 0), as f32.
+fn f16_at_least(want: f32) -> f32 {
+    let f16 = kvfs_loader::Dtype::F16;
+    let mut b = [0u8; 2];
+    from_f32(f16, &[want], &mut b);
+    let mut back = Vec::new();
+    to_f32(f16, &b, &mut back);
+    if back[0] < want {
+        // The next f16 up (want > 0, so the bits grow with the value).
+        b = (u16::from_le_bytes(b) + 1).to_le_bytes();
+        to_f32(f16, &b, &mut back);
+    }
+    back[0]
+}
+
 /// e4m3 round trip of `x` with scale `s` (> 0).
 fn e4m3_round(x: f32, s: f32) -> f32 {
     e4m3_to_f32(f32_to_e4m3(x / s)) * s
@@ -217,15 +239,24 @@ fn transform_group(v: Variant, shape: &GroupShape, values: &mut [f32], coder: &m
             to_f32(kvfs_loader::Dtype::Bf16, &bytes, &mut back);
             values.copy_from_slice(&back);
         }
-        Variant::Fp8Pow2 | Variant::Fp8ScaleByte | Variant::Int8 => {
+        Variant::Fp8Pow2
+        | Variant::Fp8ScaleByte
+        | Variant::Int8Exact
+        | Variant::Int8F16
+        | Variant::Int8ScaleByte => {
             for row in values.chunks_exact_mut(d) {
                 let a = amax(&mut row.iter().copied());
                 if a == 0.0 {
                     continue;
                 }
+                let int8_scale = match v {
+                    Variant::Int8Exact => Some(a / 127.0),
+                    Variant::Int8F16 => Some(f16_at_least(a / 127.0)),
+                    Variant::Int8ScaleByte => Some(scale_byte_value(a / 127.0)),
+                    _ => None,
+                };
                 for x in row.iter_mut() {
-                    *x = if v == Variant::Int8 {
-                        let s = a / 127.0;
+                    *x = if let Some(s) = int8_scale {
                         (*x / s).round_ties_even().clamp(-127.0, 127.0) * s
                     } else if v == Variant::Fp8Pow2 {
                         e4m3_round(*x, f32::powi(2.0, (a / 448.0).log2().ceil() as i32))
@@ -358,7 +389,10 @@ fn quality(e: &Engine) {
         Variant::Fp8Pow2,
         Variant::Fp8ScaleByte,
         Variant::Fp8KeyChannel,
-        Variant::Int8,
+        Variant::Int8Exact,
+        Variant::Int8F16,
+        Variant::Int8ScaleByte,
+        Variant::Codec(Codec::Int8),
         Variant::Codec(Codec::Kivi4),
         Variant::Codec(Codec::Kivi2),
     ];

@@ -438,19 +438,26 @@ fn flags_override_env_override_config_file() {
 
 #[test]
 fn synth_with_a_codec_and_stat_info_show_it() {
+    for codec in [kvfs_loader::Codec::Kivi4, kvfs_loader::Codec::Int8] {
+        synth_with_codec_and_stat_info_show_it(codec);
+    }
+}
+
+fn synth_with_codec_and_stat_info_show_it(codec: kvfs_loader::Codec) {
+    let name = codec.name();
     let d = tempfile::tempdir().unwrap();
     let cache = d.path();
     // A lossy codec is its own namespace: other keys, other directory.
     let mut spec = tiny();
-    spec.codec = kvfs_loader::Codec::Kivi4;
+    spec.codec = codec;
     let ns = spec.namespace_dir();
     assert_ne!(ns, tiny().namespace_dir());
-    let out = synth(cache, 512, &["--codec", "kivi4"]).stdout();
+    let out = synth(cache, 512, &["--codec", name]).stdout();
     assert!(
         out.contains(&format!("namespace: {}", cache.join(&ns).display())),
         "{out}"
     );
-    assert!(out.contains("codec: kivi4"), "{out}");
+    assert!(out.contains(&format!("codec: {name}")), "{out}");
     let tokens = kvfs::synth::prompt_tokens(0, 512);
     let refs = chunk_keys(&spec.namespace_id(), &SaltTag::NONE, 256, &tokens);
     let key = refs[1].key.to_hex();
@@ -463,13 +470,13 @@ fn synth_with_a_codec_and_stat_info_show_it() {
     let mut c = kvfs(cache);
     c.args(["stat", "--json", &key]);
     let j: serde_json::Value = serde_json::from_str(&run(c).ok().stdout()).unwrap();
-    assert_eq!(j["codec"], "kivi4");
+    assert_eq!(j["codec"], name);
     assert_eq!(j["stored_bytes"], stored);
     assert_eq!(j["raw_bytes"], raw_len);
     let mut c = kvfs(cache);
     c.args(["stat", &key]);
     let st = run(c).ok().stdout();
-    assert!(st.contains("codec:          kivi4"), "{st}");
+    assert!(st.contains(&format!("codec:          {name}")), "{st}");
     let mut c = kvfs(cache);
     c.arg("info");
     let info = run(c).ok().stdout();
@@ -487,6 +494,8 @@ fn synth_with_a_codec_and_stat_info_show_it() {
     let r = run(c);
     assert_eq!(r.code(), 2);
     assert!(r.stderr().contains("zip9"), "{}", r.stderr());
+    // ... and lists the codecs it knows.
+    assert!(r.stderr().contains("int8"), "{}", r.stderr());
 }
 
 /// `kvfs stat` tells a position-independent (format v2) chunk from a prefix chunk and shows

@@ -84,7 +84,7 @@ pub const XATTR_TOKENS: &str = "user.kvfs.tokens";
 pub const XATTR_PARENT: &str = "user.kvfs.parent";
 pub const XATTR_DIGEST: &str = "user.kvfs.digest";
 pub const XATTR_TIER: &str = "user.kvfs.tier";
-/// The chunk's codec (`raw`, `lossless`, `fp8`, `kivi4`, `kivi2`).
+/// The chunk's codec (`raw`, `lossless`, `fp8`, `int8`, `kivi4`, `kivi2`).
 pub const XATTR_CODEC: &str = "user.kvfs.codec";
 /// Bytes of the chunk file as stored (its size).
 pub const XATTR_STORED_BYTES: &str = "user.kvfs.stored_bytes";

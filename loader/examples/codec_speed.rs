@@ -118,7 +118,7 @@ fn main() {
                 }
             }
         });
-        for codec in [Codec::Lossless, Codec::Fp8, Codec::Kivi4, Codec::Kivi2] {
+        for codec in Codec::ALL.into_iter().filter(|c| *c != Codec::Raw) {
             if only.as_ref().is_some_and(|o| !o.contains(&codec)) {
                 continue;
             }

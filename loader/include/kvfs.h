@@ -49,8 +49,8 @@ typedef struct kvfs_loader kvfs_loader;
 // A model spec, field by field (see `ModelSpec`). Strings are NUL-terminated UTF-8;
 // `revision` and `rope_scaling` may be NULL (empty). `dtype` is one of "f16", "bf16", "f32",
 // "fp8_e4m3", "fp8_e5m2"; `kv_kind` is 1 (K and V) or 2 (MLA latent). `codec` is how chunks
-// are stored: NULL or "raw", "lossless", "fp8", "kivi4", "kivi2" (a lossy codec is its own
-// namespace; loads decode any codec).
+// are stored: NULL or "raw", "lossless", "fp8", "int8", "kivi4", "kivi2"
+// (a lossy codec is its own namespace; loads decode any codec).
 typedef struct kvfs_spec {
   const char *model;
   const char *revision;

@@ -45,7 +45,8 @@ pub enum FormatError {
     #[error("`{0}` is not a valid namespace directory name")]
     BadNamespace(String),
     #[error(
-        "chunk uses codec {value}, which this build does not know (it knows raw, lossless, fp8, kivi4, kivi2)"
+        "chunk uses codec {value}, which this build does not know (it knows {known})",
+        known = Codec::known_names()
     )]
     UnknownCodec { value: u8 },
     #[error("chunk stored bytes ({codec}) fail their digest in layer {layer} (payload is corrupt)")]

@@ -48,8 +48,8 @@ pub const KVFS_ERR_NO_IMPORTANCE: c_int = -7;
 /// A model spec, field by field (see `ModelSpec`). Strings are NUL-terminated UTF-8;
 /// `revision` and `rope_scaling` may be NULL (empty). `dtype` is one of "f16", "bf16", "f32",
 /// "fp8_e4m3", "fp8_e5m2"; `kv_kind` is 1 (K and V) or 2 (MLA latent). `codec` is how chunks
-/// are stored: NULL or "raw", "lossless", "fp8", "kivi4", "kivi2" (a lossy codec is its own
-/// namespace; loads decode any codec).
+/// are stored: NULL or "raw", "lossless", "fp8", "int8", "kivi4", "kivi2"
+/// (a lossy codec is its own namespace; loads decode any codec).
 #[repr(C)]
 pub struct KvfsSpec {
     pub model: *const c_char,

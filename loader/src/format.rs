@@ -248,8 +248,9 @@ pub struct Geometry {
     pub extent_stride: u64,
     /// Where the layer table starts inside the header.
     pub table_offset: u64,
-    /// Where the importance section starts (the end of the layer table) and its length (0:
-    /// no section).
+    /// Where the importance section of a raw chunk starts (the end of the layer table; a
+    /// coded chunk's starts after its codec table, [`crate::codec::stored`]) and its length
+    /// (0: no section).
     pub importance_offset: u64,
     pub importance_len: u64,
     /// Header length, 4096-aligned; the first extent starts here.
@@ -553,12 +554,6 @@ impl ChunkHeader {
             origin,
         };
         let has_importance = flags & FLAG_IMPORTANCE != 0;
-        if has_importance && codec != Codec::Raw {
-            return Err(FormatError::field(
-                "flags",
-                format!("an importance section with codec {codec} (not supported)"),
-            ));
-        }
         let needed = if has_importance {
             VERSION
         } else {
@@ -602,11 +597,12 @@ impl ChunkHeader {
                 format!("{file_len}, but the shape needs {want_file}"),
             ));
         }
-        let importance = (flags & FLAG_IMPORTANCE != 0)
+        // The section follows the last table: the layer table of a raw chunk, the codec table
+        // of a coded one (`header_len`, checked above, makes room for it).
+        let importance = has_importance
             .then(|| {
-                let s = geometry.importance_offset as usize;
                 Importance::decode(
-                    &h[s..s + geometry.importance_len as usize],
+                    &h[off..off + geometry.importance_len as usize],
                     meta.num_layers,
                     geometry.groups(),
                 )
@@ -897,6 +893,25 @@ pub fn encode_chunk_with(
     importance: Option<&Importance>,
     mut fill: impl FnMut(u32, u32, &mut [u8]),
 ) -> Result<Vec<u8>, FormatError> {
+    let g = geometry_with(meta, importance)?;
+    let mut out = vec![0u8; g.file_len as usize];
+    for layer in 0..g.num_layers {
+        for plane in 0..g.planes {
+            let e = g.extent(layer, plane);
+            fill(layer, plane, &mut out[e.start as usize..e.end as usize]);
+        }
+    }
+    let (head, payload) = out.split_at_mut(g.header_len as usize);
+    write_header(meta, importance, &g, head, payload)?;
+    Ok(out)
+}
+
+/// The geometry of `meta`'s chunk carrying `importance`, whose shape must be the chunk's
+/// (`num_layers` x groups).
+pub(crate) fn geometry_with(
+    meta: &ChunkMeta,
+    importance: Option<&Importance>,
+) -> Result<Geometry, FormatError> {
     let g = Geometry::with_importance(meta, importance.is_some())?;
     if let Some(imp) = importance
         && (imp.num_layers() != g.num_layers || imp.groups() != g.groups())
@@ -912,16 +927,7 @@ pub fn encode_chunk_with(
             ),
         ));
     }
-    let mut out = vec![0u8; g.file_len as usize];
-    for layer in 0..g.num_layers {
-        for plane in 0..g.planes {
-            let e = g.extent(layer, plane);
-            fill(layer, plane, &mut out[e.start as usize..e.end as usize]);
-        }
-    }
-    let (head, payload) = out.split_at_mut(g.header_len as usize);
-    write_header(meta, importance, &g, head, payload)?;
-    Ok(out)
+    Ok(g)
 }
 
 /// Encodes a chunk with `codec`: raw (format version 1, [`encode_chunk`]) or coded (version 2,
@@ -931,9 +937,20 @@ pub fn encode_chunk_coded(
     codec: Codec,
     fill: impl FnMut(u32, u32, &mut [u8]),
 ) -> Result<Vec<u8>, FormatError> {
+    encode_chunk_coded_with(meta, codec, None, fill)
+}
+
+/// [`encode_chunk_coded`] with the version-2 importance section when `importance` is given:
+/// after the layer table of a raw chunk, after the codec table of a coded one.
+pub fn encode_chunk_coded_with(
+    meta: &ChunkMeta,
+    codec: Codec,
+    importance: Option<&Importance>,
+    fill: impl FnMut(u32, u32, &mut [u8]),
+) -> Result<Vec<u8>, FormatError> {
     match codec {
-        Codec::Raw => encode_chunk(meta, fill),
-        _ => crate::codec::stored::encode_coded(meta, codec, fill),
+        Codec::Raw => encode_chunk_with(meta, importance, fill),
+        _ => crate::codec::stored::encode_coded(meta, codec, importance, fill),
     }
 }
 
@@ -984,12 +1001,17 @@ fn write_header(
     write_raw_header(meta, importance, g, head, &layer_digests)
 }
 
-/// The header of the raw chunk `meta` whose layer digests are `layer_digests` (what a lossless
-/// chunk decodes to: its raw digests are kept in its codec table).
-pub fn raw_header(meta: &ChunkMeta, layer_digests: &[[u8; 32]]) -> Result<Vec<u8>, FormatError> {
-    let g = meta.geometry()?;
+/// The header of the raw chunk `meta` with `importance` whose layer digests are
+/// `layer_digests` (what a lossless chunk decodes to: its raw digests are kept in its codec
+/// table, its importance section is the raw chunk's).
+pub fn raw_header(
+    meta: &ChunkMeta,
+    importance: Option<&Importance>,
+    layer_digests: &[[u8; 32]],
+) -> Result<Vec<u8>, FormatError> {
+    let g = geometry_with(meta, importance)?;
     let mut head = vec![0u8; g.header_len as usize];
-    write_raw_header(meta, None, &g, &mut head, layer_digests)?;
+    write_raw_header(meta, importance, &g, &mut head, layer_digests)?;
     Ok(head)
 }
 
@@ -1125,7 +1147,15 @@ pub fn synth_chunk(
     tokens: Vec<u32>,
 ) -> Result<(ChunkMeta, Vec<u8>), FormatError> {
     let meta = ChunkMeta::for_spec(spec, parent, salt, tokens);
-    let key = meta.key;
-    let bytes = encode_chunk_coded(&meta, spec.codec, |l, p, dst| synth_fill(&key, l, p, dst))?;
+    let (key, dtype) = (meta.key, meta.dtype);
+    // Random bits hold NaN and infinity patterns, which a lossy codec refuses: its synthetic
+    // chunks have those elements zeroed (raw and lossless chunks keep every bit).
+    let lossy = !spec.codec.is_lossless();
+    let bytes = encode_chunk_coded(&meta, spec.codec, |l, p, dst| {
+        synth_fill(&key, l, p, dst);
+        if lossy {
+            crate::codec::zero_non_finite(dtype, dst);
+        }
+    })?;
     Ok((meta, bytes))
 }

@@ -9,8 +9,8 @@
 //! the id keeps them unambiguous.
 //!
 //! A namespace's **codec** (`codecs`, docs/FORMAT.md) says how its chunks are written. A lossy
-//! codec (fp8, kivi4, kivi2) makes different KV, so it is part of the identity: it is appended
-//! to the canonical encoding (`"codec"`, then its byte) and so gives another namespace id, and
+//! codec (fp8, int8, kivi4, kivi2) makes different KV, so it is part of the identity: it is
+//! appended to the canonical encoding (`"codec"`, then its byte) and so gives another namespace id, and
 //! lossy chunks never share keys with raw ones. Raw and lossless chunks hold the same KV, so
 //! those codecs leave the encoding (and every existing namespace id) as it was.
 //!

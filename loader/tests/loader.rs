@@ -1066,7 +1066,7 @@ proptest! {
     fn coded_loads_match_their_decoded_chunks(
         codec in prop::sample::select(vec![
             kvfs_loader::Codec::Lossless, kvfs_loader::Codec::Fp8,
-            kvfs_loader::Codec::Kivi4, kvfs_loader::Codec::Kivi2,
+            kvfs_loader::Codec::Kivi4, kvfs_loader::Codec::Kivi2, kvfs_loader::Codec::Int8,
         ]),
         kind in prop_oneof![Just(Kind::FlashAttn), Just(Kind::Mla), Just(Kind::VllmCpu)],
         dtype in prop::sample::select(vec![Dtype::F16, Dtype::Bf16, Dtype::F32]),
@@ -1104,11 +1104,18 @@ proptest! {
 }
 
 /// A selective load of a coded chunk reads the stored bytes of exactly the chosen groups
-/// (buffered I/O: no alignment widening).
+/// (buffered I/O: no alignment widening), for a codec of variable (lossless) and of fixed
+/// (int8) group size.
 #[test]
 fn selective_coded_loads_read_only_the_chosen_groups() {
+    for codec in [kvfs_loader::Codec::Lossless, kvfs_loader::Codec::Int8] {
+        selective_coded_load_reads_only_the_chosen_groups(codec);
+    }
+}
+
+fn selective_coded_load_reads_only_the_chosen_groups(codec: kvfs_loader::Codec) {
     let mut spec = spec(Dtype::Bf16, KvKind::KeyValue, 64, 16);
-    spec.codec = kvfs_loader::Codec::Lossless;
+    spec.codec = codec;
     let d = tempfile::tempdir().unwrap();
     let toks = tokens(2 * 64, 5);
     let files = write_coded_chunks(d.path(), &spec, &toks);
@@ -1147,10 +1154,10 @@ fn selective_coded_loads_read_only_the_chosen_groups() {
             }
         }
     }
-    assert_eq!(stats.bytes_read, want);
+    assert_eq!(stats.bytes_read, want, "{codec}");
     assert!(
         stats.bytes_read < stats.bytes_needed,
-        "the codec shrank what was read"
+        "{codec}: the codec shrank what was read"
     );
 }
 

@@ -74,7 +74,11 @@ class ModelSpec:
         chunk_tokens: int = 256,
         group_tokens: int = 16,
         mla: bool = False,
-    ) -> None: ...
+        codec: str = "raw",
+    ) -> None:
+        """`codec`: how chunks are stored, "raw", "lossless" (same cache, fewer bytes), or
+        a lossy "int8", "fp8" (e4m3), "kivi4", "kivi2", each a namespace of its own
+        (docs/FORMAT.md, "Codecs"). An unknown name raises SpecError."""
     @staticmethod
     def preset(name: str) -> ModelSpec: ...
     @property

@@ -78,6 +78,7 @@ impl<'a> StreamingChunk<'a> {
                         Some(t) if t.codec == Codec::Lossless => {
                             out.write_all(&kvfs_loader::format::raw_header(
                                 &header.meta,
+                                header.importance.as_ref(),
                                 &t.raw_digests,
                             )?)?;
                             self.coder = Some(Box::default());

@@ -137,3 +137,39 @@ fn a_damaged_coded_object_is_never_committed() {
         );
     }
 }
+
+/// A raw chunk with an importance section (issue 14) goes through the lossless remote codec
+/// and comes back byte for byte, section included: the coded object carries the section
+/// after its codec table (it used to be dropped on upload, so pulls lost it).
+#[test]
+fn the_lossless_remote_codec_keeps_importance_sections() {
+    use kvfs_loader::format::encode_chunk_with;
+    use kvfs_loader::importance::Importance;
+    let t = S3Target::new();
+    let (a, b) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let spec = spec();
+    let meta = ChunkMeta::for_spec(&spec, None, SaltTag::NONE, (0..64).collect());
+    let imp = Importance::new(4, 4, 16, vec![0.2; 16]).unwrap();
+    let bytes = encode_chunk_with(&meta, Some(&imp), |l, p, dst| {
+        let v: Vec<f32> = (0..dst.len() / 2)
+            .map(|j| ((j * 5 + (l * 2 + p) as usize) as f32 * 0.017).sin() * 2.0)
+            .collect();
+        kvfs_loader::codec::from_f32(Dtype::Bf16, &v, dst);
+    })
+    .unwrap();
+    let c = vec![(meta.key, bytes)];
+    commit_local(a.path(), &c);
+    let mut cfg = t.config();
+    cfg.codec = Codec::Lossless;
+    let coded = Remote::open(cfg, None).unwrap();
+    assert_eq!(coded.push(a.path(), None, &|_| {}).unwrap().transferred, 1);
+    let plain = Remote::open(t.config(), None).unwrap();
+    assert_eq!(plain.pull(b.path(), None, &|_| {}).unwrap().transferred, 1);
+    let local = std::fs::read(Layout::Cache.chunk_path(b.path(), &ns(), &meta.key)).unwrap();
+    assert_eq!(local, c[0].1);
+    assert_eq!(ChunkHeader::parse(&local).unwrap().importance, Some(imp));
+    assert_eq!(
+        plain.fetch(&ns(), &meta.key).unwrap().as_deref(),
+        Some(&c[0].1[..])
+    );
+}

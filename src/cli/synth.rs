@@ -24,8 +24,9 @@ pub struct SynthArgs {
     /// Tenant salt mixed into every key (empty: none).
     #[arg(long, default_value = "", value_name = "S")]
     pub salt: String,
-    /// How chunks are written: raw, lossless, fp8, kivi4, kivi2. A lossy codec is part of the
-    /// model spec, so its chunks go to a namespace of their own.
+    /// How chunks are written: raw, lossless, fp8, int8, kivi4, kivi2. A lossy codec (fp8,
+    /// int8, kivi4, kivi2) is part of the model spec, so its chunks go to a namespace of
+    /// their own.
     #[arg(long, default_value = "raw", value_name = "NAME")]
     pub codec: String,
 }

@@ -10,9 +10,15 @@
 //! - [`Codec::Lossless`] (`lossless.rs`): each float's exponent as a 4-bit index into a
 //!   per-group table of its 15 most frequent exponents, sign and mantissa bits as they are;
 //!   decodes bit-exact, at several GB/s per core;
-//! - [`Codec::Fp8`] (`fp8.rs`): e4m3 with a power-of-two scale per token and head;
+//! - [`Codec::Fp8`] (`fp8.rs`): e4m3 with a power-of-two scale per token and head (what
+//!   engines hold natively; on SmolLM2 it does not keep 95% of greedy tokens);
+//! - [`Codec::Int8`] (`int8.rs`): symmetric 8-bit integers with an f16 scale per token and
+//!   head: fp8's bytes (plus one per row) on a uniform grid, which does;
 //! - [`Codec::Kivi4`], [`Codec::Kivi2`] (`kivi.rs`): KIVI-style asymmetric integer
 //!   quantization, keys per channel over the group, values per token and head.
+//!
+//! A lossy codec refuses NaN and infinite KV with a typed error ([`CodecError::OutOfRange`]):
+//! a code of them would decode to other values, or poison a whole row's scale.
 //!
 //! A lossy codec changes the cache (its chunks belong to another namespace, see `spec.rs`);
 //! the lossless one does not (a remote tier may store it in place of raw bytes).
@@ -22,6 +28,7 @@
 //! decoded group using a thread-local coder and scratch (the loader's hot path).
 
 mod fp8;
+mod int8;
 mod kivi;
 mod lossless;
 pub mod stored;
@@ -47,15 +54,18 @@ pub enum Codec {
     Kivi4 = 3,
     /// 2-bit KIVI-style group quantization.
     Kivi2 = 4,
+    /// Symmetric 8-bit integers, f16 scale per token and head.
+    Int8 = 5,
 }
 
 impl Codec {
-    pub const ALL: [Codec; 5] = [
+    pub const ALL: [Codec; 6] = [
         Codec::Raw,
         Codec::Lossless,
         Codec::Fp8,
         Codec::Kivi4,
         Codec::Kivi2,
+        Codec::Int8,
     ];
 
     pub fn from_u8(v: u8) -> Option<Codec> {
@@ -69,10 +79,16 @@ impl Codec {
             Codec::Fp8 => "fp8",
             Codec::Kivi4 => "kivi4",
             Codec::Kivi2 => "kivi2",
+            Codec::Int8 => "int8",
         }
     }
 
-    /// Parses a codec name (`raw`, `lossless`, `fp8`, `kivi4`, `kivi2`).
+    /// The names of every codec this build knows, comma-separated (for messages).
+    pub fn known_names() -> String {
+        Codec::ALL.map(Codec::name).join(", ")
+    }
+
+    /// Parses a codec name (`raw`, `lossless`, `fp8`, `kivi4`, `kivi2`, `int8`).
     pub fn parse(s: &str) -> Result<Codec, CodecError> {
         let l = s.to_ascii_lowercase();
         Codec::ALL
@@ -100,6 +116,7 @@ impl Codec {
             Codec::Fp8 => Some(fp8::stored_len(shape)),
             Codec::Kivi4 => Some(kivi::stored_len::<4>(shape)),
             Codec::Kivi2 => Some(kivi::stored_len::<2>(shape)),
+            Codec::Int8 => Some(int8::stored_len(shape)),
         }
     }
 }
@@ -139,7 +156,7 @@ impl GroupShape {
 /// A group could not be encoded or decoded.
 #[derive(Debug, thiserror::Error)]
 pub enum CodecError {
-    #[error("unknown codec `{0}` (this build knows raw, lossless, fp8, kivi4, kivi2)")]
+    #[error("unknown codec `{0}` (this build knows {known})", known = Codec::known_names())]
     UnknownName(String),
     #[error("codec {codec} cannot encode {dtype} KV")]
     Unsupported { codec: Codec, dtype: Dtype },
@@ -151,6 +168,12 @@ pub enum CodecError {
     },
     #[error("codec {codec}: stored group is corrupt: {reason}")]
     Corrupt { codec: Codec, reason: String },
+    #[error("codec {codec} cannot encode element {index} of the group: {reason}")]
+    OutOfRange {
+        codec: Codec,
+        index: usize,
+        reason: String,
+    },
 }
 
 /// Per-thread encoder and decoder state: reused across groups, so warm calls allocate nothing.
@@ -188,21 +211,23 @@ impl Coder {
                 dtype: shape.dtype,
             });
         }
+        if !codec.is_lossless() {
+            to_f32(shape.dtype, raw, &mut self.values);
+            if let Some(index) = self.values.iter().position(|v| !v.is_finite()) {
+                return Err(CodecError::OutOfRange {
+                    codec,
+                    index,
+                    reason: format!("{} is not a finite number", self.values[index]),
+                });
+            }
+        }
         match codec {
             Codec::Raw => out.extend_from_slice(raw),
             Codec::Lossless => self.lossless.encode(shape, raw, out)?,
-            Codec::Fp8 => {
-                to_f32(shape.dtype, raw, &mut self.values);
-                fp8::encode(shape, &self.values, out)
-            }
-            Codec::Kivi4 => {
-                to_f32(shape.dtype, raw, &mut self.values);
-                kivi::encode::<4>(shape, &self.values, out)
-            }
-            Codec::Kivi2 => {
-                to_f32(shape.dtype, raw, &mut self.values);
-                kivi::encode::<2>(shape, &self.values, out)
-            }
+            Codec::Fp8 => fp8::encode(shape, &self.values, out),
+            Codec::Kivi4 => kivi::encode::<4>(shape, &self.values, out),
+            Codec::Kivi2 => kivi::encode::<2>(shape, &self.values, out),
+            Codec::Int8 => int8::encode(shape, &self.values, out)?,
         }
         Ok(())
     }
@@ -233,6 +258,8 @@ impl Coder {
         match codec {
             Codec::Raw => out.copy_from_slice(stored),
             Codec::Lossless => self.lossless.decode(shape, stored, out)?,
+            // Straight into `out`, no f32 buffer.
+            Codec::Int8 => int8::decode(shape, stored, out),
             Codec::Fp8 | Codec::Kivi4 | Codec::Kivi2 => {
                 self.values.resize(shape.elements(), 0.0);
                 match codec {
@@ -266,6 +293,25 @@ pub fn with_group_decoded<R>(
         coder.decode(codec, shape, stored, scratch)?;
         Ok(f(scratch))
     })
+}
+
+/// Sets every NaN or infinite element of `dtype` in `bytes` to +0, leaving the others as
+/// they are: what synthetic chunks of random bits ([`crate::format::synth_chunk`]) need
+/// before a lossy codec, which refuses non-finite KV.
+pub fn zero_non_finite(dtype: Dtype, bytes: &mut [u8]) {
+    // Per dtype: element size and the exponent mask of its top 16 (or 32) bits.
+    let (size, mask) = match dtype {
+        Dtype::F32 => (4, 0x7F80_0000u32),
+        Dtype::Bf16 => (2, 0x7F80),
+        Dtype::F16 => (2, 0x7C00),
+        Dtype::Fp8E4m3 | Dtype::Fp8E5m2 => return,
+    };
+    for e in bytes.chunks_exact_mut(size) {
+        let bits = e.iter().rev().fold(0u32, |a, &b| (a << 8) | b as u32);
+        if bits & mask == mask {
+            e.fill(0);
+        }
+    }
 }
 
 /// Widens elements of `dtype` to f32 into `out` (resized).

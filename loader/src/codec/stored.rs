@@ -10,7 +10,9 @@
 //! digest covers the stored bytes), the header holds the codec table:
 //! - lossless codecs only: `num_layers` raw layer digests (32 bytes each), the layer digests
 //!   the raw chunk would have, checked on the decoded bytes;
-//! - one `u32` stored length per group, layer-major, then plane, then group.
+//! - one `u32` stored length per group, layer-major, then plane, then group;
+//!
+//! and after it, when the chunk has one, the importance section (`crate::importance`).
 //!
 //! Everything else (each plane's offset, each layer's start, the file length) follows from
 //! those lengths and is checked against them when a header is parsed.
@@ -18,6 +20,7 @@
 use super::{Codec, CodecError, Coder, GroupShape};
 use crate::error::FormatError;
 use crate::format::{self, ALIGN, ChunkMeta, Geometry, align_up};
+use crate::importance::Importance;
 use crate::spec::KvKind;
 use std::ops::Range;
 
@@ -89,7 +92,11 @@ impl StoredTable {
                 ),
             ));
         }
-        let header_len = align_up(codec_table_offset(geo) + codec_table_len(codec, geo), ALIGN);
+        // An importance section, if any, follows the codec table.
+        let header_len = align_up(
+            codec_table_offset(geo) + codec_table_len(codec, geo) + geo.importance_len,
+            ALIGN,
+        );
         let groups = geo.groups();
         let mut offsets =
             Vec::with_capacity((geo.num_layers * geo.planes) as usize * (groups as usize + 1));
@@ -370,13 +377,15 @@ impl StoredTable {
 }
 
 /// Encodes a coded chunk: `fill(layer, plane, dst)` writes each raw extent (`extent_len`
-/// bytes); each group is encoded with `codec`. Returns the whole file.
+/// bytes); each group is encoded with `codec`; `importance`, if any, goes after the codec
+/// table. Returns the whole file.
 pub fn encode_coded(
     meta: &ChunkMeta,
     codec: Codec,
+    importance: Option<&Importance>,
     mut fill: impl FnMut(u32, u32, &mut [u8]),
 ) -> Result<Vec<u8>, FormatError> {
-    let geo = meta.geometry()?;
+    let geo = format::geometry_with(meta, importance)?;
     let mut coder = Coder::new();
     let mut raw = vec![0u8; geo.extent_len as usize];
     let mut layers: Vec<Vec<u8>> = Vec::with_capacity(geo.num_layers as usize);
@@ -428,7 +437,7 @@ pub fn encode_coded(
         &geo,
         head,
         codec,
-        false,
+        importance.is_some(),
         (table.header_len, table.file_len),
         &stored_digests,
     )?;
@@ -450,6 +459,9 @@ pub fn encode_coded(
     for len in &lens {
         head[t..t + 4].copy_from_slice(&len.to_le_bytes());
         t += 4;
+    }
+    if let Some(imp) = importance {
+        imp.encode(&mut head[t..t + geo.importance_len as usize]);
     }
     format::finish_header(head);
     Ok(out)
@@ -513,11 +525,7 @@ pub fn transcode(bytes: &[u8], codec: Codec) -> Result<Vec<u8>, FormatError> {
             }
         }
     };
-    let out = if codec == Codec::Raw {
-        format::encode_chunk(&meta, fill)?
-    } else {
-        encode_coded(&meta, codec, fill)?
-    };
+    let out = format::encode_chunk_coded_with(&meta, codec, header.importance.as_ref(), fill)?;
     if let Some(e) = failure {
         return Err(e);
     }

@@ -110,6 +110,9 @@ fn lossy_codecs_stay_within_their_step() {
         // Integer codes: half a step of the range (~2 * amax at most).
         assert!(worst_relative_error(Codec::Kivi4, &s) <= 2.0 / 15.0 / 2.0 * 1.01);
         assert!(worst_relative_error(Codec::Kivi2, &s) <= 2.0 / 3.0 / 2.0 * 1.01);
+        // int8: half a step of 1/127 of the row's largest value (the scale byte rounds up by
+        // at most 1/8 of itself).
+        assert!(worst_relative_error(Codec::Int8, &s) <= 1.0 / 127.0 / 2.0 * 1.125);
     }
 }
 
@@ -119,6 +122,8 @@ fn lossy_codecs_are_smaller_by_their_nominal_ratio() {
     let raw = s.raw_len() as f64;
     let ratio = |c: Codec| raw / c.fixed_len(&s).unwrap() as f64;
     assert!(ratio(Codec::Fp8) > 1.96);
+    // One byte per element plus a scale byte per 64, as fp8.
+    assert!(ratio(Codec::Int8) > 1.96);
     assert!(ratio(Codec::Kivi4) > 3.5);
     assert!(ratio(Codec::Kivi2) > 6.0);
 }
@@ -184,17 +189,13 @@ fn corrupt_groups_are_typed_errors() {
         "{err}"
     );
     // A fixed-size codec given the wrong number of bytes.
-    let err = coder.decode(Codec::Fp8, &s, &stored, &mut out).unwrap_err();
-    assert!(
-        matches!(
-            err,
-            CodecError::Corrupt {
-                codec: Codec::Fp8,
-                ..
-            }
-        ),
-        "{err}"
-    );
+    for codec in [Codec::Fp8, Codec::Int8] {
+        let err = coder.decode(codec, &s, &stored, &mut out).unwrap_err();
+        assert!(
+            matches!(err, CodecError::Corrupt { codec: c, .. } if c == codec),
+            "{err}"
+        );
+    }
     // A destination of the wrong size.
     let err = coder
         .decode(Codec::Raw, &s, &raw, &mut out[..10])
@@ -208,7 +209,13 @@ fn names_parse_and_unknown_names_are_errors() {
         assert_eq!(Codec::parse(c.name()).unwrap(), c);
         assert_eq!(Codec::from_u8(c as u8), Some(c));
     }
-    assert!(matches!(Codec::parse("gzip"), Err(CodecError::UnknownName(n)) if n == "gzip"));
+    let err = Codec::parse("gzip").unwrap_err();
+    assert!(matches!(&err, CodecError::UnknownName(n) if n == "gzip"));
+    // The message lists every codec this build knows.
+    for c in Codec::ALL {
+        assert!(err.to_string().contains(c.name()), "{err}");
+    }
+    assert_eq!(Codec::parse("INT8").unwrap(), Codec::Int8);
     assert_eq!(Codec::from_u8(200), None);
 }
 
@@ -391,4 +398,225 @@ fn lossless_bf16_ratio_is_at_least_1_3() {
     assert_eq!(out, raw);
     let ratio = raw.len() as f64 / stored as f64;
     assert!(ratio > 1.3, "{ratio}");
+}
+
+/// The stored scale of each (token, head) row of an int8 group.
+fn int8_scales(s: &GroupShape, stored: &[u8]) -> Vec<f32> {
+    stored[..s.tokens * s.heads]
+        .iter()
+        .map(|&b| int8::scale_value(b))
+        .collect()
+}
+
+/// The scale byte: every byte's value is `2^(e - 20) * (1 + m / 8)` (0 for byte 0), values
+/// grow with the byte, and the encoder picks the smallest one at least what a row needs.
+#[test]
+fn int8_scale_byte_is_the_smallest_covering_scale() {
+    assert_eq!(int8::scale_value(0), 0.0);
+    assert_eq!(int8::scale_value(20 << 3), 1.0);
+    assert_eq!(int8::scale_value((20 << 3) | 4), 1.5);
+    assert_eq!(int8::scale_value(255), 2f32.powi(11) * 1.875);
+    for b in 1..=255u8 {
+        assert!(int8::scale_value(b) > int8::scale_value(b - 1), "byte {b}");
+    }
+    let mut wants = vec![
+        0.0,
+        1e-30,
+        1e-7,
+        2f32.powi(-20),
+        1.0,
+        1.0625,
+        1.125,
+        3839.0,
+        3840.0,
+    ];
+    wants.extend((0..2000).map(|i| 1e-6 * 1.013f32.powi(i)));
+    for want in wants {
+        let smallest = (0..=255u8).find(|&b| int8::scale_value(b) >= want);
+        assert_eq!(int8::scale_byte_at_least(want), smallest, "{want}");
+    }
+    assert_eq!(int8::scale_byte_at_least(3840.5), None);
+}
+
+/// Every int8 element decodes within half its row's scale of its value (plus the output
+/// dtype's own rounding), and odd rows (all zero, tiny, one large outlier, a row of f16 KV at
+/// the top of its range) round-trip too.
+#[test]
+fn int8_decodes_within_half_a_scale_step() {
+    for dtype in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
+        for tokens in [16, 5, 1] {
+            let s = shape(dtype, 0, tokens);
+            let mut v = values(s.elements(), 13);
+            v[..64].fill(0.0); // row 0: all zero
+            for (i, x) in v[64..128].iter_mut().enumerate() {
+                *x = (i as f32 - 30.0) * 1e-7; // row 1: below f16's normal range
+            }
+            v[130] = 3000.0; // row 2: one outlier
+            if dtype == Dtype::F16 && tokens > 1 {
+                v[192] = 65504.0; // row 3: f16's largest value
+                v[193] = -65504.0;
+            }
+            // The input as the dtype holds it.
+            let raw = raw_of(dtype, &v);
+            let mut x = Vec::new();
+            to_f32(dtype, &raw, &mut x);
+            let mut coder = Coder::new();
+            let mut stored = Vec::new();
+            coder.encode(Codec::Int8, &s, &raw, &mut stored).unwrap();
+            assert_eq!(Some(stored.len()), Codec::Int8.fixed_len(&s));
+            let mut out = vec![0u8; raw.len()];
+            coder.decode(Codec::Int8, &s, &stored, &mut out).unwrap();
+            let mut y = Vec::new();
+            to_f32(dtype, &out, &mut y);
+            let scales = int8_scales(&s, &stored);
+            for (r, ((xr, yr), &scale)) in x
+                .chunks_exact(64)
+                .zip(y.chunks_exact(64))
+                .zip(&scales)
+                .enumerate()
+            {
+                let amax = xr.iter().fold(0f32, |m, a| m.max(a.abs()));
+                assert!(scale >= amax / 127.0, "{dtype} row {r}: scale {scale}");
+                assert_eq!(scale == 0.0, amax == 0.0, "{dtype} row {r}");
+                for (k, (a, b)) in xr.iter().zip(yr).enumerate() {
+                    assert!(b.is_finite(), "{dtype} row {r} elem {k}: {b}");
+                    // The dtype's own rounding of the decoded value: half an ulp of it.
+                    let ulp = match dtype {
+                        Dtype::F32 => 0.0,
+                        Dtype::Bf16 => b.abs() / 256.0,
+                        _ => (b.abs() / 2048.0).max(2f32.powi(-25)),
+                    };
+                    let tol = scale / 2.0 * (1.0 + 1e-6) + ulp;
+                    assert!(
+                        (a - b).abs() <= tol,
+                        "{dtype} {tokens} row {r} elem {k}: {a} -> {b} (scale {scale})"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// Decoding into bf16 and f16 gives what converting the f32 decode gives (round to nearest
+/// even), for every code and a spread of scales: the vectorized narrowing is exact.
+#[test]
+fn int8_narrow_decodes_match_the_f32_decode() {
+    let s = GroupShape {
+        dtype: Dtype::F32,
+        plane: 1,
+        keys_per_channel: true,
+        tokens: 2,
+        heads: 1,
+        head_dim: 256,
+    };
+    for scale in [1u8, 7, 8, 0x55, 20 << 3, 0xA3, 0xF0, 255] {
+        let mut stored = vec![scale; s.tokens];
+        for t in 0..s.tokens {
+            stored.extend((0..=255u8).map(|q| q.wrapping_add(t as u8 * 3)));
+        }
+        let mut wide = vec![0u8; s.raw_len()];
+        let mut coder = Coder::new();
+        coder.decode(Codec::Int8, &s, &stored, &mut wide).unwrap();
+        let mut v = Vec::new();
+        to_f32(Dtype::F32, &wide, &mut v);
+        for dtype in [Dtype::Bf16, Dtype::F16] {
+            let narrow_shape = GroupShape { dtype, ..s };
+            let mut narrow = vec![0u8; narrow_shape.raw_len()];
+            coder
+                .decode(Codec::Int8, &narrow_shape, &stored, &mut narrow)
+                .unwrap();
+            let clamped: Vec<f32> = v.iter().map(|x| x.clamp(-65504.0, 65504.0)).collect();
+            let want = raw_of(dtype, if dtype == Dtype::F16 { &clamped } else { &v });
+            assert_eq!(narrow, want, "{dtype} scale byte {scale:#04x}");
+        }
+    }
+}
+
+/// NaN and infinite KV are a typed error naming the codec and the element, for every lossy
+/// codec, and leave the output as it was; int8 also refuses a row no f16 scale covers.
+#[test]
+fn lossy_codecs_refuse_non_finite_kv() {
+    let s = shape(Dtype::F32, 1, 16);
+    for codec in Codec::ALL.into_iter().filter(|c| !c.is_lossless()) {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut v = values(s.elements(), 3);
+            v[100] = bad;
+            let raw = raw_of(Dtype::F32, &v);
+            let mut out = vec![7u8; 3];
+            let err = Coder::new().encode(codec, &s, &raw, &mut out).unwrap_err();
+            assert!(
+                matches!(err, CodecError::OutOfRange { codec: c, index: 100, .. } if c == codec),
+                "{codec} {bad}: {err}"
+            );
+            assert!(err.to_string().contains(codec.name()), "{err}");
+            assert_eq!(out, [7, 7, 7], "{codec}: nothing appended");
+        }
+    }
+    let mut v = values(s.elements(), 3);
+    v[64 * 5 + 2] = 1e7;
+    let mut out = vec![7u8; 3];
+    let err = Coder::new()
+        .encode(Codec::Int8, &s, &raw_of(Dtype::F32, &v), &mut out)
+        .unwrap_err();
+    assert!(
+        matches!(
+            err,
+            CodecError::OutOfRange {
+                codec: Codec::Int8,
+                index: 320,
+                ..
+            }
+        ),
+        "{err}"
+    );
+    assert_eq!(out, [7, 7, 7]);
+}
+
+/// The run-time-picked int8 decoder (AVX2 where the CPU has it) and the baseline build of
+/// the same loops give the same bytes, for every dtype.
+#[test]
+fn int8_decoders_agree() {
+    for dtype in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
+        let s = shape(dtype, 1, 13);
+        let raw = raw_of(dtype, &values(s.elements(), 21));
+        let mut stored = Vec::new();
+        Coder::new()
+            .encode(Codec::Int8, &s, &raw, &mut stored)
+            .unwrap();
+        let (mut picked, mut baseline) = (vec![0u8; raw.len()], vec![1u8; raw.len()]);
+        int8::decode(&s, &stored, &mut picked);
+        int8::decode_rows(&s, &stored, &mut baseline);
+        assert_eq!(picked, baseline, "{dtype}");
+    }
+}
+
+/// Synthetic random bits lose exactly their NaN and infinite elements before a lossy codec.
+#[test]
+fn zero_non_finite_zeroes_only_non_finite_elements() {
+    for dtype in [Dtype::F32, Dtype::Bf16, Dtype::F16] {
+        let v = [
+            1.5,
+            f32::NAN,
+            -0.0,
+            f32::INFINITY,
+            -3.0,
+            f32::NEG_INFINITY,
+            1e-30,
+        ];
+        let mut raw = raw_of(dtype, &v);
+        let before = raw.clone();
+        zero_non_finite(dtype, &mut raw);
+        let mut back = Vec::new();
+        to_f32(dtype, &raw, &mut back);
+        let n = dtype.size();
+        for (i, x) in v.iter().enumerate() {
+            let e = &raw[i * n..(i + 1) * n];
+            if x.is_finite() {
+                assert_eq!(e, &before[i * n..(i + 1) * n], "{dtype} {x}");
+            } else {
+                assert!(e.iter().all(|&b| b == 0), "{dtype} {x}");
+            }
+        }
+        assert!(back.iter().all(|x| x.is_finite()));
+    }
 }

@@ -4,9 +4,8 @@
 //! result is the mount's verdict on the chunk.
 
 use super::{Dest, Loader, LoaderError};
-use crate::codec::Codec;
 use crate::dir::{self, Commit};
-use crate::format::{ChunkMeta, encode_chunk_coded, encode_chunk_with};
+use crate::format::{ChunkMeta, encode_chunk_coded_with};
 use crate::identity::NAMESPACE_JSON;
 use crate::importance::Importance;
 use crate::layout::BlockMap;
@@ -188,12 +187,8 @@ impl Loader {
                 }
             }
         };
-        // A coded chunk (the spec's codec) carries no importance section.
-        let bytes = match self.spec.codec {
-            Codec::Raw => encode_chunk_with(meta, importance, fill),
-            codec => encode_chunk_coded(meta, codec, fill),
-        }
-        .map_err(|e| LoaderError::Invalid(format!("cannot encode chunk: {e}")))?;
+        let bytes = encode_chunk_coded_with(meta, self.spec.codec, importance, fill)
+            .map_err(|e| LoaderError::Invalid(format!("cannot encode chunk: {e}")))?;
         let store_err = |source| LoaderError::Store {
             chunk: index,
             path: path.clone(),

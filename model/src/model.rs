@@ -1,7 +1,9 @@
 //! SmolLM2 (llama architecture) on candle CPU ops, with the KV cache in [`PagedKv`].
 //!
 //! Weights come from a GGUF file through candle's reader and are dequantized to f32 once at
-//! load (135M parameters: ~540 MB), so the forward pass is plain f32 matmuls. The shape is
+//! load (135M parameters: ~540 MB), so the forward pass is plain f32 matmuls (candle's gemm);
+//! its element-wise steps (RMS norm, RoPE, the causally masked softmax) are single loops in
+//! [`crate::fused`], the same arithmetic as candle's op chains without their passes. The shape is
 //! read from the metadata (`llama.block_count`, `llama.attention.head_count{,_kv}`,
 //! `llama.embedding_length`, `llama.rope.freq_base`, ...), never assumed.
 //!

@@ -4,7 +4,8 @@
 //! importance, store it with the importance in the chunk headers, then reuse it with a
 //! 24-token suffix: in full (the reference), pruned at 100% (must equal the full reuse),
 //! pruned at 25% (only the chosen groups are read: bytes, cache contents), under each
-//! prefetch mode (same output), and the typed errors (budget out of range, chunks without
+//! prefetch mode (same output), into a cache an earlier request filled (same output), and
+//! the typed errors (budget out of range, chunks without
 //! importance). The prompt is data/long_prompt.txt (generated text: fine for exactness checks,
 //! not for quality figures, which `scripts/bench-ckv` measures on real English).
 //! Without the GGUF the test prints a skip line, or fails when `KVFS_REQUIRE` names `model`.
@@ -142,6 +143,19 @@ fn importance_guided_pruned_reuse() {
     }
     assert_eq!(outs[0], outs[1]);
     assert_eq!(outs[0], outs[2]);
+    // a cache reused from an earlier request (here the full reuse's, every prefix row and 8
+    // generated ones written) gives the same pruned output: the pass never reads a row it
+    // did not keep or write, as a server's resident KV pool and scripts/bench-ckv rely on
+    let reused = e
+        .prefill_pruned(
+            &loader,
+            &mut full_kv,
+            &tokens,
+            0.25,
+            PruneOptions::default(),
+        )
+        .unwrap();
+    assert_eq!(reused.logits, outs[0]);
 
     // typed errors
     for bad in [0.0, -0.5, 1.5, f64::NAN] {

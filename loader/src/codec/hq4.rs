@@ -22,13 +22,15 @@
 //! other (`Codec::supports_head_dim`, checked when a spec is validated), and the coder returns
 //! a typed error rather than touch such a group.
 //!
-//! Decoding widens each row's codes times its scale into the coder's f32 scratch, rotates the
-//! row back (the same transform; into f16 it saturates at 65504, as a row at the top of
-//! f16's range can decode past it by less than its error) and narrows the group into the
-//! destination dtype: no allocation once the coder is warm.
+//! Decoding widens each row's codes times its scale into the coder's f32 scratch (a byte,
+//! two codes, at a time), rotates the row back (the same transform) and writes it straight
+//! into the destination in its dtype (bf16 rounded to nearest even without `half`'s NaN
+//! branch, as int8 does; into f16 it saturates at 65504, as a row at the top of f16's range
+//! can decode past it by less than its error): no allocation once the coder is warm.
 
+use super::from_f32;
 use super::hadamard::wht_in_place;
-use super::int8::{scale_byte_at_least, scale_value};
+use super::int8::{bf16_bits, scale_byte_at_least, scale_value};
 use super::{Codec, CodecError, GroupShape};
 use crate::spec::Dtype;
 
@@ -93,25 +95,51 @@ fn encode_into(
 /// less than its error; it saturates there rather than become infinite.
 const F16_MAX: f32 = 65504.0;
 
-/// Decodes a stored group (`stored_len(shape)` bytes) into `values` (`shape.elements()`
-/// f32, token-major), saturated to f16's range when the group's dtype is f16.
-pub(super) fn decode(shape: &GroupShape, stored: &[u8], values: &mut [f32]) {
+/// Decodes a stored group (`stored_len(shape)` bytes) into `out` (`shape.raw_len()` bytes
+/// of `shape.dtype`), a row at a time through `row` (scratch, resized to `head_dim`).
+pub(super) fn decode(shape: &GroupShape, stored: &[u8], row: &mut Vec<f32>, out: &mut [u8]) {
     let rows = shape.tokens * shape.heads;
     let d = shape.head_dim;
     let (scales, codes) = stored.split_at(rows);
-    for (r, (row, &s)) in values.chunks_exact_mut(d).zip(scales).enumerate() {
+    row.resize(d, 0.0);
+    let size = shape.dtype.size();
+    for (r, (&s, o)) in scales
+        .iter()
+        .zip(out.chunks_exact_mut(d * size))
+        .enumerate()
+    {
         let scale = scale_value(s);
-        for (k, v) in row.iter_mut().enumerate() {
-            let i = r * d + k;
-            let nibble = (codes[i / 2] >> ((i % 2) * 4)) << 4;
-            // Sign-extend the 4-bit code.
-            *v = ((nibble as i8) >> 4) as f32 * scale;
+        if d % 2 == 0 {
+            // Two codes a byte, low nibble first; `>>` on `i8` sign-extends.
+            let bytes = &codes[r * d / 2..(r + 1) * d / 2];
+            for (pair, &b) in row.chunks_exact_mut(2).zip(bytes) {
+                pair[0] = (((b << 4) as i8) >> 4) as f32 * scale;
+                pair[1] = ((b as i8) >> 4) as f32 * scale;
+            }
+        } else {
+            // head_dim 1: one code per row, the byte's halves alternate between rows.
+            let nibble = (codes[r / 2] >> ((r % 2) * 4)) << 4;
+            row[0] = ((nibble as i8) >> 4) as f32 * scale;
         }
         wht_in_place(row);
-        if shape.dtype == Dtype::F16 {
-            for v in row.iter_mut() {
-                *v = v.clamp(-F16_MAX, F16_MAX);
+        match shape.dtype {
+            Dtype::F32 => {
+                for (o, v) in o.chunks_exact_mut(4).zip(row.iter()) {
+                    o.copy_from_slice(&v.to_le_bytes());
+                }
             }
+            Dtype::Bf16 => {
+                for (o, v) in o.chunks_exact_mut(2).zip(row.iter()) {
+                    o.copy_from_slice(&bf16_bits(*v).to_le_bytes());
+                }
+            }
+            Dtype::F16 => {
+                for v in row.iter_mut() {
+                    *v = v.clamp(-F16_MAX, F16_MAX);
+                }
+                from_f32(Dtype::F16, row, o);
+            }
+            Dtype::Fp8E4m3 | Dtype::Fp8E5m2 => unreachable!("lossy codecs refuse fp8 KV"),
         }
     }
 }

@@ -176,7 +176,7 @@ fn row_f32(codes: &[u8], scale: f32, out: &mut [u8]) {
 /// bf16 of a finite f32, rounded to nearest even (what `half::bf16::from_f32` gives for
 /// finite values, without its NaN branch, so the loop vectorizes).
 #[inline(always)]
-fn bf16_bits(x: f32) -> u16 {
+pub(super) fn bf16_bits(x: f32) -> u16 {
     let b = x.to_bits();
     ((b + 0x7FFF + ((b >> 16) & 1)) >> 16) as u16
 }

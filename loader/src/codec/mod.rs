@@ -290,12 +290,13 @@ impl Coder {
             Codec::Lossless => self.lossless.decode(shape, stored, out)?,
             // Straight into `out`, no f32 buffer.
             Codec::Int8 => int8::decode(shape, stored, out),
-            Codec::Fp8 | Codec::Kivi4 | Codec::Kivi2 | Codec::Hq4 => {
+            // A row at a time through the coder's f32 scratch, into `out`.
+            Codec::Hq4 => hq4::decode(shape, stored, &mut self.values, out),
+            Codec::Fp8 | Codec::Kivi4 | Codec::Kivi2 => {
                 self.values.resize(shape.elements(), 0.0);
                 match codec {
                     Codec::Fp8 => fp8::decode(shape, stored, &mut self.values),
                     Codec::Kivi4 => kivi::decode::<4>(shape, stored, &mut self.values),
-                    Codec::Hq4 => hq4::decode(shape, stored, &mut self.values),
                     _ => kivi::decode::<2>(shape, stored, &mut self.values),
                 }
                 from_f32(shape.dtype, &self.values, out);

@@ -776,3 +776,38 @@ fn hq4_ratio_range_and_head_dim() {
             .all(|c| c == Codec::Hq4 || c.supports_head_dim(48))
     );
 }
+
+/// Decoding hq4 into bf16 and f16 gives what converting its f32 decode gives (round to
+/// nearest even; f16 saturated at its largest value): the direct narrowing is exact.
+#[test]
+fn hq4_narrow_decodes_match_the_f32_decode() {
+    let s = shape(Dtype::F32, 0, 16);
+    let mut v = values(s.elements(), 29);
+    v[64..128].fill(0.0);
+    v[64] = 65504.0;
+    v[65] = -3000.0;
+    let mut stored = Vec::new();
+    let mut coder = Coder::new();
+    coder
+        .encode(Codec::Hq4, &s, &raw_of(Dtype::F32, &v), &mut stored)
+        .unwrap();
+    let mut wide = vec![0u8; s.raw_len()];
+    coder.decode(Codec::Hq4, &s, &stored, &mut wide).unwrap();
+    let mut y = Vec::new();
+    to_f32(Dtype::F32, &wide, &mut y);
+    assert!(
+        y[64] > 65504.0,
+        "the test row passes f16's range in f32: {}",
+        y[64]
+    );
+    for dtype in [Dtype::Bf16, Dtype::F16] {
+        let narrow_shape = GroupShape { dtype, ..s };
+        let mut narrow = vec![0u8; narrow_shape.raw_len()];
+        coder
+            .decode(Codec::Hq4, &narrow_shape, &stored, &mut narrow)
+            .unwrap();
+        let clamped: Vec<f32> = y.iter().map(|x| x.clamp(-65504.0, 65504.0)).collect();
+        let want = raw_of(dtype, if dtype == Dtype::F16 { &clamped } else { &y });
+        assert_eq!(narrow, want, "{dtype}");
+    }
+}

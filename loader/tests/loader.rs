@@ -894,23 +894,7 @@ fn o_direct_is_used_where_the_file_system_allows() {
 
     // The chunks were just written, so their pages are cached and served from memory; once
     // evicted, the same load reads them with O_DIRECT, with the same bytes.
-    for f in std::fs::read_dir(d.path()).unwrap().flatten() {
-        for c in walk(&f.path()) {
-            let file = std::fs::File::open(&c).unwrap();
-            file.sync_all().unwrap();
-            // SAFETY: a valid descriptor; advice only.
-            let r = unsafe {
-                libc::posix_fadvise(
-                    std::os::fd::AsRawFd::as_raw_fd(&file),
-                    0,
-                    0,
-                    libc::POSIX_FADV_DONTNEED,
-                )
-            };
-            assert_eq!(r, 0);
-            assert!(!kvfs_loader::io::page_cached(&file, 0, 4096));
-        }
-    }
+    evict_pages(d.path());
     let mem = alloc(&spec, Kind::FlashAttn, 8, 16);
     let stats = loader
         .load(&toks, &Dest::host(&mem.layout, BlockMap::Blocks(&table)))
@@ -1273,6 +1257,71 @@ fn a_lossy_namespace_stores_and_loads_coded_chunks() {
 }
 
 /// Every regular file under `p` (`p` itself if it is one).
+/// Drops every chunk file under `root` from the page cache, so the loader reads it with
+/// O_DIRECT (it serves cached pages from memory).
+fn evict_pages(root: &Path) {
+    for c in walk(root) {
+        let file = std::fs::File::open(&c).unwrap();
+        file.sync_all().unwrap();
+        // SAFETY: a valid descriptor; advice only.
+        let r = unsafe {
+            libc::posix_fadvise(
+                std::os::fd::AsRawFd::as_raw_fd(&file),
+                0,
+                0,
+                libc::POSIX_FADV_DONTNEED,
+            )
+        };
+        assert_eq!(r, 0);
+        assert!(!kvfs_loader::io::page_cached(&file, 0, 4096));
+    }
+}
+
+/// Coded groups are not page-aligned, so under O_DIRECT a layer's K plane ends in the page
+/// where its V plane starts: a whole load reads each layer's stored span once, that shared
+/// page included, not once per plane.
+#[test]
+fn a_coded_load_under_o_direct_reads_each_page_once() {
+    let mut spec = spec(Dtype::Bf16, KvKind::KeyValue, 64, 16);
+    spec.codec = kvfs_loader::Codec::Int8;
+    // /work and /tmp are ext4 here: O_DIRECT works
+    let d = tempfile::tempdir_in(env!("CARGO_TARGET_TMPDIR")).unwrap();
+    let toks = tokens(2 * 64, 11);
+    let files = write_coded_chunks(d.path(), &spec, &toks);
+    let mut want = 0;
+    for c in 0..2 {
+        let bytes = std::fs::read(chunk_path(d.path(), &spec, &toks, c)).unwrap();
+        let h = kvfs_loader::ChunkHeader::parse(&bytes).unwrap();
+        let t = h.stored().unwrap();
+        for layer in 0..3u32 {
+            let k_end = t.plane_range(layer, 0).end;
+            assert_ne!(
+                k_end % 4096,
+                0,
+                "the test needs a K plane ending inside a page"
+            );
+            let span = t.layer_span(layer);
+            want += span.end - span.start;
+        }
+    }
+    evict_pages(d.path());
+    let loader = Loader::open_with(d.path(), spec.clone(), b"", opts(IoMode::Direct)).unwrap();
+    let mem = alloc(&spec, Kind::FlashAttn, 8, 16);
+    let table: Vec<u32> = (0..8).collect();
+    let map = BlockMap::Blocks(&table);
+    let stats = loader
+        .load(&toks, &Dest::host(&mem.layout, map))
+        .unwrap()
+        .wait()
+        .unwrap();
+    assert_eq!((stats.direct_files, stats.buffered_files), (2, 0));
+    check(&mem, &map, &spec, &files, 2 * 64, |_, _| true);
+    assert_eq!(
+        stats.bytes_read, want,
+        "each layer's stored span, read once"
+    );
+}
+
 fn walk(p: &Path) -> Vec<PathBuf> {
     if p.is_file() {
         return vec![p.to_path_buf()];

@@ -30,7 +30,7 @@
 
 use super::from_f32;
 use super::hadamard::wht_in_place;
-use super::int8::{bf16_bits, scale_byte_at_least, scale_value};
+use super::int8::{bf16_bits, row_scale, scale_value};
 use super::{Codec, CodecError, GroupShape};
 use crate::spec::Dtype;
 
@@ -71,13 +71,8 @@ fn encode_into(
         .enumerate()
     {
         wht_in_place(row);
-        let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        *s = scale_byte_at_least(amax / QMAX).ok_or_else(|| CodecError::OutOfRange {
-            codec: Codec::Hq4,
-            index: r * d,
-            reason: format!("a rotated row reaches {amax}, beyond what the scale byte covers"),
-        })?;
-        let scale = scale_value(*s);
+        let scale;
+        (*s, scale) = row_scale(row, QMAX, Codec::Hq4, r * d)?;
         if scale == 0.0 {
             // An all-zero row: codes stay 0.
             continue;

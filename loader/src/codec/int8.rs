@@ -78,6 +78,25 @@ pub(super) fn scale_byte_at_least(want: f32) -> Option<u8> {
     (e < 32).then_some(((e as u8) << 3) | m as u8)
 }
 
+/// The scale byte of a row whose codes reach `qmax` (the smallest covering `absmax / qmax`),
+/// and the scale it stands for; a typed error naming `codec` and the row's first element
+/// `index` when even the largest scale is smaller. Shared with `hq4`, which stores its scale
+/// the same way.
+pub(super) fn row_scale(
+    row: &[f32],
+    qmax: f32,
+    codec: Codec,
+    index: usize,
+) -> Result<(u8, f32), CodecError> {
+    let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+    let b = scale_byte_at_least(amax / qmax).ok_or_else(|| CodecError::OutOfRange {
+        codec,
+        index,
+        reason: format!("a row reaches {amax}, beyond what the scale byte covers"),
+    })?;
+    Ok((b, scale_value(b)))
+}
+
 /// Appends the stored group to `out`; on an error `out` is left as it was.
 pub(super) fn encode(
     shape: &GroupShape,
@@ -103,13 +122,8 @@ fn encode_into(shape: &GroupShape, values: &[f32], stored: &mut [u8]) -> Result<
         .zip(codes.chunks_exact_mut(d))
         .enumerate()
     {
-        let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
-        *s = scale_byte_at_least(amax / QMAX).ok_or_else(|| CodecError::OutOfRange {
-            codec: Codec::Int8,
-            index: r * d,
-            reason: format!("a row reaches {amax}, beyond what the scale byte covers"),
-        })?;
-        let scale = scale_value(*s);
+        let scale;
+        (*s, scale) = row_scale(row, QMAX, Codec::Int8, r * d)?;
         if scale == 0.0 {
             // An all-zero row: codes stay 0.
             continue;

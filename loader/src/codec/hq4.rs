@@ -42,7 +42,7 @@ pub(super) fn stored_len(shape: &GroupShape) -> usize {
 }
 
 /// Rotates `values` (the group, f32, token-major) in place and appends the stored group to
-/// `out`; on an error `out` is left as it was.
+/// `out` (on an error, `Coder::encode` takes it back off).
 pub(super) fn encode(
     shape: &GroupShape,
     values: &mut [f32],
@@ -50,21 +50,9 @@ pub(super) fn encode(
 ) -> Result<(), CodecError> {
     let at = out.len();
     out.resize(at + stored_len(shape), 0);
-    let r = encode_into(shape, values, &mut out[at..]);
-    if r.is_err() {
-        out.truncate(at);
-    }
-    r
-}
-
-fn encode_into(
-    shape: &GroupShape,
-    values: &mut [f32],
-    stored: &mut [u8],
-) -> Result<(), CodecError> {
     let rows = shape.tokens * shape.heads;
     let d = shape.head_dim;
-    let (scales, codes) = stored.split_at_mut(rows);
+    let (scales, codes) = out[at..].split_at_mut(rows);
     for (r, (row, s)) in values
         .chunks_exact_mut(d)
         .zip(scales.iter_mut())

@@ -97,7 +97,7 @@ pub(super) fn row_scale(
     Ok((b, scale_value(b)))
 }
 
-/// Appends the stored group to `out`; on an error `out` is left as it was.
+/// Appends the stored group to `out` (on an error, `Coder::encode` takes it back off).
 pub(super) fn encode(
     shape: &GroupShape,
     values: &[f32],
@@ -105,17 +105,9 @@ pub(super) fn encode(
 ) -> Result<(), CodecError> {
     let at = out.len();
     out.resize(at + stored_len(shape), 0);
-    let r = encode_into(shape, values, &mut out[at..]);
-    if r.is_err() {
-        out.truncate(at);
-    }
-    r
-}
-
-fn encode_into(shape: &GroupShape, values: &[f32], stored: &mut [u8]) -> Result<(), CodecError> {
     let rows = shape.tokens * shape.heads;
     let d = shape.head_dim;
-    let (scales, codes) = stored.split_at_mut(rows);
+    let (scales, codes) = out[at..].split_at_mut(rows);
     for (r, ((row, s), c)) in values
         .chunks_exact(d)
         .zip(scales.iter_mut())

@@ -213,7 +213,8 @@ impl Coder {
         }
     }
 
-    /// Appends the stored form of one group (`raw`, `shape.raw_len()` bytes) to `out`.
+    /// Appends the stored form of one group (`raw`, `shape.raw_len()` bytes) to `out`; on an
+    /// error `out` is left as it was, whichever codec failed.
     pub fn encode(
         &mut self,
         codec: Codec,
@@ -244,16 +245,32 @@ impl Coder {
                 });
             }
         }
-        match codec {
-            Codec::Raw => out.extend_from_slice(raw),
-            Codec::Lossless => self.lossless.encode(shape, raw, out)?,
-            Codec::Fp8 => fp8::encode(shape, &self.values, out),
-            Codec::Kivi4 => kivi::encode::<4>(shape, &self.values, out),
-            Codec::Kivi2 => kivi::encode::<2>(shape, &self.values, out),
-            Codec::Int8 => int8::encode(shape, &self.values, out)?,
-            Codec::Hq4 => hq4::encode(shape, &mut self.values, out)?,
+        let at = out.len();
+        let r = match codec {
+            Codec::Raw => {
+                out.extend_from_slice(raw);
+                Ok(())
+            }
+            Codec::Lossless => self.lossless.encode(shape, raw, out),
+            Codec::Fp8 => {
+                fp8::encode(shape, &self.values, out);
+                Ok(())
+            }
+            Codec::Kivi4 => {
+                kivi::encode::<4>(shape, &self.values, out);
+                Ok(())
+            }
+            Codec::Kivi2 => {
+                kivi::encode::<2>(shape, &self.values, out);
+                Ok(())
+            }
+            Codec::Int8 => int8::encode(shape, &self.values, out),
+            Codec::Hq4 => hq4::encode(shape, &mut self.values, out),
+        };
+        if r.is_err() {
+            out.truncate(at);
         }
-        Ok(())
+        r
     }
 
     /// Decodes one stored group into `out` (`shape.raw_len()` bytes).

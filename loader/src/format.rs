@@ -248,10 +248,9 @@ pub struct Geometry {
     pub extent_stride: u64,
     /// Where the layer table starts inside the header.
     pub table_offset: u64,
-    /// Where the importance section of a raw chunk starts (the end of the layer table; a
-    /// coded chunk's starts after its codec table, [`crate::codec::stored`]) and its length
-    /// (0: no section).
-    pub importance_offset: u64,
+    /// Length of the importance section (0: no section). It follows the last table of the
+    /// header: the layer table of a raw chunk, the codec table of a coded one
+    /// ([`crate::codec::stored`]); readers and writers walk the header to it.
     pub importance_len: u64,
     /// Header length, 4096-aligned; the first extent starts here.
     pub header_len: u64,
@@ -308,7 +307,6 @@ impl Geometry {
             extent_len,
             extent_stride,
             table_offset,
-            importance_offset,
             importance_len,
             header_len,
             file_len,
